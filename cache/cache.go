@@ -1,0 +1,477 @@
+// Package cache is peerd's one content cache. Every face (the Overlaybd
+// /blobs proxy, the OCI mirror, the FUSE mount, the peer data plane) reads
+// through it. A blob is stored in whole chunks, filled on demand from an
+// ordered list of sources, verified against its digest once complete, and
+// evicted least-recently-used first when the cache outgrows its bound.
+package cache
+
+import (
+	"container/list"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/peerd-project/peerd/blob"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Listener hears when the cache starts and stops holding a blob. The p2p
+// layer uses it to advertise and withdraw. Calls come from cache goroutines
+// with no cache lock held; they must not block for long.
+type Listener interface {
+	BlobAdded(k blob.Key)
+	BlobRemoved(k blob.Key)
+}
+
+// Options configure a Cache.
+type Options struct {
+	// Dir is the cache root; created if missing.
+	Dir string
+	// ChunkSize is the unit of fill and of presence; default 1 MiB.
+	ChunkSize int64
+	// MaxBytes bounds the bytes held on disk; 0 means 10 GiB.
+	MaxBytes int64
+	// FillTimeout bounds one chunk fill across all sources; default 60s.
+	FillTimeout time.Duration
+	// ReadAhead is how many chunks ahead a sequential reader fills; default 4.
+	ReadAhead int
+	// BackgroundFills bounds concurrent read-ahead/prefetch fills; default 8.
+	BackgroundFills int
+	// FlushInterval is how often filled chunks are made durable; default 200ms.
+	FlushInterval time.Duration
+	Logger        *slog.Logger
+	Registerer    prometheus.Registerer
+	Listener      Listener
+}
+
+// Cache is safe for concurrent use.
+type Cache struct {
+	opts Options
+	log  *slog.Logger
+	m    *metrics
+
+	mu    sync.Mutex // guards blobs, lru, entry.refs and entry.elem
+	blobs map[blob.Key]*entry
+	lru   *list.List // front = most recently used
+
+	used atomic.Int64 // bytes of present chunks, including reservations
+
+	bg       chan struct{} // semaphore for background fills
+	dirtyMu  sync.Mutex
+	dirty    map[*entry]struct{}
+	listenMu sync.RWMutex
+	listener Listener
+
+	stop    chan struct{}
+	stopped chan struct{}
+	wg      sync.WaitGroup // background goroutines that touch entries
+}
+
+// Info describes what the cache holds of one blob.
+type Info struct {
+	Key      blob.Key
+	Size     int64 // -1 if not yet known
+	Present  int64 // bytes of present chunks
+	Complete bool
+	Verified bool
+	ModTime  time.Time
+}
+
+// Open loads the cache at opts.Dir, dropping anything a crash left half-written.
+func Open(opts Options) (*Cache, error) {
+	if opts.Dir == "" {
+		return nil, errors.New("cache: empty Dir")
+	}
+	if opts.ChunkSize <= 0 {
+		opts.ChunkSize = 1 << 20
+	}
+	if opts.MaxBytes <= 0 {
+		opts.MaxBytes = 10 << 30
+	}
+	if opts.FillTimeout <= 0 {
+		opts.FillTimeout = 60 * time.Second
+	}
+	if opts.ReadAhead < 0 {
+		opts.ReadAhead = 0
+	} else if opts.ReadAhead == 0 {
+		opts.ReadAhead = 4
+	}
+	if opts.BackgroundFills <= 0 {
+		opts.BackgroundFills = 8
+	}
+	if opts.FlushInterval <= 0 {
+		opts.FlushInterval = 200 * time.Millisecond
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	c := &Cache{
+		opts:     opts,
+		log:      opts.Logger.With("component", "cache"),
+		blobs:    map[blob.Key]*entry{},
+		lru:      list.New(),
+		bg:       make(chan struct{}, opts.BackgroundFills),
+		dirty:    map[*entry]struct{}{},
+		listener: opts.Listener,
+		stop:     make(chan struct{}),
+		stopped:  make(chan struct{}),
+	}
+	c.m = newMetrics(c, opts.Registerer)
+	for _, alg := range []string{blob.AlgSHA256, blob.AlgURL} {
+		if err := os.MkdirAll(filepath.Join(opts.Dir, "blobs", alg), 0o700); err != nil {
+			return nil, fmt.Errorf("cache: create %s: %w", opts.Dir, err)
+		}
+	}
+	if err := c.load(); err != nil {
+		return nil, err
+	}
+	go c.flusher()
+	if c.used.Load() > c.opts.MaxBytes {
+		c.mu.Lock()
+		c.evictLocked(0, nil)
+		c.mu.Unlock()
+	}
+	return c, nil
+}
+
+// SetListener replaces the listener (the p2p layer starts after the cache).
+func (c *Cache) SetListener(l Listener) {
+	c.listenMu.Lock()
+	c.listener = l
+	c.listenMu.Unlock()
+}
+
+func (c *Cache) notify(k blob.Key, added bool) {
+	c.listenMu.RLock()
+	l := c.listener
+	c.listenMu.RUnlock()
+	if l == nil {
+		return
+	}
+	if added {
+		l.BlobAdded(k)
+	} else {
+		l.BlobRemoved(k)
+	}
+}
+
+// ChunkSize is the cache's fill unit.
+func (c *Cache) ChunkSize() int64 { return c.opts.ChunkSize }
+
+// Used is the number of bytes the cache holds.
+func (c *Cache) Used() int64 { return c.used.Load() }
+
+// load rebuilds the index from disk.
+func (c *Cache) load() error {
+	var verify []*entry
+	for _, alg := range []string{blob.AlgSHA256, blob.AlgURL} {
+		root := filepath.Join(c.opts.Dir, "blobs", alg)
+		des, err := os.ReadDir(root)
+		if err != nil {
+			return fmt.Errorf("cache: read %s: %w", root, err)
+		}
+		for _, de := range des {
+			dir := filepath.Join(root, de.Name())
+			k, err := blob.ParseKey(alg + ":" + de.Name())
+			if err != nil || !de.IsDir() {
+				c.log.Warn("removing unexpected entry in cache", "path", dir)
+				os.RemoveAll(dir)
+				continue
+			}
+			e, err := c.loadEntry(k, dir)
+			if err != nil {
+				c.log.Warn("dropping unreadable cached blob", "key", k, "err", err)
+				os.RemoveAll(dir)
+				continue
+			}
+			c.blobs[k] = e
+			e.elem = c.lru.PushBack(e)
+			c.used.Add(e.present)
+			if e.complete() && !e.verified && k.Verifiable() {
+				verify = append(verify, e)
+			}
+		}
+	}
+	// Oldest first at the back.
+	sortLRU(c.lru)
+	for _, e := range verify {
+		e := e
+		c.ref(e)
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			defer c.unref(e)
+			c.advanceHash(e)
+		}()
+	}
+	c.log.Info("cache loaded", "dir", c.opts.Dir, "blobs", len(c.blobs), "bytes", c.used.Load(), "limit", c.opts.MaxBytes)
+	return nil
+}
+
+func sortLRU(l *list.List) {
+	var es []*entry
+	for el := l.Front(); el != nil; el = el.Next() {
+		es = append(es, el.Value.(*entry))
+	}
+	// insertion into a fresh order by lastUse descending
+	for i := 1; i < len(es); i++ {
+		for j := i; j > 0 && es[j].lastUse.After(es[j-1].lastUse); j-- {
+			es[j], es[j-1] = es[j-1], es[j]
+		}
+	}
+	l.Init()
+	for _, e := range es {
+		e.elem = l.PushBack(e)
+	}
+}
+
+func (c *Cache) loadEntry(k blob.Key, dir string) (*entry, error) {
+	m, err := readMeta(dir)
+	if err != nil {
+		return nil, err
+	}
+	if m.Key != k {
+		return nil, fmt.Errorf("meta names %s", m.Key)
+	}
+	if m.ChunkSize != c.opts.ChunkSize {
+		return nil, fmt.Errorf("chunk size changed from %d to %d", m.ChunkSize, c.opts.ChunkSize)
+	}
+	e := newEntry(c, k, dir)
+	e.created = m.Created
+	if m.Size < 0 {
+		return nil, errors.New("negative size")
+	}
+	f, err := os.OpenFile(filepath.Join(dir, "data"), os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	st, err := f.Stat()
+	if err != nil || st.Size() != m.Size {
+		f.Close()
+		return nil, fmt.Errorf("data file size %v, want %d", st.Size(), m.Size)
+	}
+	bm, err := os.OpenFile(filepath.Join(dir, "chunks"), os.O_RDWR, 0)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	n := numChunks(m.Size, c.opts.ChunkSize)
+	states := make([]byte, n)
+	if _, err := io.ReadFull(bm, states); err != nil && n > 0 {
+		f.Close()
+		bm.Close()
+		return nil, fmt.Errorf("chunk map: %w", err)
+	}
+	e.f, e.bm = f, bm
+	e.setSize(m.Size)
+	for i, s := range states {
+		switch s {
+		case stateAbsent:
+		case stateTrusted, stateUntrusted:
+			e.states[i] = s
+			e.nPresent++
+			e.present += e.chunkLen(i)
+		default:
+			f.Close()
+			bm.Close()
+			return nil, fmt.Errorf("chunk map: bad state %d", s)
+		}
+	}
+	e.verified = m.Verified && e.complete()
+	e.lastUse = st.ModTime()
+	return e, nil
+}
+
+// Close flushes what is pending and stops background work. Open handles stay
+// readable until closed but start no new fills.
+func (c *Cache) Close() error {
+	select {
+	case <-c.stop:
+		return nil
+	default:
+	}
+	close(c.stop)
+	<-c.stopped
+	c.wg.Wait()
+	c.flushAll()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, e := range c.blobs {
+		e.closeFiles()
+	}
+	return nil
+}
+
+func (c *Cache) closing() bool {
+	select {
+	case <-c.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// getEntry returns the entry for k, creating an empty one, and takes a ref.
+func (c *Cache) getEntry(k blob.Key) *entry {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.blobs[k]
+	if !ok {
+		e = newEntry(c, k, blobDir(c.opts.Dir, k))
+		e.created = time.Now()
+		c.blobs[k] = e
+		e.elem = c.lru.PushFront(e)
+	} else {
+		c.lru.MoveToFront(e.elem)
+	}
+	e.refs++
+	e.lastUse = time.Now()
+	return e
+}
+
+func (c *Cache) ref(e *entry) {
+	c.mu.Lock()
+	e.refs++
+	c.mu.Unlock()
+}
+
+func (c *Cache) unref(e *entry) {
+	c.mu.Lock()
+	e.refs--
+	drop := e.refs == 0 && !e.hasFiles() && c.blobs[e.key] == e
+	if drop {
+		// Nothing was ever stored: forget the empty entry.
+		delete(c.blobs, e.key)
+		c.lru.Remove(e.elem)
+	}
+	c.mu.Unlock()
+}
+
+// reserve makes room for n more bytes, evicting unreferenced blobs other than
+// self. It reports false when the bound cannot be met.
+func (c *Cache) reserve(n int64, self *entry) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.used.Load()+n > c.opts.MaxBytes {
+		c.evictLocked(n, self)
+	}
+	if c.used.Load()+n > c.opts.MaxBytes {
+		return false
+	}
+	c.used.Add(n)
+	return true
+}
+
+// evictLocked removes least recently used, unreferenced blobs until n more
+// bytes fit. c.mu is held.
+func (c *Cache) evictLocked(n int64, self *entry) {
+	var victims []*entry
+	for el := c.lru.Back(); el != nil && c.used.Load()+n > c.opts.MaxBytes; {
+		e := el.Value.(*entry)
+		prev := el.Prev()
+		if e.refs == 0 && e != self {
+			delete(c.blobs, e.key)
+			c.lru.Remove(el)
+			e.mu.Lock()
+			c.used.Add(-e.present)
+			e.mu.Unlock()
+			victims = append(victims, e)
+		}
+		el = prev
+	}
+	for _, e := range victims {
+		had := e.destroy()
+		c.m.evictions.Inc()
+		c.log.Debug("evicted blob", "key", e.key)
+		if had {
+			go c.notify(e.key, false)
+		}
+	}
+}
+
+// Stat reports what the cache holds of k.
+func (c *Cache) Stat(k blob.Key) (Info, bool) {
+	c.mu.Lock()
+	e, ok := c.blobs[k]
+	c.mu.Unlock()
+	if !ok {
+		return Info{}, false
+	}
+	i := e.info()
+	return i, i.Size >= 0
+}
+
+// List reports every blob the cache holds any bytes of.
+func (c *Cache) List() []Info {
+	c.mu.Lock()
+	es := make([]*entry, 0, len(c.blobs))
+	for _, e := range c.blobs {
+		es = append(es, e)
+	}
+	c.mu.Unlock()
+	out := make([]Info, 0, len(es))
+	for _, e := range es {
+		if i := e.info(); i.Present > 0 {
+			out = append(out, i)
+		}
+	}
+	return out
+}
+
+// Remove drops a blob from the cache unless it is being read.
+func (c *Cache) Remove(k blob.Key) bool {
+	c.mu.Lock()
+	e, ok := c.blobs[k]
+	if !ok || e.refs > 0 {
+		c.mu.Unlock()
+		return false
+	}
+	delete(c.blobs, k)
+	c.lru.Remove(e.elem)
+	e.mu.Lock()
+	c.used.Add(-e.present)
+	e.mu.Unlock()
+	c.mu.Unlock()
+	if e.destroy() {
+		c.notify(k, false)
+	}
+	return true
+}
+
+func (c *Cache) markDirty(e *entry) {
+	c.dirtyMu.Lock()
+	c.dirty[e] = struct{}{}
+	c.dirtyMu.Unlock()
+}
+
+func (c *Cache) flusher() {
+	defer close(c.stopped)
+	t := time.NewTicker(c.opts.FlushInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.stop:
+			return
+		case <-t.C:
+			c.flushAll()
+		}
+	}
+}
+
+func (c *Cache) flushAll() {
+	c.dirtyMu.Lock()
+	es := c.dirty
+	c.dirty = map[*entry]struct{}{}
+	c.dirtyMu.Unlock()
+	for e := range es {
+		if err := e.flush(); err != nil {
+			c.log.Error("flush cache chunk map", "key", e.key, "err", err)
+		}
+	}
+}

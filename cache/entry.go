@@ -1,0 +1,579 @@
+package cache
+
+import (
+	"container/list"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/peerd-project/peerd/blob"
+)
+
+// entry is one blob's state. Lock order: Cache.mu, then entry.flushMu, then entry.mu.
+type entry struct {
+	c   *Cache
+	key blob.Key
+	dir string
+
+	// guarded by Cache.mu
+	refs    int
+	elem    *list.Element
+	lastUse time.Time
+
+	flushMu sync.Mutex // serialises flush against reset/destroy
+
+	mu        sync.Mutex
+	size      int64 // -1 until learned
+	states    []byte
+	nPresent  int
+	present   int64
+	verified  bool
+	gen       uint64 // bumped on reset, so stale flushes are dropped
+	f, bm     *os.File
+	inflight  map[int]*fillCall
+	dirtyIdx  []int
+	origins   map[int]string // chunk -> peer that served it (untrusted chunks)
+	blamers   map[string]blob.Blamer
+	created   time.Time
+	gone      bool
+	prefetchd bool
+	failedAt  time.Time // last fill failure, to keep read-ahead from hammering a dead source
+
+	hashMu sync.Mutex // guards hasher, hashed
+	hasher hash.Hash
+	hashed int64
+	hashGen uint64
+}
+
+type fillCall struct {
+	done chan struct{}
+	err  error
+	pass []byte // bytes that could not be stored (cache full), read-only
+}
+
+func newEntry(c *Cache, k blob.Key, dir string) *entry {
+	return &entry{c: c, key: k, dir: dir, size: -1, inflight: map[int]*fillCall{}}
+}
+
+func (e *entry) chunkLen(i int) int64 {
+	cs := e.c.opts.ChunkSize
+	off := int64(i) * cs
+	if off+cs > e.size {
+		return e.size - off
+	}
+	return cs
+}
+
+func (e *entry) setSize(size int64) {
+	e.size = size
+	e.states = make([]byte, numChunks(size, e.c.opts.ChunkSize))
+}
+
+func (e *entry) complete() bool { return e.size >= 0 && e.nPresent == len(e.states) }
+
+func (e *entry) hasFiles() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.f != nil
+}
+
+func (e *entry) info() Info {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	i := Info{Key: e.key, Size: e.size, Present: e.present, Complete: e.complete(), Verified: e.verified, ModTime: e.created}
+	return i
+}
+
+// createFiles lays out the blob's folder once its size is known. e.mu is held.
+func (e *entry) createFilesLocked() error {
+	if e.f != nil {
+		return nil
+	}
+	if err := os.MkdirAll(e.dir, 0o700); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(filepath.Join(e.dir, "data"), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(e.size); err != nil {
+		f.Close()
+		return err
+	}
+	bm, err := os.OpenFile(filepath.Join(e.dir, "chunks"), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		f.Close()
+		return err
+	}
+	if err := bm.Truncate(int64(len(e.states))); err != nil {
+		f.Close()
+		bm.Close()
+		return err
+	}
+	if err := writeMeta(e.dir, meta{Key: e.key, Size: e.size, ChunkSize: e.c.opts.ChunkSize, Created: e.created}); err != nil {
+		f.Close()
+		bm.Close()
+		return err
+	}
+	e.f, e.bm = f, bm
+	return nil
+}
+
+func (e *entry) closeFiles() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.f != nil {
+		e.f.Close()
+		e.bm.Close()
+		e.f, e.bm = nil, nil
+	}
+}
+
+// destroy deletes the blob's files; the entry is already out of the index.
+// It reports whether the blob had any bytes.
+func (e *entry) destroy() bool {
+	e.flushMu.Lock()
+	defer e.flushMu.Unlock()
+	e.mu.Lock()
+	had := e.present > 0
+	e.gone = true
+	if e.f != nil {
+		e.f.Close()
+		e.bm.Close()
+		e.f, e.bm = nil, nil
+	}
+	e.mu.Unlock()
+	os.RemoveAll(e.dir)
+	return had
+}
+
+// flush makes chunks written since the last flush durable: data first, then
+// their bytes in the chunk map.
+func (e *entry) flush() error {
+	e.flushMu.Lock()
+	defer e.flushMu.Unlock()
+	e.mu.Lock()
+	idx := e.dirtyIdx
+	e.dirtyIdx = nil
+	f, bm, gone := e.f, e.bm, e.gone
+	e.mu.Unlock()
+	if len(idx) == 0 || gone || f == nil {
+		return nil
+	}
+	if err := fdatasync(f); err != nil {
+		return fmt.Errorf("sync data: %w", err)
+	}
+	e.mu.Lock()
+	buf := make([]byte, 1)
+	for _, i := range idx {
+		if i >= len(e.states) {
+			continue
+		}
+		buf[0] = e.states[i]
+		if _, err := bm.WriteAt(buf, int64(i)); err != nil {
+			e.mu.Unlock()
+			return fmt.Errorf("write chunk map: %w", err)
+		}
+	}
+	e.mu.Unlock()
+	return fdatasync(bm)
+}
+
+// ensure makes chunk i present, fetching it from srcs unless another caller
+// already is. It returns pass != nil when the chunk could not be stored and
+// its bytes are handed over directly.
+func (e *entry) ensure(ctx context.Context, i int, srcs []blob.Source, background bool) (pass []byte, err error) {
+	e.mu.Lock()
+	if e.size >= 0 && e.states[i] != stateAbsent {
+		e.mu.Unlock()
+		return nil, nil
+	}
+	call, ok := e.inflight[i]
+	if !ok {
+		if e.c.closing() {
+			e.mu.Unlock()
+			return nil, errors.New("cache is closing")
+		}
+		call = &fillCall{done: make(chan struct{})}
+		e.inflight[i] = call
+		e.c.ref(e)
+		e.c.wg.Add(1)
+		go func() {
+			defer e.c.wg.Done()
+			defer e.c.unref(e)
+			e.fill(i, srcs, call)
+		}()
+	}
+	e.mu.Unlock()
+	if !ok && !background {
+		e.readAhead(i, srcs)
+	}
+	select {
+	case <-call.done:
+		return call.pass, call.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// readAhead starts background fills of the chunks after i when the reader
+// looks sequential (the chunk before i is present).
+func (e *entry) readAhead(i int, srcs []blob.Source) {
+	ra := e.c.opts.ReadAhead
+	e.mu.Lock()
+	seq := e.size >= 0 && (i == 0 || (i-1 < len(e.states) && e.states[i-1] != stateAbsent)) && time.Since(e.failedAt) > time.Second
+	n := len(e.states)
+	e.mu.Unlock()
+	if !seq || ra <= 0 {
+		return
+	}
+	for j := i + 1; j <= i+ra && j < n; j++ {
+		e.background(j, srcs)
+	}
+}
+
+// background fills chunk j if a background slot is free; it never blocks.
+func (e *entry) background(j int, srcs []blob.Source) bool {
+	e.mu.Lock()
+	busy := e.states[j] != stateAbsent || e.inflight[j] != nil
+	e.mu.Unlock()
+	if busy {
+		return true
+	}
+	select {
+	case e.c.bg <- struct{}{}:
+	default:
+		return false
+	}
+	e.c.ref(e)
+	e.c.wg.Add(1)
+	go func() {
+		defer e.c.wg.Done()
+		defer e.c.unref(e)
+		defer func() { <-e.c.bg }()
+		ctx, cancel := context.WithTimeout(context.Background(), e.c.opts.FillTimeout)
+		defer cancel()
+		e.ensure(ctx, j, srcs, true)
+	}()
+	return true
+}
+
+var bufPool = sync.Pool{New: func() any { return new([]byte) }}
+
+// fill fetches chunk i (or, with the size unknown, chunk 0 and the size).
+func (e *entry) fill(i int, srcs []blob.Source, call *fillCall) {
+	ctx, cancel := context.WithTimeout(context.Background(), e.c.opts.FillTimeout)
+	defer cancel()
+	start := time.Now()
+	bp := bufPool.Get().(*[]byte)
+	if int64(cap(*bp)) < e.c.opts.ChunkSize {
+		*bp = make([]byte, e.c.opts.ChunkSize)
+	}
+	buf := (*bp)[:e.c.opts.ChunkSize]
+	n, src, origin, err := e.fetch(ctx, i, srcs, buf)
+	if err == nil {
+		call.pass, err = e.store(i, buf[:n], src, origin)
+	}
+	if call.pass == nil {
+		bufPool.Put(bp)
+	}
+	e.mu.Lock()
+	delete(e.inflight, i)
+	if err != nil {
+		e.failedAt = time.Now()
+	}
+	e.mu.Unlock()
+	call.err = err
+	close(call.done)
+	if err != nil {
+		e.c.m.fillErrors.Inc()
+		e.c.log.Warn("chunk fill failed", "key", e.key, "chunk", i, "err", err)
+		return
+	}
+	e.c.m.fillSeconds.WithLabelValues(src.Name()).Observe(time.Since(start).Seconds())
+	if call.pass == nil && e.key.Verifiable() {
+		e.c.advanceHash(e)
+	}
+}
+
+// fetch reads chunk i into buf from the first source that has it.
+func (e *entry) fetch(ctx context.Context, i int, srcs []blob.Source, buf []byte) (int, blob.Source, string, error) {
+	cs := e.c.opts.ChunkSize
+	off := int64(i) * cs
+	var errs []error
+	for _, s := range srcs {
+		e.mu.Lock()
+		size := e.size
+		e.mu.Unlock()
+		want := cs
+		if size >= 0 {
+			if off >= size {
+				return 0, nil, "", fmt.Errorf("chunk %d beyond end of %d-byte blob", i, size)
+			}
+			want = min(cs, size-off)
+		}
+		rc, total, err := s.Fetch(ctx, e.key, off, want)
+		if err != nil {
+			if !errors.Is(err, blob.ErrNotFound) {
+				errs = append(errs, fmt.Errorf("%s: %w", s.Name(), err))
+				e.c.m.sourceErrors.WithLabelValues(s.Name()).Inc()
+			}
+			continue
+		}
+		if size < 0 {
+			if total < 0 {
+				rc.Close()
+				errs = append(errs, fmt.Errorf("%s: size unknown", s.Name()))
+				continue
+			}
+			if err := e.learnSize(total); err != nil {
+				rc.Close()
+				return 0, nil, "", err
+			}
+			size = total
+			want = min(cs, size-off)
+		} else if total >= 0 && total != size {
+			rc.Close()
+			errs = append(errs, fmt.Errorf("%s: size %d, expected %d", s.Name(), total, size))
+			e.c.m.sourceErrors.WithLabelValues(s.Name()).Inc()
+			continue
+		}
+		n, err := io.ReadFull(rc, buf[:want])
+		origin := ""
+		if a, ok := rc.(blob.Attributed); ok {
+			origin = a.Origin()
+		}
+		rc.Close()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: read chunk %d (%d of %d bytes): %w", s.Name(), i, n, want, err))
+			e.c.m.sourceErrors.WithLabelValues(s.Name()).Inc()
+			continue
+		}
+		if b, ok := s.(blob.Blamer); ok && origin != "" {
+			e.mu.Lock()
+			if e.blamers == nil {
+				e.blamers = map[string]blob.Blamer{}
+			}
+			e.blamers[s.Name()] = b
+			e.mu.Unlock()
+		}
+		e.c.m.fetched.WithLabelValues(s.Name()).Add(float64(n))
+		return n, s, origin, nil
+	}
+	if len(errs) == 0 {
+		return 0, nil, "", fmt.Errorf("%s chunk %d: %w (no source has it)", e.key, i, blob.ErrNotFound)
+	}
+	return 0, nil, "", fmt.Errorf("%s chunk %d: %w", e.key, i, errors.Join(errs...))
+}
+
+func (e *entry) learnSize(size int64) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.size >= 0 {
+		if e.size != size {
+			return fmt.Errorf("source reports size %d, cache has %d", size, e.size)
+		}
+		return nil
+	}
+	if size < 0 {
+		return fmt.Errorf("negative size %d", size)
+	}
+	e.setSize(size)
+	return nil
+}
+
+// store writes a fetched chunk. When the cache cannot make room the bytes are
+// handed to the waiting readers instead (pass).
+func (e *entry) store(i int, data []byte, src blob.Source, origin string) ([]byte, error) {
+	if !e.c.reserve(int64(len(data)), e) {
+		e.c.m.passthrough.Inc()
+		return append([]byte(nil), data...), nil
+	}
+	e.mu.Lock()
+	if e.gone {
+		e.mu.Unlock()
+		e.c.used.Add(-int64(len(data)))
+		return append([]byte(nil), data...), nil
+	}
+	if err := e.createFilesLocked(); err != nil {
+		e.mu.Unlock()
+		e.c.used.Add(-int64(len(data)))
+		return nil, fmt.Errorf("create cache files for %s: %w", e.key, err)
+	}
+	f, gen := e.f, e.gen
+	e.mu.Unlock()
+	if _, err := f.WriteAt(data, int64(i)*e.c.opts.ChunkSize); err != nil {
+		e.c.used.Add(-int64(len(data)))
+		return nil, fmt.Errorf("write %s chunk %d: %w", e.key, i, err)
+	}
+	state := stateUntrusted
+	if blob.TrustOf(src) == blob.Trusted || !e.key.Verifiable() {
+		state = stateTrusted
+	}
+	e.mu.Lock()
+	if e.gone || e.gen != gen || e.states[i] != stateAbsent {
+		e.mu.Unlock()
+		e.c.used.Add(-int64(len(data)))
+		return nil, nil
+	}
+	first := e.present == 0
+	e.states[i] = state
+	e.nPresent++
+	e.present += int64(len(data))
+	e.dirtyIdx = append(e.dirtyIdx, i)
+	if origin != "" {
+		if e.origins == nil {
+			e.origins = map[int]string{}
+		}
+		e.origins[i] = src.Name() + "\x00" + origin
+	}
+	e.mu.Unlock()
+	e.c.markDirty(e)
+	if first && e.key.Verifiable() {
+		e.c.notify(e.key, true)
+	}
+	return nil, nil
+}
+
+// advanceHash feeds newly contiguous chunks to the blob's running hash and,
+// once every byte was hashed, verifies the blob. Concurrent callers never
+// wait: whoever holds the hash lock picks up their chunks.
+func (c *Cache) advanceHash(e *entry) {
+	for {
+		if !e.hashMu.TryLock() {
+			return
+		}
+		done, err := e.hashLocked()
+		e.hashMu.Unlock()
+		if err != nil {
+			c.log.Warn("hash cached blob", "key", e.key, "err", err)
+			return
+		}
+		if done || !e.nextHashable() {
+			return
+		}
+	}
+}
+
+func (e *entry) nextHashable() bool {
+	e.hashMu.Lock()
+	hashed := e.hashed
+	gen := e.hashGen
+	e.hashMu.Unlock()
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.gone || e.verified || e.size < 0 || gen != e.gen {
+		return false
+	}
+	i := int(hashed / e.c.opts.ChunkSize)
+	return i < len(e.states) && e.states[i] != stateAbsent
+}
+
+// hashLocked hashes present chunks from e.hashed on; e.hashMu is held.
+func (e *entry) hashLocked() (bool, error) {
+	for {
+		e.mu.Lock()
+		if e.gone || e.verified || e.size < 0 {
+			e.mu.Unlock()
+			return true, nil
+		}
+		if e.hashGen != e.gen || e.hasher == nil {
+			e.hasher, e.hashed, e.hashGen = sha256.New(), 0, e.gen
+		}
+		if e.hashed == e.size {
+			e.mu.Unlock()
+			return true, e.finishVerify()
+		}
+		i := int(e.hashed / e.c.opts.ChunkSize)
+		if e.states[i] == stateAbsent {
+			e.mu.Unlock()
+			return false, nil
+		}
+		f, off, n := e.f, e.hashed, e.chunkLen(i)
+		e.mu.Unlock()
+		if _, err := io.Copy(e.hasher, io.NewSectionReader(f, off, n)); err != nil {
+			return false, err
+		}
+		e.hashed += n
+	}
+}
+
+// finishVerify compares the finished hash with the key: a match marks the
+// blob verified, a mismatch discards it and blames the peers that served it.
+func (e *entry) finishVerify() error {
+	sum := hex.EncodeToString(e.hasher.Sum(nil))
+	if sum == e.key.Hex() {
+		e.mu.Lock()
+		e.verified = true
+		e.origins = nil
+		m := meta{Key: e.key, Size: e.size, ChunkSize: e.c.opts.ChunkSize, Verified: true, Created: e.created}
+		dir := e.dir
+		e.mu.Unlock()
+		e.c.m.verify.WithLabelValues("ok").Inc()
+		// Chunks must be durable before the blob is called verified on disk.
+		if err := e.flush(); err != nil {
+			return err
+		}
+		return writeMeta(dir, m)
+	}
+	e.c.m.verify.WithLabelValues("mismatch").Inc()
+	e.c.log.Error("cached blob failed verification; discarding", "key", e.key, "got", "sha256:"+sum)
+	e.reset(true)
+	return nil
+}
+
+// reset discards every chunk of the blob (it failed verification).
+func (e *entry) reset(blame bool) {
+	e.flushMu.Lock()
+	e.mu.Lock()
+	origins, blamers := e.origins, e.blamers
+	freed := e.present
+	e.origins = nil
+	e.gen++
+	for i := range e.states {
+		e.states[i] = stateAbsent
+	}
+	e.nPresent, e.present, e.verified, e.dirtyIdx = 0, 0, false, nil
+	if e.bm != nil {
+		zero := make([]byte, len(e.states))
+		e.bm.WriteAt(zero, 0)
+		fdatasync(e.bm)
+		e.f.Truncate(0)
+		e.f.Truncate(e.size)
+	}
+	e.mu.Unlock()
+	e.flushMu.Unlock()
+	e.c.used.Add(-freed)
+	e.c.notify(e.key, false)
+	if !blame {
+		return
+	}
+	seen := map[string]bool{}
+	for _, so := range origins {
+		if seen[so] {
+			continue
+		}
+		seen[so] = true
+		name, origin, _ := cut0(so)
+		if b := blamers[name]; b != nil {
+			b.Blame(e.key, origin)
+		}
+	}
+}
+
+func cut0(s string) (string, string, bool) {
+	for i := 0; i < len(s); i++ {
+		if s[i] == 0 {
+			return s[:i], s[i+1:], true
+		}
+	}
+	return s, "", false
+}

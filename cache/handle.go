@@ -1,0 +1,334 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/peerd-project/peerd/blob"
+)
+
+// Handle reads one blob through the cache. Holding a handle pins the blob:
+// it is never evicted while open. Close it when done.
+type Handle struct {
+	c    *Cache
+	e    *entry
+	srcs []blob.Source
+	once sync.Once
+}
+
+// Open returns a handle on k whose missing chunks are filled from srcs, in
+// order. Opening costs no I/O; the size is learned on first use.
+func (c *Cache) Open(k blob.Key, srcs ...blob.Source) *Handle {
+	return &Handle{c: c, e: c.getEntry(k), srcs: srcs}
+}
+
+// Close releases the handle.
+func (h *Handle) Close() error {
+	h.once.Do(func() { h.c.unref(h.e) })
+	return nil
+}
+
+// Key is the blob's key.
+func (h *Handle) Key() blob.Key { return h.e.key }
+
+// Info reports what the cache holds of the blob.
+func (h *Handle) Info() Info { return h.e.info() }
+
+// Size returns the blob's size, asking the sources (and filling the first
+// chunk on the way) if the cache does not know it yet.
+func (h *Handle) Size(ctx context.Context) (int64, error) {
+	h.e.mu.Lock()
+	size := h.e.size
+	h.e.mu.Unlock()
+	if size >= 0 {
+		return size, nil
+	}
+	if _, err := h.e.ensure(ctx, 0, h.srcs, false); err != nil {
+		return -1, err
+	}
+	h.e.mu.Lock()
+	defer h.e.mu.Unlock()
+	if h.e.size < 0 {
+		return -1, fmt.Errorf("%s: size unknown", h.e.key)
+	}
+	return h.e.size, nil
+}
+
+// ReadAt reads len(p) bytes at off, filling missing chunks. It returns
+// io.EOF when the read reaches the end of the blob.
+func (h *Handle) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	size, err := h.Size(ctx)
+	if err != nil {
+		return 0, err
+	}
+	if off < 0 {
+		return 0, fmt.Errorf("negative offset %d", off)
+	}
+	if off >= size {
+		return 0, io.EOF
+	}
+	end := min(off+int64(len(p)), size)
+	cs := h.c.opts.ChunkSize
+	for pos := off; pos < end; {
+		i := int(pos / cs)
+		cend := min(int64(i+1)*cs, end)
+		hit := h.e.hasChunk(i)
+		pass, err := h.e.ensure(ctx, i, h.srcs, false)
+		if err != nil {
+			return int(pos - off), err
+		}
+		dst := p[pos-off : cend-off]
+		if pass != nil {
+			copy(dst, pass[pos-int64(i)*cs:])
+		} else if err := h.e.readFile(dst, pos); err != nil {
+			return int(pos - off), err
+		}
+		h.c.m.count(hit, cend-pos)
+		pos = cend
+	}
+	n := int(end - off)
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+func (m *metrics) count(hit bool, n int64) {
+	if hit {
+		m.readBytes.WithLabelValues("hit").Add(float64(n))
+	} else {
+		m.readBytes.WithLabelValues("miss").Add(float64(n))
+	}
+}
+
+func (e *entry) hasChunk(i int) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.size >= 0 && i < len(e.states) && e.states[i] != stateAbsent
+}
+
+func (e *entry) readFile(p []byte, off int64) error {
+	e.mu.Lock()
+	f := e.f
+	e.mu.Unlock()
+	if f == nil {
+		return fmt.Errorf("%s: cache file closed", e.key)
+	}
+	_, err := f.ReadAt(p, off)
+	return err
+}
+
+// WriteRange writes bytes [off, off+n) to w, filling missing chunks as it
+// goes. Present runs are copied from the backing file with io.Copy on an
+// *os.File, which lets a TCP writer use sendfile. It returns the bytes written.
+func (h *Handle) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int64, error) {
+	size, err := h.Size(ctx)
+	if err != nil {
+		return 0, err
+	}
+	if off < 0 || n < 0 || off+n > size {
+		return 0, fmt.Errorf("range %d+%d outside %d-byte blob", off, n, size)
+	}
+	var rf *os.File
+	defer func() {
+		if rf != nil {
+			rf.Close()
+		}
+	}()
+	cs := h.c.opts.ChunkSize
+	end := off + n
+	var written int64
+	for pos := off; pos < end; {
+		i := int(pos / cs)
+		hit := h.e.hasChunk(i)
+		pass, err := h.e.ensure(ctx, i, h.srcs, false)
+		if err != nil {
+			return written, err
+		}
+		if pass != nil {
+			cend := min(int64(i+1)*cs, end)
+			m, err := w.Write(pass[pos-int64(i)*cs : cend-int64(i)*cs])
+			written += int64(m)
+			h.c.m.count(hit, int64(m))
+			if err != nil {
+				return written, err
+			}
+			pos = cend
+			continue
+		}
+		// Extend over the chunks that are already present.
+		j := i + 1
+		for int64(j)*cs < end && h.e.hasChunk(j) {
+			j++
+		}
+		cend := min(int64(j)*cs, end)
+		if rf == nil {
+			if rf, err = os.Open(filepath.Join(h.e.dir, "data")); err != nil {
+				return written, fmt.Errorf("open cached %s: %w", h.e.key, err)
+			}
+		}
+		if _, err := rf.Seek(pos, io.SeekStart); err != nil {
+			return written, err
+		}
+		m, err := io.CopyN(w, rf, cend-pos)
+		written += m
+		h.c.m.count(hit, m)
+		if err != nil {
+			return written, err
+		}
+		pos = cend
+	}
+	return written, nil
+}
+
+// Prefetch fills the rest of the blob in the background with the given
+// number of workers, sharing fills with foreground readers. It runs once
+// per blob at a time.
+func (h *Handle) Prefetch(workers int) {
+	if workers <= 0 {
+		workers = 1
+	}
+	e := h.e
+	e.mu.Lock()
+	if e.prefetchd || e.size < 0 || e.complete() {
+		e.mu.Unlock()
+		return
+	}
+	e.prefetchd = true
+	n := len(e.states)
+	e.mu.Unlock()
+	h.c.ref(e)
+	h.c.wg.Add(1)
+	go func() {
+		defer h.c.wg.Done()
+		defer h.c.unref(e)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		go func() {
+			select {
+			case <-h.c.stop:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
+		next := make(chan int)
+		var failed error
+		var mu sync.Mutex
+		var wg sync.WaitGroup
+		for w := 0; w < workers; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range next {
+					if _, err := e.ensure(ctx, i, h.srcs, true); err != nil {
+						mu.Lock()
+						failed = err
+						mu.Unlock()
+						cancel()
+					}
+				}
+			}()
+		}
+	feed:
+		for i := 0; i < n; i++ {
+			if e.hasChunk(i) {
+				continue
+			}
+			select {
+			case next <- i:
+			case <-ctx.Done():
+				break feed
+			}
+		}
+		close(next)
+		wg.Wait()
+		e.mu.Lock()
+		e.prefetchd = false
+		e.mu.Unlock()
+		if failed != nil && !errors.Is(failed, context.Canceled) {
+			h.c.log.Warn("prefetch stopped", "key", e.key, "err", failed)
+		}
+	}()
+}
+
+// LocalReader reads a range the cache holds, without fetching. Copying it
+// to a TCP connection with io.Copy uses sendfile.
+type LocalReader struct {
+	f       *os.File
+	r       io.LimitedReader
+	release func()
+	once    sync.Once
+}
+
+func (l *LocalReader) Read(p []byte) (int, error) { return l.r.Read(p) }
+
+// WriteTo lets io.Copy hand the *os.File to the writer (sendfile).
+func (l *LocalReader) WriteTo(w io.Writer) (int64, error) {
+	return io.Copy(w, &l.r)
+}
+
+func (l *LocalReader) Close() error {
+	l.once.Do(func() { l.f.Close(); l.release() })
+	return nil
+}
+
+// OpenLocal opens bytes [off, off+n) of k if the cache holds all of them and
+// may pass them on: bytes from the origin at once, bytes from peers only once
+// the blob verified. Otherwise it returns an error wrapping blob.ErrNotFound
+// at once; it never fetches. n < 0 means to the end. It also returns the size.
+func (c *Cache) OpenLocal(k blob.Key, off, n int64) (*LocalReader, int64, error) {
+	c.mu.Lock()
+	e, ok := c.blobs[k]
+	if ok {
+		e.refs++
+	}
+	c.mu.Unlock()
+	if !ok {
+		return nil, -1, fmt.Errorf("%s: %w", k, blob.ErrNotFound)
+	}
+	release := func() { c.unref(e) }
+	e.mu.Lock()
+	size := e.size
+	if size < 0 || e.f == nil {
+		e.mu.Unlock()
+		release()
+		return nil, -1, fmt.Errorf("%s: %w", k, blob.ErrNotFound)
+	}
+	if n < 0 || off+n > size {
+		n = size - off
+	}
+	if off < 0 || n < 0 {
+		e.mu.Unlock()
+		release()
+		return nil, size, fmt.Errorf("range %d+%d outside %d-byte blob", off, n, size)
+	}
+	cs := c.opts.ChunkSize
+	for i := int(off / cs); int64(i)*cs < off+n; i++ {
+		s := e.states[i]
+		if s == stateAbsent || (s == stateUntrusted && !e.verified) {
+			e.mu.Unlock()
+			release()
+			return nil, size, fmt.Errorf("%s chunk %d: %w", k, i, blob.ErrNotFound)
+		}
+	}
+	e.mu.Unlock()
+	f, err := os.Open(filepath.Join(e.dir, "data"))
+	if err != nil {
+		release()
+		return nil, size, fmt.Errorf("open cached %s: %w", k, err)
+	}
+	if _, err := f.Seek(off, io.SeekStart); err != nil {
+		f.Close()
+		release()
+		return nil, size, err
+	}
+	c.mu.Lock()
+	c.lru.MoveToFront(e.elem)
+	c.mu.Unlock()
+	return &LocalReader{f: f, r: io.LimitedReader{R: f, N: n}, release: release}, size, nil
+}

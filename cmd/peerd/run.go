@@ -1,0 +1,276 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/peerd-project/peerd/blob"
+	"github.com/peerd-project/peerd/cache"
+	"github.com/peerd-project/peerd/httpmirror"
+	"github.com/peerd-project/peerd/upstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// runConfig is every flag of 'peerd run'. Each part of the daemon declares
+// its own flags in its wire_*.go file.
+type runConfig struct {
+	DataDir         string
+	HTTPAddr        string
+	UpstreamAllow   listFlag
+	CacheSize       byteSize
+	ChunkSize       byteSize
+	Prefetch        bool
+	PrefetchWorkers int
+	LogLevel        string
+	LogFormat       string
+	ShutdownTimeout time.Duration
+
+	P2P        p2pConfig
+	FUSE       fuseConfig
+	Containerd containerdConfig
+	K8s        k8sConfig
+}
+
+func init() {
+	register("run", "run the node daemon", runCmd)
+}
+
+func registerCoreFlags(fs *flag.FlagSet, c *runConfig) {
+	c.CacheSize = 10 << 30
+	c.ChunkSize = 1 << 20
+	fs.StringVar(&c.DataDir, "data-dir", "/var/lib/peerd", "folder for the content cache and the node's identity")
+	fs.StringVar(&c.HTTPAddr, "http-addr", "127.0.0.1:30000", "address of the HTTP face (/blobs/, /v2/, /metrics/prometheus, /healthz, /readyz)")
+	fs.Var(&c.UpstreamAllow, "upstream-allow", "origin hosts /blobs/ may fetch from: host, host:port, *.domain, *.domain:port (repeatable, comma-separated)")
+	fs.Var(&c.CacheSize, "cache-size", "bound on the bytes the cache holds (units: KiB MiB GiB TiB, KB MB GB TB)")
+	fs.Var(&c.ChunkSize, "chunk-size", "unit of fetching and caching")
+	fs.BoolVar(&c.Prefetch, "prefetch", false, "on the first read of a blob, fetch the rest of it in the background")
+	fs.IntVar(&c.PrefetchWorkers, "prefetch-workers", 4, "concurrent chunk fetches of one blob's prefetch")
+	fs.StringVar(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&c.LogFormat, "log-format", "text", "text or json")
+	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a graceful shutdown waits for requests in flight")
+}
+
+func (c *runConfig) validate() error {
+	var errs []error
+	if c.DataDir == "" {
+		errs = append(errs, errors.New("--data-dir must not be empty"))
+	}
+	if _, _, err := net.SplitHostPort(c.HTTPAddr); err != nil {
+		errs = append(errs, fmt.Errorf("--http-addr %q: %v", c.HTTPAddr, err))
+	}
+	if c.ChunkSize < 4096 || c.ChunkSize > 64<<20 {
+		errs = append(errs, fmt.Errorf("--chunk-size %s: want 4KiB to 64MiB", c.ChunkSize.String()))
+	}
+	if c.CacheSize < c.ChunkSize {
+		errs = append(errs, fmt.Errorf("--cache-size %s is smaller than one chunk", c.CacheSize.String()))
+	}
+	if c.PrefetchWorkers < 1 || c.PrefetchWorkers > 64 {
+		errs = append(errs, fmt.Errorf("--prefetch-workers %d: want 1 to 64", c.PrefetchWorkers))
+	}
+	return errors.Join(errs...)
+}
+
+func newLogger(level, format string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: %v", level, err)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", format)
+}
+
+// app is the running daemon: what each part built, for the parts after it.
+type app struct {
+	cfg      *runConfig
+	log      *slog.Logger
+	reg      *prometheus.Registry
+	cache    *cache.Cache
+	upstream *upstream.Client
+
+	// peerSources returns sources to try before the origin (set by the p2p part).
+	peerSources func(k blob.Key) []blob.Source
+	// readyChecks must all pass for /readyz.
+	readyChecks []func() error
+	// oci is the /v2/ handler (set by the containerd part).
+	oci http.Handler
+	// extra HTTP routes.
+	extra map[string]http.Handler
+
+	mu      sync.Mutex
+	closers []func(context.Context) error // run in reverse order at shutdown
+}
+
+func (a *app) onStop(f func(context.Context) error) {
+	a.mu.Lock()
+	a.closers = append(a.closers, f)
+	a.mu.Unlock()
+}
+
+func (a *app) sources(k blob.Key) []blob.Source {
+	if a.peerSources == nil || !k.Verifiable() {
+		return nil
+	}
+	return a.peerSources(k)
+}
+
+func (a *app) ready() error {
+	for _, c := range a.readyChecks {
+		if err := c(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func runCmd(args []string) error {
+	cfg := &runConfig{}
+	fs := newFlagSet("run", "Run the node daemon: the content cache and its faces (HTTP, peers, FUSE, containerd).")
+	registerCoreFlags(fs, cfg)
+	registerP2PFlags(fs, &cfg.P2P)
+	registerFUSEFlags(fs, &cfg.FUSE)
+	registerContainerdFlags(fs, &cfg.Containerd)
+	registerK8sFlags(fs, &cfg.K8s)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := cfg.validate(); err != nil {
+		return err
+	}
+	log, err := newLogger(cfg.LogLevel, cfg.LogFormat)
+	if err != nil {
+		return err
+	}
+	slog.SetDefault(log)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	err = run(ctx, cfg, log)
+	if err != nil {
+		log.Error("peerd stopped with an error", "err", err)
+	}
+	return err
+}
+
+func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
+	a := &app{cfg: cfg, log: log, reg: prometheus.NewRegistry(), extra: map[string]http.Handler{}}
+	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	log.Info("starting peerd", "version", version, "data-dir", cfg.DataDir, "http-addr", cfg.HTTPAddr)
+
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("create --data-dir: %w", err)
+	}
+	allow, err := upstream.ParseAllowList(cfg.UpstreamAllow.items)
+	if err != nil {
+		return fmt.Errorf("--upstream-allow: %w", err)
+	}
+	if allow.Len() == 0 {
+		log.Warn("no --upstream-allow patterns: /blobs/ will refuse every origin")
+	}
+	a.cache, err = cache.Open(cache.Options{
+		Dir:        filepath.Join(cfg.DataDir, "cache"),
+		ChunkSize:  int64(cfg.ChunkSize),
+		MaxBytes:   int64(cfg.CacheSize),
+		Logger:     log,
+		Registerer: a.reg,
+	})
+	if err != nil {
+		return err
+	}
+	a.onStop(func(context.Context) error { return a.cache.Close() })
+	a.upstream = upstream.NewClient(upstream.Options{UserAgent: "peerd/" + version, Logger: log})
+
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+		defer cancel()
+		a.mu.Lock()
+		closers := a.closers
+		a.mu.Unlock()
+		for i := len(closers) - 1; i >= 0; i-- {
+			if cerr := closers[i](sctx); cerr != nil {
+				log.Warn("shutdown step failed", "err", cerr)
+			}
+		}
+		log.Info("peerd stopped")
+	}()
+
+	// Parts start in dependency order; each registers its own shutdown.
+	for _, start := range []func(context.Context, *app) error{startP2P, startContainerd, startK8s} {
+		if err := start(ctx, a); err != nil {
+			return err
+		}
+	}
+
+	ln, err := net.Listen("tcp", cfg.HTTPAddr)
+	if err != nil {
+		return fmt.Errorf("listen on --http-addr %s: %w", cfg.HTTPAddr, err)
+	}
+	srv := &http.Server{
+		Handler: httpmirror.New(httpmirror.Config{
+			Cache:           a.cache,
+			Upstream:        a.upstream,
+			Allow:           allow,
+			Peers:           a.sources,
+			Prefetch:        cfg.Prefetch,
+			PrefetchWorkers: cfg.PrefetchWorkers,
+			Ready:           a.ready,
+			OCI:             a.oci,
+			Extra:           a.extra,
+			Gatherer:        a.reg,
+			Registry:        a.reg,
+			Logger:          log,
+		}),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	log.Info("serving HTTP", "addr", ln.Addr().String())
+
+	// FUSE starts last: it serves reads through everything above.
+	if err := startFUSE(ctx, a); err != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+		srv.Shutdown(sctx)
+		cancel()
+		return err
+	}
+
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down", "reason", context.Cause(ctx))
+	case err := <-serveErr:
+		return fmt.Errorf("http server: %w", err)
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		log.Warn("http shutdown", "err", err)
+	}
+	return nil
+}
+
+// hostOnly strips a port, for messages.
+func hostOnly(addr string) string {
+	if h, _, err := net.SplitHostPort(addr); err == nil {
+		return h
+	}
+	return strings.Trim(addr, "[]")
+}

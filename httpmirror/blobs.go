@@ -1,0 +1,272 @@
+package httpmirror
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"regexp"
+	"strconv"
+	"strings"
+
+	"github.com/peerd-project/peerd/blob"
+	"github.com/peerd-project/peerd/upstream"
+)
+
+var (
+	// Registry storage layout: .../blobs/sha256/<2 hex>/<64 hex>/data
+	storagePathRE = regexp.MustCompile(`/sha256/([0-9a-f]{2})/([0-9a-f]{64})(/|$)`)
+	// A digest anywhere in the path: .../blobs/sha256:<64 hex>
+	digestInPathRE = regexp.MustCompile(`sha256:([0-9a-f]{64})(?:[/?]|$)`)
+)
+
+// ParseBlobURL parses the upstream URL of a /blobs/ request from the raw
+// request URI and derives its cache key. It rejects anything but an absolute
+// http(s) URL without credentials.
+func ParseBlobURL(requestURI string) (*url.URL, blob.Key, error) {
+	raw := requestURI
+	if !strings.HasPrefix(raw, "/") {
+		// absolute-form request target: keep path and query only
+		u, err := url.Parse(raw)
+		if err != nil {
+			return nil, "", fmt.Errorf("bad request target: %v", err)
+		}
+		raw = u.RequestURI()
+	}
+	raw, ok := strings.CutPrefix(raw, "/blobs/")
+	if !ok {
+		return nil, "", errors.New("path does not start with /blobs/")
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return nil, "", fmt.Errorf("upstream URL: %v", err)
+	}
+	switch {
+	case u.Scheme != "http" && u.Scheme != "https":
+		return nil, "", fmt.Errorf("upstream URL %q: scheme must be http or https", truncate(raw))
+	case u.Host == "" || u.Hostname() == "":
+		return nil, "", fmt.Errorf("upstream URL %q: no host", truncate(raw))
+	case u.User != nil:
+		return nil, "", errors.New("upstream URL carries credentials; send them in an Authorization header")
+	case u.Fragment != "" || u.Opaque != "":
+		return nil, "", fmt.Errorf("upstream URL %q: unexpected fragment or opaque part", truncate(raw))
+	}
+	if p := u.Port(); p != "" {
+		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+			return nil, "", fmt.Errorf("upstream URL: bad port %q", p)
+		}
+	}
+	path := u.EscapedPath()
+	if m := storagePathRE.FindStringSubmatch(path); m != nil && m[2][:2] == m[1] {
+		return u, blob.Key("sha256:" + m[2]), nil
+	}
+	if unescaped, err := url.PathUnescape(path); err == nil {
+		if m := digestInPathRE.FindStringSubmatch(unescaped); m != nil {
+			return u, blob.Key("sha256:" + m[1]), nil
+		}
+	}
+	return u, blob.FromURL(u), nil
+}
+
+func truncate(s string) string {
+	if i := strings.IndexByte(s, '?'); i >= 0 {
+		s = s[:i] // never echo signatures
+	}
+	if len(s) > 200 {
+		s = s[:200] + "..."
+	}
+	return s
+}
+
+func (s *Server) serveBlobs(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		http.Error(w, "only GET and HEAD", http.StatusMethodNotAllowed)
+		return
+	}
+	u, key, err := ParseBlobURL(r.RequestURI)
+	if err != nil {
+		s.log.Info("bad /blobs/ request", "err", err)
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	if err := s.cfg.Allow.Check(u); err != nil {
+		s.log.Warn("refused upstream", "host", u.Host, "err", err)
+		http.Error(w, err.Error(), http.StatusForbidden)
+		return
+	}
+	// Only Authorization travels, and only to the origin.
+	var hdr http.Header
+	if a := r.Header.Get("Authorization"); a != "" {
+		hdr = http.Header{"Authorization": {a}}
+	}
+	var srcs []blob.Source
+	if key.Verifiable() && s.cfg.Peers != nil {
+		srcs = append(srcs, s.cfg.Peers(key)...)
+	}
+	srcs = append(srcs, s.cfg.Upstream.Source(u, hdr))
+	h := s.cfg.Cache.Open(key, srcs...)
+	defer h.Close()
+	s.serveHandle(w, r, h, key)
+}
+
+// blobReader is what serveHandle needs of a cache handle.
+type blobReader interface {
+	Size(ctx context.Context) (int64, error)
+	WriteRange(ctx context.Context, w io.Writer, off, n int64) (int64, error)
+	Prefetch(workers int)
+}
+
+func (s *Server) serveHandle(w http.ResponseWriter, r *http.Request, h blobReader, key blob.Key) {
+	ctx := r.Context()
+	size, err := h.Size(ctx)
+	if err != nil {
+		s.fetchError(w, key, err)
+		return
+	}
+	off, n, partial, err := parseRange(r.Header.Get("Range"), size)
+	if err != nil {
+		w.Header().Set("Content-Range", fmt.Sprintf("bytes */%d", size))
+		http.Error(w, err.Error(), http.StatusRequestedRangeNotSatisfiable)
+		return
+	}
+	hd := w.Header()
+	hd.Set("Accept-Ranges", "bytes")
+	hd.Set("Content-Type", "application/octet-stream")
+	hd.Set("Content-Length", strconv.FormatInt(n, 10))
+	if key.Verifiable() {
+		hd.Set("Docker-Content-Digest", string(key))
+		hd.Set("Etag", `"`+string(key)+`"`)
+	}
+	status := http.StatusOK
+	if partial {
+		hd.Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", off, off+n-1, size))
+		status = http.StatusPartialContent
+	}
+	if r.Method == http.MethodHead {
+		w.WriteHeader(status)
+		return
+	}
+	if s.cfg.Prefetch {
+		h.Prefetch(s.cfg.PrefetchWorkers)
+	}
+	lw := &lazyHeader{w: w, status: status}
+	written, err := h.WriteRange(ctx, lw, off, n)
+	if err == nil {
+		lw.commit()
+		return
+	}
+	if !lw.wrote {
+		for _, k := range []string{"Content-Length", "Content-Range", "Docker-Content-Digest", "Etag", "Accept-Ranges"} {
+			hd.Del(k)
+		}
+		s.fetchError(w, key, err)
+		return
+	}
+	// Headers are gone: cut the connection so the client sees a short body.
+	s.log.Warn("blob body aborted", "key", key, "off", off+written, "err", err)
+	panic(http.ErrAbortHandler)
+}
+
+func (s *Server) fetchError(w http.ResponseWriter, key blob.Key, err error) {
+	var se *upstream.StatusError
+	switch {
+	case errors.As(err, &se) && se.Code >= 400 && se.Code < 500:
+		// The origin's own refusal (401 with its challenge, 403, 410...): relay it.
+		if c := se.Header.Get("Www-Authenticate"); c != "" {
+			w.Header().Set("Www-Authenticate", c)
+		}
+		http.Error(w, err.Error(), se.Code)
+	case errors.Is(err, blob.ErrNotFound):
+		http.Error(w, err.Error(), http.StatusNotFound)
+	case errors.Is(err, upstream.ErrNotAllowed):
+		http.Error(w, err.Error(), http.StatusForbidden)
+	case errors.Is(err, context.Canceled):
+		// client went away
+	case errors.Is(err, context.DeadlineExceeded):
+		s.log.Warn("blob fetch timed out", "key", key, "err", err)
+		http.Error(w, err.Error(), http.StatusGatewayTimeout)
+	default:
+		s.log.Warn("blob fetch failed", "key", key, "err", err)
+		http.Error(w, err.Error(), http.StatusBadGateway)
+	}
+}
+
+// lazyHeader sends the status line with the first body byte, so an error
+// before any byte can still become a proper error status.
+type lazyHeader struct {
+	w      http.ResponseWriter
+	status int
+	wrote  bool
+}
+
+func (l *lazyHeader) commit() {
+	if !l.wrote {
+		l.wrote = true
+		l.w.WriteHeader(l.status)
+	}
+}
+
+func (l *lazyHeader) Write(p []byte) (int, error) {
+	l.commit()
+	return l.w.Write(p)
+}
+
+func (l *lazyHeader) ReadFrom(r io.Reader) (int64, error) {
+	l.commit()
+	if rf, ok := l.w.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(struct{ io.Writer }{l.w}, r)
+}
+
+// parseRange parses a single-range "bytes=" header against size. With no
+// header it returns the whole blob and partial=false.
+func parseRange(h string, size int64) (off, n int64, partial bool, err error) {
+	if h == "" {
+		return 0, size, false, nil
+	}
+	spec, ok := strings.CutPrefix(strings.TrimSpace(h), "bytes=")
+	if !ok {
+		return 0, 0, false, fmt.Errorf("range %q: only bytes ranges are supported", h)
+	}
+	if strings.Contains(spec, ",") {
+		return 0, 0, false, fmt.Errorf("range %q: multiple ranges are not supported", h)
+	}
+	a, b, ok := strings.Cut(strings.TrimSpace(spec), "-")
+	if !ok {
+		return 0, 0, false, fmt.Errorf("range %q: malformed", h)
+	}
+	a, b = strings.TrimSpace(a), strings.TrimSpace(b)
+	switch {
+	case a == "" && b == "":
+		return 0, 0, false, fmt.Errorf("range %q: malformed", h)
+	case a == "": // suffix: last b bytes
+		last, err := strconv.ParseInt(b, 10, 64)
+		if err != nil || last < 0 {
+			return 0, 0, false, fmt.Errorf("range %q: malformed", h)
+		}
+		if last == 0 || size == 0 {
+			return 0, 0, false, fmt.Errorf("range %q not satisfiable for size %d", h, size)
+		}
+		last = min(last, size)
+		return size - last, last, true, nil
+	}
+	start, err := strconv.ParseInt(a, 10, 64)
+	if err != nil || start < 0 {
+		return 0, 0, false, fmt.Errorf("range %q: malformed", h)
+	}
+	end := size - 1
+	if b != "" {
+		if end, err = strconv.ParseInt(b, 10, 64); err != nil || end < start {
+			return 0, 0, false, fmt.Errorf("range %q: malformed", h)
+		}
+		end = min(end, size-1)
+	}
+	if start >= size {
+		return 0, 0, false, fmt.Errorf("range %q not satisfiable for size %d", h, size)
+	}
+	return start, end - start + 1, true, nil
+}

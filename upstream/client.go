@@ -1,0 +1,273 @@
+package upstream
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/peerd-project/peerd/blob"
+)
+
+// Options configure a Client.
+type Options struct {
+	DialTimeout           time.Duration // default 5s
+	ResponseHeaderTimeout time.Duration // default 15s
+	Attempts              int           // tries per range, default 3
+	Backoff               time.Duration // first retry delay, doubled each time; default 100ms
+	UserAgent             string
+	Logger                *slog.Logger
+}
+
+// Client fetches ranges from origins. It is safe for concurrent use and
+// keeps connections alive across requests.
+type Client struct {
+	hc   *http.Client
+	opts Options
+	log  *slog.Logger
+}
+
+// StatusError is an origin's unexpected HTTP answer.
+type StatusError struct {
+	Code   int
+	Status string
+	Header http.Header
+}
+
+func (e *StatusError) Error() string { return "origin answered " + e.Status }
+
+// NewClient builds a client whose dialer refuses forbidden addresses even
+// when a name resolves to one.
+func NewClient(opts Options) *Client {
+	if opts.DialTimeout <= 0 {
+		opts.DialTimeout = 5 * time.Second
+	}
+	if opts.ResponseHeaderTimeout <= 0 {
+		opts.ResponseHeaderTimeout = 15 * time.Second
+	}
+	if opts.Attempts <= 0 {
+		opts.Attempts = 3
+	}
+	if opts.Backoff <= 0 {
+		opts.Backoff = 100 * time.Millisecond
+	}
+	if opts.UserAgent == "" {
+		opts.UserAgent = "peerd"
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	d := &net.Dialer{
+		Timeout:   opts.DialTimeout,
+		KeepAlive: 30 * time.Second,
+		Control: func(network, address string, _ syscall.RawConn) error {
+			host, _, err := net.SplitHostPort(address)
+			if err != nil {
+				return err
+			}
+			if ip, err := netip.ParseAddr(host); err == nil && Forbidden(ip) {
+				return fmt.Errorf("%w: refusing to dial %s", ErrNotAllowed, ip)
+			}
+			return nil
+		},
+	}
+	tr := &http.Transport{
+		Proxy:                 nil, // never route through an environment proxy implicitly
+		DialContext:           d.DialContext,
+		ForceAttemptHTTP2:     true,
+		MaxIdleConns:          256,
+		MaxIdleConnsPerHost:   32,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ResponseHeaderTimeout: opts.ResponseHeaderTimeout,
+		ExpectContinueTimeout: time.Second,
+		DisableCompression:    true, // byte ranges must be of the stored bytes
+	}
+	return &Client{
+		hc: &http.Client{
+			Transport: tr,
+			// An origin may redirect (registry → storage); only follow to allowed places is the
+			// caller's decision at request time, so redirects are re-checked in checkRedirect.
+			CheckRedirect: func(req *http.Request, via []*http.Request) error {
+				if len(via) >= 5 {
+					return errors.New("too many redirects")
+				}
+				if ip, err := netip.ParseAddr(req.URL.Hostname()); err == nil && Forbidden(ip) {
+					return fmt.Errorf("%w: redirect to %s", ErrNotAllowed, req.URL.Host)
+				}
+				// Credentials go to the origin the client named, never to a redirect target on another host.
+				if req.URL.Host != via[0].URL.Host {
+					req.Header.Del("Authorization")
+				}
+				return nil
+			},
+		},
+		opts: opts,
+		log:  opts.Logger.With("component", "upstream"),
+	}
+}
+
+// HTTPClient exposes the underlying client for callers (the OCI mirror's
+// pull-through) that need plain requests with the same safety rules.
+func (c *Client) HTTPClient() *http.Client { return c.hc }
+
+// Source returns a blob.Source reading from u. header holds what the origin
+// alone may see (Authorization); it never reaches peers or logs.
+func (c *Client) Source(u *url.URL, header http.Header) blob.Source {
+	return &origin{c: c, url: u.String(), redacted: redact(u), header: header}
+}
+
+func redact(u *url.URL) string {
+	r := *u
+	r.RawQuery = ""
+	r.User = nil
+	return r.String()
+}
+
+type origin struct {
+	c        *Client
+	url      string
+	redacted string
+	header   http.Header
+}
+
+func (o *origin) Name() string      { return "upstream" }
+func (o *origin) Trust() blob.Trust { return blob.Trusted }
+func (o *origin) String() string    { return o.redacted }
+
+// Fetch GETs bytes [off, off+n) with retries on transport errors and 5xx.
+func (o *origin) Fetch(ctx context.Context, _ blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+	var last error
+	delay := o.c.opts.Backoff
+	for attempt := 1; attempt <= o.c.opts.Attempts; attempt++ {
+		rc, size, err := o.fetchOnce(ctx, off, n)
+		if err == nil {
+			return rc, size, nil
+		}
+		last = err
+		if !retryable(err) || ctx.Err() != nil {
+			break
+		}
+		if attempt < o.c.opts.Attempts {
+			o.c.log.Debug("retrying origin fetch", "url", o.redacted, "off", off, "attempt", attempt, "err", err)
+			select {
+			case <-time.After(delay):
+			case <-ctx.Done():
+				return nil, -1, fmt.Errorf("fetch %s range %d-%d: %w (after %v)", o.redacted, off, off+n-1, ctx.Err(), last)
+			}
+			delay *= 2
+		}
+	}
+	return nil, -1, fmt.Errorf("fetch %s range %d-%d: %w", o.redacted, off, off+n-1, last)
+}
+
+func retryable(err error) bool {
+	var se *StatusError
+	if errors.As(err, &se) {
+		return se.Code >= 500 || se.Code == http.StatusTooManyRequests
+	}
+	if errors.Is(err, blob.ErrNotFound) || errors.Is(err, ErrNotAllowed) || errors.Is(err, errBadResponse) {
+		return false
+	}
+	return true
+}
+
+var errBadResponse = errors.New("bad origin response")
+
+func (o *origin) fetchOnce(ctx context.Context, off, n int64) (io.ReadCloser, int64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, o.url, nil)
+	if err != nil {
+		return nil, -1, err
+	}
+	for k, vs := range o.header {
+		req.Header[k] = vs
+	}
+	req.Header.Set("User-Agent", o.c.opts.UserAgent)
+	if n > 0 {
+		req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", off, off+n-1))
+	}
+	resp, err := o.c.hc.Do(req)
+	if err != nil {
+		return nil, -1, err
+	}
+	switch resp.StatusCode {
+	case http.StatusPartialContent:
+		start, size, err := parseContentRange(resp.Header.Get("Content-Range"))
+		if err != nil || start != off {
+			resp.Body.Close()
+			return nil, -1, fmt.Errorf("%w: Content-Range %q for offset %d", errBadResponse, resp.Header.Get("Content-Range"), off)
+		}
+		return limitBody(resp.Body, n), size, nil
+	case http.StatusOK:
+		// The origin ignored Range: skip to off in the full body.
+		size := resp.ContentLength
+		if off > 0 {
+			if _, err := io.CopyN(io.Discard, resp.Body, off); err != nil {
+				resp.Body.Close()
+				return nil, -1, fmt.Errorf("skip to %d in full body: %w", off, err)
+			}
+		}
+		return limitBody(resp.Body, n), size, nil
+	case http.StatusRequestedRangeNotSatisfiable:
+		_, size, _ := parseContentRange(resp.Header.Get("Content-Range"))
+		resp.Body.Close()
+		if size == 0 {
+			return io.NopCloser(strings.NewReader("")), 0, nil
+		}
+		return nil, -1, fmt.Errorf("%w: 416 for range at %d (size %d)", errBadResponse, off, size)
+	case http.StatusNotFound:
+		resp.Body.Close()
+		return nil, -1, fmt.Errorf("origin: %w (404)", blob.ErrNotFound)
+	default:
+		io.Copy(io.Discard, io.LimitReader(resp.Body, 4096))
+		resp.Body.Close()
+		return nil, -1, &StatusError{Code: resp.StatusCode, Status: resp.Status, Header: resp.Header}
+	}
+}
+
+type limitedBody struct {
+	io.Reader
+	io.Closer
+}
+
+func limitBody(rc io.ReadCloser, n int64) io.ReadCloser {
+	return limitedBody{Reader: io.LimitReader(rc, n), Closer: rc}
+}
+
+// parseContentRange parses "bytes a-b/size" (size may be "*": -1).
+func parseContentRange(s string) (start, size int64, err error) {
+	rest, ok := strings.CutPrefix(s, "bytes ")
+	if !ok {
+		return 0, -1, fmt.Errorf("no bytes unit")
+	}
+	rng, total, ok := strings.Cut(rest, "/")
+	if !ok {
+		return 0, -1, fmt.Errorf("no size")
+	}
+	size = -1
+	if total != "*" {
+		if size, err = strconv.ParseInt(total, 10, 64); err != nil || size < 0 {
+			return 0, -1, fmt.Errorf("bad size %q", total)
+		}
+	}
+	if rng == "*" {
+		return 0, size, nil
+	}
+	a, _, ok := strings.Cut(rng, "-")
+	if !ok {
+		return 0, -1, fmt.Errorf("bad range %q", rng)
+	}
+	if start, err = strconv.ParseInt(a, 10, 64); err != nil {
+		return 0, -1, err
+	}
+	return start, size, nil
+}
