@@ -134,8 +134,9 @@ func Open(opts Options) (*Cache, error) {
 	go c.flusher()
 	if c.used.Load() > c.opts.MaxBytes {
 		c.mu.Lock()
-		c.evictLocked(0, nil)
+		victims := c.evictLocked(0, nil)
 		c.mu.Unlock()
+		c.destroy(victims)
 	}
 	return c, nil
 }
@@ -357,20 +358,22 @@ func (c *Cache) unref(e *entry) {
 // self. It reports false when the bound cannot be met.
 func (c *Cache) reserve(n int64, self *entry) bool {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	var victims []*entry
 	if c.used.Load()+n > c.opts.MaxBytes {
-		c.evictLocked(n, self)
+		victims = c.evictLocked(n, self)
 	}
-	if c.used.Load()+n > c.opts.MaxBytes {
-		return false
+	ok := c.used.Load()+n <= c.opts.MaxBytes
+	if ok {
+		c.used.Add(n)
 	}
-	c.used.Add(n)
-	return true
+	c.mu.Unlock()
+	c.destroy(victims)
+	return ok
 }
 
-// evictLocked removes least recently used, unreferenced blobs until n more
-// bytes fit. c.mu is held.
-func (c *Cache) evictLocked(n int64, self *entry) {
+// evictLocked takes least recently used, unreferenced blobs out of the index
+// until n more bytes fit, and returns them for destroy. c.mu is held.
+func (c *Cache) evictLocked(n int64, self *entry) []*entry {
 	var victims []*entry
 	for el := c.lru.Back(); el != nil && c.used.Load()+n > c.opts.MaxBytes; {
 		e := el.Value.(*entry)
@@ -385,12 +388,17 @@ func (c *Cache) evictLocked(n int64, self *entry) {
 		}
 		el = prev
 	}
+	return victims
+}
+
+// destroy deletes evicted blobs' files (outside c.mu) and tells the listener.
+func (c *Cache) destroy(victims []*entry) {
 	for _, e := range victims {
 		had := e.destroy()
 		c.m.evictions.Inc()
 		c.log.Debug("evicted blob", "key", e.key)
-		if had {
-			go c.notify(e.key, false)
+		if had && e.key.Verifiable() {
+			c.notify(e.key, false)
 		}
 	}
 }
@@ -438,7 +446,7 @@ func (c *Cache) Remove(k blob.Key) bool {
 	c.used.Add(-e.present)
 	e.mu.Unlock()
 	c.mu.Unlock()
-	if e.destroy() {
+	if e.destroy() && k.Verifiable() {
 		c.notify(k, false)
 	}
 	return true
@@ -475,3 +483,4 @@ func (c *Cache) flushAll() {
 		}
 	}
 }
+

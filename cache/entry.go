@@ -278,9 +278,12 @@ func (e *entry) fill(i int, srcs []blob.Source, call *fillCall) {
 		*bp = make([]byte, e.c.opts.ChunkSize)
 	}
 	buf := (*bp)[:e.c.opts.ChunkSize]
+	e.mu.Lock()
+	gen := e.gen // bytes fetched before a reset must not land after it
+	e.mu.Unlock()
 	n, src, origin, err := e.fetch(ctx, i, srcs, buf)
 	if err == nil {
-		call.pass, err = e.store(i, buf[:n], src, origin)
+		call.pass, err = e.store(i, gen, buf[:n], src, origin)
 	}
 	if call.pass == nil {
 		bufPool.Put(bp)
@@ -392,7 +395,10 @@ func (e *entry) learnSize(size int64) error {
 
 // store writes a fetched chunk. When the cache cannot make room the bytes are
 // handed to the waiting readers instead (pass).
-func (e *entry) store(i int, data []byte, src blob.Source, origin string) ([]byte, error) {
+func (e *entry) store(i int, gen uint64, data []byte, src blob.Source, origin string) ([]byte, error) {
+	if len(data) == 0 {
+		return nil, nil // an empty blob has no chunks
+	}
 	if !e.c.reserve(int64(len(data)), e) {
 		e.c.m.passthrough.Inc()
 		return append([]byte(nil), data...), nil
@@ -408,7 +414,7 @@ func (e *entry) store(i int, data []byte, src blob.Source, origin string) ([]byt
 		e.c.used.Add(-int64(len(data)))
 		return nil, fmt.Errorf("create cache files for %s: %w", e.key, err)
 	}
-	f, gen := e.f, e.gen
+	f := e.f
 	e.mu.Unlock()
 	if _, err := f.WriteAt(data, int64(i)*e.c.opts.ChunkSize); err != nil {
 		e.c.used.Add(-int64(len(data)))
@@ -524,9 +530,9 @@ func (e *entry) finishVerify() error {
 		}
 		return writeMeta(dir, m)
 	}
-	e.c.m.verify.WithLabelValues("mismatch").Inc()
 	e.c.log.Error("cached blob failed verification; discarding", "key", e.key, "got", "sha256:"+sum)
 	e.reset(true)
+	e.c.m.verify.WithLabelValues("mismatch").Inc()
 	return nil
 }
 
@@ -552,7 +558,9 @@ func (e *entry) reset(blame bool) {
 	e.mu.Unlock()
 	e.flushMu.Unlock()
 	e.c.used.Add(-freed)
-	e.c.notify(e.key, false)
+	if freed > 0 {
+		e.c.notify(e.key, false)
+	}
 	if !blame {
 		return
 	}

@@ -267,6 +267,11 @@ type LocalReader struct {
 
 func (l *LocalReader) Read(p []byte) (int, error) { return l.r.Read(p) }
 
+// File is the cache's backing file of the blob, open read-only, for callers
+// that hand it to the kernel (FUSE passthrough, splice). It stays valid until
+// Close; callers must use positioned reads and must not close it themselves.
+func (l *LocalReader) File() *os.File { return l.f }
+
 // WriteTo lets io.Copy hand the *os.File to the writer (sendfile).
 func (l *LocalReader) WriteTo(w io.Writer) (int64, error) {
 	return io.Copy(w, &l.r)

@@ -1,0 +1,474 @@
+// Package itest runs real peerd processes on loopback addresses
+// (127.0.x.y) against real local servers. It is the integration layer of
+// `make test`; the multi-namespace cluster scenarios live in e2e/.
+package itest
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// peerdBin is the binary under test, built once by TestMain.
+var peerdBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "peerd-itest-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	peerdBin = filepath.Join(dir, "peerd")
+	build := exec.Command("go", "build", "-o", peerdBin, "../cmd/peerd")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "build peerd:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+var ipCounter atomic.Int32
+
+// NextIP hands out a loopback address no other node of this run used.
+func NextIP() string {
+	n := ipCounter.Add(1)
+	return fmt.Sprintf("127.0.%d.%d", 10+n/250, 1+n%250)
+}
+
+// FreePort returns a TCP port free on ip right now.
+func FreePort(t testing.TB, ip string) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
+	if err != nil {
+		t.Fatalf("free port on %s: %v", ip, err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// NodeOpts describe one peerd process.
+type NodeOpts struct {
+	IP      string   // default: NextIP()
+	DataDir string   // default: a fresh temp dir (pass an old node's to restart on its data)
+	Args    []string // extra flags for `peerd run`
+	Env     []string // extra environment
+	// NoMount leaves --mount= off when the FUSE flag exists; default true (tests opt in).
+	Mount string
+}
+
+// Node is a running `peerd run`.
+type Node struct {
+	t        testing.TB
+	Name     string
+	IP       string
+	HTTPAddr string
+	DataDir  string
+	LogPath  string
+	args     []string
+	env      []string
+	cmd      *exec.Cmd
+	done     chan struct{}
+	exitErr  error
+}
+
+var nodeSeq atomic.Int32
+
+// StartNode starts peerd and waits until /healthz answers.
+func StartNode(t testing.TB, o NodeOpts) *Node {
+	t.Helper()
+	if o.IP == "" {
+		o.IP = NextIP()
+	}
+	if o.DataDir == "" {
+		o.DataDir = t.TempDir()
+	}
+	port := FreePort(t, o.IP)
+	n := &Node{
+		t:        t,
+		Name:     fmt.Sprintf("node%d", nodeSeq.Add(1)),
+		IP:       o.IP,
+		HTTPAddr: net.JoinHostPort(o.IP, strconv.Itoa(port)),
+		DataDir:  o.DataDir,
+		env:      o.Env,
+	}
+	n.LogPath = filepath.Join(t.TempDir(), n.Name+".log")
+	n.args = append([]string{"run",
+		"--data-dir", o.DataDir,
+		"--http-addr", n.HTTPAddr,
+		"--log-level", "debug",
+	}, defaultArgs(o)...)
+	n.args = append(n.args, o.Args...)
+	n.start()
+	t.Cleanup(func() {
+		n.Stop()
+		if t.Failed() {
+			n.DumpLog(80)
+		}
+	})
+	return n
+}
+
+// defaultArgs adds the flags that keep a test node local to the machine.
+func defaultArgs(o NodeOpts) []string {
+	var a []string
+	if hasFlag("mount") {
+		a = append(a, "--mount="+o.Mount)
+	}
+	if hasFlag("containerd-socket") && !contains(o.Args, "--containerd-socket") {
+		a = append(a, "--containerd-socket=/nonexistent/containerd.sock")
+	}
+	if hasFlag("p2p-addr") && !contains(o.Args, "--p2p-addr") {
+		a = append(a, "--p2p-addr=/ip4/"+o.IP+"/tcp/0")
+	}
+	return a
+}
+
+func contains(args []string, flag string) bool {
+	for _, s := range args {
+		if s == flag || strings.HasPrefix(s, flag+"=") {
+			return true
+		}
+	}
+	return false
+}
+
+var (
+	helpOnce sync.Once
+	helpText string
+)
+
+// hasFlag reports whether `peerd run` knows --name (parts land over time).
+func hasFlag(name string) bool {
+	helpOnce.Do(func() {
+		out, _ := exec.Command(peerdBin, "run", "--help").CombinedOutput()
+		helpText = string(out)
+	})
+	return strings.Contains(helpText, "  -"+name+" ") || strings.Contains(helpText, "  -"+name+"\n")
+}
+
+func (n *Node) start() {
+	n.t.Helper()
+	logf, err := os.OpenFile(n.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	cmd := exec.Command(peerdBin, n.args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = append(os.Environ(), n.env...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		n.t.Fatalf("start %s: %v", n.Name, err)
+	}
+	n.cmd = cmd
+	n.done = make(chan struct{})
+	go func() {
+		n.exitErr = cmd.Wait()
+		logf.Close()
+		close(n.done)
+	}()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := http.Get("http://" + n.HTTPAddr + "/healthz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return
+			}
+		}
+		select {
+		case <-n.done:
+			n.DumpLog(60)
+			n.t.Fatalf("%s exited during start: %v", n.Name, n.exitErr)
+		default:
+		}
+		if time.Now().After(deadline) {
+			n.DumpLog(60)
+			n.t.Fatalf("%s did not become healthy in 30s", n.Name)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Args returns the command line the node was started with.
+func (n *Node) Args() []string { return n.args }
+
+// PID of the running process.
+func (n *Node) PID() int { return n.cmd.Process.Pid }
+
+// Running reports whether the process is alive.
+func (n *Node) Running() bool {
+	select {
+	case <-n.done:
+		return false
+	default:
+		return n.cmd != nil
+	}
+}
+
+// Stop sends SIGTERM and waits up to 20s (then SIGKILL). It returns the exit error.
+func (n *Node) Stop() error {
+	if n.cmd == nil {
+		return nil
+	}
+	select {
+	case <-n.done:
+		return n.exitErr
+	default:
+	}
+	n.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-n.done:
+	case <-time.After(20 * time.Second):
+		n.t.Errorf("%s did not stop within 20s of SIGTERM", n.Name)
+		syscall.Kill(-n.cmd.Process.Pid, syscall.SIGKILL)
+		<-n.done
+	}
+	return n.exitErr
+}
+
+// Kill sends SIGKILL and waits for the exit.
+func (n *Node) Kill() {
+	if n.cmd == nil {
+		return
+	}
+	syscall.Kill(-n.cmd.Process.Pid, syscall.SIGKILL)
+	<-n.done
+}
+
+// Restart stops (SIGTERM) and starts the node again with the same flags and data.
+func (n *Node) Restart() {
+	n.t.Helper()
+	n.Stop()
+	n.start()
+}
+
+// URL of a path on the node's HTTP face.
+func (n *Node) URL(path string) string { return "http://" + n.HTTPAddr + path }
+
+// DumpLog prints the last lines of the node's log to the test log.
+func (n *Node) DumpLog(lines int) {
+	b, _ := os.ReadFile(n.LogPath)
+	ls := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(ls) > lines {
+		ls = ls[len(ls)-lines:]
+	}
+	n.t.Logf("--- last %d log lines of %s (%s) ---\n%s", len(ls), n.Name, n.HTTPAddr, strings.Join(ls, "\n"))
+}
+
+// Log returns the whole log so far.
+func (n *Node) Log() string {
+	b, _ := os.ReadFile(n.LogPath)
+	return string(b)
+}
+
+// Get performs a GET (or HEAD with method) and returns status, headers and body.
+func Get(t testing.TB, method, url string, hdr map[string]string) (int, http.Header, []byte) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: read body: %v", method, url, err)
+	}
+	return resp.StatusCode, resp.Header, body
+}
+
+// Metric returns the sum of the samples of a metric whose label set contains
+// every given "k=v" pair (0 when absent).
+func (n *Node) Metric(t testing.TB, name string, labels ...string) float64 {
+	t.Helper()
+	code, _, body := Get(t, "GET", n.URL("/metrics/prometheus"), nil)
+	if code != 200 {
+		t.Fatalf("metrics: status %d", code)
+	}
+	return SumMetric(string(body), name, labels...)
+}
+
+// SumMetric sums samples of name in Prometheus text whose labels include all given k=v.
+func SumMetric(text, name string, labels ...string) float64 {
+	var sum float64
+	sc := bufio.NewScanner(strings.NewReader(text))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if strings.HasPrefix(line, "#") || !strings.HasPrefix(line, name) {
+			continue
+		}
+		rest := line[len(name):]
+		var lbl string
+		switch {
+		case strings.HasPrefix(rest, "{"):
+			end := strings.Index(rest, "}")
+			lbl, rest = rest[1:end], rest[end+1:]
+		case strings.HasPrefix(rest, " "):
+		default:
+			continue // a longer metric name
+		}
+		ok := true
+		for _, want := range labels {
+			k, v, _ := strings.Cut(want, "=")
+			if !strings.Contains(","+lbl+",", ","+k+`="`+v+`",`) {
+				ok = false
+			}
+		}
+		if !ok {
+			continue
+		}
+		f, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
+		if err == nil {
+			sum += f
+		}
+	}
+	return sum
+}
+
+// RandomBlob returns n random bytes and their digest "sha256:<hex>".
+func RandomBlob(t testing.TB, n int) ([]byte, string) {
+	t.Helper()
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return b, Digest(b)
+}
+
+// Digest is "sha256:<hex>" of b.
+func Digest(b []byte) string {
+	s := sha256.Sum256(b)
+	return "sha256:" + hex.EncodeToString(s[:])
+}
+
+// Origin is a local HTTP file origin that counts the body bytes it sends.
+type Origin struct {
+	URL  string // http://ip:port
+	Host string // ip:port
+	srv  *http.Server
+	ln   net.Listener
+
+	mu    sync.Mutex
+	files map[string][]byte
+
+	Sent     atomic.Int64 // body bytes written
+	Requests atomic.Int64
+	// Delay is added before every answer (nanoseconds).
+	Delay atomic.Int64
+	// Fail makes every request answer 503 while set.
+	Fail atomic.Bool
+	// IgnoreRange makes the origin answer 200 with the whole body.
+	IgnoreRange atomic.Bool
+	// Hang makes requests block until the client gives up.
+	Hang atomic.Bool
+	// LastHeaders holds the request headers of the latest request.
+	lastHdr atomic.Value
+}
+
+// NewOrigin starts an origin on ip (default 127.0.0.1) on a free port.
+func NewOrigin(t testing.TB, ip string) *Origin {
+	t.Helper()
+	if ip == "" {
+		ip = "127.0.0.1"
+	}
+	ln, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := &Origin{ln: ln, files: map[string][]byte{}, Host: ln.Addr().String()}
+	o.URL = "http://" + o.Host
+	o.srv = &http.Server{Handler: o}
+	go o.srv.Serve(ln)
+	t.Cleanup(func() { o.srv.Close() })
+	return o
+}
+
+// Put serves b at path (which starts with /).
+func (o *Origin) Put(path string, b []byte) string {
+	o.mu.Lock()
+	o.files[path] = b
+	o.mu.Unlock()
+	return o.URL + path
+}
+
+// Close stops the origin (connections refused afterwards).
+func (o *Origin) Close() { o.srv.Close() }
+
+// LastHeaders of the most recent request.
+func (o *Origin) LastHeaders() http.Header {
+	h, _ := o.lastHdr.Load().(http.Header)
+	return h
+}
+
+type countingWriter struct {
+	http.ResponseWriter
+	n *atomic.Int64
+}
+
+func (c countingWriter) Write(p []byte) (int, error) {
+	n, err := c.ResponseWriter.Write(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+func (o *Origin) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	o.Requests.Add(1)
+	o.lastHdr.Store(r.Header.Clone())
+	if d := o.Delay.Load(); d > 0 {
+		time.Sleep(time.Duration(d))
+	}
+	if o.Hang.Load() {
+		<-r.Context().Done()
+		return
+	}
+	if o.Fail.Load() {
+		http.Error(w, "origin failing", http.StatusServiceUnavailable)
+		return
+	}
+	o.mu.Lock()
+	b, ok := o.files[r.URL.Path]
+	o.mu.Unlock()
+	if !ok {
+		http.NotFound(w, r)
+		return
+	}
+	cw := countingWriter{ResponseWriter: w, n: &o.Sent}
+	if o.IgnoreRange.Load() {
+		w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+		if r.Method != http.MethodHead {
+			cw.Write(b)
+		}
+		return
+	}
+	http.ServeContent(cw, r, "", time.Time{}, bytes.NewReader(b))
+}
