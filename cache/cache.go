@@ -483,4 +483,3 @@ func (c *Cache) flushAll() {
 		}
 	}
 }
-

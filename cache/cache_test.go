@@ -122,8 +122,12 @@ type recorder struct {
 	added, removed []blob.Key
 }
 
-func (r *recorder) BlobAdded(k blob.Key)   { r.mu.Lock(); r.added = append(r.added, k); r.mu.Unlock() }
-func (r *recorder) BlobRemoved(k blob.Key) { r.mu.Lock(); r.removed = append(r.removed, k); r.mu.Unlock() }
+func (r *recorder) BlobAdded(k blob.Key) { r.mu.Lock(); r.added = append(r.added, k); r.mu.Unlock() }
+func (r *recorder) BlobRemoved(k blob.Key) {
+	r.mu.Lock()
+	r.removed = append(r.removed, k)
+	r.mu.Unlock()
+}
 func (r *recorder) has(removed bool, k blob.Key) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()

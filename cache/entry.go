@@ -47,9 +47,9 @@ type entry struct {
 	prefetchd bool
 	failedAt  time.Time // last fill failure, to keep read-ahead from hammering a dead source
 
-	hashMu sync.Mutex // guards hasher, hashed
-	hasher hash.Hash
-	hashed int64
+	hashMu  sync.Mutex // guards hasher, hashed
+	hasher  hash.Hash
+	hashed  int64
 	hashGen uint64
 }
 
