@@ -19,6 +19,7 @@ import (
 	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/cache"
 	"github.com/peerd-project/peerd/httpmirror"
+	"github.com/peerd-project/peerd/p2p"
 	"github.com/peerd-project/peerd/upstream"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -108,6 +109,8 @@ type app struct {
 
 	// peerSources returns sources to try before the origin (set by the p2p part).
 	peerSources func(k blob.Key) []blob.Source
+	// p2p is the peer network node (set by the p2p part; nil if it is off).
+	p2p *p2p.Node
 	// readyChecks must all pass for /readyz.
 	readyChecks []func() error
 	// oci is the /v2/ handler (set by the containerd part).

@@ -2,13 +2,105 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/peerd-project/peerd/blob"
+	"github.com/peerd-project/peerd/p2p"
 )
 
 // p2pConfig holds the flags of the peer network (libp2p host, DHT, peer data plane).
-type p2pConfig struct{}
+type p2pConfig struct {
+	Addr              string
+	PeerAddr          string
+	Bootstrap         listFlag
+	SwarmKeyFile      string
+	ResolveTimeout    time.Duration
+	ResolveRetries    int
+	ReprovideInterval time.Duration
+}
 
-func registerP2PFlags(fs *flag.FlagSet, c *p2pConfig) {}
+func registerP2PFlags(fs *flag.FlagSet, c *p2pConfig) {
+	fs.StringVar(&c.Addr, "p2p-addr", "/ip4/0.0.0.0/tcp/30001", "libp2p listen multiaddr; a node bound to one IP advertises only that IP")
+	fs.StringVar(&c.PeerAddr, "peer-addr", "", "peer data-plane listen address host:port (default: the --p2p-addr IP, port + 1)")
+	fs.Var(&c.Bootstrap, "bootstrap", "bootstrap peer multiaddr ending in /p2p/<peer id> (repeatable, comma-separated)")
+	fs.StringVar(&c.SwarmKeyFile, "swarm-key-file", "", "libp2p private-network key file: only nodes holding the same key can join")
+	fs.DurationVar(&c.ResolveTimeout, "resolve-timeout", 20*time.Millisecond, "time one DHT provider lookup may take")
+	fs.IntVar(&c.ResolveRetries, "resolve-retries", 1, "further lookups when one finds no provider")
+	fs.DurationVar(&c.ReprovideInterval, "reprovide-interval", time.Hour, "how often held blobs are advertised again")
+}
+
+func (c *p2pConfig) validate() error {
+	var errs []error
+	if c.ResolveTimeout <= 0 || c.ResolveTimeout > time.Minute {
+		errs = append(errs, fmt.Errorf("--resolve-timeout %v: want more than 0 and at most 1m", c.ResolveTimeout))
+	}
+	if c.ResolveRetries < 0 || c.ResolveRetries > 10 {
+		errs = append(errs, fmt.Errorf("--resolve-retries %d: want 0 to 10", c.ResolveRetries))
+	}
+	if c.ReprovideInterval < time.Minute {
+		errs = append(errs, fmt.Errorf("--reprovide-interval %v: want at least 1m", c.ReprovideInterval))
+	}
+	if _, err := p2p.ParseBootstrap(c.Bootstrap.items); err != nil {
+		errs = append(errs, fmt.Errorf("--bootstrap: %w", err))
+	}
+	return errors.Join(errs...)
+}
 
 // startP2P starts the libp2p host and DHT and sets a.peerSources.
-func startP2P(ctx context.Context, a *app) error { return nil }
+func startP2P(ctx context.Context, a *app) error {
+	c := &a.cfg.P2P
+	if err := c.validate(); err != nil {
+		return err
+	}
+	key, err := p2p.LoadOrCreateKey(a.cfg.DataDir)
+	if err != nil {
+		return err
+	}
+	cfg := p2p.Config{
+		Key:               key,
+		ListenAddr:        c.Addr,
+		PeerAddr:          c.PeerAddr,
+		Bootstrap:         c.Bootstrap.items,
+		ResolveTimeout:    c.ResolveTimeout,
+		ResolveRetries:    c.ResolveRetries,
+		ReprovideInterval: c.ReprovideInterval,
+		Registerer:        a.reg,
+		Logger:            a.log,
+		UserAgent:         "peerd/" + version,
+		Stores: []p2p.LocalStore{p2p.LocalStoreFunc(func(k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+			r, size, err := a.cache.OpenLocal(k, off, n)
+			if err != nil {
+				return nil, size, err // never a typed nil inside the interface
+			}
+			return r, size, nil
+		})},
+	}
+	if c.SwarmKeyFile != "" {
+		if cfg.SwarmKey, err = p2p.LoadSwarmKey(c.SwarmKeyFile); err != nil {
+			return err
+		}
+	}
+	node, err := p2p.New(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	a.p2p = node
+	a.onStop(func(context.Context) error {
+		a.cache.SetListener(nil)
+		return node.Close()
+	})
+	// Listen first, then list: a blob added in between is announced twice,
+	// which is harmless; none is missed.
+	a.cache.SetListener(node)
+	for _, info := range a.cache.List() {
+		node.BlobAdded(info.Key)
+	}
+	src := node.Source()
+	a.peerSources = func(k blob.Key) []blob.Source { return []blob.Source{src} }
+	a.readyChecks = append(a.readyChecks, node.Ready)
+	return nil
+}

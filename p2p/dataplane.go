@@ -1,0 +1,562 @@
+package p2p
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/peerstore"
+	"github.com/libp2p/go-libp2p/core/protocol"
+	libp2ptls "github.com/libp2p/go-libp2p/p2p/security/tls"
+	manet "github.com/multiformats/go-multiaddr/net"
+	"github.com/peerd-project/peerd/blob"
+)
+
+// LocalStore is something this node holds blobs in and may serve to peers:
+// the content cache, later a containerd content store. OpenLocal returns
+// bytes [off, off+n) (n < 0: to the end) and the blob's size, or an error
+// wrapping blob.ErrNotFound at once when it does not hold all of them. It
+// must never fetch.
+type LocalStore interface {
+	OpenLocal(k blob.Key, off, n int64) (io.ReadCloser, int64, error)
+}
+
+// LocalStoreFunc adapts a function to LocalStore.
+type LocalStoreFunc func(k blob.Key, off, n int64) (io.ReadCloser, int64, error)
+
+func (f LocalStoreFunc) OpenLocal(k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+	return f(k, off, n)
+}
+
+const (
+	// addrProtocol is the libp2p protocol a node answers with its data-plane
+	// address, so providers need no second well-known port.
+	addrProtocol = protocol.ID("/peerd/data-addr/1.0.0")
+	// notHeldHeader marks a 404 that means "I don't hold these bytes".
+	notHeldHeader = "X-Peerd-Not-Held"
+)
+
+var errNotMember = errors.New("peer is not a connected member of the cluster")
+
+// peerFromCerts extracts and checks the libp2p identity bound into a TLS
+// certificate chain (the libp2p TLS handshake's certificate extension).
+func peerFromCerts(raw [][]byte) (peer.ID, error) {
+	chain := make([]*x509.Certificate, len(raw))
+	for i, r := range raw {
+		c, err := x509.ParseCertificate(r)
+		if err != nil {
+			return "", fmt.Errorf("peer certificate: %w", err)
+		}
+		chain[i] = c
+	}
+	pk, err := libp2ptls.PubKeyFromCertChain(chain)
+	if err != nil {
+		return "", fmt.Errorf("peer certificate: %w", err)
+	}
+	return peer.IDFromPublicKey(pk)
+}
+
+func baseTLS(n *Node) (*tls.Config, error) {
+	id, err := libp2ptls.NewIdentity(n.cfg.Key)
+	if err != nil {
+		return nil, fmt.Errorf("peer TLS identity: %w", err)
+	}
+	conf, _ := id.ConfigForPeer("")
+	conf = conf.Clone()
+	// HTTP/1.1 is the ALPN value net/http serves without a TLSNextProto hook.
+	conf.NextProtos = []string{"http/1.1"}
+	conf.VerifyPeerCertificate = nil
+	return conf, nil
+}
+
+// ---- server ----
+
+type dataServer struct {
+	n   *Node
+	ln  net.Listener
+	srv *http.Server
+
+	mu     sync.RWMutex
+	stores []LocalStore
+}
+
+func (s *dataServer) addStore(st LocalStore) {
+	s.mu.Lock()
+	s.stores = append(s.stores, st)
+	s.mu.Unlock()
+}
+
+type connPeerKey struct{}
+
+// connPeer caches a connection's peer ID: computed once from the client
+// certificate, reused by every request on the kept-alive connection.
+type connPeer struct {
+	once sync.Once
+	id   peer.ID
+	err  error
+}
+
+func newDataServer(n *Node, addr string, stores []LocalStore) (*dataServer, error) {
+	conf, err := baseTLS(n)
+	if err != nil {
+		return nil, err
+	}
+	// Refuse strangers during the handshake: a client must present a
+	// libp2p-bound certificate of a peer we are connected to.
+	conf.VerifyPeerCertificate = func(raw [][]byte, _ [][]*x509.Certificate) error {
+		p, err := peerFromCerts(raw)
+		if err != nil {
+			n.m.serveRequests.WithLabelValues("refused").Inc()
+			return err
+		}
+		if !n.connected(p) {
+			n.m.serveRequests.WithLabelValues("refused").Inc()
+			n.log.Warn("refused peer data-plane connection", "peer", p.String(), "err", errNotMember)
+			return errNotMember
+		}
+		return nil
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen on --peer-addr %s: %w", addr, err)
+	}
+	s := &dataServer{n: n, ln: tls.NewListener(ln, conf), stores: stores}
+	s.srv = &http.Server{
+		Handler:           s,
+		ReadHeaderTimeout: 5 * time.Second,
+		WriteTimeout:      2 * time.Minute,
+		IdleTimeout:       2 * time.Minute,
+		TLSNextProto:      map[string]func(*http.Server, *tls.Conn, http.Handler){}, // HTTP/1.1 only
+		ConnContext: func(ctx context.Context, _ net.Conn) context.Context {
+			return context.WithValue(ctx, connPeerKey{}, &connPeer{})
+		},
+		ErrorLog: newStdLogger(n.log),
+	}
+	n.host.SetStreamHandler(addrProtocol, s.answerAddr)
+	return s, nil
+}
+
+func (s *dataServer) addr() string { return s.ln.Addr().String() }
+
+func (s *dataServer) serve() {
+	if err := s.srv.Serve(s.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		s.n.log.Error("peer data plane stopped", "err", err)
+	}
+}
+
+func (s *dataServer) close() error {
+	s.n.host.RemoveStreamHandler(addrProtocol)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := s.srv.Shutdown(ctx); err != nil {
+		return s.srv.Close()
+	}
+	return nil
+}
+
+// answerAddr tells a connected peer where our data plane listens. An
+// unspecified listen IP is sent as ":port": the asker uses the IP it reached
+// us on.
+func (s *dataServer) answerAddr(st network.Stream) {
+	defer st.Close()
+	st.SetDeadline(time.Now().Add(5 * time.Second))
+	host, port, _ := net.SplitHostPort(s.addr())
+	if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
+		host = ""
+	}
+	fmt.Fprintf(st, "%s\n", net.JoinHostPort(host, port))
+}
+
+func (s *dataServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+		s.refuse(w, "", errors.New("no client certificate"))
+		return
+	}
+	cp, _ := r.Context().Value(connPeerKey{}).(*connPeer)
+	if cp == nil {
+		cp = &connPeer{}
+	}
+	cp.once.Do(func() {
+		raw := make([][]byte, len(r.TLS.PeerCertificates))
+		for i, c := range r.TLS.PeerCertificates {
+			raw[i] = c.Raw
+		}
+		cp.id, cp.err = peerFromCerts(raw)
+	})
+	if cp.err != nil {
+		s.refuse(w, "", cp.err)
+		return
+	}
+	from := cp.id
+	// Membership is checked per request too: a kept-alive connection must
+	// not outlive the peer's membership.
+	if !s.n.connected(from) {
+		s.refuse(w, from, errNotMember)
+		return
+	}
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		s.n.m.serveRequests.WithLabelValues("bad_request").Inc()
+		http.Error(w, "only GET and HEAD", http.StatusMethodNotAllowed)
+		return
+	}
+	ks, ok := strings.CutPrefix(r.URL.Path, "/blobs/")
+	k, err := blob.ParseDigest(ks)
+	if !ok || err != nil {
+		s.n.m.serveRequests.WithLabelValues("bad_request").Inc()
+		s.n.log.Info("bad peer data-plane request", "peer", from.String(), "path", truncatePath(r.URL.Path))
+		http.Error(w, "want /blobs/sha256:<hex>", http.StatusBadRequest)
+		return
+	}
+	off, n, err := parsePeerRange(r.Header.Get("Range"))
+	if err != nil {
+		s.n.m.serveRequests.WithLabelValues("bad_request").Inc()
+		http.Error(w, err.Error(), http.StatusRequestedRangeNotSatisfiable)
+		return
+	}
+	s.mu.RLock()
+	stores := s.stores
+	s.mu.RUnlock()
+	for _, st := range stores {
+		rc, size, err := st.OpenLocal(k, off, n)
+		if errors.Is(err, blob.ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			if size >= 0 && (off >= size || off < 0) {
+				s.n.m.serveRequests.WithLabelValues("bad_request").Inc()
+				w.Header().Set("Content-Range", fmt.Sprintf("bytes */%d", size))
+				http.Error(w, "range not satisfiable", http.StatusRequestedRangeNotSatisfiable)
+				return
+			}
+			s.n.m.serveRequests.WithLabelValues("error").Inc()
+			s.n.log.Warn("open local blob for peer", "key", k, "peer", from.String(), "err", err)
+			http.Error(w, "local store error", http.StatusInternalServerError)
+			return
+		}
+		s.send(w, r, rc, k, from, off, n, size)
+		return
+	}
+	// Say "don't have" at once; never fetch on the asker's behalf.
+	s.n.m.serveRequests.WithLabelValues("not_found").Inc()
+	w.Header().Set(notHeldHeader, "1")
+	http.Error(w, "not held", http.StatusNotFound)
+}
+
+func (s *dataServer) send(w http.ResponseWriter, r *http.Request, rc io.ReadCloser, k blob.Key, from peer.ID, off, n, size int64) {
+	defer rc.Close()
+	if n < 0 || off+n > size {
+		n = size - off
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Content-Length", strconv.FormatInt(n, 10))
+	if n > 0 {
+		h.Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", off, off+n-1, size))
+	} else {
+		h.Set("Content-Range", fmt.Sprintf("bytes */%d", size))
+	}
+	w.WriteHeader(http.StatusPartialContent)
+	if r.Method == http.MethodHead {
+		s.n.m.serveRequests.WithLabelValues("ok").Inc()
+		return
+	}
+	written, err := io.Copy(w, rc)
+	s.n.peerBytes(Served, from, written)
+	if err != nil {
+		s.n.m.serveRequests.WithLabelValues("error").Inc()
+		s.n.log.Debug("serving peer interrupted", "key", k, "peer", from.String(), "written", written, "err", err)
+		return
+	}
+	s.n.m.serveRequests.WithLabelValues("ok").Inc()
+}
+
+func (s *dataServer) refuse(w http.ResponseWriter, p peer.ID, err error) {
+	s.n.m.serveRequests.WithLabelValues("refused").Inc()
+	s.n.log.Warn("refused peer data-plane request", "peer", p.String(), "err", err)
+	http.Error(w, "forbidden", http.StatusForbidden)
+}
+
+// parsePeerRange parses "bytes=a-b" or "bytes=a-" (the only forms peers
+// send); no header means the whole blob.
+func parsePeerRange(h string) (off, n int64, err error) {
+	if h == "" {
+		return 0, -1, nil
+	}
+	spec, ok := strings.CutPrefix(h, "bytes=")
+	a, b, ok2 := strings.Cut(spec, "-")
+	if !ok || !ok2 || strings.Contains(spec, ",") {
+		return 0, 0, fmt.Errorf("bad range %q", h)
+	}
+	off, err = strconv.ParseInt(a, 10, 64)
+	if err != nil || off < 0 {
+		return 0, 0, fmt.Errorf("bad range %q", h)
+	}
+	if b == "" {
+		return off, -1, nil
+	}
+	end, err := strconv.ParseInt(b, 10, 64)
+	if err != nil || end < off {
+		return 0, 0, fmt.Errorf("bad range %q", h)
+	}
+	return off, end - off + 1, nil
+}
+
+func truncatePath(p string) string {
+	if len(p) > 120 {
+		return p[:120] + "..."
+	}
+	return p
+}
+
+// ---- client ----
+
+type dataClient struct {
+	n    *Node
+	base *tls.Config
+
+	mu    sync.Mutex
+	peers map[peer.ID]*peerConn
+}
+
+// peerConn is the kept-alive HTTP transport to one peer: its TLS config
+// accepts only that peer's identity.
+type peerConn struct {
+	addr     string
+	client   *http.Client
+	tr       *http.Transport
+	lastUsed time.Time
+}
+
+func newDataClient(n *Node) *dataClient {
+	base, err := baseTLS(n)
+	if err != nil {
+		// NewIdentity fails only for key types libp2p cannot sign certs with.
+		n.log.Error("peer TLS identity", "err", err)
+	}
+	return &dataClient{n: n, base: base, peers: map[peer.ID]*peerConn{}}
+}
+
+func (c *dataClient) close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for p, pc := range c.peers {
+		pc.tr.CloseIdleConnections()
+		delete(c.peers, p)
+	}
+}
+
+// gc drops transports to peers unused for a while.
+func (c *dataClient) gc(idle time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for p, pc := range c.peers {
+		if time.Since(pc.lastUsed) > idle {
+			pc.tr.CloseIdleConnections()
+			delete(c.peers, p)
+		}
+	}
+}
+
+func (c *dataClient) forget(p peer.ID) {
+	c.mu.Lock()
+	pc := c.peers[p]
+	delete(c.peers, p)
+	c.mu.Unlock()
+	if pc != nil {
+		pc.tr.CloseIdleConnections()
+	}
+}
+
+// conn returns the transport to p, connecting over libp2p and learning its
+// data-plane address first when needed.
+func (c *dataClient) conn(ctx context.Context, ai peer.AddrInfo) (*peerConn, error) {
+	if c.base == nil {
+		return nil, errors.New("no TLS identity")
+	}
+	if !c.n.connected(ai.ID) {
+		if len(ai.Addrs) > 0 {
+			c.n.host.Peerstore().AddAddrs(ai.ID, ai.Addrs, peerstore.TempAddrTTL)
+		}
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		err := c.n.host.Connect(cctx, peer.AddrInfo{ID: ai.ID})
+		cancel()
+		if err != nil {
+			return nil, fmt.Errorf("connect: %w", err)
+		}
+	}
+	c.mu.Lock()
+	pc := c.peers[ai.ID]
+	if pc != nil {
+		pc.lastUsed = time.Now()
+	}
+	c.mu.Unlock()
+	if pc != nil {
+		return pc, nil
+	}
+	addr, err := c.askAddr(ctx, ai.ID)
+	if err != nil {
+		return nil, err
+	}
+	conf := c.base.Clone()
+	want := ai.ID
+	conf.VerifyPeerCertificate = func(raw [][]byte, _ [][]*x509.Certificate) error {
+		got, err := peerFromCerts(raw)
+		if err != nil {
+			return err
+		}
+		if got != want {
+			return fmt.Errorf("peer data plane at %s is %s, want %s", addr, got, want)
+		}
+		return nil
+	}
+	tr := &http.Transport{
+		DialContext:           (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		TLSClientConfig:       conf,
+		TLSHandshakeTimeout:   3 * time.Second,
+		ResponseHeaderTimeout: 10 * time.Second,
+		MaxIdleConnsPerHost:   32,
+		IdleConnTimeout:       90 * time.Second,
+		DisableCompression:    true,
+		ForceAttemptHTTP2:     false,
+		ReadBufferSize:        256 << 10,
+		WriteBufferSize:       16 << 10,
+	}
+	pc = &peerConn{addr: addr, tr: tr, client: &http.Client{Transport: tr}, lastUsed: time.Now()}
+	c.mu.Lock()
+	if old := c.peers[ai.ID]; old != nil {
+		c.mu.Unlock()
+		tr.CloseIdleConnections()
+		return old, nil
+	}
+	c.peers[ai.ID] = pc
+	c.mu.Unlock()
+	return pc, nil
+}
+
+func (c *dataClient) askAddr(ctx context.Context, p peer.ID) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	st, err := c.n.host.NewStream(ctx, p, addrProtocol)
+	if err != nil {
+		return "", fmt.Errorf("ask data-plane address: %w", err)
+	}
+	defer st.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		st.SetDeadline(dl)
+	}
+	line, err := bufio.NewReader(io.LimitReader(st, 256)).ReadString('\n')
+	if err != nil {
+		return "", fmt.Errorf("read data-plane address: %w", err)
+	}
+	host, port, err := net.SplitHostPort(strings.TrimSpace(line))
+	if err != nil {
+		return "", fmt.Errorf("peer sent bad data-plane address %q", strings.TrimSpace(line))
+	}
+	if pn, err := strconv.Atoi(port); err != nil || pn < 1 || pn > 65535 {
+		return "", fmt.Errorf("peer sent bad data-plane port %q", port)
+	}
+	if host == "" {
+		ip, err := manet.ToIP(st.Conn().RemoteMultiaddr())
+		if err != nil {
+			return "", fmt.Errorf("peer data-plane address: %w", err)
+		}
+		host = ip.String()
+	}
+	return net.JoinHostPort(host, port), nil
+}
+
+// GetRange reads bytes [off, off+n) of k from peer ai. It returns the body
+// and the blob's total size; a peer that does not hold the bytes yields an
+// error wrapping blob.ErrNotFound.
+func (c *dataClient) GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+	pc, err := c.conn(ctx, ai)
+	if err != nil {
+		c.n.m.peerErrors.WithLabelValues("dial").Inc()
+		return nil, -1, err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+pc.addr+"/blobs/"+string(k), nil)
+	if err != nil {
+		return nil, -1, err
+	}
+	if n >= 0 {
+		req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", off, off+n-1))
+	} else {
+		req.Header.Set("Range", fmt.Sprintf("bytes=%d-", off))
+	}
+	resp, err := pc.client.Do(req)
+	if err != nil {
+		if ctx.Err() == nil {
+			c.n.m.peerErrors.WithLabelValues("dial").Inc()
+			c.forget(ai.ID) // its address may have changed
+		}
+		return nil, -1, err
+	}
+	switch resp.StatusCode {
+	case http.StatusPartialContent:
+	case http.StatusNotFound:
+		resp.Body.Close()
+		c.n.m.peerErrors.WithLabelValues("not_found").Inc()
+		return nil, -1, fmt.Errorf("peer %s does not hold %s: %w", ai.ID, k, blob.ErrNotFound)
+	default:
+		io.Copy(io.Discard, io.LimitReader(resp.Body, 4096))
+		resp.Body.Close()
+		c.n.m.peerErrors.WithLabelValues("status").Inc()
+		return nil, -1, fmt.Errorf("peer %s answered %s", ai.ID, resp.Status)
+	}
+	total, start, err := parseContentRange(resp.Header.Get("Content-Range"))
+	if err != nil || start != off {
+		resp.Body.Close()
+		c.n.m.peerErrors.WithLabelValues("status").Inc()
+		return nil, -1, fmt.Errorf("peer %s: bad Content-Range %q", ai.ID, resp.Header.Get("Content-Range"))
+	}
+	return &countingBody{rc: resp.Body, n: c.n, p: ai.ID}, total, nil
+}
+
+// parseContentRange parses "bytes a-b/total" (or "bytes */total").
+func parseContentRange(h string) (total, start int64, err error) {
+	spec, ok := strings.CutPrefix(h, "bytes ")
+	rng, tot, ok2 := strings.Cut(spec, "/")
+	if !ok || !ok2 {
+		return -1, -1, fmt.Errorf("bad Content-Range %q", h)
+	}
+	total, err = strconv.ParseInt(tot, 10, 64)
+	if err != nil || total < 0 {
+		return -1, -1, fmt.Errorf("bad Content-Range %q", h)
+	}
+	if rng == "*" {
+		return total, 0, nil
+	}
+	a, _, _ := strings.Cut(rng, "-")
+	start, err = strconv.ParseInt(a, 10, 64)
+	if err != nil {
+		return -1, -1, fmt.Errorf("bad Content-Range %q", h)
+	}
+	return total, start, nil
+}
+
+type countingBody struct {
+	rc io.ReadCloser
+	n  *Node
+	p  peer.ID
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	m, err := b.rc.Read(p)
+	b.n.peerBytes(Received, b.p, int64(m))
+	return m, err
+}
+
+func (b *countingBody) Close() error { return b.rc.Close() }

@@ -1,0 +1,70 @@
+package p2p
+
+import "github.com/prometheus/client_golang/prometheus"
+
+type metrics struct {
+	lookupSeconds *prometheus.HistogramVec // result: found, not_found, error
+	lookupCache   *prometheus.CounterVec   // result: hit, negative_hit, miss
+	receivedBytes prometheus.Counter
+	servedBytes   prometheus.Counter
+	serveRequests *prometheus.CounterVec // result: ok, not_found, refused, bad_request, error
+	peerErrors    *prometheus.CounterVec // kind: dial, status, read, timeout, size
+	hedges        prometheus.Counter
+	resumes       prometheus.Counter
+	blames        prometheus.Counter
+	provides      *prometheus.CounterVec // result: ok, error
+	provideSecs   prometheus.Histogram
+	advertised    prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		lookupSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "peerd_p2p_lookup_seconds",
+			Help:    "Time of a DHT provider lookup (FindProviders), by result (found, not_found).",
+			Buckets: []float64{0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1},
+		}, []string{"result"}),
+		lookupCache: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "peerd_p2p_lookup_cache_total",
+			Help: "Provider lookups answered from the short-lived provider cache (hit, negative_hit) or not (miss).",
+		}, []string{"result"}),
+		receivedBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "peerd_p2p_received_bytes_total", Help: "Blob bytes received from peers.",
+		}),
+		servedBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "peerd_p2p_served_bytes_total", Help: "Blob bytes served to peers.",
+		}),
+		serveRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "peerd_p2p_serve_requests_total",
+			Help: "Peer data-plane requests this node answered, by result (ok, not_found, refused, bad_request, error).",
+		}, []string{"result"}),
+		peerErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "peerd_p2p_peer_errors_total",
+			Help: "Failed reads from peers, by kind (dial, status, read, timeout, size, not_found).",
+		}, []string{"kind"}),
+		hedges: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "peerd_p2p_hedged_requests_total", Help: "Requests to a second provider because the first was slow.",
+		}),
+		resumes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "peerd_p2p_resumed_transfers_total", Help: "Transfers that broke mid-way and resumed from another provider.",
+		}),
+		blames: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "peerd_p2p_blamed_peers_total", Help: "Peers blamed for bytes that failed verification.",
+		}),
+		provides: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "peerd_p2p_provides_total", Help: "DHT provide (advertise) operations, by result (ok, error).",
+		}, []string{"result"}),
+		provideSecs: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "peerd_p2p_provide_seconds", Help: "Time of one DHT provide.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
+		}),
+		advertised: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "peerd_p2p_advertised_keys", Help: "Blobs this node advertises on the DHT.",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.lookupSeconds, m.lookupCache, m.receivedBytes, m.servedBytes, m.serveRequests,
+			m.peerErrors, m.hedges, m.resumes, m.blames, m.provides, m.provideSecs, m.advertised)
+	}
+	return m
+}

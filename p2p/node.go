@@ -1,0 +1,529 @@
+// Package p2p is peerd's peer network: a libp2p host with a Kademlia DHT
+// (own protocol prefix, LAN only) that says which nodes hold a blob, and an
+// authenticated peer data plane that moves the bytes.
+//
+// The DHT carries only provider records (blob digest as a CID → peer IDs).
+// Bytes travel over HTTP/1.1 on a separate peer port, inside TLS whose
+// certificates are bound to both nodes' libp2p keys: the client checks it
+// reached the provider the DHT named, and the server answers only askers that
+// are connected members of the libp2p network (which, with a swarm key,
+// requires the key). A server serves only what it holds locally.
+package p2p
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log"
+	"log/slog"
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	dht "github.com/libp2p/go-libp2p-kad-dht"
+	"github.com/libp2p/go-libp2p-kad-dht/records"
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/pnet"
+	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
+	"github.com/libp2p/go-libp2p/p2p/net/connmgr"
+	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
+	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
+	"github.com/peerd-project/peerd/blob"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// ProtocolPrefix keeps peerd's DHT apart from every other libp2p network.
+const ProtocolPrefix = "/peerd"
+
+// Config configures a Node.
+type Config struct {
+	// Key is the node's identity (LoadOrCreateKey).
+	Key crypto.PrivKey
+	// ListenAddr is the libp2p listen multiaddr, e.g. /ip4/0.0.0.0/tcp/30001.
+	ListenAddr string
+	// PeerAddr is the data-plane listen address (host:port); empty means the
+	// listen address's IP with the libp2p port + 1 (or a free port when the
+	// libp2p port is 0).
+	PeerAddr string
+	// Bootstrap peers: multiaddrs ending in /p2p/<id>.
+	Bootstrap []string
+	// SwarmKey, when set, makes the network private: peers without the same
+	// key cannot connect (and so cannot read blobs).
+	SwarmKey pnet.PSK
+	// ResolveTimeout bounds one provider lookup; ResolveRetries more tries
+	// follow when it finds nobody.
+	ResolveTimeout time.Duration
+	ResolveRetries int
+	// ReprovideInterval is how often every held blob is advertised again.
+	ReprovideInterval time.Duration
+	// Stores are the local stores served to peers, asked in order.
+	Stores     []LocalStore
+	Registerer prometheus.Registerer
+	Logger     *slog.Logger
+	UserAgent  string
+}
+
+// Direction of peer bytes, for OnPeerBytes hooks.
+type Direction string
+
+const (
+	Received Direction = "received"
+	Served   Direction = "served"
+)
+
+// Node is a running peer: libp2p host, DHT, advertiser, data-plane server
+// and client.
+type Node struct {
+	cfg  Config
+	log  *slog.Logger
+	m    *metrics
+	host host.Host
+	dht  *dht.IpfsDHT
+	self peer.ID
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	bootMu    sync.Mutex
+	bootstrap map[peer.ID]peer.AddrInfo
+	bootKick  chan struct{}
+
+	adv    *advertiser
+	server *dataServer
+	client *dataClient
+	source *Source
+
+	hooksMu sync.RWMutex
+	hooks   []func(Direction, peer.ID, int64)
+
+	closeOnce sync.Once
+	closeErr  error
+	lookups   atomic.Int64
+}
+
+// DefaultPeerAddr derives the data-plane address from the libp2p listen
+// multiaddr: same IP, port + 1 (0 stays 0).
+func DefaultPeerAddr(listen string) (string, error) {
+	m, err := ma.NewMultiaddr(listen)
+	if err != nil {
+		return "", fmt.Errorf("--p2p-addr %q: %w", listen, err)
+	}
+	na, err := manet.ToNetAddr(m)
+	if err != nil {
+		return "", fmt.Errorf("--p2p-addr %q: %w", listen, err)
+	}
+	ta, ok := na.(*net.TCPAddr)
+	if !ok {
+		return "", fmt.Errorf("--p2p-addr %q: want a /tcp address", listen)
+	}
+	port := 0
+	if ta.Port != 0 {
+		port = ta.Port + 1
+	}
+	return net.JoinHostPort(ta.IP.String(), strconv.Itoa(port)), nil
+}
+
+// ParseBootstrap parses multiaddrs ending in /p2p/<id>, merging addresses of
+// the same peer.
+func ParseBootstrap(addrs []string) ([]peer.AddrInfo, error) {
+	var mas []ma.Multiaddr
+	for _, s := range addrs {
+		m, err := ma.NewMultiaddr(s)
+		if err != nil {
+			return nil, fmt.Errorf("bootstrap address %q: %w", s, err)
+		}
+		if _, err := m.ValueForProtocol(ma.P_P2P); err != nil {
+			return nil, fmt.Errorf("bootstrap address %q: missing /p2p/<peer id>", s)
+		}
+		mas = append(mas, m)
+	}
+	return peer.AddrInfosFromP2pAddrs(mas...)
+}
+
+// New starts the host, the DHT, the data-plane server and the background
+// loops (bootstrap, advertising). Close stops them.
+func New(ctx context.Context, cfg Config) (*Node, error) {
+	if cfg.Key == nil {
+		return nil, errors.New("p2p: no identity key")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.ResolveTimeout <= 0 {
+		cfg.ResolveTimeout = 20 * time.Millisecond
+	}
+	if cfg.ResolveRetries < 0 {
+		cfg.ResolveRetries = 0
+	}
+	if cfg.ReprovideInterval <= 0 {
+		cfg.ReprovideInterval = time.Hour
+	}
+	if cfg.ListenAddr == "" {
+		cfg.ListenAddr = "/ip4/0.0.0.0/tcp/30001"
+	}
+	if cfg.PeerAddr == "" {
+		pa, err := DefaultPeerAddr(cfg.ListenAddr)
+		if err != nil {
+			return nil, err
+		}
+		cfg.PeerAddr = pa
+	}
+	boot, err := ParseBootstrap(cfg.Bootstrap)
+	if err != nil {
+		return nil, err
+	}
+	listen, err := ma.NewMultiaddr(cfg.ListenAddr)
+	if err != nil {
+		return nil, fmt.Errorf("--p2p-addr %q: %w", cfg.ListenAddr, err)
+	}
+	reg := cfg.Registerer
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+	}
+
+	n := &Node{cfg: cfg, log: cfg.Logger.With("component", "p2p"), m: newMetrics(reg),
+		bootstrap: map[peer.ID]peer.AddrInfo{}, bootKick: make(chan struct{}, 1)}
+	n.self, err = peer.IDFromPrivateKey(cfg.Key)
+	if err != nil {
+		return nil, err
+	}
+
+	// Limits scaled to the machine (memory, file descriptors), with the
+	// defaults for libp2p's own services; the DHT and our small address
+	// protocol fit well inside the per-peer defaults.
+	limits := rcmgr.DefaultLimits
+	libp2p.SetDefaultServiceLimits(&limits)
+	rcmgr.MustRegisterWith(reg)
+	str, err := rcmgr.NewStatsTraceReporter()
+	if err != nil {
+		return nil, err
+	}
+	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits.AutoScale()), rcmgr.WithTraceReporter(str))
+	if err != nil {
+		return nil, fmt.Errorf("p2p resource manager: %w", err)
+	}
+	cm, err := connmgr.NewConnManager(200, 400, connmgr.WithGracePeriod(time.Minute))
+	if err != nil {
+		rm.Close()
+		return nil, err
+	}
+	opts := []libp2p.Option{
+		libp2p.Identity(cfg.Key),
+		libp2p.ListenAddrs(listen),
+		// TCP only: a private network key works with TCP, and a LAN needs
+		// neither QUIC's NAT traversal nor WebRTC/WebTransport.
+		libp2p.Transport(tcp.NewTCPTransport),
+		libp2p.ResourceManager(rm),
+		libp2p.ConnectionManager(cm),
+		libp2p.DisableRelay(),
+		libp2p.DisableIdentifyAddressDiscovery(),
+		libp2p.PrometheusRegisterer(reg),
+		libp2p.UserAgent(cfg.UserAgent),
+		libp2p.WithDialTimeout(5 * time.Second),
+		// Advertise exactly what we listen on: a node bound to 127.0.0.3
+		// must never be reached through another address of the machine.
+		libp2p.AddrsFactory(func(addrs []ma.Multiaddr) []ma.Multiaddr { return listenOnly(listen, addrs) }),
+	}
+	if cfg.SwarmKey != nil {
+		opts = append(opts, libp2p.PrivateNetwork(cfg.SwarmKey))
+	}
+	h, err := libp2p.New(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("start libp2p host on %s: %w", cfg.ListenAddr, err)
+	}
+	n.host = h
+	n.ctx, n.cancel = context.WithCancel(context.Background())
+
+	validity := 3 * cfg.ReprovideInterval
+	if validity < 10*time.Minute {
+		validity = 10 * time.Minute
+	}
+	n.dht, err = dht.New(h,
+		dht.Mode(dht.ModeServer),
+		dht.ProtocolPrefix(ProtocolPrefix),
+		dht.DisableValues(),
+		dht.BootstrapPeersFunc(n.bootstrapPeers),
+		// Provider records outlive a missed reprovide or two, and no more:
+		// a node that stopped holding a blob drops out of lookups soon.
+		dht.ProviderManagerOpts(records.ProvideValidity(validity), records.ProviderAddrTTL(validity)),
+	)
+	if err != nil {
+		h.Close()
+		return nil, fmt.Errorf("start DHT: %w", err)
+	}
+
+	n.client = newDataClient(n)
+	n.server, err = newDataServer(n, cfg.PeerAddr, cfg.Stores)
+	if err != nil {
+		n.dht.Close()
+		h.Close()
+		return nil, err
+	}
+	n.source = newSource(n.self, &dhtFinder{n: n}, n.client, n.m, n.log, cfg.ResolveTimeout, cfg.ResolveRetries)
+	n.adv = newAdvertiser(n, cfg.ReprovideInterval)
+
+	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "peerd_p2p_connected_peers", Help: "Peers with an open libp2p connection."},
+			func() float64 { return float64(len(h.Network().Peers())) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "peerd_p2p_routing_table_peers", Help: "Peers in the DHT routing table."},
+			func() float64 { return float64(n.RoutingTableSize()) }),
+	)
+
+	n.AddBootstrap(boot...)
+	n.wg.Add(4)
+	go func() { defer n.wg.Done(); n.server.serve() }()
+	go func() { defer n.wg.Done(); n.clientGC() }()
+	go func() { defer n.wg.Done(); n.bootstrapLoop() }()
+	go func() { defer n.wg.Done(); n.adv.run(n.ctx) }()
+	n.log.Info("p2p node started", "peer-id", n.self.String(), "addrs", fmt.Sprint(n.Addrs()), "peer-addr", n.server.addr(),
+		"bootstrap", len(boot), "private-network", cfg.SwarmKey != nil)
+	return n, nil
+}
+
+// listenOnly keeps the host's addresses on the IP we listen on (all of them
+// when listening on an unspecified address).
+func listenOnly(listen ma.Multiaddr, addrs []ma.Multiaddr) []ma.Multiaddr {
+	ip, err := manet.ToIP(listen)
+	if err != nil || ip.IsUnspecified() {
+		return addrs
+	}
+	var out []ma.Multiaddr
+	for _, a := range addrs {
+		if aip, err := manet.ToIP(a); err == nil && aip.Equal(ip) {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// ID is the node's peer ID.
+func (n *Node) ID() peer.ID { return n.self }
+
+// Addrs are the node's full libp2p addresses, each ending in /p2p/<id>.
+func (n *Node) Addrs() []ma.Multiaddr {
+	addrs, err := peer.AddrInfoToP2pAddrs(&peer.AddrInfo{ID: n.self, Addrs: n.host.Addrs()})
+	if err != nil {
+		return nil
+	}
+	return addrs
+}
+
+// Host exposes the libp2p host (for tests and diagnostics).
+func (n *Node) Host() host.Host { return n.host }
+
+// PeerAddr is the data plane's listen address.
+func (n *Node) PeerAddr() string { return n.server.addr() }
+
+// Connect dials a peer (with a timeout) and adds it to the DHT.
+func (n *Node) Connect(ctx context.Context, ai peer.AddrInfo) error {
+	if ai.ID == n.self {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := n.host.Connect(ctx, ai); err != nil {
+		return fmt.Errorf("connect to peer %s: %w", ai.ID, err)
+	}
+	return nil
+}
+
+// AddBootstrap adds bootstrap peers at runtime (static flags, a Kubernetes
+// Lease holder, ...); the bootstrap loop dials them until one answers.
+func (n *Node) AddBootstrap(ais ...peer.AddrInfo) {
+	n.bootMu.Lock()
+	added := 0
+	for _, ai := range ais {
+		if ai.ID == n.self || ai.ID == "" {
+			continue
+		}
+		old := n.bootstrap[ai.ID]
+		old.ID = ai.ID
+		old.Addrs = ma.Unique(append(old.Addrs, ai.Addrs...))
+		n.bootstrap[ai.ID] = old
+		n.host.ConnManager().Protect(ai.ID, "peerd-bootstrap")
+		added++
+	}
+	n.bootMu.Unlock()
+	if added > 0 {
+		select {
+		case n.bootKick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func (n *Node) bootstrapPeers() []peer.AddrInfo {
+	n.bootMu.Lock()
+	defer n.bootMu.Unlock()
+	out := make([]peer.AddrInfo, 0, len(n.bootstrap))
+	for _, ai := range n.bootstrap {
+		out = append(out, ai)
+	}
+	return out
+}
+
+// RoutingTableSize is the number of peers in the DHT routing table.
+func (n *Node) RoutingTableSize() int { return n.dht.RoutingTable().Size() }
+
+// ConnectedPeers is the number of peers with an open libp2p connection.
+func (n *Node) ConnectedPeers() int { return len(n.host.Network().Peers()) }
+
+// Ready reports nil when the node takes part in the network: it is connected
+// to a peer, or it has nobody to bootstrap from (a lone first node, or the
+// node others bootstrap from, is ready by itself).
+func (n *Node) Ready() error {
+	if n.ConnectedPeers() > 0 {
+		return nil
+	}
+	if len(n.bootstrapPeers()) == 0 {
+		return nil
+	}
+	return errors.New("p2p: not connected to any peer yet (bootstrap peers unreachable)")
+}
+
+// bootstrapLoop dials bootstrap peers until the node is connected, with
+// backoff, and again whenever it loses every connection or new bootstrap
+// peers are added.
+func (n *Node) bootstrapLoop() {
+	const minWait, maxWait = 250 * time.Millisecond, 30 * time.Second
+	wait := minWait
+	refreshed := false
+	for {
+		peers := n.bootstrapPeers()
+		if len(peers) > 0 && n.ConnectedPeers() == 0 {
+			ok := 0
+			for _, ai := range peers {
+				if err := n.Connect(n.ctx, ai); err != nil {
+					n.log.Debug("bootstrap peer unreachable", "peer", ai.ID.String(), "err", err)
+					continue
+				}
+				ok++
+			}
+			if ok > 0 {
+				n.log.Info("connected to bootstrap peers", "connected", ok, "of", len(peers))
+				wait, refreshed = minWait, false
+			} else {
+				n.log.Warn("no bootstrap peer reachable; retrying", "peers", len(peers), "retry-in", wait)
+			}
+		}
+		if !refreshed && n.ConnectedPeers() > 0 {
+			// Fill the routing table beyond the bootstrap peers.
+			t := time.NewTimer(15 * time.Second)
+			select {
+			case <-n.dht.RefreshRoutingTable():
+			case <-t.C:
+			case <-n.ctx.Done():
+				t.Stop()
+				return
+			}
+			t.Stop()
+			refreshed = true
+			n.adv.kick()
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-n.ctx.Done():
+			t.Stop()
+			return
+		case <-n.bootKick:
+			t.Stop()
+			wait = minWait
+		case <-t.C:
+			if n.ConnectedPeers() == 0 {
+				wait = min(wait*2, maxWait)
+			} else {
+				wait = maxWait
+			}
+		}
+	}
+}
+
+// AddStore adds a local store served to peers after the configured ones
+// (e.g. a containerd content store).
+func (n *Node) AddStore(s LocalStore) { n.server.addStore(s) }
+
+// clientGC closes kept-alive connections to peers unused for a while.
+func (n *Node) clientGC() {
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-t.C:
+			n.client.gc(5 * time.Minute)
+		}
+	}
+}
+
+// Source is the peer source for the content cache.
+func (n *Node) Source() *Source { return n.source }
+
+// BlobAdded advertises a blob the cache started to hold (cache.Listener).
+func (n *Node) BlobAdded(k blob.Key) { n.adv.add(k) }
+
+// BlobRemoved stops advertising a blob the cache dropped (cache.Listener).
+func (n *Node) BlobRemoved(k blob.Key) { n.adv.remove(k) }
+
+// OnPeerBytes registers a hook called when blob bytes arrive from or are
+// served to a peer (for example to emit a P2PActive event). Hooks must not block.
+func (n *Node) OnPeerBytes(f func(dir Direction, p peer.ID, bytes int64)) {
+	n.hooksMu.Lock()
+	n.hooks = append(n.hooks, f)
+	n.hooksMu.Unlock()
+}
+
+func (n *Node) peerBytes(dir Direction, p peer.ID, b int64) {
+	if b <= 0 {
+		return
+	}
+	if dir == Received {
+		n.m.receivedBytes.Add(float64(b))
+	} else {
+		n.m.servedBytes.Add(float64(b))
+	}
+	n.hooksMu.RLock()
+	hs := n.hooks
+	n.hooksMu.RUnlock()
+	for _, h := range hs {
+		h(dir, p, b)
+	}
+}
+
+// Close stops the loops, the data plane, the DHT and the host.
+func (n *Node) Close() error {
+	n.closeOnce.Do(func() {
+		n.cancel()
+		var errs []error
+		if err := n.server.close(); err != nil {
+			errs = append(errs, fmt.Errorf("close peer data plane: %w", err))
+		}
+		n.wg.Wait()
+		n.client.close()
+		if err := n.dht.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close DHT: %w", err))
+		}
+		if err := n.host.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close libp2p host: %w", err))
+		}
+		n.closeErr = errors.Join(errs...)
+	})
+	return n.closeErr
+}
+
+// connected reports whether p has an open libp2p connection to us.
+func (n *Node) connected(p peer.ID) bool {
+	return n.host.Network().Connectedness(p) == network.Connected
+}
+
+func newStdLogger(l *slog.Logger) *log.Logger {
+	return slog.NewLogLogger(l.Handler(), slog.LevelWarn)
+}

@@ -1,0 +1,544 @@
+package p2p
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/peerd-project/peerd/blob"
+)
+
+// providerFinder looks up the peers that advertise a blob. It returns what it
+// found when ctx ends (an empty list is not an error).
+type providerFinder interface {
+	FindProviders(ctx context.Context, k blob.Key) ([]peer.AddrInfo, error)
+}
+
+// rangeGetter reads a byte range of a blob from one peer; a peer that does not
+// hold it yields an error wrapping blob.ErrNotFound.
+type rangeGetter interface {
+	GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key, off, n int64) (io.ReadCloser, int64, error)
+}
+
+const (
+	// Provider lists are reused for a while so a blob costs one lookup, not
+	// one per chunk; an empty answer is remembered too, shorter, so a blob
+	// nobody has goes upstream at once and peers that start holding it are
+	// noticed soon.
+	positiveTTL = 30 * time.Second
+	negativeTTL = 5 * time.Second
+	// A peer that failed is tried last for a while; one whose bytes failed
+	// verification is not asked at all for longer.
+	errorAvoid = 30 * time.Second
+	blameAvoid = 10 * time.Minute
+	// A body that makes no progress this long is abandoned for the next provider.
+	stallTimeout = 5 * time.Second
+	// Hedge delay bounds; in between it follows the observed first-byte times.
+	minHedge, maxHedge, initialHedge = 5 * time.Millisecond, 500 * time.Millisecond, 50 * time.Millisecond
+	maxCachedKeys                    = 8192
+)
+
+// Source reads blob bytes from the peers that hold them. It implements
+// blob.Source (Name "peer") and blob.Blamer; its readers implement
+// blob.Attributed.
+type Source struct {
+	self    peer.ID
+	finder  providerFinder
+	getter  rangeGetter
+	m       *metrics
+	log     *slog.Logger
+	timeout time.Duration
+	retries int
+	now     func() time.Time
+
+	mu    sync.Mutex
+	provs map[blob.Key]*provEntry
+	avoid map[peer.ID]avoidEntry
+	lat   latencies
+}
+
+type provEntry struct {
+	done    chan struct{} // closed when the lookup finished
+	peers   []peer.AddrInfo
+	expires time.Time
+}
+
+type avoidEntry struct {
+	until   time.Time
+	blamed  bool
+	reason  string
+	skipped int
+}
+
+func newSource(self peer.ID, f providerFinder, g rangeGetter, m *metrics, log *slog.Logger, timeout time.Duration, retries int) *Source {
+	if m == nil {
+		m = newMetrics(nil)
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Source{self: self, finder: f, getter: g, m: m, log: log, timeout: timeout, retries: retries,
+		now: time.Now, provs: map[blob.Key]*provEntry{}, avoid: map[peer.ID]avoidEntry{}}
+}
+
+// Name labels the source in metrics and logs.
+func (s *Source) Name() string { return "peer" }
+
+// providers returns the peers advertising k, from the cache or one lookup
+// shared by every concurrent caller.
+func (s *Source) providers(ctx context.Context, k blob.Key) []peer.AddrInfo {
+	s.mu.Lock()
+	e := s.provs[k]
+	if e != nil {
+		select {
+		case <-e.done:
+			if s.now().After(e.expires) {
+				e = nil
+			}
+		default: // a lookup is running: share it
+		}
+	}
+	if e != nil {
+		s.mu.Unlock()
+		select {
+		case <-e.done:
+		case <-ctx.Done():
+			return nil
+		}
+		if len(e.peers) > 0 {
+			s.m.lookupCache.WithLabelValues("hit").Inc()
+		} else {
+			s.m.lookupCache.WithLabelValues("negative_hit").Inc()
+		}
+		return e.peers
+	}
+	e = &provEntry{done: make(chan struct{})}
+	if len(s.provs) >= maxCachedKeys {
+		s.pruneLocked()
+	}
+	s.provs[k] = e
+	s.mu.Unlock()
+
+	s.m.lookupCache.WithLabelValues("miss").Inc()
+	var found []peer.AddrInfo
+	for attempt := 0; attempt <= s.retries && len(found) == 0 && ctx.Err() == nil; attempt++ {
+		start := s.now()
+		lctx, cancel := context.WithTimeout(ctx, s.timeout)
+		ps, err := s.finder.FindProviders(lctx, k)
+		cancel()
+		for _, p := range ps {
+			if p.ID != s.self && !slices.ContainsFunc(found, func(q peer.AddrInfo) bool { return q.ID == p.ID }) {
+				found = append(found, p)
+			}
+		}
+		result := "found"
+		if len(found) == 0 {
+			result = "not_found"
+		}
+		s.m.lookupSeconds.WithLabelValues(result).Observe(s.now().Sub(start).Seconds())
+		if err != nil {
+			s.log.Debug("provider lookup failed", "key", k, "err", err)
+		}
+	}
+	s.mu.Lock()
+	e.peers = found
+	if len(found) > 0 {
+		e.expires = s.now().Add(positiveTTL)
+	} else {
+		e.expires = s.now().Add(negativeTTL)
+	}
+	if ctx.Err() != nil && len(found) == 0 {
+		// Our caller gave up: don't let its impatience stick as "nobody has it".
+		e.expires = s.now()
+	}
+	close(e.done)
+	s.mu.Unlock()
+	return found
+}
+
+func (s *Source) pruneLocked() {
+	now := s.now()
+	for k, e := range s.provs {
+		select {
+		case <-e.done:
+			if now.After(e.expires) {
+				delete(s.provs, k)
+			}
+		default:
+		}
+	}
+	for len(s.provs) >= maxCachedKeys { // still full: drop arbitrary finished entries
+		for k, e := range s.provs {
+			select {
+			case <-e.done:
+				delete(s.provs, k)
+			default:
+			}
+			break
+		}
+	}
+}
+
+// forgetProviders drops k's cached provider list.
+func (s *Source) forgetProviders(k blob.Key) {
+	s.mu.Lock()
+	if e := s.provs[k]; e != nil {
+		select {
+		case <-e.done:
+			delete(s.provs, k)
+		default:
+		}
+	}
+	s.mu.Unlock()
+}
+
+// order drops blamed peers and moves recently failing ones to the back,
+// keeping the DHT's order otherwise.
+func (s *Source) order(ps []peer.AddrInfo) []peer.AddrInfo {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	var good, bad []peer.AddrInfo
+	for _, p := range ps {
+		a, ok := s.avoid[p.ID]
+		switch {
+		case !ok || now.After(a.until):
+			if ok {
+				delete(s.avoid, p.ID)
+			}
+			good = append(good, p)
+		case a.blamed:
+		default:
+			bad = append(bad, p)
+		}
+	}
+	return append(good, bad...)
+}
+
+func (s *Source) penalize(p peer.ID, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if a, ok := s.avoid[p]; ok && a.blamed && s.now().Before(a.until) {
+		return
+	}
+	s.avoid[p] = avoidEntry{until: s.now().Add(errorAvoid), reason: err.Error()}
+}
+
+// Blame avoids the peers whose bytes of k failed verification (blob.Blamer).
+// origin is what the reader's Origin returned: peer IDs joined by commas.
+func (s *Source) Blame(k blob.Key, origin string) {
+	s.forgetProviders(k)
+	for _, o := range strings.Split(origin, ",") {
+		p, err := peer.Decode(o)
+		if err != nil {
+			continue
+		}
+		s.mu.Lock()
+		s.avoid[p] = avoidEntry{until: s.now().Add(blameAvoid), blamed: true, reason: "bytes failed verification"}
+		s.mu.Unlock()
+		s.m.blames.Inc()
+		s.log.Warn("peer served bytes that failed verification; avoiding it", "peer", o, "key", k, "for", blameAvoid)
+	}
+}
+
+// Fetch reads bytes [off, off+n) of k from a peer that holds them, trying
+// providers in order and hedging a slow one. It returns the blob's size.
+func (s *Source) Fetch(ctx context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+	if !k.Verifiable() {
+		return nil, -1, fmt.Errorf("%s: %w (only digests are shared)", k, blob.ErrNotFound)
+	}
+	ps := s.order(s.providers(ctx, k))
+	if len(ps) == 0 {
+		if err := ctx.Err(); err != nil {
+			return nil, -1, err
+		}
+		return nil, -1, fmt.Errorf("%s: %w (no peer advertises it)", k, blob.ErrNotFound)
+	}
+	res, rest, err := s.hedged(ctx, ps, k, off, n)
+	if err != nil {
+		return nil, -1, err
+	}
+	want := n
+	if n < 0 || off+n > res.total {
+		want = res.total - off
+	}
+	return &peerReader{s: s, ctx: ctx, k: k, off: off, want: want, total: res.total,
+		cur: res, rest: rest, origins: []string{res.p.ID.String()}}, res.total, nil
+}
+
+type attempt struct {
+	idx    int
+	p      peer.AddrInfo
+	rc     io.ReadCloser
+	total  int64
+	cancel context.CancelFunc
+	err    error
+}
+
+// hedged asks providers one after the other: the next on an error or "don't
+// have" at once, or after the hedge delay when the current one is slow. The
+// first answer wins; the others are cancelled. It also returns the providers
+// not yet asked, for resuming.
+func (s *Source) hedged(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off, n int64) (*attempt, []peer.AddrInfo, error) {
+	results := make(chan *attempt, len(ps))
+	cancels := make([]context.CancelFunc, 0, len(ps))
+	launch := func(p peer.AddrInfo) {
+		actx, cancel := context.WithCancel(ctx)
+		idx := len(cancels)
+		cancels = append(cancels, cancel)
+		go func() {
+			start := s.now()
+			rc, total, err := s.getter.GetRange(actx, p, k, off, n)
+			if err == nil {
+				s.lat.add(s.now().Sub(start))
+			}
+			results <- &attempt{idx: idx, p: p, rc: rc, total: total, cancel: cancel, err: err}
+		}()
+	}
+	next, inflight := 0, 0
+	launch(ps[next])
+	next, inflight = next+1, inflight+1
+	timer := time.NewTimer(s.lat.hedgeDelay())
+	defer timer.Stop()
+	var errs []error
+	allNotFound := true
+	// drain closes what the attempts still in flight return; they were
+	// cancelled, so they end soon.
+	drain := func(left int) {
+		if left == 0 {
+			return
+		}
+		go func() {
+			for i := 0; i < left; i++ {
+				if r := <-results; r.rc != nil {
+					r.rc.Close()
+				}
+			}
+		}()
+	}
+	for {
+		select {
+		case r := <-results:
+			inflight--
+			if r.err == nil {
+				for i, c := range cancels {
+					if i != r.idx {
+						c()
+					}
+				}
+				drain(inflight)
+				return r, slices.Clone(ps[next:]), nil
+			}
+			r.cancel()
+			errs = append(errs, fmt.Errorf("peer %s: %w", r.p.ID, r.err))
+			if !errors.Is(r.err, blob.ErrNotFound) {
+				allNotFound = false
+				if ctx.Err() == nil {
+					s.penalize(r.p.ID, r.err)
+				}
+			}
+			if next < len(ps) {
+				launch(ps[next])
+				next, inflight = next+1, inflight+1
+				resetTimer(timer, s.lat.hedgeDelay())
+			} else if inflight == 0 {
+				if err := ctx.Err(); err != nil {
+					return nil, nil, err
+				}
+				err := errors.Join(errs...)
+				if allNotFound {
+					return nil, nil, fmt.Errorf("%s range %d+%d: %w (no provider holds it: %v)", k, off, n, blob.ErrNotFound, err)
+				}
+				return nil, nil, fmt.Errorf("%s range %d+%d from peers: %w", k, off, n, err)
+			}
+		case <-timer.C:
+			if next < len(ps) {
+				s.m.hedges.Inc()
+				launch(ps[next])
+				next, inflight = next+1, inflight+1
+				timer.Reset(s.lat.hedgeDelay())
+			}
+		case <-ctx.Done():
+			for _, c := range cancels {
+				c()
+			}
+			drain(inflight)
+			return nil, nil, ctx.Err()
+		}
+	}
+}
+
+func resetTimer(t *time.Timer, d time.Duration) {
+	t.Stop()
+	t.Reset(d)
+}
+
+// peerReader delivers one range, resuming from the next provider at the byte
+// it stopped when a transfer breaks or stalls.
+type peerReader struct {
+	s                *Source
+	ctx              context.Context
+	k                blob.Key
+	off, want, total int64
+	pos              int64
+	cur              *attempt
+	rest             []peer.AddrInfo
+	origins          []string
+	closed           bool
+}
+
+// Origin names the peers the bytes came from (blob.Attributed).
+func (r *peerReader) Origin() string { return strings.Join(r.origins, ",") }
+
+func (r *peerReader) Read(p []byte) (int, error) {
+	for {
+		if r.pos >= r.want {
+			return 0, io.EOF
+		}
+		if r.cur == nil {
+			return 0, errors.New("peer reader closed")
+		}
+		if int64(len(p)) > r.want-r.pos {
+			p = p[:r.want-r.pos]
+		}
+		stall := time.AfterFunc(stallTimeout, r.cur.cancel)
+		m, err := r.cur.rc.Read(p)
+		stalled := !stall.Stop()
+		r.pos += int64(m)
+		if err == io.EOF && r.pos >= r.want {
+			return m, io.EOF
+		}
+		if err == nil {
+			return m, nil
+		}
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		if stalled {
+			err = fmt.Errorf("no progress for %v: %w", stallTimeout, err)
+			r.s.m.peerErrors.WithLabelValues("timeout").Inc()
+		} else {
+			r.s.m.peerErrors.WithLabelValues("read").Inc()
+		}
+		if rerr := r.resume(err); rerr != nil {
+			return m, rerr
+		}
+		if m > 0 {
+			return m, nil
+		}
+	}
+}
+
+// resume switches to the next provider for the bytes not yet delivered.
+func (r *peerReader) resume(cause error) error {
+	failed := r.cur
+	failed.rc.Close()
+	failed.cancel()
+	r.cur = nil
+	if r.ctx.Err() != nil {
+		return r.ctx.Err()
+	}
+	r.s.penalize(failed.p.ID, cause)
+	r.s.log.Info("peer transfer broke; resuming from the next provider", "key", r.k, "peer", failed.p.ID.String(),
+		"at", r.off+r.pos, "err", cause)
+	errs := []error{fmt.Errorf("peer %s: %w", failed.p.ID, cause)}
+	for len(r.rest) > 0 {
+		p := r.rest[0]
+		r.rest = r.rest[1:]
+		actx, cancel := context.WithCancel(r.ctx)
+		rc, total, err := r.s.getter.GetRange(actx, p, r.k, r.off+r.pos, r.want-r.pos)
+		if err == nil && total != r.total {
+			rc.Close()
+			err = fmt.Errorf("size %d, expected %d", total, r.total)
+			r.s.m.peerErrors.WithLabelValues("size").Inc()
+		}
+		if err != nil {
+			cancel()
+			errs = append(errs, fmt.Errorf("peer %s: %w", p.ID, err))
+			if !errors.Is(err, blob.ErrNotFound) && r.ctx.Err() == nil {
+				r.s.penalize(p.ID, err)
+			}
+			continue
+		}
+		r.s.m.resumes.Inc()
+		r.cur = &attempt{p: p, rc: rc, total: total, cancel: cancel}
+		if !slices.Contains(r.origins, p.ID.String()) {
+			r.origins = append(r.origins, p.ID.String())
+		}
+		return nil
+	}
+	return fmt.Errorf("%s at byte %d: %w", r.k, r.off+r.pos, errors.Join(errs...))
+}
+
+func (r *peerReader) Close() error {
+	if r.closed {
+		return nil
+	}
+	r.closed = true
+	if r.cur != nil {
+		r.cur.rc.Close()
+		r.cur.cancel()
+		r.cur = nil
+	}
+	return nil
+}
+
+// latencies keeps recent first-byte times to set the hedge delay: about
+// twice the 90th percentile, so only a clearly slow provider is hedged.
+type latencies struct {
+	mu  sync.Mutex
+	buf [128]time.Duration
+	n   int
+}
+
+func (l *latencies) add(d time.Duration) {
+	l.mu.Lock()
+	l.buf[l.n%len(l.buf)] = d
+	l.n++
+	l.mu.Unlock()
+}
+
+func (l *latencies) hedgeDelay() time.Duration {
+	l.mu.Lock()
+	cnt := min(l.n, len(l.buf))
+	if cnt < 8 {
+		l.mu.Unlock()
+		return initialHedge
+	}
+	s := make([]time.Duration, cnt)
+	copy(s, l.buf[:cnt])
+	l.mu.Unlock()
+	slices.Sort(s)
+	d := 2 * s[cnt*9/10]
+	return min(max(d, minHedge), maxHedge)
+}
+
+// dhtFinder finds providers on the node's DHT.
+type dhtFinder struct{ n *Node }
+
+func (f *dhtFinder) FindProviders(ctx context.Context, k blob.Key) ([]peer.AddrInfo, error) {
+	c, err := KeyToCID(k)
+	if err != nil {
+		return nil, err
+	}
+	var out []peer.AddrInfo
+	ch := f.n.dht.FindProvidersAsync(ctx, c, 16)
+	for {
+		select {
+		case ai, ok := <-ch:
+			if !ok {
+				return out, nil
+			}
+			out = append(out, ai)
+		case <-ctx.Done():
+			return out, nil
+		}
+	}
+}
