@@ -1,0 +1,450 @@
+package fusefs
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"io"
+	"sort"
+	"sync"
+	"syscall"
+	"time"
+
+	fusefs "github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/peerd-project/peerd/blob"
+	"github.com/peerd-project/peerd/cache"
+)
+
+const (
+	dirName = blob.AlgSHA256
+	dirIno  = 2
+)
+
+// readOnly answers every change with EROFS. The mount is read-only in the
+// kernel already, which refuses these before they reach us; this is the
+// second line for a mount made without it.
+type readOnly struct{ f *FS }
+
+func (r readOnly) refuse(op string) syscall.Errno {
+	r.f.m.refused.WithLabelValues(op).Inc()
+	r.f.log.Debug("refused change to read-only blob filesystem", "op", op)
+	return syscall.EROFS
+}
+
+func (r readOnly) Setattr(context.Context, fusefs.FileHandle, *fuse.SetAttrIn, *fuse.AttrOut) syscall.Errno {
+	return r.refuse("setattr")
+}
+func (r readOnly) Setxattr(context.Context, string, []byte, uint32) syscall.Errno {
+	return r.refuse("setxattr")
+}
+func (r readOnly) Removexattr(context.Context, string) syscall.Errno {
+	return r.refuse("removexattr")
+}
+
+// readOnlyDir refuses changes to a directory's entries.
+type readOnlyDir struct{ readOnly }
+
+func (r readOnlyDir) Create(context.Context, string, uint32, uint32, *fuse.EntryOut) (*fusefs.Inode, fusefs.FileHandle, uint32, syscall.Errno) {
+	return nil, nil, 0, r.refuse("create")
+}
+func (r readOnlyDir) Mkdir(context.Context, string, uint32, *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
+	return nil, r.refuse("mkdir")
+}
+func (r readOnlyDir) Mknod(context.Context, string, uint32, uint32, *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
+	return nil, r.refuse("mknod")
+}
+func (r readOnlyDir) Link(context.Context, fusefs.InodeEmbedder, string, *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
+	return nil, r.refuse("link")
+}
+func (r readOnlyDir) Symlink(context.Context, string, string, *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
+	return nil, r.refuse("symlink")
+}
+func (r readOnlyDir) Unlink(context.Context, string) syscall.Errno { return r.refuse("unlink") }
+func (r readOnlyDir) Rmdir(context.Context, string) syscall.Errno  { return r.refuse("rmdir") }
+func (r readOnlyDir) Rename(context.Context, string, fusefs.InodeEmbedder, string, uint32) syscall.Errno {
+	return r.refuse("rename")
+}
+
+var (
+	_ fusefs.NodeCreater         = (*rootNode)(nil)
+	_ fusefs.NodeMkdirer         = (*rootNode)(nil)
+	_ fusefs.NodeOnAdder         = (*rootNode)(nil)
+	_ fusefs.NodeGetattrer       = (*rootNode)(nil)
+	_ fusefs.NodeLookuper        = (*dirNode)(nil)
+	_ fusefs.NodeReaddirer       = (*dirNode)(nil)
+	_ fusefs.NodeCreater         = (*dirNode)(nil)
+	_ fusefs.NodeMkdirer         = (*dirNode)(nil)
+	_ fusefs.NodeMknoder         = (*dirNode)(nil)
+	_ fusefs.NodeLinker          = (*dirNode)(nil)
+	_ fusefs.NodeSymlinker       = (*dirNode)(nil)
+	_ fusefs.NodeUnlinker        = (*dirNode)(nil)
+	_ fusefs.NodeRmdirer         = (*dirNode)(nil)
+	_ fusefs.NodeRenamer         = (*dirNode)(nil)
+	_ fusefs.NodeSetattrer       = (*dirNode)(nil)
+	_ fusefs.NodeOpener          = (*blobNode)(nil)
+	_ fusefs.NodeGetattrer       = (*blobNode)(nil)
+	_ fusefs.NodeSetattrer       = (*blobNode)(nil)
+	_ fusefs.NodeSetxattrer      = (*blobNode)(nil)
+	_ fusefs.NodeRemovexattrer   = (*blobNode)(nil)
+	_ fusefs.FileReader          = (*lazyFile)(nil)
+	_ fusefs.FileReleaser        = (*lazyFile)(nil)
+	_ fusefs.FileReader          = (*localFile)(nil)
+	_ fusefs.FilePassthroughFder = (*passFile)(nil)
+)
+
+// rootNode is the mountpoint: it holds the one directory "sha256".
+type rootNode struct {
+	fusefs.Inode
+	readOnlyDir
+	f *FS
+}
+
+func (r *rootNode) OnAdd(ctx context.Context) {
+	d := &dirNode{f: r.f, readOnlyDir: readOnlyDir{readOnly{r.f}}}
+	r.AddChild(dirName, r.NewPersistentInode(ctx, d, fusefs.StableAttr{Mode: syscall.S_IFDIR, Ino: dirIno}), false)
+}
+
+func (r *rootNode) Getattr(ctx context.Context, _ fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	out.Mode = syscall.S_IFDIR | 0o555
+	out.Nlink = 3
+	return 0
+}
+
+// dirNode is <mountpoint>/sha256: one file per blob, named by hex digest.
+type dirNode struct {
+	fusefs.Inode
+	readOnlyDir
+	f *FS
+}
+
+func (d *dirNode) Getattr(ctx context.Context, _ fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	out.Mode = syscall.S_IFDIR | 0o555
+	out.Nlink = 2
+	return 0
+}
+
+// Lookup finds a blob by digest alone: in the cache, in the catalogs, then
+// through the sources (peers), within the lookup timeout.
+func (d *dirNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
+	k, err := blob.FromHex(name)
+	if err != nil {
+		// Shells and file managers probe many names; not worth more than debug.
+		d.f.m.lookups.WithLabelValues("invalid").Inc()
+		d.f.log.Debug("lookup of a name that is not a sha256 digest", "name", name)
+		return nil, syscall.ENOENT
+	}
+	info, how, err := d.f.resolve(ctx, k)
+	if err != nil {
+		d.f.m.lookups.WithLabelValues("not_found").Inc()
+		if errors.Is(err, context.Canceled) && ctx.Err() != nil {
+			return nil, syscall.EINTR
+		}
+		d.f.log.Info("lookup: blob not found", "key", k, "err", err)
+		return nil, syscall.ENOENT
+	}
+	d.f.m.lookups.WithLabelValues(how).Inc()
+	n := &blobNode{f: d.f, readOnly: readOnly{d.f}, key: k, size: info.Size, mtime: info.ModTime}
+	ch := d.NewInode(ctx, n, fusefs.StableAttr{Mode: syscall.S_IFREG, Ino: inoOf(k)})
+	got, ok := ch.Operations().(*blobNode)
+	if !ok || got.key != k {
+		// Two digests share the 64 bits the inode number is made of. Serving
+		// the other blob's node would return the wrong bytes.
+		d.f.log.Error("inode number collision between digests; refusing lookup", "key", k)
+		return nil, syscall.EIO
+	}
+	got.fillAttr(&out.Attr)
+	return ch, 0
+}
+
+// resolve reports the size and time of k, and where they were learned.
+func (f *FS) resolve(ctx context.Context, k blob.Key) (cache.Info, string, error) {
+	if info, ok := f.opts.Cache.Stat(k); ok {
+		return withTime(info), "cached", nil
+	}
+	ctx, cancel := f.opCtx(ctx, f.opts.LookupTimeout)
+	defer cancel()
+	for _, c := range f.opts.Catalogs {
+		info, ok, err := c.Stat(ctx, k)
+		if err != nil {
+			f.log.Warn("lookup in catalog failed", "key", k, "err", err)
+			continue
+		}
+		if ok && info.Size >= 0 {
+			return withTime(info), "catalog", nil
+		}
+	}
+	srcs := f.opts.Sources(k)
+	if len(srcs) == 0 {
+		return cache.Info{}, "", blob.ErrNotFound
+	}
+	h := f.opts.Cache.Open(k, srcs...)
+	defer h.Close()
+	size, err := h.Size(ctx)
+	if err != nil {
+		return cache.Info{}, "", err
+	}
+	info := h.Info()
+	info.Size = size
+	return withTime(info), "resolved", nil
+}
+
+func withTime(i cache.Info) cache.Info {
+	if i.ModTime.IsZero() {
+		i.ModTime = time.Now()
+	}
+	return i
+}
+
+// opCtx bounds one operation by d, by the mount closing, and by the kernel
+// interrupting the request (the caller was killed).
+func (f *FS) opCtx(req context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(f.ctx, d)
+	stop := context.AfterFunc(req, cancel)
+	return ctx, func() { stop(); cancel() }
+}
+
+// inoOf derives a stable inode number from the digest, so the same blob
+// keeps its number across lookups and restarts.
+func inoOf(k blob.Key) uint64 {
+	b, _ := hex.DecodeString(k.Hex()[:16])
+	ino := binary.BigEndian.Uint64(b)
+	if ino <= dirIno {
+		ino += dirIno + 1
+	}
+	return ino
+}
+
+// Readdir lists what the node holds or knows, sorted by name.
+func (d *dirNode) Readdir(ctx context.Context) (fusefs.DirStream, syscall.Errno) {
+	seen := map[blob.Key]bool{}
+	for _, i := range d.f.opts.Cache.List() {
+		if i.Key.Algorithm() == blob.AlgSHA256 && i.Size >= 0 {
+			seen[i.Key] = true
+		}
+	}
+	if len(d.f.opts.Catalogs) > 0 {
+		cctx, cancel := d.f.opCtx(ctx, d.f.opts.LookupTimeout)
+		for _, c := range d.f.opts.Catalogs {
+			infos, err := c.List(cctx)
+			if err != nil {
+				d.f.log.Warn("listing catalog failed; directory shows the cache only", "err", err)
+				continue
+			}
+			for _, i := range infos {
+				if i.Key.Algorithm() == blob.AlgSHA256 && i.Size >= 0 {
+					seen[i.Key] = true
+				}
+			}
+		}
+		cancel()
+	}
+	keys := make([]blob.Key, 0, len(seen))
+	for k := range seen {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool { return keys[i] < keys[j] })
+	ents := make([]fuse.DirEntry, len(keys))
+	for i, k := range keys {
+		ents[i] = fuse.DirEntry{Name: k.Hex(), Mode: syscall.S_IFREG, Ino: inoOf(k)}
+	}
+	return fusefs.NewListDirStream(ents), 0
+}
+
+// blobNode is one blob. Its size never changes: the name is the content.
+type blobNode struct {
+	fusefs.Inode
+	readOnly
+	f     *FS
+	key   blob.Key
+	size  int64
+	mtime time.Time
+
+	mu sync.Mutex
+	// The kernel refuses (EIO) a passthrough open while a file of the same
+	// inode is open through the page cache, and the other way round; these
+	// counts keep every open on one side.
+	cachedOpen int // lazyFile + localFile
+	lazyOpen   int
+	passOpen   int
+	// pageCacheTrusted says the kernel's page cache for this inode holds only
+	// verified bytes. Bytes read before verification may be peer bytes that
+	// later fail it, so they must not survive into a keep-cache open.
+	pageCacheTrusted bool
+	lastErrLog       time.Time
+	quietErrs        int
+}
+
+func (n *blobNode) fillAttr(a *fuse.Attr) {
+	a.Mode = syscall.S_IFREG | 0o444
+	a.Size = uint64(n.size)
+	a.Blocks = (uint64(n.size) + 511) / 512
+	a.Blksize = uint32(min(n.f.opts.MaxRead, 1<<20))
+	a.Nlink = 1
+	t := n.mtime
+	a.SetTimes(&t, &t, &t)
+}
+
+func (n *blobNode) Getattr(ctx context.Context, _ fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	n.fillAttr(&out.Attr)
+	return 0
+}
+
+// Open picks how the file is read: passthrough or a spliced read of the
+// backing file when the blob is cached and verified, otherwise lazily through
+// the cache.
+func (n *blobNode) Open(ctx context.Context, flags uint32) (fusefs.FileHandle, uint32, syscall.Errno) {
+	if flags&syscall.O_ACCMODE != syscall.O_RDONLY || flags&(syscall.O_TRUNC|syscall.O_APPEND|syscall.O_CREAT) != 0 {
+		return nil, 0, n.refuse("open-write")
+	}
+	if n.f.ctx.Err() != nil {
+		return nil, 0, syscall.EIO
+	}
+	c := n.f.opts.Cache
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if info, ok := c.Stat(n.key); ok && info.Verified && info.Size == n.size {
+		lr, _, err := c.OpenLocal(n.key, 0, -1)
+		if err == nil {
+			lf := &localFile{n: n, lr: lr}
+			if n.passOpen > 0 || (n.f.passthrough && n.cachedOpen == 0) {
+				n.passOpen++
+				n.f.m.opens.WithLabelValues("passthrough").Inc()
+				return &passFile{lf}, 0, 0
+			}
+			n.cachedOpen++
+			n.f.m.opens.WithLabelValues("local").Inc()
+			if n.pageCacheTrusted {
+				return lf, fuse.FOPEN_KEEP_CACHE, 0
+			}
+			// Without KEEP_CACHE the kernel drops the inode's pages on this
+			// open; from here on they come from verified bytes only.
+			if n.lazyOpen == 0 {
+				n.pageCacheTrusted = true
+			}
+			return lf, 0, 0
+		}
+		n.f.log.Debug("verified blob not readable locally; reading through the cache", "key", n.key, "err", err)
+	}
+	h := c.Open(n.key, n.f.opts.Sources(n.key)...)
+	if n.f.opts.Prefetch {
+		h.Prefetch(n.f.opts.PrefetchWorkers)
+	}
+	n.cachedOpen++
+	n.lazyOpen++
+	n.pageCacheTrusted = false
+	n.f.m.opens.WithLabelValues("lazy").Inc()
+	return &lazyFile{n: n, h: h}, 0, 0
+}
+
+// readFailed logs a failed read, at most every few seconds per blob: a
+// reader retrying against a dead source must not flood the log.
+func (n *blobNode) readFailed(off int64, size int, err error) {
+	n.f.m.readErrors.Inc()
+	n.mu.Lock()
+	now := time.Now()
+	if now.Sub(n.lastErrLog) < 5*time.Second {
+		n.quietErrs++
+		n.mu.Unlock()
+		return
+	}
+	quiet := n.quietErrs
+	n.lastErrLog, n.quietErrs = now, 0
+	n.mu.Unlock()
+	n.f.log.Warn("read failed; returning EIO", "key", n.key, "off", off, "len", size, "err", err, "suppressed", quiet)
+}
+
+// lazyFile reads through the cache, fetching missing chunks on demand.
+type lazyFile struct {
+	n    *blobNode
+	h    *cache.Handle
+	once sync.Once
+}
+
+func (l *lazyFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	n := l.n
+	if off >= n.size {
+		return fuse.ReadResultData(nil), 0
+	}
+	start := time.Now()
+	rctx, cancel := n.f.opCtx(ctx, n.f.opts.ReadTimeout)
+	defer cancel()
+	got, err := l.h.ReadAt(rctx, dest, off)
+	if err != nil && !errors.Is(err, io.EOF) {
+		if ctx.Err() != nil && n.f.ctx.Err() == nil {
+			// The kernel interrupted the request: the reader is gone.
+			return nil, syscall.EINTR
+		}
+		if n.f.ctx.Err() != nil {
+			err = errors.New("blob filesystem is unmounting")
+		}
+		n.readFailed(off, len(dest), err)
+		return nil, syscall.EIO
+	}
+	n.f.m.readBytes.WithLabelValues("lazy").Add(float64(got))
+	n.f.m.readSeconds.Observe(time.Since(start).Seconds())
+	return fuse.ReadResultData(dest[:got]), 0
+}
+
+func (l *lazyFile) Release(ctx context.Context) syscall.Errno {
+	l.once.Do(func() {
+		l.h.Close()
+		l.n.mu.Lock()
+		l.n.lazyOpen--
+		l.n.cachedOpen--
+		l.n.mu.Unlock()
+	})
+	return 0
+}
+
+// localFile reads a cached, verified blob from the cache's backing file. The
+// LocalReader pins the blob against eviction while the file is open.
+type localFile struct {
+	n    *blobNode
+	lr   *cache.LocalReader
+	once sync.Once
+}
+
+func (l *localFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	if off >= l.n.size {
+		return fuse.ReadResultData(nil), 0
+	}
+	sz := int(min(int64(len(dest)), l.n.size-off))
+	// A plain pread: splicing a full 1 MiB request does not fit the default
+	// 1 MiB pipe with the reply header, and the page cache (KEEP_CACHE)
+	// serves repeated reads without reaching us anyway.
+	got, err := l.lr.File().ReadAt(dest[:sz], off)
+	if err != nil && !errors.Is(err, io.EOF) {
+		l.n.readFailed(off, sz, err)
+		return nil, syscall.EIO
+	}
+	l.n.f.m.readBytes.WithLabelValues("local").Add(float64(got))
+	return fuse.ReadResultData(dest[:got]), 0
+}
+
+func (l *localFile) Release(ctx context.Context) syscall.Errno {
+	l.once.Do(func() {
+		l.lr.Close()
+		l.n.mu.Lock()
+		l.n.cachedOpen--
+		l.n.mu.Unlock()
+	})
+	return 0
+}
+
+// passFile hands the backing file to the kernel (FUSE passthrough): reads
+// and mmap go straight to it. Read stays for when the kernel declines.
+type passFile struct{ *localFile }
+
+func (p *passFile) PassthroughFd() (int, bool) { return int(p.lr.File().Fd()), true }
+
+func (p *passFile) Release(ctx context.Context) syscall.Errno {
+	p.once.Do(func() {
+		p.lr.Close()
+		p.n.mu.Lock()
+		p.n.passOpen--
+		p.n.mu.Unlock()
+	})
+	return 0
+}
