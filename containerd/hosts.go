@@ -1,0 +1,353 @@
+package containerd
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/url"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// hosts.toml handling. peerd owns one marked block in each file; everything
+// else in the file (the registry's own hosts, certificates, settings) is the
+// user's and is kept as it is. The first write backs the original file up
+// once; Remove strips the block and restores that backup.
+
+const (
+	blockBegin = "# BEGIN peerd mirror (written by 'peerd containerd-config'; undo with --remove)"
+	blockEnd   = "# END peerd mirror"
+	// BackupSuffix names the copy of a hosts.toml peerd found before its first write.
+	BackupSuffix = ".peerd-orig"
+	// DefaultDialTimeout keeps a dead peerd cheap: containerd moves on to the
+	// next host when the mirror does not accept a connection this fast.
+	DefaultDialTimeout = 200 * time.Millisecond
+)
+
+// HostsConfig says what to write.
+type HostsConfig struct {
+	// Dir is containerd's hosts folder (config_path), e.g. /etc/containerd/certs.d.
+	Dir string
+	// Registries are registry hosts ("docker.io", "ghcr.io", "127.0.0.1:5000"),
+	// optionally with the server's scheme ("http://127.0.0.1:5000") for a
+	// registry that speaks plain HTTP, or "_default" for every other registry.
+	Registries []string
+	// Mirror is peerd's HTTP address as containerd reaches it, e.g. http://127.0.0.1:30000.
+	Mirror string
+	// DialTimeout for the mirror; DefaultDialTimeout when zero.
+	DialTimeout time.Duration
+}
+
+// hostRE accepts DNS names and IPv4/IPv6 literals: the name becomes a folder.
+var hostRE = regexp.MustCompile(`^([A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*)$`)
+
+// Registry is one entry of HostsConfig.Registries, parsed.
+type Registry struct {
+	Host   string // folder name under Dir and the ?ns= value containerd sends
+	Server string // "" for _default
+}
+
+// ParseRegistry parses "docker.io", "ghcr.io:443", "http://127.0.0.1:5000" or "_default".
+func ParseRegistry(s string) (Registry, error) {
+	s = strings.TrimSpace(s)
+	if s == "_default" {
+		return Registry{Host: s}, nil
+	}
+	scheme := "https"
+	if i := strings.Index(s, "://"); i >= 0 {
+		scheme, s = s[:i], s[i+3:]
+		if scheme != "http" && scheme != "https" {
+			return Registry{}, fmt.Errorf("registry %q: scheme must be http or https", s)
+		}
+	}
+	s = strings.TrimSuffix(s, "/")
+	u, err := url.Parse("//" + s)
+	if err != nil || s == "" || u.Host != s || !hostRE.MatchString(u.Hostname()) {
+		return Registry{}, fmt.Errorf("registry %q: want a host or host:port", s)
+	}
+	if p := u.Port(); p != "" {
+		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+			return Registry{}, fmt.Errorf("registry %q: bad port", s)
+		}
+	}
+	host := strings.ToLower(s)
+	server := scheme + "://" + host
+	if host == "docker.io" || host == "index.docker.io" || host == "registry-1.docker.io" {
+		// containerd names Docker Hub images docker.io/..., but the API lives elsewhere.
+		host, server = "docker.io", "https://registry-1.docker.io"
+	}
+	return Registry{Host: host, Server: server}, nil
+}
+
+func (c *HostsConfig) check() ([]Registry, error) {
+	if c.Dir == "" {
+		return nil, errors.New("empty hosts folder")
+	}
+	if len(c.Registries) == 0 {
+		return nil, errors.New("no registries")
+	}
+	u, err := url.Parse(c.Mirror)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.User != nil {
+		return nil, fmt.Errorf("mirror %q: want http(s)://host:port", c.Mirror)
+	}
+	c.Mirror = u.Scheme + "://" + u.Host
+	if c.DialTimeout <= 0 {
+		c.DialTimeout = DefaultDialTimeout
+	}
+	var regs []Registry
+	seen := map[string]bool{}
+	for _, r := range c.Registries {
+		reg, err := ParseRegistry(r)
+		if err != nil {
+			return nil, err
+		}
+		if !seen[reg.Host] {
+			seen[reg.Host] = true
+			regs = append(regs, reg)
+		}
+	}
+	return regs, nil
+}
+
+// HostsPath is where containerd looks for a registry's hosts.toml.
+func HostsPath(dir, registryHost string) string {
+	return filepath.Join(dir, registryHost, "hosts.toml")
+}
+
+// WriteHosts writes (or refreshes) peerd's block in each registry's
+// hosts.toml. It returns the files it changed.
+func WriteHosts(c HostsConfig) ([]string, error) {
+	regs, err := c.check()
+	if err != nil {
+		return nil, err
+	}
+	var changed []string
+	for _, reg := range regs {
+		path := HostsPath(c.Dir, reg.Host)
+		old, err := os.ReadFile(path)
+		exists := err == nil
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return changed, fmt.Errorf("read %s: %w", path, err)
+		}
+		if exists && !bytes.Contains(old, []byte(blockBegin)) {
+			if err := backupOnce(path, old); err != nil {
+				return changed, err
+			}
+		}
+		next, err := render(stripBlock(old), reg, c.Mirror, c.DialTimeout)
+		if err != nil {
+			return changed, fmt.Errorf("%s: %w", path, err)
+		}
+		if exists && bytes.Equal(old, next) {
+			continue
+		}
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			return changed, err
+		}
+		if err := writeAtomic(path, next, 0o644); err != nil {
+			return changed, err
+		}
+		changed = append(changed, path)
+	}
+	return changed, nil
+}
+
+// RemoveHosts undoes WriteHosts: it restores the backed-up original, or
+// strips peerd's block, or deletes a file peerd created. It returns the
+// files it changed.
+func RemoveHosts(dir string, registries []string) ([]string, error) {
+	var changed []string
+	for _, r := range registries {
+		reg, err := ParseRegistry(r)
+		if err != nil {
+			return changed, err
+		}
+		path := HostsPath(dir, reg.Host)
+		backup := path + BackupSuffix
+		if orig, err := os.ReadFile(backup); err == nil {
+			if err := writeAtomic(path, orig, 0o644); err != nil {
+				return changed, err
+			}
+			if err := os.Remove(backup); err != nil {
+				return changed, err
+			}
+			changed = append(changed, path)
+			continue
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return changed, fmt.Errorf("read %s: %w", backup, err)
+		}
+		cur, err := os.ReadFile(path)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		} else if err != nil {
+			return changed, fmt.Errorf("read %s: %w", path, err)
+		}
+		if !bytes.Contains(cur, []byte(blockBegin)) {
+			continue // not ours
+		}
+		rest := stripBlock(cur)
+		if len(bytes.TrimSpace(rest)) == 0 {
+			if err := os.Remove(path); err != nil {
+				return changed, err
+			}
+			os.Remove(filepath.Dir(path)) // only if empty
+		} else if err := writeAtomic(path, rest, 0o644); err != nil {
+			return changed, err
+		}
+		changed = append(changed, path)
+	}
+	return changed, nil
+}
+
+// MirrorConfigured reports whether path names mirror as its first host.
+func MirrorConfigured(path, mirror string) (bool, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return false, err
+	}
+	u, err := url.Parse(mirror)
+	if err != nil {
+		return false, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		line = strings.TrimSpace(line)
+		if strings.HasPrefix(line, "[host.") {
+			return line == fmt.Sprintf("[host.%q]", u.Scheme+"://"+u.Host), nil
+		}
+	}
+	return false, nil
+}
+
+func backupOnce(path string, data []byte) error {
+	backup := path + BackupSuffix
+	if _, err := os.Stat(backup); err == nil {
+		return nil
+	}
+	if err := writeAtomic(backup, data, 0o644); err != nil {
+		return fmt.Errorf("back up %s: %w", path, err)
+	}
+	return nil
+}
+
+// stripBlock removes peerd's block (and only it) from a hosts.toml.
+func stripBlock(b []byte) []byte {
+	var out []string
+	in := false
+	for _, line := range strings.SplitAfter(string(b), "\n") {
+		t := strings.TrimSpace(line)
+		switch {
+		case t == blockBegin:
+			in = true
+		case in && t == blockEnd:
+			in = false
+		case !in:
+			out = append(out, line)
+		}
+	}
+	return []byte(strings.Join(out, ""))
+}
+
+// render puts peerd's block after the file's top-level keys and before its
+// first table, so the mirror is the first host containerd tries, the
+// registry's own hosts follow, and the server stays the last resort.
+func render(base []byte, reg Registry, mirror string, dial time.Duration) ([]byte, error) {
+	lines := strings.SplitAfter(string(base), "\n")
+	if len(lines) > 0 && lines[len(lines)-1] == "" {
+		lines = lines[:len(lines)-1]
+	}
+	split := len(lines)
+	hasServer := false
+	depth := 0 // open brackets of a multi-line array value
+	for i, line := range lines {
+		t := strings.TrimSpace(stripComment(line))
+		if depth == 0 && strings.HasPrefix(t, "[") {
+			split = i
+			break
+		}
+		if depth == 0 && (strings.HasPrefix(t, "server ") || strings.HasPrefix(t, "server=")) {
+			hasServer = true
+		}
+		depth += strings.Count(t, "[") - strings.Count(t, "]")
+		if depth < 0 {
+			return nil, fmt.Errorf("line %d: unbalanced brackets", i+1)
+		}
+	}
+	var b strings.Builder
+	for _, l := range lines[:split] {
+		b.WriteString(l)
+		if !strings.HasSuffix(l, "\n") {
+			b.WriteString("\n")
+		}
+	}
+	b.WriteString(blockBegin + "\n")
+	if !hasServer && reg.Server != "" {
+		fmt.Fprintf(&b, "server = %q\n", reg.Server)
+	}
+	fmt.Fprintf(&b, "\n[host.%q]\n", mirror)
+	b.WriteString("  capabilities = [\"pull\", \"resolve\"]\n")
+	fmt.Fprintf(&b, "  dial_timeout = %q\n", dial.String())
+	b.WriteString(blockEnd + "\n")
+	for _, l := range lines[split:] {
+		b.WriteString(l)
+		if !strings.HasSuffix(l, "\n") {
+			b.WriteString("\n")
+		}
+	}
+	return []byte(b.String()), nil
+}
+
+// stripComment drops a trailing # comment outside quotes.
+func stripComment(line string) string {
+	inStr := byte(0)
+	for i := 0; i < len(line); i++ {
+		c := line[i]
+		switch {
+		case inStr != 0 && c == '\\' && inStr == '"':
+			i++
+		case inStr != 0 && c == inStr:
+			inStr = 0
+		case inStr == 0 && (c == '"' || c == '\''):
+			inStr = c
+		case inStr == 0 && c == '#':
+			return line[:i]
+		}
+	}
+	return line
+}
+
+func writeAtomic(path string, data []byte, mode os.FileMode) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+				return err
+			}
+			tmp, err = os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+		}
+		if err != nil {
+			return err
+		}
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Chmod(mode); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}

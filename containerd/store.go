@@ -1,0 +1,413 @@
+// Package containerd connects peerd to the node's containerd: it advertises
+// every blob containerd holds to the peer network (and withdraws what
+// containerd deletes), reads those blobs straight from containerd's content
+// store for peers and for the OCI mirror (no second copy on disk), learns
+// which registry and repository a digest came from, and writes the
+// hosts.toml files that make containerd use peerd as a mirror.
+package containerd
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/events"
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/peerd-project/peerd/blob"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Advertiser announces to the peer network which blobs this node can serve.
+// The p2p layer implements it; calls must not block for long.
+type Advertiser interface {
+	Advertise(keys ...blob.Key)
+	Withdraw(keys ...blob.Key)
+}
+
+// ContentStore is what the package needs of containerd's content store;
+// containerd's content.Store satisfies it.
+type ContentStore interface {
+	Info(ctx context.Context, dgst digest.Digest) (content.Info, error)
+	ReaderAt(ctx context.Context, desc ocispec.Descriptor) (content.ReaderAt, error)
+	Walk(ctx context.Context, fn content.WalkFunc, filters ...string) error
+}
+
+// ImageStore is what the package needs of containerd's image store;
+// containerd's images.Store satisfies it.
+type ImageStore interface {
+	Get(ctx context.Context, name string) (images.Image, error)
+	List(ctx context.Context, filters ...string) ([]images.Image, error)
+}
+
+// EventSource is containerd's event service (subscribe side).
+type EventSource interface {
+	Subscribe(ctx context.Context, filters ...string) (<-chan *events.Envelope, <-chan error)
+}
+
+// Backend is one connection to containerd.
+type Backend struct {
+	Content ContentStore
+	Images  ImageStore
+	Events  EventSource
+	// Version reports the daemon's version, for logs; may be nil.
+	Version func(ctx context.Context) (string, error)
+	// Close releases the connection; may be nil.
+	Close func() error
+}
+
+// Origin is where a blob was pulled from, learned from containerd's
+// containerd.io/distribution.source.<registry>=<repo,...> labels.
+type Origin struct {
+	Registry string
+	Repo     string
+}
+
+// SourceLabelPrefix prefixes the content labels containerd sets on pull.
+const SourceLabelPrefix = "containerd.io/distribution.source."
+
+// maxManifestSize bounds manifests and indexes read into memory; the
+// distribution registry refuses larger ones too.
+const maxManifestSize = 4 << 20
+
+// rpcTimeout bounds one metadata call to containerd.
+const rpcTimeout = 10 * time.Second
+
+// Options configure a Store.
+type Options struct {
+	// Namespace is containerd's namespace to serve, e.g. "k8s.io".
+	Namespace string
+	// Connect opens a Backend; it is called again after containerd restarts.
+	Connect func(ctx context.Context) (*Backend, error)
+	// Advertiser hears what to announce; nil announces nothing.
+	Advertiser Advertiser
+	// Resync is how often the whole store is walked again (containerd 1.x
+	// sends no event when a blob is committed, and garbage collection sends
+	// none when it deletes one). Default 1 minute.
+	Resync time.Duration
+	// Socket names the daemon in logs.
+	Socket     string
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+}
+
+// entry is what the store knows of one committed blob.
+type entry struct {
+	size      int64
+	mediaType string // "" until an image walk saw a descriptor for it
+	origins   []Origin
+}
+
+// Store tracks the blobs of one containerd namespace. It is safe for
+// concurrent use. Run drives it; the read methods work whenever containerd
+// is reachable.
+type Store struct {
+	opts Options
+	log  *slog.Logger
+	m    *metrics
+
+	mu      sync.RWMutex
+	be      *Backend // nil while disconnected
+	blobs   map[digest.Digest]*entry
+	version string
+
+	resyncNow chan struct{}
+}
+
+// New makes a Store; Run connects it.
+func New(opts Options) *Store {
+	if opts.Resync <= 0 {
+		opts.Resync = time.Minute
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	s := &Store{
+		opts:      opts,
+		log:       opts.Logger.With("component", "containerd", "namespace", opts.Namespace),
+		blobs:     map[digest.Digest]*entry{},
+		resyncNow: make(chan struct{}, 1),
+	}
+	s.m = newMetrics(s, opts.Registerer)
+	return s
+}
+
+func (s *Store) ctx(parent context.Context) context.Context {
+	return namespaces.WithNamespace(parent, s.opts.Namespace)
+}
+
+func (s *Store) backend() *Backend {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.be
+}
+
+// Connected reports whether containerd answered the last resync.
+func (s *Store) Connected() bool { return s.backend() != nil }
+
+// Len is the number of blobs advertised.
+func (s *Store) Len() int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return len(s.blobs)
+}
+
+// Has reports whether containerd holds k, by the store's index (no RPC).
+func (s *Store) Has(k blob.Key) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	_, ok := s.blobs[digest.Digest(k)]
+	return ok
+}
+
+// Keys lists the advertised blobs, sorted.
+func (s *Store) Keys() []blob.Key {
+	s.mu.RLock()
+	out := make([]blob.Key, 0, len(s.blobs))
+	for d := range s.blobs {
+		out = append(out, blob.Key(d))
+	}
+	s.mu.RUnlock()
+	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
+	return out
+}
+
+// Origins reports the registries and repositories k was pulled from, as
+// containerd labelled it. Empty when unknown.
+func (s *Store) Origins(k blob.Key) []Origin {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if e, ok := s.blobs[digest.Digest(k)]; ok {
+		return append([]Origin(nil), e.origins...)
+	}
+	return nil
+}
+
+// MediaType reports the media type an image descriptor gave k, or "".
+func (s *Store) MediaType(k blob.Key) string {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if e, ok := s.blobs[digest.Digest(k)]; ok {
+		return e.mediaType
+	}
+	return ""
+}
+
+// Blob is an open blob of containerd's content store.
+type Blob struct {
+	ra        content.ReaderAt
+	cancel    context.CancelFunc
+	mediaType string
+	once      sync.Once
+}
+
+// ReadAt reads from containerd's content store.
+func (b *Blob) ReadAt(p []byte, off int64) (int, error) { return b.ra.ReadAt(p, off) }
+
+// Size is the blob's size.
+func (b *Blob) Size() int64 { return b.ra.Size() }
+
+// MediaType is the media type an image descriptor gave the blob, or "".
+func (b *Blob) MediaType() string { return b.mediaType }
+
+// Close releases the reader.
+func (b *Blob) Close() error {
+	var err error
+	b.once.Do(func() {
+		err = b.ra.Close()
+		b.cancel()
+	})
+	return err
+}
+
+// Open opens k in containerd's content store. It answers an error wrapping
+// blob.ErrNotFound at once, without asking containerd, for a blob the store
+// does not know, and when containerd is unreachable. ctx bounds the open;
+// reads run until Close.
+func (s *Store) Open(ctx context.Context, k blob.Key) (*Blob, error) {
+	if !k.Verifiable() {
+		return nil, fmt.Errorf("containerd: %s: %w", k, blob.ErrNotFound)
+	}
+	d := digest.Digest(k)
+	s.mu.RLock()
+	be, e := s.be, s.blobs[d]
+	var mt string
+	if e != nil {
+		mt = e.mediaType
+	}
+	s.mu.RUnlock()
+	if be == nil || e == nil {
+		return nil, fmt.Errorf("containerd: %s: %w", k, blob.ErrNotFound)
+	}
+	// The proxy reader keeps the context of ReaderAt for every read: give it
+	// one that lives until Close, and cut it only if the open itself runs
+	// past its deadline.
+	rctx, cancel := context.WithCancel(s.ctx(context.Background()))
+	octx, ocancel := context.WithTimeout(ctx, rpcTimeout)
+	defer ocancel()
+	stop := context.AfterFunc(octx, cancel)
+	ra, err := be.Content.ReaderAt(rctx, ocispec.Descriptor{Digest: d, Size: e.size})
+	if !stop() && err == nil {
+		ra.Close()
+		err = octx.Err()
+	}
+	r := struct {
+		ra  content.ReaderAt
+		err error
+	}{ra, err}
+	if r.err != nil {
+		cancel()
+		if errdefs.IsNotFound(r.err) {
+			// containerd dropped it (garbage collection sends no event).
+			s.remove(d)
+		}
+		return nil, fmt.Errorf("containerd: open %s: %v: %w", k, r.err, blob.ErrNotFound)
+	}
+	return &Blob{ra: r.ra, cancel: cancel, mediaType: mt}, nil
+}
+
+// OpenLocal opens bytes [off, off+n) of k from containerd's content store;
+// n < 0 means to the end. It also returns the blob's size. The p2p layer
+// serves peers with it. A blob containerd does not hold answers an error
+// wrapping blob.ErrNotFound quickly.
+func (s *Store) OpenLocal(k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), rpcTimeout)
+	defer cancel()
+	b, err := s.Open(ctx, k)
+	if err != nil {
+		return nil, -1, err
+	}
+	size := b.Size()
+	if n < 0 || off+n > size {
+		n = size - off
+	}
+	if off < 0 || off > size || n < 0 {
+		b.Close()
+		return nil, size, fmt.Errorf("containerd: range %d+%d outside %d-byte blob %s", off, n, size, k)
+	}
+	// containerd's gRPC reader opens one stream per ReadAt: read in large
+	// pieces whatever buffer size the caller copies with.
+	return &readCloser{Reader: bufio.NewReaderSize(io.NewSectionReader(b, off, n), ReadSize), c: b}, size, nil
+}
+
+// ReadSize is the unit in which blobs are read from containerd: each read
+// is one gRPC stream, so small reads cost dearly.
+const ReadSize = 1 << 20
+
+type readCloser struct {
+	io.Reader
+	c io.Closer
+}
+
+func (r *readCloser) Close() error { return r.c.Close() }
+
+// Resolve returns the descriptor an image name ("<registry>/<repo>:<tag>")
+// points to in containerd's image store. Unknown names wrap blob.ErrNotFound.
+func (s *Store) Resolve(ctx context.Context, name string) (ocispec.Descriptor, error) {
+	be := s.backend()
+	if be == nil {
+		return ocispec.Descriptor{}, fmt.Errorf("containerd: image %s: not connected: %w", name, blob.ErrNotFound)
+	}
+	ctx, cancel := context.WithTimeout(s.ctx(ctx), rpcTimeout)
+	defer cancel()
+	img, err := be.Images.Get(ctx, name)
+	if err != nil {
+		if errdefs.IsNotFound(err) {
+			return ocispec.Descriptor{}, fmt.Errorf("containerd: image %s: %w", name, blob.ErrNotFound)
+		}
+		return ocispec.Descriptor{}, fmt.Errorf("containerd: image %s: %w", name, err)
+	}
+	if _, err := blob.ParseDigest(img.Target.Digest.String()); err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("containerd: image %s targets %q: %w", name, img.Target.Digest, blob.ErrNotFound)
+	}
+	return img.Target, nil
+}
+
+// originsFromLabels parses containerd.io/distribution.source.<registry>=<repo>[,<repo>...].
+func originsFromLabels(labels map[string]string) []Origin {
+	var out []Origin
+	for k, v := range labels {
+		reg, ok := strings.CutPrefix(k, SourceLabelPrefix)
+		if !ok || reg == "" {
+			continue
+		}
+		for _, repo := range strings.Split(v, ",") {
+			if repo = strings.TrimSpace(repo); repo != "" {
+				out = append(out, Origin{Registry: reg, Repo: repo})
+			}
+		}
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Registry != out[j].Registry {
+			return out[i].Registry < out[j].Registry
+		}
+		return out[i].Repo < out[j].Repo
+	})
+	return out
+}
+
+// put records a committed blob and reports whether it is new.
+func (s *Store) put(d digest.Digest, size int64, labels map[string]string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.blobs[d]
+	if !ok {
+		e = &entry{}
+		s.blobs[d] = e
+	}
+	e.size = size
+	e.origins = originsFromLabels(labels)
+	return !ok
+}
+
+func (s *Store) setMediaType(d digest.Digest, mt string) {
+	if mt == "" {
+		return
+	}
+	s.mu.Lock()
+	if e, ok := s.blobs[d]; ok {
+		e.mediaType = mt
+	}
+	s.mu.Unlock()
+}
+
+// remove forgets a blob and withdraws it.
+func (s *Store) remove(d digest.Digest) {
+	s.mu.Lock()
+	_, ok := s.blobs[d]
+	delete(s.blobs, d)
+	s.mu.Unlock()
+	if ok {
+		s.withdraw(blob.Key(d))
+	}
+}
+
+func (s *Store) advertise(keys ...blob.Key) {
+	if len(keys) == 0 {
+		return
+	}
+	s.m.advertised.Add(float64(len(keys)))
+	if s.opts.Advertiser != nil {
+		s.opts.Advertiser.Advertise(keys...)
+	}
+}
+
+func (s *Store) withdraw(keys ...blob.Key) {
+	if len(keys) == 0 {
+		return
+	}
+	s.m.withdrawn.Add(float64(len(keys)))
+	if s.opts.Advertiser != nil {
+		s.opts.Advertiser.Withdraw(keys...)
+	}
+}
