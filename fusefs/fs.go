@@ -92,6 +92,7 @@ type FS struct {
 	cancel context.CancelFunc
 
 	passthrough bool
+	started     time.Time // the directories' times
 
 	closeOnce sync.Once
 	closeErr  error
@@ -133,7 +134,7 @@ func Mount(opts Options) (*FS, error) {
 		return nil, err
 	}
 
-	f := &FS{opts: opts, mp: mp, log: log, m: newMetrics(opts.Registerer)}
+	f := &FS{opts: opts, mp: mp, log: log, m: newMetrics(opts.Registerer), started: time.Now()}
 	f.ctx, f.cancel = context.WithCancel(context.Background())
 
 	// The content never changes under a name, so the kernel may keep what it

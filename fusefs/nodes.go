@@ -109,6 +109,7 @@ func (r *rootNode) OnAdd(ctx context.Context) {
 func (r *rootNode) Getattr(ctx context.Context, _ fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	out.Mode = syscall.S_IFDIR | 0o555
 	out.Nlink = 3
+	out.SetTimes(&r.f.started, &r.f.started, &r.f.started)
 	return 0
 }
 
@@ -122,6 +123,7 @@ type dirNode struct {
 func (d *dirNode) Getattr(ctx context.Context, _ fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	out.Mode = syscall.S_IFDIR | 0o555
 	out.Nlink = 2
+	out.SetTimes(&d.f.started, &d.f.started, &d.f.started)
 	return 0
 }
 

@@ -117,6 +117,8 @@ type app struct {
 	oci http.Handler
 	// extra HTTP routes.
 	extra map[string]http.Handler
+	// blobCatalogs list further blobs the FUSE mount shows (set by the containerd part).
+	blobCatalogs []blobCatalog
 
 	mu      sync.Mutex
 	closers []func(context.Context) error // run in reverse order at shutdown

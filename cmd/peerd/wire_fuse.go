@@ -2,13 +2,70 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
+	"fmt"
+	"path/filepath"
+	"time"
+
+	"github.com/peerd-project/peerd/fusefs"
 )
 
 // fuseConfig holds the flags of the FUSE mount.
-type fuseConfig struct{}
+type fuseConfig struct {
+	Mount         string
+	ReadTimeout   time.Duration
+	LookupTimeout time.Duration
+	Passthrough   bool
+}
 
-func registerFUSEFlags(fs *flag.FlagSet, c *fuseConfig) {}
+// blobCatalog is another store whose blobs the mount lists and finds (the
+// containerd content store): a part that has one appends it to
+// a.blobCatalogs before startFUSE runs.
+type blobCatalog = fusefs.Catalog
 
-// startFUSE mounts the blob filesystem.
-func startFUSE(ctx context.Context, a *app) error { return nil }
+func registerFUSEFlags(fs *flag.FlagSet, c *fuseConfig) {
+	fs.StringVar(&c.Mount, "mount", "/peerd/blobs", "where to mount the blob filesystem (<mount>/sha256/<hex>, read-only, lazily loaded); --mount= disables it")
+	fs.DurationVar(&c.ReadTimeout, "mount-read-timeout", 30*time.Second, "a read under the mount that no source can serve within this time fails with EIO")
+	fs.DurationVar(&c.LookupTimeout, "mount-lookup-timeout", 5*time.Second, "how long a lookup of a digest the node does not hold asks peers before answering ENOENT")
+	fs.BoolVar(&c.Passthrough, "mount-passthrough", true, "let the kernel read cached, verified blobs straight from the cache file (FUSE passthrough, Linux 6.9+; falls back when unavailable)")
+}
+
+// startFUSE mounts the blob filesystem. It runs last, so reads can use every
+// source the other parts set up.
+func startFUSE(ctx context.Context, a *app) error {
+	c := a.cfg.FUSE
+	if c.Mount == "" {
+		a.log.Info("blob filesystem disabled (--mount=)")
+		return nil
+	}
+	var errs []error
+	if c.ReadTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("--mount-read-timeout %s: must be positive", c.ReadTimeout))
+	}
+	if c.LookupTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("--mount-lookup-timeout %s: must be positive", c.LookupTimeout))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	f, err := fusefs.Mount(fusefs.Options{
+		Mountpoint:         c.Mount,
+		Cache:              a.cache,
+		Sources:            a.sources,
+		Catalogs:           a.blobCatalogs,
+		LookupTimeout:      c.LookupTimeout,
+		ReadTimeout:        c.ReadTimeout,
+		DisablePassthrough: !c.Passthrough,
+		Prefetch:           a.cfg.Prefetch,
+		PrefetchWorkers:    a.cfg.PrefetchWorkers,
+		BackingDir:         filepath.Join(a.cfg.DataDir, "cache"),
+		Logger:             a.log,
+		Registerer:         a.reg,
+	})
+	if err != nil {
+		return fmt.Errorf("--mount %s (--mount= disables the blob filesystem): %w", c.Mount, err)
+	}
+	a.onStop(f.Close)
+	return nil
+}
