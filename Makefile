@@ -34,8 +34,8 @@ test-unit: ## fast unit tests only
 e2e: build ## multi-node scenarios in network namespaces (root)
 	$(GO) test -count=1 -timeout 60m -v ./e2e/...
 
-bench: ## benchmarks; prints throughput ratios against baselines
-	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./httpmirror/
+bench: ## benchmarks; each prints its figures next to a baseline measured in the same run
+	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./itest/ ./cache/
 
 lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
