@@ -1,0 +1,500 @@
+package httpmirror
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/peerd-project/peerd/blob"
+	"github.com/peerd-project/peerd/cache"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// The OCI /v2/ mirror containerd uses through hosts.toml:
+//
+//	GET|HEAD /v2/                                   200
+//	GET|HEAD /v2/<name>/manifests/<digest|tag>?ns=<registry>
+//	GET|HEAD /v2/<name>/blobs/<digest>?ns=<registry>
+//
+// A blob or manifest by digest is served from the node's own containerd
+// content store, else through the cache from peers, else 404 with an OCI
+// error body, on which containerd moves on to the next host (in the end the
+// registry). The mirror itself never contacts a registry.
+//
+// A manifest by tag is resolved only from the node's own image store by
+// default: tags are mutable, and a peer's copy of a tag may be older than
+// the registry's. ResolveTag lets operators opt into peer answers.
+
+// LocalOnlyHeader marks a request one peerd node sends another: it is
+// answered from that node's own content only (its containerd store and
+// verified cache), never by asking further peers, so requests cannot bounce
+// around the cluster.
+const LocalOnlyHeader = "X-Peerd-Local-Only"
+
+// maxManifestBytes bounds a manifest read into memory (the distribution
+// registry's own limit).
+const maxManifestBytes = 4 << 20
+
+// OCIBlob is an open blob of the node's own image store.
+type OCIBlob interface {
+	io.ReaderAt
+	io.Closer
+	Size() int64
+	// MediaType is the media type the image store knows for the blob, or "".
+	MediaType() string
+}
+
+// OCIStore is the node's own image store (containerd's) as the mirror sees it.
+type OCIStore interface {
+	// OpenBlob opens k, or returns an error wrapping blob.ErrNotFound quickly.
+	OpenBlob(ctx context.Context, k blob.Key) (OCIBlob, error)
+	// Resolve returns the digest an image name ("<registry>/<repo>:<tag>")
+	// points to, or an error wrapping blob.ErrNotFound.
+	Resolve(ctx context.Context, name string) (blob.Key, error)
+}
+
+// OCIConfig wires the /v2/ handler.
+type OCIConfig struct {
+	// Local is the node's containerd store; nil when containerd is off.
+	Local OCIStore
+	// Cache and Peers serve what Local does not hold; Peers may be nil.
+	Cache *cache.Cache
+	Peers func(k blob.Key) []blob.Source
+	// Registries whose tags may be resolved (hosts as containerd sends them
+	// in ?ns=, e.g. "docker.io"). A tag of any other registry is never served.
+	Registries []string
+	// ResolveTag, when set, asks peers for a tag the local store does not
+	// know (the --resolve-tags opt-in).
+	ResolveTag      func(ctx context.Context, registry, repo, tag string) (blob.Key, error)
+	Prefetch        bool
+	PrefetchWorkers int
+	Logger          *slog.Logger
+	Registry        prometheus.Registerer
+}
+
+type ociHandler struct {
+	cfg        OCIConfig
+	log        *slog.Logger
+	srv        *Server // for serveHandle
+	registries map[string]bool
+	served     *prometheus.CounterVec
+}
+
+// NewOCI returns the /v2/ handler.
+func NewOCI(cfg OCIConfig) http.Handler {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.PrefetchWorkers <= 0 {
+		cfg.PrefetchWorkers = 4
+	}
+	log := cfg.Logger.With("component", "oci")
+	h := &ociHandler{
+		cfg:        cfg,
+		log:        log,
+		srv:        &Server{cfg: Config{Prefetch: cfg.Prefetch, PrefetchWorkers: cfg.PrefetchWorkers}, log: log},
+		registries: map[string]bool{},
+	}
+	for _, r := range cfg.Registries {
+		h.registries[strings.ToLower(r)] = true
+	}
+	h.served = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "peerd_oci_responses_total",
+		Help: "OCI mirror answers by kind (manifest, blob) and where the content came from (containerd, cache: local cache or peers, none: 404, invalid: 4xx).",
+	}, []string{"kind", "from"})
+	if cfg.Registry != nil {
+		cfg.Registry.MustRegister(h.served)
+	}
+	return h
+}
+
+var (
+	// Repository name components, as the distribution spec defines them.
+	nameRE = regexp.MustCompile(`^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$`)
+	tagRE  = regexp.MustCompile(`^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$`)
+)
+
+// ociRequest is a parsed /v2/<name>/<kind>/<ref> path.
+type ociRequest struct {
+	name, kind, ref string
+	key             blob.Key // set when ref is a digest
+}
+
+// parseOCIPath splits the path after /v2/. It returns an OCI error code
+// and message for bad input.
+func parseOCIPath(p string) (ociRequest, string, string) {
+	rest := strings.TrimPrefix(p, "/v2/")
+	i := strings.LastIndexByte(rest, '/')
+	if i < 0 {
+		return ociRequest{}, "NAME_UNKNOWN", "not an OCI distribution path"
+	}
+	ref := rest[i+1:]
+	j := strings.LastIndexByte(rest[:i], '/')
+	if j < 0 {
+		return ociRequest{}, "NAME_UNKNOWN", "not an OCI distribution path"
+	}
+	req := ociRequest{name: rest[:j], kind: rest[j+1 : i], ref: ref}
+	if req.kind != "manifests" && req.kind != "blobs" {
+		return ociRequest{}, "UNSUPPORTED", fmt.Sprintf("only manifests and blobs are served, not %q", req.kind)
+	}
+	if len(req.name) > 255 || !nameRE.MatchString(req.name) {
+		return ociRequest{}, "NAME_INVALID", fmt.Sprintf("invalid repository name %q", trunc(req.name))
+	}
+	if strings.Contains(ref, ":") {
+		k, err := blob.ParseDigest(ref)
+		if err != nil {
+			return ociRequest{}, "DIGEST_INVALID", err.Error()
+		}
+		req.key = k
+		return req, "", ""
+	}
+	if req.kind == "blobs" {
+		return ociRequest{}, "DIGEST_INVALID", fmt.Sprintf("blobs are named by digest, not %q", trunc(ref))
+	}
+	if !tagRE.MatchString(ref) {
+		return ociRequest{}, "TAG_INVALID", fmt.Sprintf("invalid tag %q", trunc(ref))
+	}
+	return req, "", ""
+}
+
+func trunc(s string) string {
+	if len(s) > 100 {
+		return s[:100] + "..."
+	}
+	return s
+}
+
+func (h *ociHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		ociError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "this mirror is read-only: only GET and HEAD")
+		return
+	}
+	if r.URL.Path == "/v2" || r.URL.Path == "/v2/" {
+		w.Header().Set("Docker-Distribution-Api-Version", "registry/2.0")
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", "2")
+		w.WriteHeader(http.StatusOK)
+		if r.Method == http.MethodGet {
+			io.WriteString(w, "{}")
+		}
+		return
+	}
+	if r.URL.RawPath != "" {
+		// Names, tags and digests never need escaping.
+		h.bad(w, r, "", "NAME_INVALID", "escaped characters in path")
+		return
+	}
+	req, code, msg := parseOCIPath(r.URL.Path)
+	if code != "" {
+		h.bad(w, r, req.kind, code, msg)
+		return
+	}
+	registry := strings.ToLower(r.URL.Query().Get("ns"))
+	localOnly := r.Header.Get(LocalOnlyHeader) == "1"
+	if req.kind == "blobs" {
+		h.serveBlob(w, r, req.key, localOnly)
+		return
+	}
+	if req.key == "" {
+		k, err := h.resolveTag(r.Context(), registry, req.name, req.ref, localOnly)
+		if err != nil {
+			h.miss(w, "manifest", "MANIFEST_UNKNOWN", err)
+			return
+		}
+		req.key = k
+	}
+	h.serveManifest(w, r, req.key, localOnly)
+}
+
+func (h *ociHandler) bad(w http.ResponseWriter, r *http.Request, kind, code, msg string) {
+	if kind == "" {
+		kind = "other"
+	}
+	h.served.WithLabelValues(strings.TrimSuffix(kind, "s"), "invalid").Inc()
+	h.log.Info("bad OCI request", "path", trunc(r.URL.Path), "code", code, "err", msg)
+	ociError(w, http.StatusBadRequest, code, msg)
+}
+
+// miss answers 404 so containerd tries its next host.
+func (h *ociHandler) miss(w http.ResponseWriter, kind, code string, err error) {
+	h.served.WithLabelValues(kind, "none").Inc()
+	if !errors.Is(err, blob.ErrNotFound) && !errors.Is(err, context.Canceled) {
+		h.log.Warn("OCI mirror could not serve; the client falls back to its next host", "kind", kind, "err", err)
+	}
+	ociError(w, http.StatusNotFound, code, err.Error())
+}
+
+func (h *ociHandler) resolveTag(ctx context.Context, registry, repo, tag string, localOnly bool) (blob.Key, error) {
+	if registry == "" {
+		return "", fmt.Errorf("tag %s:%s without ?ns=<registry>: %w", repo, tag, blob.ErrNotFound)
+	}
+	if !h.registries[registry] {
+		return "", fmt.Errorf("tags of registry %s are not served (not in --registries): %w", registry, blob.ErrNotFound)
+	}
+	name := registry + "/" + repo + ":" + tag
+	var err error = fmt.Errorf("image %s: %w", name, blob.ErrNotFound)
+	if h.cfg.Local != nil {
+		var k blob.Key
+		if k, err = h.cfg.Local.Resolve(ctx, name); err == nil {
+			return k, nil
+		}
+	}
+	if h.cfg.ResolveTag != nil && !localOnly {
+		return h.cfg.ResolveTag(ctx, registry, repo, tag)
+	}
+	return "", err
+}
+
+// ctWriter sets the stored media type on a successful answer that
+// serveHandle labelled application/octet-stream.
+type ctWriter struct {
+	http.ResponseWriter
+	ct   string
+	sent bool
+}
+
+func (w *ctWriter) WriteHeader(code int) {
+	if !w.sent {
+		w.sent = true
+		if code < 300 && w.ct != "" {
+			w.Header().Set("Content-Type", w.ct)
+		}
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *ctWriter) Write(p []byte) (int, error) {
+	if !w.sent {
+		w.WriteHeader(http.StatusOK)
+	}
+	return w.ResponseWriter.Write(p)
+}
+
+func (w *ctWriter) ReadFrom(r io.Reader) (int64, error) {
+	if !w.sent {
+		w.WriteHeader(http.StatusOK)
+	}
+	if rf, ok := w.ResponseWriter.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r) // keeps sendfile for cached files
+	}
+	return io.Copy(struct{ io.Writer }{w.ResponseWriter}, r)
+}
+
+func (h *ociHandler) serveBlob(w http.ResponseWriter, r *http.Request, k blob.Key, localOnly bool) {
+	ctx := r.Context()
+	if h.cfg.Local != nil {
+		if b, err := h.cfg.Local.OpenBlob(ctx, k); err == nil {
+			defer b.Close()
+			h.served.WithLabelValues("blob", "containerd").Inc()
+			h.srv.serveHandle(&ctWriter{ResponseWriter: w, ct: b.MediaType()}, r, storeReader{b}, k)
+			return
+		}
+	}
+	if h.cfg.Cache == nil {
+		h.miss(w, "blob", "BLOB_UNKNOWN", fmt.Errorf("%s: %w", k, blob.ErrNotFound))
+		return
+	}
+	var br blobReader
+	if localOnly {
+		lr, size, err := h.cfg.Cache.OpenLocal(k, 0, -1)
+		if err != nil {
+			h.miss(w, "blob", "BLOB_UNKNOWN", err)
+			return
+		}
+		lr.Close()
+		br = cacheLocal{c: h.cfg.Cache, k: k, size: size}
+	} else {
+		var srcs []blob.Source
+		if h.cfg.Peers != nil {
+			srcs = h.cfg.Peers(k)
+		}
+		hd := h.cfg.Cache.Open(k, srcs...)
+		defer hd.Close()
+		// Learn the size first: a miss must become a 404 with an OCI body.
+		if _, err := hd.Size(ctx); err != nil {
+			h.miss(w, "blob", "BLOB_UNKNOWN", err)
+			return
+		}
+		br = hd
+	}
+	h.served.WithLabelValues("blob", "cache").Inc()
+	h.srv.serveHandle(w, r, br, k)
+}
+
+func (h *ociHandler) serveManifest(w http.ResponseWriter, r *http.Request, k blob.Key, localOnly bool) {
+	ctx, cancel := context.WithTimeout(r.Context(), time.Minute)
+	defer cancel()
+	body, mt, from, err := h.readManifest(ctx, k, localOnly)
+	if err != nil {
+		h.miss(w, "manifest", "MANIFEST_UNKNOWN", err)
+		return
+	}
+	h.served.WithLabelValues("manifest", from).Inc()
+	hd := w.Header()
+	hd.Set("Content-Type", mt)
+	hd.Set("Content-Length", strconv.Itoa(len(body)))
+	hd.Set("Docker-Content-Digest", string(k))
+	hd.Set("Etag", `"`+string(k)+`"`)
+	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodGet {
+		w.Write(body)
+	}
+}
+
+// readManifest reads a whole manifest by digest and checks it.
+func (h *ociHandler) readManifest(ctx context.Context, k blob.Key, localOnly bool) ([]byte, string, string, error) {
+	if h.cfg.Local != nil {
+		if b, err := h.cfg.Local.OpenBlob(ctx, k); err == nil {
+			defer b.Close()
+			body, err := readAllAt(b, b.Size())
+			if err != nil {
+				return nil, "", "", fmt.Errorf("read %s from containerd: %w", k, err)
+			}
+			mt, err := manifestMediaType(body, b.MediaType(), k)
+			return body, mt, "containerd", err
+		}
+	}
+	if h.cfg.Cache == nil {
+		return nil, "", "", fmt.Errorf("%s: %w", k, blob.ErrNotFound)
+	}
+	var body []byte
+	if localOnly {
+		lr, size, err := h.cfg.Cache.OpenLocal(k, 0, -1)
+		if err != nil {
+			return nil, "", "", err
+		}
+		defer lr.Close()
+		if size > maxManifestBytes {
+			return nil, "", "", fmt.Errorf("%s is %d bytes, too big for a manifest: %w", k, size, blob.ErrNotFound)
+		}
+		if body, err = io.ReadAll(lr); err != nil {
+			return nil, "", "", err
+		}
+	} else {
+		var srcs []blob.Source
+		if h.cfg.Peers != nil {
+			srcs = h.cfg.Peers(k)
+		}
+		hd := h.cfg.Cache.Open(k, srcs...)
+		defer hd.Close()
+		size, err := hd.Size(ctx)
+		if err != nil {
+			return nil, "", "", err
+		}
+		if size > maxManifestBytes {
+			return nil, "", "", fmt.Errorf("%s is %d bytes, too big for a manifest: %w", k, size, blob.ErrNotFound)
+		}
+		body = make([]byte, size)
+		if n, err := hd.ReadAt(ctx, body, 0); int64(n) != size || (err != nil && err != io.EOF) {
+			return nil, "", "", fmt.Errorf("read %s: %d of %d bytes: %v", k, n, size, err)
+		}
+	}
+	// Bytes from peers are checked before containerd sees them.
+	if sum := sha256.Sum256(body); "sha256:"+hex.EncodeToString(sum[:]) != string(k) {
+		return nil, "", "", fmt.Errorf("%s: content does not match its digest: %w", k, blob.ErrNotFound)
+	}
+	mt, err := manifestMediaType(body, "", k)
+	return body, mt, "cache", err
+}
+
+func readAllAt(r io.ReaderAt, size int64) ([]byte, error) {
+	if size > maxManifestBytes {
+		return nil, fmt.Errorf("%d bytes, too big for a manifest: %w", size, blob.ErrNotFound)
+	}
+	p := make([]byte, size)
+	n, err := r.ReadAt(p, 0)
+	if int64(n) == size {
+		return p, nil
+	}
+	if err == nil {
+		err = io.ErrUnexpectedEOF
+	}
+	return nil, err
+}
+
+// manifestMediaType returns the stored media type, else the one the
+// manifest names, else the one its shape implies. A blob that is not a
+// manifest is not found as one.
+func manifestMediaType(body []byte, stored string, k blob.Key) (string, error) {
+	var m struct {
+		SchemaVersion int               `json:"schemaVersion"`
+		MediaType     string            `json:"mediaType"`
+		Manifests     []json.RawMessage `json:"manifests"`
+		Config        json.RawMessage   `json:"config"`
+		Layers        []json.RawMessage `json:"layers"`
+		FSLayers      []json.RawMessage `json:"fsLayers"`
+	}
+	if len(body) == 0 || body[0] != '{' || json.Unmarshal(body, &m) != nil || m.SchemaVersion == 0 {
+		return "", fmt.Errorf("%s is not a manifest: %w", k, blob.ErrNotFound)
+	}
+	switch {
+	case stored != "" && (strings.Contains(stored, "manifest") || strings.Contains(stored, "index")):
+		return stored, nil
+	case m.MediaType != "":
+		return m.MediaType, nil
+	case m.Manifests != nil:
+		return "application/vnd.oci.image.index.v1+json", nil
+	case m.Config != nil || m.Layers != nil:
+		return "application/vnd.oci.image.manifest.v1+json", nil
+	case m.FSLayers != nil:
+		return "application/vnd.docker.distribution.manifest.v1+prettyjws", nil
+	}
+	return "", fmt.Errorf("%s is not a manifest: %w", k, blob.ErrNotFound)
+}
+
+// storeReader serves an OCIBlob through serveHandle.
+type storeReader struct{ b OCIBlob }
+
+func (s storeReader) Size(context.Context) (int64, error) { return s.b.Size(), nil }
+func (s storeReader) Prefetch(int)                         {}
+
+// storeReadSize: each ReadAt of containerd's store is one gRPC stream, so
+// copy in large pieces and keep the writer's ReadFrom (small reads) out of it.
+const storeReadSize = 1 << 20
+
+func (s storeReader) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int64, error) {
+	buf := make([]byte, min(n, storeReadSize))
+	return io.CopyBuffer(struct{ io.Writer }{w}, struct{ io.Reader }{io.NewSectionReader(ctxReaderAt{ctx, s.b}, off, n)}, buf)
+}
+
+// ctxReaderAt stops a copy once the client has gone.
+type ctxReaderAt struct {
+	ctx context.Context
+	r   io.ReaderAt
+}
+
+func (c ctxReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.ReadAt(p, off)
+}
+
+// cacheLocal serves only what the cache may pass on (local-only requests).
+type cacheLocal struct {
+	c    *cache.Cache
+	k    blob.Key
+	size int64
+}
+
+func (l cacheLocal) Size(context.Context) (int64, error) { return l.size, nil }
+func (l cacheLocal) Prefetch(int)                         {}
+func (l cacheLocal) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int64, error) {
+	lr, _, err := l.c.OpenLocal(l.k, off, n)
+	if err != nil {
+		return 0, err
+	}
+	defer lr.Close()
+	return io.Copy(w, lr)
+}
