@@ -457,7 +457,7 @@ func manifestMediaType(body []byte, stored string, k blob.Key) (string, error) {
 type storeReader struct{ b OCIBlob }
 
 func (s storeReader) Size(context.Context) (int64, error) { return s.b.Size(), nil }
-func (s storeReader) Prefetch(int)                         {}
+func (s storeReader) Prefetch(int)                        {}
 
 // storeReadSize: each ReadAt of containerd's store is one gRPC stream, so
 // copy in large pieces and keep the writer's ReadFrom (small reads) out of it.
@@ -489,7 +489,7 @@ type cacheLocal struct {
 }
 
 func (l cacheLocal) Size(context.Context) (int64, error) { return l.size, nil }
-func (l cacheLocal) Prefetch(int)                         {}
+func (l cacheLocal) Prefetch(int)                        {}
 func (l cacheLocal) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int64, error) {
 	lr, _, err := l.c.OpenLocal(l.k, off, n)
 	if err != nil {
