@@ -202,21 +202,31 @@ func (f *FS) Close(ctx context.Context) error {
 func (f *FS) close(ctx context.Context) error {
 	f.cancel()
 	err := unmount(ctx, f.mp, false)
+	detached := false
 	if err != nil {
 		f.log.Warn("mount busy (files open); detaching it", "err", err)
 		if err := unmount(ctx, f.mp, true); err != nil {
 			return fmt.Errorf("fusefs: unmount %s: %w", f.mp, err)
 		}
+		detached = true
 	}
 	done := make(chan struct{})
 	go func() { f.server.Wait(); close(done) }()
+	var wait <-chan time.Time
+	if detached {
+		// The connection lives until the last open file closes (or this
+		// process exits); give cancelled requests a moment to answer.
+		t := time.NewTimer(time.Second)
+		defer t.Stop()
+		wait = t.C
+	}
 	select {
 	case <-done:
 		f.log.Info("unmounted blob filesystem")
+	case <-wait:
+		f.log.Info("unmounted blob filesystem (detached; readers still hold files open)")
 	case <-ctx.Done():
-		// The mount is already gone from the namespace; the connection ends
-		// when the last reader closes its file or this process exits.
-		f.log.Warn("unmounted; readers still hold files open", "err", ctx.Err())
+		f.log.Warn("unmounted blob filesystem; requests still in flight", "err", ctx.Err())
 	}
 	return nil
 }
