@@ -1,0 +1,117 @@
+package k8s
+
+import (
+	"context"
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/multiformats/go-multiaddr"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/fake"
+)
+
+// addrHost is a fakeHost with a real peer ID and address.
+type addrHost struct {
+	*fakeHost
+	addr multiaddr.Multiaddr
+}
+
+func newAddrHost(t *testing.T, ip string) *addrHost {
+	id, err := randomPeerID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := multiaddr.StringCast("/ip4/" + ip + "/tcp/4001/p2p/" + id.String())
+	h := &addrHost{fakeHost: newFakeHost(string(id)), addr: a}
+	return h
+}
+
+func (h *addrHost) Addrs() []multiaddr.Multiaddr { return []multiaddr.Multiaddr{h.addr} }
+
+func runLease(t *testing.T, c kubernetes.Interface, h Host, node string) (*Lease, context.CancelFunc) {
+	t.Helper()
+	l, err := NewLease(h, LeaseOptions{Client: c, Namespace: "peerd", Name: "peerd-bootstrap", Identity: node, LeaseDuration: 3 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); l.Run(ctx) }()
+	stop := func() { cancel(); <-done }
+	t.Cleanup(stop)
+	return l, stop
+}
+
+func TestLeaseLeaderPublishesAndHandsOver(t *testing.T) {
+	c := fake.NewClientset()
+	ha, hb := newAddrHost(t, "127.0.0.1"), newAddrHost(t, "127.0.0.2")
+	a, stopA := runLease(t, c, ha, "node-a")
+	eventually(t, "node-a leads", func() bool { return a.Leader() == "node-a" })
+	if ps, err := a.Discover(context.Background()); err != nil || len(ps) != 0 {
+		t.Fatalf("leader's Discover = %v, %v; want alone", ps, err)
+	}
+
+	b, _ := runLease(t, c, hb, "node-b")
+	eventually(t, "node-b sees node-a lead", func() bool { return b.Leader() == "node-a" })
+	ps, err := b.Discover(context.Background())
+	if err != nil || len(ps) != 1 || ps[0].ID != ha.ID() || !ps[0].Addrs[0].Equal(multiaddr.StringCast("/ip4/127.0.0.1/tcp/4001")) {
+		t.Fatalf("follower's Discover = %v, %v; want node-a's address", ps, err)
+	}
+
+	// The leader stops: it releases the Lease, and node-b takes over.
+	stopA()
+	eventually(t, "node-b leads", func() bool { return b.Leader() == "node-b" })
+	lease, err := c.CoordinationV1().Leases("peerd").Get(context.Background(), "peerd-bootstrap", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var info leaderInfo
+	if err := json.Unmarshal([]byte(lease.Annotations[LeaderAnnotation]), &info); err != nil {
+		t.Fatalf("annotation %q: %v", lease.Annotations[LeaderAnnotation], err)
+	}
+	if info.Holder != "node-b" || len(info.Addrs) != 1 || info.Addrs[0] != hb.addr.String() {
+		t.Fatalf("annotation after takeover = %+v, want node-b's address", info)
+	}
+}
+
+func TestParseLeader(t *testing.T) {
+	id, _ := randomPeerID()
+	good := `{"holder":"n1","addrs":["/ip4/10.0.0.1/tcp/4001/p2p/` + id.String() + `","not-a-multiaddr"]}`
+	for _, tc := range []struct {
+		name, holder, raw string
+		want              int
+	}{
+		{"good, one bad address skipped", "n1", good, 1},
+		{"holder mismatch", "n2", good, 0},
+		{"no holder", "", good, 0},
+		{"no annotation", "n1", "", 0},
+		{"not json", "n1", "{", 0},
+		{"no /p2p part", "n1", `{"holder":"n1","addrs":["/ip4/10.0.0.1/tcp/4001"]}`, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ais, why := parseLeader(tc.holder, tc.raw)
+			if len(ais) != tc.want {
+				t.Fatalf("got %v (%s), want %d peers", ais, why, tc.want)
+			}
+			if tc.want == 0 && why == "" {
+				t.Fatal("no reason given for an unusable record")
+			}
+			if tc.want == 1 && ais[0].ID != peer.ID(id) {
+				t.Fatalf("peer %s, want %s", ais[0].ID, id)
+			}
+		})
+	}
+}
+
+func TestNewLeaseRejectsBadOptions(t *testing.T) {
+	h := newFakeHost("x")
+	if _, err := NewLease(h, LeaseOptions{}); err == nil {
+		t.Fatal("empty options accepted")
+	}
+	if _, err := NewLease(h, LeaseOptions{Client: fake.NewClientset(), Namespace: "n", Name: "l", Identity: "i", LeaseDuration: time.Second}); err == nil {
+		t.Fatal("1s lease duration accepted")
+	}
+}
