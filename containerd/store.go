@@ -95,6 +95,9 @@ type Options struct {
 	// sends no event when a blob is committed, and garbage collection sends
 	// none when it deletes one). Default 1 minute.
 	Resync time.Duration
+	// OnConnect, if set, hears containerd's version after each (re)connect
+	// and first resync; it runs on Run's goroutine and must not block long.
+	OnConnect func(version string)
 	// Socket names the daemon in logs.
 	Socket     string
 	Logger     *slog.Logger
@@ -180,6 +183,23 @@ func (s *Store) Keys() []blob.Key {
 	s.mu.RUnlock()
 	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
 	return out
+}
+
+// Size reports the size of k by the store's index (no RPC).
+func (s *Store) Size(k blob.Key) (int64, bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if e, ok := s.blobs[digest.Digest(k)]; ok {
+		return e.size, true
+	}
+	return -1, false
+}
+
+// Version is the daemon's version as of the last connect, or "".
+func (s *Store) Version() string {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.version
 }
 
 // Origins reports the registries and repositories k was pulled from, as
@@ -410,4 +430,31 @@ func (s *Store) withdraw(keys ...blob.Key) {
 	if s.opts.Advertiser != nil {
 		s.opts.Advertiser.Withdraw(keys...)
 	}
+}
+
+// Source returns containerd's content store as a cache source: the cache
+// fills from it before asking peers (FUSE reads, /blobs/ of a digest
+// containerd already holds). containerd verified the bytes when it committed
+// them, so they are trusted.
+func (s *Store) Source() blob.Source { return source{s} }
+
+type source struct{ s *Store }
+
+func (source) Name() string      { return "containerd" }
+func (source) Trust() blob.Trust { return blob.Trusted }
+
+func (src source) Fetch(ctx context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+	b, err := src.s.Open(ctx, k)
+	if err != nil {
+		return nil, -1, err
+	}
+	size := b.Size()
+	if off < 0 || off > size {
+		b.Close()
+		return nil, size, fmt.Errorf("containerd: offset %d outside %d-byte blob %s: %w", off, size, k, blob.ErrNotFound)
+	}
+	if n < 0 || off+n > size {
+		n = size - off
+	}
+	return &readCloser{Reader: bufio.NewReaderSize(io.NewSectionReader(b, off, n), ReadSize), c: b}, size, nil
 }

@@ -97,6 +97,9 @@ func (s *Store) session(ctx context.Context) error {
 	s.mu.Unlock()
 	s.m.connected.Set(1)
 	s.log.Info("following containerd", "socket", s.opts.Socket, "version", version, "blobs", s.Len())
+	if s.opts.OnConnect != nil {
+		s.opts.OnConnect(version)
+	}
 
 	tick := time.NewTicker(s.opts.Resync)
 	defer tick.Stop()

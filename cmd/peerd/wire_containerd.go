@@ -2,13 +2,277 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/peerd-project/peerd/blob"
+	"github.com/peerd-project/peerd/cache"
+	ctrd "github.com/peerd-project/peerd/containerd"
+	"github.com/peerd-project/peerd/httpmirror"
+	"github.com/peerd-project/peerd/p2p"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // containerdConfig holds the flags of the containerd integration and the OCI mirror.
-type containerdConfig struct{}
+type containerdConfig struct {
+	Socket      string
+	Namespace   string
+	Registries  listFlag
+	ResolveTags bool
+	HostsDir    string
+	ConfigFile  string
+	Resync      time.Duration
+}
 
-func registerContainerdFlags(fs *flag.FlagSet, c *containerdConfig) {}
+func registerContainerdFlags(fs *flag.FlagSet, c *containerdConfig) {
+	fs.StringVar(&c.Socket, "containerd-socket", "/run/containerd/containerd.sock", "containerd's gRPC socket; peerd advertises the blobs it holds and serves them to peers and to the /v2/ mirror (--containerd-socket= turns this off)")
+	fs.StringVar(&c.Namespace, "containerd-namespace", "k8s.io", "containerd namespace whose images are shared")
+	fs.Var(&c.Registries, "registries", "registries the /v2/ mirror resolves tags for and whose hosts.toml peerd checks, e.g. docker.io,ghcr.io (repeatable, comma-separated); tags of other registries are never served")
+	fs.BoolVar(&c.ResolveTags, "resolve-tags", false, "also ask peers for a tag the local image store does not hold (tags are mutable: a peer's copy may be older than the registry's); the peer network has no tag lookup yet, so this currently only logs a warning")
+	fs.StringVar(&c.HostsDir, "containerd-hosts-dir", "/etc/containerd/certs.d", "containerd's hosts.toml folder that 'peerd containerd-config' writes; checked at start")
+	fs.StringVar(&c.ConfigFile, "containerd-config", "/etc/containerd/config.toml", "containerd's config file, read to check that containerd consults --containerd-hosts-dir")
+	fs.DurationVar(&c.Resync, "containerd-resync", time.Minute, "how often containerd's whole content store is walked again (1.x sends no event when a blob is committed)")
+}
+
+func (c *containerdConfig) validate() error {
+	var errs []error
+	if c.Socket != "" && c.Namespace == "" {
+		errs = append(errs, errors.New("--containerd-namespace must not be empty"))
+	}
+	for _, r := range c.Registries.items {
+		if _, err := ctrd.ParseRegistry(r); err != nil || r == "_default" {
+			errs = append(errs, fmt.Errorf("--registries: %q is not a registry host", r))
+		}
+	}
+	if c.Resync < time.Second {
+		errs = append(errs, fmt.Errorf("--containerd-resync %v: want at least 1s", c.Resync))
+	}
+	return errors.Join(errs...)
+}
+
+// registryHosts are the ?ns= values the mirror accepts tags for.
+func (c *containerdConfig) registryHosts() []string {
+	var out []string
+	for _, r := range c.Registries.items {
+		if reg, err := ctrd.ParseRegistry(r); err == nil {
+			out = append(out, reg.Host)
+		}
+	}
+	return out
+}
 
 // startContainerd connects to containerd, starts the content-store subscriber and sets a.oci.
-func startContainerd(ctx context.Context, a *app) error { return nil }
+func startContainerd(ctx context.Context, a *app) error {
+	c := &a.cfg.Containerd
+	if err := c.validate(); err != nil {
+		return err
+	}
+	oci := httpmirror.OCIConfig{
+		Cache:           a.cache,
+		Peers:           a.sources,
+		Registries:      c.registryHosts(),
+		Prefetch:        a.cfg.Prefetch,
+		PrefetchWorkers: a.cfg.PrefetchWorkers,
+		Logger:          a.log,
+		Registry:        a.reg,
+	}
+	if len(oci.Registries) == 0 {
+		a.log.Info("no --registries: the /v2/ mirror serves manifests by digest only; containerd resolves tags at the registry")
+	}
+	if c.ResolveTags {
+		a.log.Warn("--resolve-tags: the peer network offers no tag lookup yet; tags resolve from the local image store only")
+	}
+	if c.Socket == "" {
+		a.log.Info("containerd integration off (--containerd-socket is empty); /v2/ serves from the cache and peers only")
+		a.oci = httpmirror.NewOCI(oci)
+		return nil
+	}
+
+	configured := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "peerd_containerd_mirror_configured",
+		Help: "1 if containerd's config and hosts.toml files send the --registries to this node's mirror, 0 if not (see the warning in the log), -1 before the check ran.",
+	})
+	configured.Set(-1)
+	a.reg.MustRegister(configured)
+	mirror := "http://" + mirrorHostPort(a.cfg.HTTPAddr)
+
+	var adv ctrd.Advertiser = noAdvertiser{}
+	if a.p2p != nil {
+		adv = p2pAdvertiser{node: a.p2p, cache: a.cache}
+	}
+	store := ctrd.New(ctrd.Options{
+		Namespace:  c.Namespace,
+		Connect:    ctrd.DialSocket(c.Socket, c.Namespace),
+		Advertiser: adv,
+		Resync:     c.Resync,
+		Socket:     c.Socket,
+		Logger:     a.log,
+		Registerer: a.reg,
+		OnConnect: func(version string) {
+			if len(c.Registries.items) == 0 {
+				return
+			}
+			err := ctrd.CheckMirror(c.ConfigFile, majorVersion(version), c.HostsDir, c.Registries.items, mirror)
+			if err != nil {
+				configured.Set(0)
+				a.log.Warn("containerd may not use this node's mirror: pulls bypass peerd", "containerd", version, "problem", err,
+					"fix", "run 'peerd containerd-config --hosts-dir "+c.HostsDir+" --registries "+c.Registries.String()+" --mirror "+mirror+"' and set containerd's registry config_path to that folder")
+				return
+			}
+			configured.Set(1)
+		},
+	})
+	if a.p2p != nil {
+		// Peers read containerd's blobs straight from its content store.
+		a.p2p.AddStore(store)
+		// The cache and containerd may hold the same blob: neither may
+		// withdraw it while the other still serves it.
+		a.cache.SetListener(cacheListener{node: a.p2p, store: store})
+	}
+	// The cache fills from containerd before asking peers (FUSE, /blobs/).
+	peers := a.peerSources
+	src := store.Source()
+	a.peerSources = func(k blob.Key) []blob.Source {
+		srcs := []blob.Source{src}
+		if peers != nil {
+			srcs = append(srcs, peers(k)...)
+		}
+		return srcs
+	}
+	// The OCI mirror reads containerd directly; its cache path needs peers only.
+	oci.Peers = func(k blob.Key) []blob.Source {
+		if peers == nil || !k.Verifiable() {
+			return nil
+		}
+		return peers(k)
+	}
+	oci.Local = ociStore{store}
+	a.oci = httpmirror.NewOCI(oci)
+	a.blobCatalogs = append(a.blobCatalogs, catalog{store})
+
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		store.Run(rctx)
+	}()
+	a.onStop(func(sctx context.Context) error {
+		cancel()
+		select {
+		case <-done:
+			return nil
+		case <-sctx.Done():
+			return fmt.Errorf("containerd subscriber did not stop: %w", sctx.Err())
+		}
+	})
+	return nil
+}
+
+// mirrorHostPort is how the local containerd reaches --http-addr.
+func mirrorHostPort(addr string) string {
+	h, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr
+	}
+	if ip := net.ParseIP(h); h == "" || (ip != nil && ip.IsUnspecified()) {
+		h = "127.0.0.1"
+	}
+	return net.JoinHostPort(h, p)
+}
+
+// majorVersion reads "v2.1.0", "1.6.20~ds1" or "2.0.0-rc.1"; 0 if unknown.
+func majorVersion(v string) int {
+	v = strings.TrimPrefix(v, "v")
+	m, _, _ := strings.Cut(v, ".")
+	n, err := strconv.Atoi(m)
+	if err != nil {
+		return 0
+	}
+	return n
+}
+
+type noAdvertiser struct{}
+
+func (noAdvertiser) Advertise(...blob.Key) {}
+func (noAdvertiser) Withdraw(...blob.Key)  {}
+
+// p2pAdvertiser announces containerd's blobs on the DHT.
+type p2pAdvertiser struct {
+	node  *p2p.Node
+	cache *cache.Cache
+}
+
+func (p p2pAdvertiser) Advertise(keys ...blob.Key) {
+	for _, k := range keys {
+		p.node.BlobAdded(k)
+	}
+}
+
+func (p p2pAdvertiser) Withdraw(keys ...blob.Key) {
+	for _, k := range keys {
+		if info, ok := p.cache.Stat(k); ok && info.Complete {
+			continue // the cache still serves it
+		}
+		p.node.BlobRemoved(k)
+	}
+}
+
+// cacheListener forwards the cache's adds and removes to the p2p node, but
+// keeps advertising a blob containerd still holds.
+type cacheListener struct {
+	node  *p2p.Node
+	store *ctrd.Store
+}
+
+func (l cacheListener) BlobAdded(k blob.Key) { l.node.BlobAdded(k) }
+func (l cacheListener) BlobRemoved(k blob.Key) {
+	if l.store.Has(k) {
+		return
+	}
+	l.node.BlobRemoved(k)
+}
+
+// ociStore adapts the containerd store to the mirror.
+type ociStore struct{ s *ctrd.Store }
+
+func (o ociStore) OpenBlob(ctx context.Context, k blob.Key) (httpmirror.OCIBlob, error) {
+	b, err := o.s.Open(ctx, k)
+	if err != nil {
+		return nil, err // never a typed nil inside the interface
+	}
+	return b, nil
+}
+
+func (o ociStore) Resolve(ctx context.Context, name string) (blob.Key, error) {
+	d, err := o.s.Resolve(ctx, name)
+	if err != nil {
+		return "", err
+	}
+	return blob.Key(d.Digest), nil
+}
+
+// catalog lists containerd's blobs under the FUSE mount.
+type catalog struct{ s *ctrd.Store }
+
+func (c catalog) List(ctx context.Context) ([]cache.Info, error) {
+	var out []cache.Info
+	for _, k := range c.s.Keys() {
+		if size, ok := c.s.Size(k); ok {
+			out = append(out, cache.Info{Key: k, Size: size, Present: size, Complete: true, Verified: true})
+		}
+	}
+	return out, nil
+}
+
+func (c catalog) Stat(ctx context.Context, k blob.Key) (cache.Info, bool, error) {
+	size, ok := c.s.Size(k)
+	if !ok {
+		return cache.Info{}, false, nil
+	}
+	return cache.Info{Key: k, Size: size, Present: size, Complete: true, Verified: true}, true, nil
+}
