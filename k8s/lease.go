@@ -13,6 +13,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/multiformats/go-multiaddr"
 	coordinationv1 "k8s.io/api/coordination/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/leaderelection"
@@ -59,6 +60,7 @@ type Lease struct {
 	holder string // current holder ("" when released or none)
 	addrs  []peer.AddrInfo
 	why    string // why addrs is empty while a holder exists
+	getErr error  // the last failure to read the Lease, for Discover
 }
 
 // NewLease validates opts; Run starts the election.
@@ -112,6 +114,8 @@ func (l *Lease) Discover(context.Context) ([]peer.AddrInfo, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	switch {
+	case l.getErr != nil:
+		return nil, fmt.Errorf("read Lease %s/%s: %w", l.opts.Namespace, l.opts.Name, l.getErr)
 	case !l.seen:
 		return nil, errors.New("Lease not read yet")
 	case l.holder == l.opts.Identity:
@@ -174,12 +178,26 @@ func (l *Lease) observe(lease *coordinationv1.Lease) {
 	addrs, why := parseLeader(holder, lease.Annotations[LeaderAnnotation])
 	l.mu.Lock()
 	changed := !l.seen || holder != l.holder || !sameAddrs(addrs, l.addrs)
-	l.seen, l.holder, l.addrs, l.why = true, holder, addrs, why
+	l.seen, l.holder, l.addrs, l.why, l.getErr = true, holder, addrs, why, nil
 	l.mu.Unlock()
 	if changed {
 		if holder != "" && holder != l.opts.Identity {
 			l.log.Info("bootstrap leader", "leader", holder, "peers", fmt.Sprint(addrs), "problem", why)
 		}
+		select {
+		case l.changed <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func (l *Lease) readFailed(err error) {
+	l.mu.Lock()
+	first := l.getErr == nil
+	l.getErr = err
+	l.mu.Unlock()
+	if first {
+		l.log.Warn("cannot read the bootstrap Lease", "err", err)
 		select {
 		case l.changed <- struct{}{}:
 		default:
@@ -241,6 +259,9 @@ func (k *leaseLock) client() interface {
 func (k *leaseLock) Get(ctx context.Context) (*rl.LeaderElectionRecord, []byte, error) {
 	lease, err := k.client().Get(ctx, k.l.opts.Name, metav1.GetOptions{})
 	if err != nil {
+		if !apierrors.IsNotFound(err) { // not found: the election creates it
+			k.l.readFailed(err)
+		}
 		return nil, nil, err
 	}
 	k.lease = lease

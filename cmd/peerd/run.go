@@ -120,6 +120,9 @@ type app struct {
 	// blobCatalogs list further blobs the FUSE mount shows (set by the containerd part).
 	blobCatalogs []blobCatalog
 
+	// onFatal hear the error run stops on, before shutdown (for P2PFailed).
+	onFatal []func(context.Context, error)
+
 	mu      sync.Mutex
 	closers []func(context.Context) error // run in reverse order at shutdown
 }
@@ -205,6 +208,11 @@ func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
 	defer func() {
 		sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 		defer cancel()
+		if err != nil {
+			for _, f := range a.onFatal {
+				f(sctx, err)
+			}
+		}
 		a.mu.Lock()
 		closers := a.closers
 		a.mu.Unlock()
