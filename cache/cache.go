@@ -39,11 +39,11 @@ type Options struct {
 	MaxBytes int64
 	// FillTimeout bounds one chunk fill across all sources; default 60s.
 	FillTimeout time.Duration
-	// ReadAhead is how many chunks ahead a sequential reader fills; default 4.
+	// ReadAhead is how many chunks ahead a sequential reader fills; default 8.
 	ReadAhead int
-	// BackgroundFills bounds concurrent read-ahead/prefetch fills; default 8.
+	// BackgroundFills bounds concurrent read-ahead fills; default 16.
 	BackgroundFills int
-	// FlushInterval is how often filled chunks are made durable; default 200ms.
+	// FlushInterval is how often filled chunks are made durable; default 1s.
 	FlushInterval time.Duration
 	Logger        *slog.Logger
 	Registerer    prometheus.Registerer
@@ -100,13 +100,13 @@ func Open(opts Options) (*Cache, error) {
 	if opts.ReadAhead < 0 {
 		opts.ReadAhead = 0
 	} else if opts.ReadAhead == 0 {
-		opts.ReadAhead = 4
+		opts.ReadAhead = 8
 	}
 	if opts.BackgroundFills <= 0 {
-		opts.BackgroundFills = 8
+		opts.BackgroundFills = 16
 	}
 	if opts.FlushInterval <= 0 {
-		opts.FlushInterval = 200 * time.Millisecond
+		opts.FlushInterval = time.Second
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
@@ -208,7 +208,7 @@ func (c *Cache) load() error {
 		go func() {
 			defer c.wg.Done()
 			defer c.unref(e)
-			c.advanceHash(e)
+			c.advanceHash(e, 0, 0, nil)
 		}()
 	}
 	c.log.Info("cache loaded", "dir", c.opts.Dir, "blobs", len(c.blobs), "bytes", c.used.Load(), "limit", c.opts.MaxBytes)

@@ -194,6 +194,9 @@ func (e *entry) ensure(ctx context.Context, i int, srcs []blob.Source, backgroun
 	e.mu.Lock()
 	if e.size >= 0 && e.states[i] != stateAbsent {
 		e.mu.Unlock()
+		if !background {
+			e.readAhead(i, srcs) // keep the window ahead of a sequential reader full
+		}
 		return nil, nil
 	}
 	call, ok := e.inflight[i]
@@ -213,7 +216,7 @@ func (e *entry) ensure(ctx context.Context, i int, srcs []blob.Source, backgroun
 		}()
 	}
 	e.mu.Unlock()
-	if !ok && !background {
+	if !background {
 		e.readAhead(i, srcs)
 	}
 	select {
@@ -274,6 +277,7 @@ func (e *entry) fill(i int, srcs []blob.Source, call *fillCall) {
 	defer cancel()
 	start := time.Now()
 	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
 	if int64(cap(*bp)) < e.c.opts.ChunkSize {
 		*bp = make([]byte, e.c.opts.ChunkSize)
 	}
@@ -284,9 +288,6 @@ func (e *entry) fill(i int, srcs []blob.Source, call *fillCall) {
 	n, src, origin, err := e.fetch(ctx, i, srcs, buf)
 	if err == nil {
 		call.pass, err = e.store(i, gen, buf[:n], src, origin)
-	}
-	if call.pass == nil {
-		bufPool.Put(bp)
 	}
 	e.mu.Lock()
 	delete(e.inflight, i)
@@ -303,7 +304,8 @@ func (e *entry) fill(i int, srcs []blob.Source, call *fillCall) {
 	}
 	e.c.m.fillSeconds.WithLabelValues(src.Name()).Observe(time.Since(start).Seconds())
 	if call.pass == nil && e.key.Verifiable() {
-		e.c.advanceHash(e)
+		// The chunk is still in buf: hash it from there when it is next in line.
+		e.c.advanceHash(e, int64(i)*e.c.opts.ChunkSize, gen, buf[:n])
 	}
 }
 
@@ -451,11 +453,25 @@ func (e *entry) store(i int, gen uint64, data []byte, src blob.Source, origin st
 
 // advanceHash feeds newly contiguous chunks to the blob's running hash and,
 // once every byte was hashed, verifies the blob. Concurrent callers never
-// wait: whoever holds the hash lock picks up their chunks.
-func (c *Cache) advanceHash(e *entry) {
+// wait: whoever holds the hash lock picks up their chunks. data, when not
+// nil, holds the bytes at off that the caller just stored (of generation gen).
+func (c *Cache) advanceHash(e *entry, off int64, gen uint64, data []byte) {
 	for {
 		if !e.hashMu.TryLock() {
 			return
+		}
+		if data != nil {
+			e.mu.Lock()
+			cur := e.gen
+			e.mu.Unlock()
+			if e.hasher == nil || e.hashGen != cur {
+				e.hasher, e.hashed, e.hashGen = sha256.New(), 0, cur
+			}
+			if cur == gen && e.hashed == off {
+				e.hasher.Write(data)
+				e.hashed += int64(len(data))
+			}
+			data = nil
 		}
 		done, err := e.hashLocked()
 		e.hashMu.Unlock()

@@ -35,7 +35,8 @@ type Config struct {
 	Ready func() error
 	// OCI, when set, serves /v2/ (the containerd mirror).
 	OCI http.Handler
-	// Extra routes by exact path (debug pages and the like).
+	// Extra routes by exact path, or by prefix when the key ends in "/"
+	// (debug pages and the like).
 	Extra    map[string]http.Handler
 	Gatherer prometheus.Gatherer
 	Registry prometheus.Registerer
@@ -111,7 +112,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		route = "metrics"
 		s.metrics.ServeHTTP(rw, r)
 	default:
-		if h, ok := s.cfg.Extra[path]; ok {
+		if h := s.extra(path); h != nil {
 			route = "extra"
 			h.ServeHTTP(rw, r)
 		} else {
@@ -125,6 +126,18 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.reqs.WithLabelValues(route, strconv.Itoa(code)).Inc()
 	s.dur.WithLabelValues(route).Observe(time.Since(start).Seconds())
 	s.served.WithLabelValues(route).Add(float64(rw.n))
+}
+
+func (s *Server) extra(path string) http.Handler {
+	if h, ok := s.cfg.Extra[path]; ok {
+		return h
+	}
+	for p, h := range s.cfg.Extra {
+		if strings.HasSuffix(p, "/") && strings.HasPrefix(path, p) {
+			return h
+		}
+	}
+	return nil
 }
 
 func (s *Server) serveReady(w http.ResponseWriter) {

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -38,6 +39,7 @@ type runConfig struct {
 	LogLevel        string
 	LogFormat       string
 	ShutdownTimeout time.Duration
+	DebugPprof      bool
 
 	P2P        p2pConfig
 	FUSE       fuseConfig
@@ -62,6 +64,7 @@ func registerCoreFlags(fs *flag.FlagSet, c *runConfig) {
 	fs.StringVar(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.LogFormat, "log-format", "text", "text or json")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a graceful shutdown waits for requests in flight")
+	fs.BoolVar(&c.DebugPprof, "debug-pprof", false, "serve Go's profiler at /debug/pprof/ on --http-addr (keep --http-addr on loopback)")
 }
 
 func (c *runConfig) validate() error {
@@ -204,6 +207,13 @@ func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
 	}
 	a.onStop(func(context.Context) error { return a.cache.Close() })
 	a.upstream = upstream.NewClient(upstream.Options{UserAgent: "peerd/" + version, Logger: log})
+	if cfg.DebugPprof {
+		a.extra["/debug/pprof/"] = http.HandlerFunc(pprof.Index)
+		a.extra["/debug/pprof/profile"] = http.HandlerFunc(pprof.Profile)
+		a.extra["/debug/pprof/trace"] = http.HandlerFunc(pprof.Trace)
+		a.extra["/debug/pprof/symbol"] = http.HandlerFunc(pprof.Symbol)
+		a.extra["/debug/pprof/cmdline"] = http.HandlerFunc(pprof.Cmdline)
+	}
 
 	defer func() {
 		sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
