@@ -309,10 +309,16 @@ func TestP2PThroughput(t *testing.T) {
 	peer, lat := sequentialRead(t, b.URL("/blobs/"+originURL+rel), size, 1<<20)
 	recv := b.Metric(t, "peerd_p2p_received_bytes_total")
 	fromOrigin := b.Metric(t, "peerd_fetched_bytes_total", "source=upstream")
+	warm, _ := sequentialRead(t, b.URL("/blobs/"+originURL+rel), size, 1<<20)
+	// For scale: the same node filling a blob nobody else holds from the origin.
+	_, rel2 := writeRandomFile(t, originDir, size)
+	cold, _ := sequentialRead(t, b.URL("/blobs/"+originURL+rel2), size, 1<<20)
 	p50, p99, cnt := histQuantiles(t, b.Node, "peerd_p2p_lookup_seconds", "")
 	fmt.Printf("\npeer read of a %d MiB blob (%s) in 1 MiB ranges through B's /blobs/, A holding it\n", mb, dg[:19])
 	fmt.Printf("  origin direct       %8.0f MiB/s\n", direct)
 	fmt.Printf("  B from A (peers)    %8.0f MiB/s  ratio %.2f (goal >= 0.8)  request p50 %v p99 %v\n", peer, peer/direct, pct(lat, .5), pct(lat, .99))
+	fmt.Printf("  B from origin (cold) %7.0f MiB/s  ratio %.2f\n", cold, cold/direct)
+	fmt.Printf("  B warm (cache hit)  %8.0f MiB/s\n", warm)
 	fmt.Printf("  bytes from peers %.0f, from origin %.0f (%.2f%%)\n", recv, fromOrigin, 100*fromOrigin/float64(size))
 	fmt.Printf("  lookups %d, p50 <= %v, p99 <= %v\n", cnt, p50, p99)
 	if fromOrigin > float64(size)/100 {

@@ -356,7 +356,9 @@ func (s *Source) hedged(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off
 				if allNotFound {
 					return nil, nil, fmt.Errorf("%s range %d+%d: %w (no provider holds it: %v)", k, off, n, blob.ErrNotFound, err)
 				}
-				return nil, nil, fmt.Errorf("%s range %d+%d from peers: %w", k, off, n, err)
+				// %v, not %w: a "don't have" among real failures must not
+				// make the whole answer look like a clean ErrNotFound.
+				return nil, nil, fmt.Errorf("%s range %d+%d from peers: %v", k, off, n, err)
 			}
 		case <-timer.C:
 			if next < len(ps) {

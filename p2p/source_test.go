@@ -1,0 +1,315 @@
+package p2p
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/peerd-project/peerd/blob"
+)
+
+func newPeerID(t testing.TB) peer.ID {
+	t.Helper()
+	k, _, err := crypto.GenerateEd25519Key(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := peer.IDFromPrivateKey(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+type fakeFinder struct {
+	calls atomic.Int32
+	delay time.Duration
+	peers []peer.AddrInfo
+}
+
+func (f *fakeFinder) FindProviders(ctx context.Context, k blob.Key) ([]peer.AddrInfo, error) {
+	f.calls.Add(1)
+	if f.delay > 0 {
+		select {
+		case <-time.After(f.delay):
+		case <-ctx.Done():
+		}
+	}
+	return f.peers, nil
+}
+
+type call struct {
+	p      peer.ID
+	off, n int64
+}
+
+// fakeGetter serves ranges of data per peer according to a behaviour.
+type fakeGetter struct {
+	data []byte
+	mu   sync.Mutex
+	log  []call
+	// behave decides per peer: "ok", "err", "notfound", "slow", "break" (half then error).
+	behave map[peer.ID]string
+	// cancelled records attempts whose context ended.
+	cancelled atomic.Int32
+}
+
+func (g *fakeGetter) GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+	g.mu.Lock()
+	g.log = append(g.log, call{ai.ID, off, n})
+	b := g.behave[ai.ID]
+	g.mu.Unlock()
+	size := int64(len(g.data))
+	end := min(off+n, size)
+	switch b {
+	case "err":
+		return nil, -1, errors.New("connection refused")
+	case "notfound":
+		return nil, -1, fmt.Errorf("not held: %w", blob.ErrNotFound)
+	case "slow":
+		select {
+		case <-ctx.Done():
+			g.cancelled.Add(1)
+			return nil, -1, ctx.Err()
+		case <-time.After(10 * time.Second):
+		}
+	case "break":
+		half := off + (end-off)/2
+		return io.NopCloser(io.MultiReader(bytes.NewReader(g.data[off:half]), errReader{})), size, nil
+	}
+	return io.NopCloser(bytes.NewReader(g.data[off:end])), size, nil
+}
+
+func (g *fakeGetter) calls() []call {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return append([]call(nil), g.log...)
+}
+
+type errReader struct{}
+
+func (errReader) Read([]byte) (int, error) { return 0, errors.New("connection reset by peer") }
+
+func testKey() blob.Key {
+	return blob.Key("sha256:" + fmt.Sprintf("%064x", 42))
+}
+
+func setup(t *testing.T, behaviours ...string) (*Source, *fakeFinder, *fakeGetter, []peer.ID) {
+	t.Helper()
+	data := make([]byte, 3<<20)
+	rand.Read(data)
+	g := &fakeGetter{data: data, behave: map[peer.ID]string{}}
+	f := &fakeFinder{}
+	var ids []peer.ID
+	for _, b := range behaviours {
+		id := newPeerID(t)
+		ids = append(ids, id)
+		g.behave[id] = b
+		f.peers = append(f.peers, peer.AddrInfo{ID: id})
+	}
+	s := newSource(newPeerID(t), f, g, nil, nil, 20*time.Millisecond, 1)
+	return s, f, g, ids
+}
+
+func readAll(t *testing.T, s *Source, off, n int64) ([]byte, string, error) {
+	t.Helper()
+	rc, _, err := s.Fetch(context.Background(), testKey(), off, n)
+	if err != nil {
+		return nil, "", err
+	}
+	defer rc.Close()
+	b, err := io.ReadAll(rc)
+	return b, rc.(blob.Attributed).Origin(), err
+}
+
+func TestSourceReadsFromFirstProvider(t *testing.T) {
+	s, _, g, ids := setup(t, "ok", "ok")
+	b, origin, err := readAll(t, s, 1<<20, 1<<20)
+	if err != nil || !bytes.Equal(b, g.data[1<<20:2<<20]) {
+		t.Fatalf("got %d bytes, %v", len(b), err)
+	}
+	if origin != ids[0].String() {
+		t.Fatalf("origin %s, want first provider %s", origin, ids[0])
+	}
+	if c := g.calls(); len(c) != 1 {
+		t.Fatalf("%d requests, want 1", len(c))
+	}
+}
+
+func TestSourceSizeAndEndOfBlob(t *testing.T) {
+	s, _, g, _ := setup(t, "ok")
+	rc, size, err := s.Fetch(context.Background(), testKey(), 3<<20-10, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := io.ReadAll(rc)
+	rc.Close()
+	if err != nil || size != int64(len(g.data)) || !bytes.Equal(b, g.data[3<<20-10:]) {
+		t.Fatalf("size %d, %d bytes, %v", size, len(b), err)
+	}
+}
+
+func TestSourceNegativeResultIsCachedPerBlob(t *testing.T) {
+	s, f, g, _ := setup(t)
+	for i := 0; i < 50; i++ {
+		if _, _, err := readAll(t, s, int64(i)<<20, 1<<20); !errors.Is(err, blob.ErrNotFound) {
+			t.Fatalf("chunk %d: %v, want ErrNotFound", i, err)
+		}
+	}
+	// One lookup plus --resolve-retries (1) for the whole blob, not per chunk.
+	if n := f.calls.Load(); n != 2 {
+		t.Fatalf("%d lookups for 50 chunks of a blob nobody has, want 2", n)
+	}
+	if len(g.calls()) != 0 {
+		t.Fatal("asked a peer though none was found")
+	}
+}
+
+func TestSourceConcurrentCallersShareOneLookup(t *testing.T) {
+	s, f, _, _ := setup(t, "ok")
+	f.delay = 5 * time.Millisecond
+	var wg sync.WaitGroup
+	for i := 0; i < 16; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, _, err := readAll(t, s, 0, 1000); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if n := f.calls.Load(); n != 1 {
+		t.Fatalf("%d lookups, want 1", n)
+	}
+}
+
+func TestSourceSkipsSelf(t *testing.T) {
+	s, f, g, ids := setup(t, "ok")
+	f.peers = append([]peer.AddrInfo{{ID: s.self}}, f.peers...)
+	if _, origin, err := readAll(t, s, 0, 100); err != nil || origin != ids[0].String() {
+		t.Fatalf("origin %s, %v", origin, err)
+	}
+	for _, c := range g.calls() {
+		if c.p == s.self {
+			t.Fatal("asked itself")
+		}
+	}
+}
+
+func TestSourceFailsOverAndRemembersFailures(t *testing.T) {
+	s, _, g, ids := setup(t, "err", "notfound", "ok")
+	b, origin, err := readAll(t, s, 0, 1<<20)
+	if err != nil || !bytes.Equal(b, g.data[:1<<20]) {
+		t.Fatalf("%d bytes, %v", len(b), err)
+	}
+	if origin != ids[2].String() {
+		t.Fatalf("origin %s, want %s", origin, ids[2])
+	}
+	// The failing peer goes to the back; "don't have" is no failure.
+	got := s.order([]peer.AddrInfo{{ID: ids[0]}, {ID: ids[1]}, {ID: ids[2]}})
+	if got[0].ID != ids[1] || got[2].ID != ids[0] {
+		t.Fatalf("order after failure: %v", got)
+	}
+}
+
+func TestSourceAllProvidersLackIt(t *testing.T) {
+	s, _, _, _ := setup(t, "notfound", "notfound")
+	if _, _, err := readAll(t, s, 0, 10); !errors.Is(err, blob.ErrNotFound) {
+		t.Fatalf("%v, want ErrNotFound", err)
+	}
+	s2, _, _, _ := setup(t, "err", "notfound")
+	if _, _, err := readAll(t, s2, 0, 10); err == nil || errors.Is(err, blob.ErrNotFound) {
+		t.Fatalf("%v, want a peer error (not ErrNotFound)", err)
+	}
+}
+
+func TestSourceHedgesASlowProvider(t *testing.T) {
+	s, _, g, ids := setup(t, "slow", "ok")
+	start := time.Now()
+	b, origin, err := readAll(t, s, 0, 1<<20)
+	if err != nil || !bytes.Equal(b, g.data[:1<<20]) {
+		t.Fatalf("%d bytes, %v", len(b), err)
+	}
+	if origin != ids[1].String() {
+		t.Fatalf("origin %s, want the hedge %s", origin, ids[1])
+	}
+	if time.Since(start) > 5*time.Second {
+		t.Fatal("waited for the slow provider instead of hedging")
+	}
+	// The slow attempt is cancelled, not left running.
+	waitFor(t, "slow attempt cancelled", func() bool { return g.cancelled.Load() == 1 })
+}
+
+func TestSourceHedgeDelayAdapts(t *testing.T) {
+	var l latencies
+	if d := l.hedgeDelay(); d != initialHedge {
+		t.Fatalf("initial delay %v", d)
+	}
+	for i := 0; i < 100; i++ {
+		l.add(time.Millisecond)
+	}
+	if d := l.hedgeDelay(); d != minHedge {
+		t.Fatalf("fast peers: delay %v, want the floor %v", d, minHedge)
+	}
+	for i := 0; i < 128; i++ {
+		l.add(100 * time.Millisecond)
+	}
+	if d := l.hedgeDelay(); d != 200*time.Millisecond {
+		t.Fatalf("slow peers: delay %v, want 200ms", d)
+	}
+}
+
+func TestSourceResumesABrokenTransfer(t *testing.T) {
+	s, _, g, ids := setup(t, "break", "ok")
+	b, origin, err := readAll(t, s, 1<<20, 1<<20)
+	if err != nil || !bytes.Equal(b, g.data[1<<20:2<<20]) {
+		t.Fatalf("%d bytes, %v", len(b), err)
+	}
+	if origin != ids[0].String()+","+ids[1].String() {
+		t.Fatalf("origin %q, want both peers", origin)
+	}
+	c := g.calls()
+	last := c[len(c)-1]
+	if last.p != ids[1] || last.off != 1<<20+1<<19 || last.n != 1<<19 {
+		t.Fatalf("resume asked %+v, want the second half from the second peer", last)
+	}
+}
+
+func TestSourceBrokenTransferWithNoOneLeft(t *testing.T) {
+	s, _, _, _ := setup(t, "break")
+	if _, _, err := readAll(t, s, 0, 1<<20); err == nil {
+		t.Fatal("a broken transfer with no other provider read without error")
+	}
+}
+
+func TestSourceAvoidsBlamedPeers(t *testing.T) {
+	s, _, g, ids := setup(t, "ok", "ok")
+	s.Blame(testKey(), ids[0].String()+","+ids[1].String()[:5])
+	_, origin, err := readAll(t, s, 0, 10)
+	if err != nil || origin != ids[1].String() {
+		t.Fatalf("origin %s, %v", origin, err)
+	}
+	for _, c := range g.calls() {
+		if c.p == ids[0] {
+			t.Fatal("asked a blamed peer")
+		}
+	}
+}
+
+func TestSourceRefusesURLKeys(t *testing.T) {
+	s, f, _, _ := setup(t, "ok")
+	_, _, err := s.Fetch(context.Background(), blob.Key("url:"+fmt.Sprintf("%064x", 1)), 0, 10)
+	if !errors.Is(err, blob.ErrNotFound) || f.calls.Load() != 0 {
+		t.Fatalf("%v, %d lookups", err, f.calls.Load())
+	}
+}
