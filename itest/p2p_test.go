@@ -16,6 +16,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -297,8 +298,13 @@ func TestP2PThroughput(t *testing.T) {
 	dg, rel := writeRandomFile(t, originDir, size)
 	allow := "--upstream-allow=" + strings.TrimPrefix(originURL, "http://")
 	cacheSize := fmt.Sprintf("--cache-size=%dMiB", 2*mb+64)
-	a := startP2PNode(t, allow, cacheSize)
-	b := startP2PNode(t, allow, cacheSize, "--bootstrap", a.P2PAddr)
+	prof := os.Getenv("PEERD_BENCH_PPROF") // a folder for CPU profiles of A and B
+	var extra []string
+	if prof != "" {
+		extra = append(extra, "--debug-pprof")
+	}
+	a := startP2PNode(t, append([]string{allow, cacheSize}, extra...)...)
+	b := startP2PNode(t, append([]string{allow, cacheSize, "--bootstrap", a.P2PAddr}, extra...)...)
 	waitReady(t, b.Node)
 	// A fills from the origin.
 	sequentialRead(t, a.URL("/blobs/"+originURL+rel), size, 1<<20)
@@ -306,7 +312,28 @@ func TestP2PThroughput(t *testing.T) {
 	waitMetric(t, a.Node, "peerd_cache_verifications_total", 1, "result=ok")
 
 	direct, _ := sequentialRead(t, originURL+rel, size, 1<<20)
+	var profWG sync.WaitGroup
+	if prof != "" {
+		for _, n := range []*p2pNode{a, b} {
+			profWG.Add(1)
+			go func() {
+				defer profWG.Done()
+				resp, err := http.Get(n.URL("/debug/pprof/profile?seconds=1"))
+				if err != nil {
+					t.Errorf("profile %s: %v", n.Name, err)
+					return
+				}
+				defer resp.Body.Close()
+				f, err := os.Create(filepath.Join(prof, n.Name+".pprof"))
+				if err == nil {
+					io.Copy(f, resp.Body)
+					f.Close()
+				}
+			}()
+		}
+	}
 	peer, lat := sequentialRead(t, b.URL("/blobs/"+originURL+rel), size, 1<<20)
+	profWG.Wait()
 	recv := b.Metric(t, "peerd_p2p_received_bytes_total")
 	fromOrigin := b.Metric(t, "peerd_fetched_bytes_total", "source=upstream")
 	warm, _ := sequentialRead(t, b.URL("/blobs/"+originURL+rel), size, 1<<20)

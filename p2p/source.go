@@ -43,6 +43,8 @@ const (
 	// Hedge delay bounds; in between it follows the observed first-byte times.
 	minHedge, maxHedge, initialHedge = 5 * time.Millisecond, 500 * time.Millisecond, 50 * time.Millisecond
 	maxCachedKeys                    = 8192
+	// providerGrace is how long a lookup keeps collecting after the first provider.
+	providerGrace = 2 * time.Millisecond
 )
 
 // Source reads blob bytes from the peers that hold them. It implements
@@ -530,7 +532,10 @@ func (f *dhtFinder) FindProviders(ctx context.Context, k blob.Key) ([]peer.AddrI
 	if err != nil {
 		return nil, err
 	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel() // stops the DHT query when we return early
 	var out []peer.AddrInfo
+	var grace <-chan time.Time
 	ch := f.n.dht.FindProvidersAsync(ctx, c, 16)
 	for {
 		select {
@@ -539,6 +544,15 @@ func (f *dhtFinder) FindProviders(ctx context.Context, k blob.Key) ([]peer.AddrI
 				return out, nil
 			}
 			out = append(out, ai)
+			if grace == nil {
+				// More providers help failover, but the first one is what
+				// matters: don't run the whole query for the rest.
+				t := time.NewTimer(providerGrace)
+				defer t.Stop()
+				grace = t.C
+			}
+		case <-grace:
+			return out, nil
 		case <-ctx.Done():
 			return out, nil
 		}
