@@ -95,9 +95,10 @@ type Options struct {
 	// sends no event when a blob is committed, and garbage collection sends
 	// none when it deletes one). Default 1 minute.
 	Resync time.Duration
-	// OnConnect, if set, hears containerd's version after each (re)connect
-	// and first resync; it runs on Run's goroutine and must not block long.
-	OnConnect func(version string)
+	// OnSync, if set, hears containerd's version after every successful
+	// resync (the first one after each connect, then periodic ones); it runs
+	// on Run's goroutine and must not block long.
+	OnSync func(version string)
 	// Socket names the daemon in logs.
 	Socket     string
 	Logger     *slog.Logger

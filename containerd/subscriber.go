@@ -97,9 +97,7 @@ func (s *Store) session(ctx context.Context) error {
 	s.mu.Unlock()
 	s.m.connected.Set(1)
 	s.log.Info("following containerd", "socket", s.opts.Socket, "version", version, "blobs", s.Len())
-	if s.opts.OnConnect != nil {
-		s.opts.OnConnect(version)
-	}
+	s.synced()
 
 	tick := time.NewTicker(s.opts.Resync)
 	defer tick.Stop()
@@ -129,11 +127,18 @@ func (s *Store) session(ctx context.Context) error {
 			if err := s.resync(sctx, be); err != nil {
 				return err
 			}
+			s.synced()
 		case <-s.resyncNow:
 			if err := s.resync(sctx, be); err != nil {
 				return err
 			}
 		}
+	}
+}
+
+func (s *Store) synced() {
+	if s.opts.OnSync != nil {
+		s.opts.OnSync(s.Version())
 	}
 }
 

@@ -101,6 +101,7 @@ func startContainerd(ctx context.Context, a *app) error {
 	a.reg.MustRegister(configured)
 	mirror := "http://" + mirrorHostPort(a.cfg.HTTPAddr)
 
+	var lastVerdict string // touched only on the subscriber's goroutine
 	var adv ctrd.Advertiser = noAdvertiser{}
 	if a.p2p != nil {
 		adv = p2pAdvertiser{node: a.p2p, cache: a.cache}
@@ -113,11 +114,21 @@ func startContainerd(ctx context.Context, a *app) error {
 		Socket:     c.Socket,
 		Logger:     a.log,
 		Registerer: a.reg,
-		OnConnect: func(version string) {
+		// Re-checked at every resync, so fixing the config needs no restart;
+		// logged when the verdict changes.
+		OnSync: func(version string) {
 			if len(c.Registries.items) == 0 {
 				return
 			}
 			err := ctrd.CheckMirror(c.ConfigFile, majorVersion(version), c.HostsDir, c.Registries.items, mirror)
+			verdict := "ok"
+			if err != nil {
+				verdict = err.Error()
+			}
+			if verdict == lastVerdict {
+				return
+			}
+			lastVerdict = verdict
 			if err != nil {
 				configured.Set(0)
 				a.log.Warn("containerd may not use this node's mirror: pulls bypass peerd", "containerd", version, "problem", err,
@@ -125,6 +136,7 @@ func startContainerd(ctx context.Context, a *app) error {
 				return
 			}
 			configured.Set(1)
+			a.log.Info("containerd consults this node's mirror", "containerd", version, "hosts-dir", c.HostsDir, "registries", c.Registries.String())
 		},
 	})
 	if a.p2p != nil {
