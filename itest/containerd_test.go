@@ -187,6 +187,35 @@ func testContainerdMirror(t *testing.T, build ctrdBuild, registryBin string) {
 	c.pull(t, reg.Host+"/team/app@"+img.manifestDigest)
 	t.Logf("pull C by digest with the registry stopped: registry blob bytes 0 (registry down), pull succeeded")
 	c.wantContent(t, img.digests()...)
+
+	// containerd restarts under A's peerd: it reconnects and resyncs.
+	reconnects := a.peerd.Metric(t, "peerd_containerd_reconnects_total")
+	a.stopDaemon()
+	ctrdWaitFor(t, 30*time.Second, "A's peerd notices containerd is gone", func() bool {
+		return a.peerd.Metric(t, "peerd_containerd_connected") == 0
+	})
+	a.startDaemon(t)
+	ctrdWaitFor(t, 60*time.Second, "A's peerd follows the restarted containerd", func() bool {
+		return a.peerd.Metric(t, "peerd_containerd_connected") == 1
+	})
+	if a.peerd.Metric(t, "peerd_containerd_reconnects_total") <= reconnects {
+		t.Fatal("peerd_containerd_reconnects_total did not grow over a containerd restart")
+	}
+	code, _, body = Get(t, "GET", a.peerd.URL("/v2/team/app/blobs/"+img.layerDigests[0]+"?ns="+reg.Host), nil)
+	if code != 200 || Digest(body) != img.layerDigests[0] {
+		t.Fatalf("A's mirror after the containerd restart: %d", code)
+	}
+
+	// containerd deletes the image: A's peerd withdraws its blobs.
+	if out, err := a.ctr(t, time.Minute, "images", "rm", "--sync", reg.Host+"/team/app:v1"); err != nil {
+		t.Fatalf("ctr images rm: %v\n%s", err, out)
+	}
+	ctrdWaitFor(t, 30*time.Second, "A's peerd withdraws the deleted blobs", func() bool {
+		return a.peerd.Metric(t, "peerd_containerd_blobs") == 0
+	})
+	if n := a.peerd.Metric(t, "peerd_containerd_withdrawn_total"); n < float64(len(img.digests())) {
+		t.Fatalf("peerd_containerd_withdrawn_total = %v, want >= %d", n, len(img.digests()))
+	}
 }
 
 // ---------- containerd ----------
@@ -235,35 +264,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 	if err := os.WriteFile(n.config, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	logf, err := os.Create(filepath.Join(dir, "containerd.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	n.cmd = exec.Command(build.daemon, "--config", n.config)
-	n.cmd.Stdout, n.cmd.Stderr = logf, logf
-	n.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := n.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	n.done = make(chan struct{})
-	go func() { n.cmd.Wait(); logf.Close(); close(n.done) }()
+	n.startDaemon(t)
 	t.Cleanup(func() {
-		syscall.Kill(-n.cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-n.done:
-		case <-time.After(15 * time.Second):
-			syscall.Kill(-n.cmd.Process.Pid, syscall.SIGKILL)
-			<-n.done
-		}
+		n.stopDaemon()
 		if t.Failed() {
 			b, _ := os.ReadFile(filepath.Join(dir, "containerd.log"))
 			t.Logf("--- containerd log (%s) ---\n%s", dir, ctrdTail(string(b), 40))
 		}
 		os.RemoveAll(dir)
-	})
-	ctrdWaitFor(t, 30*time.Second, "containerd answers on "+n.sock, func() bool {
-		_, err := n.ctr(t, 10*time.Second, "version")
-		return err == nil
 	})
 
 	n.peerd = startP2PNode(t, append([]string{
@@ -281,6 +289,43 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 		t.Fatalf("peerd containerd-config: %v\n%s", err, out)
 	}
 	return n
+}
+
+func (n *ctrdNode) startDaemon(t *testing.T) {
+	t.Helper()
+	logf, err := os.OpenFile(filepath.Join(n.dir, "containerd.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.cmd = exec.Command(n.build.daemon, "--config", n.config)
+	n.cmd.Stdout, n.cmd.Stderr = logf, logf
+	n.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := n.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	n.done = done
+	cmd := n.cmd
+	go func() { cmd.Wait(); logf.Close(); close(done) }()
+	ctrdWaitFor(t, 30*time.Second, "containerd answers on "+n.sock, func() bool {
+		_, err := n.ctr(t, 10*time.Second, "version")
+		return err == nil
+	})
+}
+
+func (n *ctrdNode) stopDaemon() {
+	select {
+	case <-n.done:
+		return
+	default:
+	}
+	syscall.Kill(-n.cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-n.done:
+	case <-time.After(15 * time.Second):
+		syscall.Kill(-n.cmd.Process.Pid, syscall.SIGKILL)
+		<-n.done
+	}
 }
 
 func (n *ctrdNode) ctr(t *testing.T, timeout time.Duration, args ...string) (string, error) {
