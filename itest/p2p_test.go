@@ -138,6 +138,15 @@ func TestP2PThreeNodesShareABlob(t *testing.T) {
 	if got := a.Metric(t, "peerd_p2p_served_bytes_total"); got < size*0.99 {
 		t.Fatalf("A served %v bytes to peers, want ~%d", got, size)
 	}
+	// Connections to A were kept alive: far fewer TLS handshakes than chunks.
+	if dials := b.Metric(t, "peerd_p2p_data_connections_total"); dials < 1 || dials > 12 {
+		t.Errorf("B opened %v data-plane connections for 25 chunks, want a few reused ones", dials)
+	} else {
+		t.Logf("B read 25 chunks from A over %v kept-alive TLS connections", dials)
+	}
+	if _, _, m := Get(t, "GET", b.URL("/metrics/prometheus"), nil); !bytes.Contains(m, []byte("\nlibp2p_")) || !bytes.Contains(m, []byte("peerd_p2p_lookup_seconds_bucket")) {
+		t.Error("metrics lack libp2p_* or peerd_p2p_lookup_seconds")
+	}
 	// B verified the blob (its peer bytes may now spread) and advertises it.
 	waitMetric(t, b.Node, "peerd_cache_verifications_total", 1, "result=ok")
 	waitMetric(t, b.Node, "peerd_p2p_provides_total", 1, "result=ok")

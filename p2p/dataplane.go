@@ -423,7 +423,10 @@ func (c *dataClient) conn(ctx context.Context, ai peer.AddrInfo) (*peerConn, err
 		return nil
 	}
 	tr := &http.Transport{
-		DialContext:           (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c.n.m.dials.Inc()
+			return (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext(ctx, network, addr)
+		},
 		TLSClientConfig:       conf,
 		TLSHandshakeTimeout:   3 * time.Second,
 		ResponseHeaderTimeout: 10 * time.Second,

@@ -15,6 +15,7 @@ type metrics struct {
 	provides      *prometheus.CounterVec // result: ok, error
 	provideSecs   prometheus.Histogram
 	advertised    prometheus.Gauge
+	dials         prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -61,10 +62,14 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		advertised: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "peerd_p2p_advertised_keys", Help: "Blobs this node advertises on the DHT.",
 		}),
+		dials: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "peerd_p2p_data_connections_total",
+			Help: "TLS connections opened to peers' data planes (kept alive and reused across chunks).",
+		}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.lookupSeconds, m.lookupCache, m.receivedBytes, m.servedBytes, m.serveRequests,
-			m.peerErrors, m.hedges, m.resumes, m.blames, m.provides, m.provideSecs, m.advertised)
+			m.peerErrors, m.hedges, m.resumes, m.blames, m.provides, m.provideSecs, m.advertised, m.dials)
 	}
 	return m
 }
