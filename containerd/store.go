@@ -126,6 +126,8 @@ type Store struct {
 	version string
 
 	resyncNow chan struct{}
+	// walked maps image names to the target last walked; Run's goroutine only.
+	walked map[string]digest.Digest
 }
 
 // New makes a Store; Run connects it.
@@ -140,6 +142,7 @@ func New(opts Options) *Store {
 		opts:      opts,
 		log:       opts.Logger.With("component", "containerd", "namespace", opts.Namespace),
 		blobs:     map[digest.Digest]*entry{},
+		walked:    map[string]digest.Digest{},
 		resyncNow: make(chan struct{}, 1),
 	}
 	s.m = newMetrics(s, opts.Registerer)

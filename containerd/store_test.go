@@ -223,6 +223,7 @@ type fixture struct {
 	mu       sync.Mutex
 	connects int
 	failNext int
+	synced   chan struct{}
 }
 
 // image builds a one-platform image of two layers in the fake store and
@@ -256,11 +257,18 @@ func newFixture(t *testing.T) *fixture {
 		events:  &fakeEvents{subd: make(chan struct{}, 10)},
 		adv:     newRecorder(),
 		done:    make(chan struct{}),
+		synced:  make(chan struct{}, 100),
 	}
 	fx.store = New(Options{
+		OnSync: func(string) {
+			select {
+			case fx.synced <- struct{}{}:
+			default:
+			}
+		},
 		Namespace:  "k8s.io",
 		Advertiser: fx.adv,
-		Resync:     time.Hour, // tests trigger resyncs themselves
+		Resync:     50 * time.Millisecond,
 		Logger:     slog.New(slog.NewTextHandler(io.Discard, nil)),
 		Registerer: prometheus.NewRegistry(),
 		Connect: func(ctx context.Context) (*Backend, error) {
@@ -467,5 +475,69 @@ func TestOriginsFromLabels(t *testing.T) {
 	want := []Origin{{"docker.io", "library/alpine"}, {"docker.io", "library/nginx"}, {"ghcr.io", "org/x"}}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("got %v want %v", got, want)
+	}
+}
+
+func (fx *fixture) drain() {
+	for {
+		select {
+		case <-fx.synced:
+		default:
+			return
+		}
+	}
+}
+
+func (fx *fixture) reads() int {
+	fx.content.mu.Lock()
+	defer fx.content.mu.Unlock()
+	return fx.content.reads
+}
+
+func TestResyncSkipsUnchangedImages(t *testing.T) {
+	fx := newFixture(t)
+	fx.image("registry.example/team/app:v1", []byte("x"))
+	fx.start(t)
+	<-fx.synced
+	fx.drain()
+	<-fx.synced // a periodic resync after the first one
+	before := fx.reads()
+	fx.drain()
+	<-fx.synced
+	<-fx.synced
+	if after := fx.reads(); after != before {
+		t.Fatalf("periodic resyncs read %d manifests of an unchanged image", after-before)
+	}
+	// A retagged image is walked again.
+	_, ds := fx.image("registry.example/team/app:v1", []byte("y"))
+	waitFor(t, "new target walked", func() bool {
+		return fx.store.MediaType(blob.Key(ds[0])) == ocispec.MediaTypeImageManifest
+	})
+}
+
+func TestSourceFetch(t *testing.T) {
+	fx := newFixture(t)
+	layer := bytes.Repeat([]byte("abcdefgh"), 1000)
+	_, ds := fx.image("registry.example/team/app:v1", layer)
+	fx.start(t)
+	<-fx.synced
+	src := fx.store.Source()
+	if src.Name() != "containerd" || blob.TrustOf(src) != blob.Trusted {
+		t.Fatalf("source %s trust %v", src.Name(), blob.TrustOf(src))
+	}
+	rc, size, err := src.Fetch(context.Background(), blob.Key(ds[2]), 7990, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := io.ReadAll(rc)
+	rc.Close()
+	if size != 8000 || string(got) != "ghabcdefgh" {
+		t.Fatalf("fetch past the end: size %d, %q", size, got)
+	}
+	if _, _, err := src.Fetch(context.Background(), blob.Key(digest.FromString("absent")), 0, 10); !errors.Is(err, blob.ErrNotFound) {
+		t.Fatalf("absent: %v", err)
+	}
+	if _, _, err := src.Fetch(context.Background(), blob.Key(ds[2]), 9000, 10); !errors.Is(err, blob.ErrNotFound) {
+		t.Fatalf("offset past the end: %v", err)
 	}
 }

@@ -72,6 +72,7 @@ func (s *Store) session(ctx context.Context) error {
 	}
 	sctx, cancel := context.WithCancel(s.ctx(ctx))
 	defer cancel()
+	s.walked = map[string]digest.Digest{}
 	// Subscribe before the walk so nothing committed in between is missed.
 	evs, errs := be.Events.Subscribe(sctx,
 		fmt.Sprintf(`namespace==%q,topic~="^/images/"`, s.opts.Namespace),
@@ -227,8 +228,20 @@ func (s *Store) resync(ctx context.Context, be *Backend) (err error) {
 	if err != nil {
 		return fmt.Errorf("list containerd images: %w", err)
 	}
+	// Walking an image reads its manifests; an image whose target did not
+	// change since the last walk has nothing new to tell.
+	names := make(map[string]bool, len(imgs))
 	for _, img := range imgs {
+		names[img.Name] = true
+		if s.walked[img.Name] == img.Target.Digest {
+			continue
+		}
 		s.walkImage(ctx, be, img)
+	}
+	for name := range s.walked {
+		if !names[name] {
+			delete(s.walked, name)
+		}
 	}
 	if len(added) > 0 || len(removed) > 0 {
 		s.log.Info("resynced containerd content", "blobs", s.Len(), "added", len(added), "removed", len(removed), "images", len(imgs))
@@ -266,8 +279,13 @@ func (s *Store) walkImage(ctx context.Context, be *Backend, img images.Image) {
 		}
 		return images.Children(ctx, be.Content, desc)
 	})
-	if err := images.Walk(wctx, handler, img.Target); err != nil && wctx.Err() == nil {
-		s.log.Warn("walk image", "image", img.Name, "target", img.Target.Digest, "err", err)
+	if err := images.Walk(wctx, handler, img.Target); err != nil {
+		delete(s.walked, img.Name)
+		if wctx.Err() == nil {
+			s.log.Warn("walk image", "image", img.Name, "target", img.Target.Digest, "err", err)
+		}
+	} else {
+		s.walked[img.Name] = img.Target.Digest
 	}
 	s.advertise(fresh...)
 }
