@@ -34,10 +34,11 @@ const (
 	// noticed soon.
 	positiveTTL = 30 * time.Second
 	negativeTTL = 5 * time.Second
-	// A peer that failed is tried last for a while; one whose bytes failed
-	// verification is not asked at all for longer.
-	errorAvoid = 30 * time.Second
-	blameAvoid = 10 * time.Minute
+	// A peer that failed is not asked for a while (doubling while it keeps
+	// failing); one whose bytes failed verification, for longer.
+	errorAvoid    = 5 * time.Second
+	maxErrorAvoid = 2 * time.Minute
+	blameAvoid    = 10 * time.Minute
 	// A body that makes no progress this long is abandoned for the next provider.
 	stallTimeout = 5 * time.Second
 	// Hedge delay bounds; in between it follows the observed first-byte times.
@@ -73,10 +74,10 @@ type provEntry struct {
 }
 
 type avoidEntry struct {
-	until   time.Time
-	blamed  bool
-	reason  string
-	skipped int
+	until  time.Time
+	blamed bool
+	fails  int
+	reason string
 }
 
 func newSource(self peer.ID, f providerFinder, g rangeGetter, m *metrics, log *slog.Logger, timeout time.Duration, retries int) *Source {
@@ -201,36 +202,44 @@ func (s *Source) forgetProviders(k blob.Key) {
 	s.mu.Unlock()
 }
 
-// order drops blamed peers and moves recently failing ones to the back,
-// keeping the DHT's order otherwise.
+// order keeps the DHT's order but leaves out peers that failed recently or
+// served bytes that failed verification: a dead provider must not cost every
+// chunk a dial timeout before the origin is tried.
 func (s *Source) order(ps []peer.AddrInfo) []peer.AddrInfo {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.now()
-	var good, bad []peer.AddrInfo
+	out := make([]peer.AddrInfo, 0, len(ps))
 	for _, p := range ps {
-		a, ok := s.avoid[p.ID]
-		switch {
-		case !ok || now.After(a.until):
-			if ok {
-				delete(s.avoid, p.ID)
-			}
-			good = append(good, p)
-		case a.blamed:
-		default:
-			bad = append(bad, p)
+		if a, ok := s.avoid[p.ID]; ok && now.Before(a.until) {
+			continue
 		}
+		out = append(out, p)
 	}
-	return append(good, bad...)
+	return out
 }
 
+// penalize avoids a failing peer, longer after each consecutive failure.
 func (s *Source) penalize(p peer.ID, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if a, ok := s.avoid[p]; ok && a.blamed && s.now().Before(a.until) {
+	a := s.avoid[p]
+	if a.blamed && s.now().Before(a.until) {
 		return
 	}
-	s.avoid[p] = avoidEntry{until: s.now().Add(errorAvoid), reason: err.Error()}
+	a.fails++
+	a.until = s.now().Add(min(errorAvoid<<min(a.fails-1, 8), maxErrorAvoid))
+	a.reason = err.Error()
+	s.avoid[p] = a
+}
+
+// succeeded forgets a peer's past failures (not a blame).
+func (s *Source) succeeded(p peer.ID) {
+	s.mu.Lock()
+	if a, ok := s.avoid[p]; ok && !a.blamed {
+		delete(s.avoid, p)
+	}
+	s.mu.Unlock()
 }
 
 // Blame avoids the peers whose bytes of k failed verification (blob.Blamer).
@@ -300,6 +309,7 @@ func (s *Source) hedged(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off
 			rc, total, err := s.getter.GetRange(actx, p, k, off, n)
 			if err == nil {
 				s.lat.add(s.now().Sub(start))
+				s.succeeded(p.ID)
 			}
 			results <- &attempt{idx: idx, p: p, rc: rc, total: total, cancel: cancel, err: err}
 		}()

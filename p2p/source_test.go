@@ -215,10 +215,24 @@ func TestSourceFailsOverAndRemembersFailures(t *testing.T) {
 	if origin != ids[2].String() {
 		t.Fatalf("origin %s, want %s", origin, ids[2])
 	}
-	// The failing peer goes to the back; "don't have" is no failure.
+	// The failing peer is left out for a while; "don't have" is no failure.
 	got := s.order([]peer.AddrInfo{{ID: ids[0]}, {ID: ids[1]}, {ID: ids[2]}})
-	if got[0].ID != ids[1] || got[2].ID != ids[0] {
+	if len(got) != 2 || got[0].ID != ids[1] || got[1].ID != ids[2] {
 		t.Fatalf("order after failure: %v", got)
+	}
+	before := len(g.calls())
+	if _, _, err := readAll(t, s, 0, 10); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range g.calls()[before:] {
+		if c.p == ids[0] {
+			t.Fatal("asked the failing peer again at once")
+		}
+	}
+	// After the penalty it is asked again, and a success clears it.
+	s.now = func() time.Time { return time.Now().Add(errorAvoid + time.Second) }
+	if got := s.order([]peer.AddrInfo{{ID: ids[0]}}); len(got) != 1 {
+		t.Fatal("penalty never ends")
 	}
 }
 
@@ -311,5 +325,20 @@ func TestSourceRefusesURLKeys(t *testing.T) {
 	_, _, err := s.Fetch(context.Background(), blob.Key("url:"+fmt.Sprintf("%064x", 1)), 0, 10)
 	if !errors.Is(err, blob.ErrNotFound) || f.calls.Load() != 0 {
 		t.Fatalf("%v, %d lookups", err, f.calls.Load())
+	}
+}
+
+func TestSourceDeadProviderCostsOnce(t *testing.T) {
+	s, _, g, _ := setup(t, "err")
+	if _, _, err := readAll(t, s, 0, 10); err == nil || errors.Is(err, blob.ErrNotFound) {
+		t.Fatalf("first read: %v, want the peer's error", err)
+	}
+	for i := 1; i < 20; i++ {
+		if _, _, err := readAll(t, s, int64(i)<<20, 10); !errors.Is(err, blob.ErrNotFound) {
+			t.Fatalf("chunk %d: %v, want a quick ErrNotFound", i, err)
+		}
+	}
+	if n := len(g.calls()); n != 1 {
+		t.Fatalf("asked the dead provider %d times, want once", n)
 	}
 }
