@@ -550,16 +550,26 @@ func parseContentRange(h string) (total, start int64, err error) {
 	return total, start, nil
 }
 
+// countingBody counts received bytes in the metrics as they arrive and tells
+// the OnPeerBytes hooks once per response (hooks may be slow-ish: events).
 type countingBody struct {
-	rc io.ReadCloser
-	n  *Node
-	p  peer.ID
+	rc    io.ReadCloser
+	n     *Node
+	p     peer.ID
+	total int64
+	once  sync.Once
 }
 
 func (b *countingBody) Read(p []byte) (int, error) {
 	m, err := b.rc.Read(p)
-	b.n.peerBytes(Received, b.p, int64(m))
+	if m > 0 {
+		b.total += int64(m)
+		b.n.m.receivedBytes.Add(float64(m))
+	}
 	return m, err
 }
 
-func (b *countingBody) Close() error { return b.rc.Close() }
+func (b *countingBody) Close() error {
+	b.once.Do(func() { b.n.peerHooks(Received, b.p, b.total) })
+	return b.rc.Close()
+}

@@ -490,6 +490,13 @@ func (n *Node) peerBytes(dir Direction, p peer.ID, b int64) {
 	} else {
 		n.m.servedBytes.Add(float64(b))
 	}
+	n.peerHooks(dir, p, b)
+}
+
+func (n *Node) peerHooks(dir Direction, p peer.ID, b int64) {
+	if b <= 0 {
+		return
+	}
 	n.hooksMu.RLock()
 	hs := n.hooks
 	n.hooksMu.RUnlock()

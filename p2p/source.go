@@ -349,6 +349,9 @@ func (s *Source) hedged(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off
 				return r, slices.Clone(ps[next:]), nil
 			}
 			r.cancel()
+			if ctx.Err() == nil {
+				s.log.Debug("peer fetch failed; trying the next provider", "key", k, "peer", r.p.ID.String(), "off", off, "err", r.err)
+			}
 			errs = append(errs, fmt.Errorf("peer %s: %w", r.p.ID, r.err))
 			if !errors.Is(r.err, blob.ErrNotFound) {
 				allNotFound = false
