@@ -81,7 +81,7 @@ func startP2P(ctx context.Context, a *app) error {
 	}
 	if c.SwarmKeyFile != "" {
 		if cfg.SwarmKey, err = p2p.LoadSwarmKey(c.SwarmKeyFile); err != nil {
-			return err
+			return fmt.Errorf("--swarm-key-file: %w", err)
 		}
 	}
 	node, err := p2p.New(ctx, cfg)
