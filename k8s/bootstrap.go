@@ -45,6 +45,10 @@ type Discoverer interface {
 	Changed() <-chan struct{}
 }
 
+// ErrPending is wrapped by Discover errors that say "not yet" rather than
+// "broken": the source has no answer so far but expects one.
+var ErrPending = errors.New("not known yet")
+
 // BootstrapOptions tune the bootstrap loop; zero values take the defaults.
 type BootstrapOptions struct {
 	// MaxPeers bounds how many discovered peers one round connects to (3).
@@ -139,6 +143,12 @@ func (b *Bootstrapper) Run(ctx context.Context) {
 				return
 			}
 			switch {
+			case errors.Is(err, ErrPending):
+				// Expected at start (the Lease not read yet, no leader yet):
+				// the Discoverer signals Changed when that moves.
+				b.log.Debug("bootstrap source not ready yet", "err", err, "retry_in", backoff)
+				wait = jitter(backoff)
+				backoff = min(2*backoff, b.opts.MaxBackoff)
 			case err != nil:
 				b.log.Warn("bootstrap round failed; retrying", "err", err, "retry_in", backoff)
 				wait = jitter(backoff)

@@ -117,11 +117,11 @@ func (l *Lease) Discover(context.Context) ([]peer.AddrInfo, error) {
 	case l.getErr != nil:
 		return nil, fmt.Errorf("read Lease %s/%s: %w", l.opts.Namespace, l.opts.Name, l.getErr)
 	case !l.seen:
-		return nil, errors.New("Lease not read yet")
+		return nil, fmt.Errorf("Lease not read yet: %w", ErrPending)
 	case l.holder == l.opts.Identity:
 		return nil, nil
 	case l.holder == "":
-		return nil, errors.New("no leader yet")
+		return nil, fmt.Errorf("no leader yet: %w", ErrPending)
 	case len(l.addrs) == 0:
 		return nil, fmt.Errorf("leader %s: %s", l.holder, l.why)
 	}

@@ -168,3 +168,40 @@ func startK8s(ctx context.Context, a *app) error {
 	a.log.Info("bootstrap", "mode", c.BootstrapMode, "node", c.NodeName, "namespace", c.Namespace)
 	return nil
 }
+
+func init() {
+	register("k8s-wait-daemonset", "wait until every pod of a DaemonSet is ready (the Helm chart's uninstall hook)", waitDaemonSetCmd)
+}
+
+func waitDaemonSetCmd(args []string) error {
+	fs := newFlagSet("k8s-wait-daemonset", `Wait until every pod of a DaemonSet runs its current template and is ready.
+The Helm chart's post-delete hook uses it: a cleanup DaemonSet restores
+containerd's hosts.toml in an init container on every node, and this waits
+until all nodes are done before the hook deletes it.`)
+	var (
+		kubeconfig, namespace, name string
+		timeout                     time.Duration
+	)
+	fs.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig; empty: the pod's service account")
+	fs.StringVar(&namespace, "namespace", defaultNamespace(), "the DaemonSet's namespace")
+	fs.StringVar(&name, "name", "", "the DaemonSet's name")
+	fs.DurationVar(&timeout, "timeout", 3*time.Minute, "give up after this long")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if name == "" {
+		return errors.New("--name: name the DaemonSet")
+	}
+	if timeout <= 0 {
+		return fmt.Errorf("--timeout %v: want more than 0", timeout)
+	}
+	client, err := k8s.NewClient(kubeconfig, "peerd/"+version)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	return k8s.WaitDaemonSet(ctx, client, namespace, name, 2*time.Second, func(s string) {
+		fmt.Printf("%s/%s: %s\n", namespace, name, s)
+	})
+}

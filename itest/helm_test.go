@@ -1,0 +1,345 @@
+package itest
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/serializer/json"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+	"k8s.io/client-go/discovery/cached/memory"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/restmapper"
+)
+
+const chartDir = "../deploy/helm/peerd"
+
+// helm runs the real helm binary with a throwaway home.
+func helm(t testing.TB, args ...string) (string, error) {
+	t.Helper()
+	home := t.TempDir()
+	cmd := exec.Command(filepath.Join(k8sTools(t), "helm"), args...)
+	cmd.Env = append(os.Environ(), "HELM_CACHE_HOME="+home, "HELM_CONFIG_HOME="+home, "HELM_DATA_HOME="+home, "KUBECONFIG=/nonexistent")
+	var out, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &stderr
+	err := cmd.Run()
+	if err != nil {
+		return out.String(), fmt.Errorf("helm %s: %v\n%s%s", strings.Join(args, " "), err, stderr.String(), out.String())
+	}
+	return out.String(), nil
+}
+
+// rendered is one object of `helm template`.
+type rendered struct {
+	source string // "# Source:" comment
+	raw    []byte
+	obj    runtime.Object // typed when the kind is in client-go's scheme, else *unstructured.Unstructured
+	u      *unstructured.Unstructured
+}
+
+// renderChart runs `helm template` and strictly decodes every object.
+func renderChart(t testing.TB, valuesYAML string, extra ...string) []rendered {
+	t.Helper()
+	args := []string{"template", "peerd", chartDir, "--namespace", "peerd"}
+	if valuesYAML != "" {
+		vf := filepath.Join(t.TempDir(), "values.yaml")
+		writeFile(t, vf, valuesYAML)
+		args = append(args, "--values", vf)
+	}
+	out, err := helm(t, append(args, extra...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	strict := json.NewSerializerWithOptions(json.DefaultMetaFactory, scheme.Scheme, scheme.Scheme, json.SerializerOptions{Yaml: true, Strict: true})
+	var objs []rendered
+	r := utilyaml.NewYAMLReader(bufio.NewReader(strings.NewReader(out)))
+	for {
+		doc, err := r.Read()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("split helm output: %v", err)
+		}
+		src := ""
+		for _, line := range strings.Split(string(doc), "\n") {
+			if s, ok := strings.CutPrefix(line, "# Source: "); ok {
+				src = s
+			}
+		}
+		u := &unstructured.Unstructured{}
+		if err := utilyaml.Unmarshal(doc, &u.Object); err != nil {
+			t.Fatalf("%s: not YAML: %v", src, err)
+		}
+		if len(u.Object) == 0 {
+			continue // an empty document (a template that rendered nothing)
+		}
+		if u.GetAPIVersion() == "" || u.GetKind() == "" || u.GetName() == "" {
+			t.Fatalf("%s: object without apiVersion, kind or name:\n%s", src, doc)
+		}
+		ro := rendered{source: src, raw: doc, u: u}
+		gvk := u.GroupVersionKind()
+		if scheme.Scheme.Recognizes(gvk) {
+			// Strict: an unknown or duplicated field is an error, not silence.
+			obj, _, err := strict.Decode(doc, nil, nil)
+			if err != nil {
+				t.Fatalf("%s: %s %s does not decode strictly: %v\n%s", src, gvk.Kind, u.GetName(), err, doc)
+			}
+			ro.obj = obj
+		} else {
+			ro.obj = u
+		}
+		objs = append(objs, ro)
+	}
+	if len(objs) == 0 {
+		t.Fatal("helm template rendered nothing")
+	}
+	return objs
+}
+
+func kinds(objs []rendered) map[string]int {
+	m := map[string]int{}
+	for _, o := range objs {
+		m[o.u.GetKind()]++
+	}
+	return m
+}
+
+func find(t testing.TB, objs []rendered, kind, name string) rendered {
+	t.Helper()
+	for _, o := range objs {
+		if o.u.GetKind() == kind && o.u.GetName() == name {
+			return o
+		}
+	}
+	t.Fatalf("no %s %s rendered (have %v)", kind, name, kinds(objs))
+	return rendered{}
+}
+
+// Value sets the chart must render; each is linted, rendered, strictly
+// decoded and dry-run against the API server.
+var chartValueSets = map[string]string{
+	"default": "",
+	"dns-private-no-mount-monitoring": `
+bootstrap: {mode: dns, clusterDomain: example.internal}
+p2p:
+  port: 4001
+  peerPort: 4002
+  resolveTimeout: 50ms
+  swarmKey: {existingSecret: peerd-swarm, secretKey: key}
+mount: {enabled: false}
+http: {bindAddress: 0.0.0.0, port: 5000}
+cache: {size: 100GiB, chunkSize: 4MiB, hostPath: /mnt/peerd}
+prefetch: {enabled: true, workers: 8}
+upstreamAllow: ["*.blob.core.windows.net", "registry.example:5000"]
+registries: [docker.io, _default]
+containerd: {configureMirror: false}
+monitoring:
+  serviceMonitor: {enabled: true, labels: {release: prom}}
+  podMonitor: {enabled: true}
+grafanaDashboard: {enabled: true}
+resources: {requests: {cpu: 50m, memory: 64Mi}}
+priorityClassName: ""
+image: {digest: "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"}
+`,
+	"static": `
+bootstrap:
+  mode: static
+  static: [/ip4/10.0.0.1/tcp/30001/p2p/12D3KooWKnDdG3iXw9eTFijk3EWSunZcFi54Zka4wmtqtt6rPxc8]
+rbac: {create: false}
+serviceAccount: {create: false, name: peerd-existing}
+nodeSelector: {peerd: "yes"}
+tolerations: []
+`,
+}
+
+func TestHelmChart(t *testing.T) {
+	api := startKubeAPI(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	if _, err := api.Admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "peerd"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	dyn, err := dynamic.NewForConfig(api.AdminREST)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(api.Admin.Discovery()))
+
+	if out, err := helm(t, "lint", "--strict", chartDir); err != nil {
+		t.Fatalf("helm lint: %v", err)
+	} else {
+		t.Logf("helm lint: %s", strings.TrimSpace(out))
+	}
+	for name, values := range chartValueSets {
+		t.Run(name, func(t *testing.T) {
+			if values != "" {
+				vf := filepath.Join(t.TempDir(), "values.yaml")
+				writeFile(t, vf, values)
+				if _, err := helm(t, "lint", "--strict", chartDir, "--values", vf); err != nil {
+					t.Fatalf("helm lint: %v", err)
+				}
+			}
+			objs := renderChart(t, values)
+			t.Logf("rendered %v", kinds(objs))
+			for _, o := range objs {
+				gvk := o.u.GroupVersionKind()
+				m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+				if err != nil {
+					if gvk.Group == "monitoring.coreos.com" {
+						// No Prometheus Operator CRDs here: checked for shape above only.
+						continue
+					}
+					t.Fatalf("%s: the API server does not serve %s: %v", o.source, gvk, err)
+				}
+				var ri dynamic.ResourceInterface = dyn.Resource(m.Resource)
+				if m.Scope.Name() == "namespace" {
+					ri = dyn.Resource(m.Resource).Namespace(o.u.GetNamespace())
+				}
+				dry := metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}, FieldValidation: "Strict"}
+				if _, err = ri.Create(ctx, o.u, dry); err != nil {
+					t.Errorf("%s: server-side dry-run of %s %s refused: %v", o.source, gvk.Kind, o.u.GetName(), err)
+				}
+				if gvk.Kind == "DaemonSet" {
+					// The check can fail: the server refuses an unknown field and a bad value.
+					bad := o.u.DeepCopy()
+					unstructured.SetNestedField(bad.Object, true, "spec", "template", "spec", "hostNetwrok")
+					if _, err := ri.Create(ctx, bad, dry); err == nil {
+						t.Errorf("%s: dry-run accepted an unknown field", o.source)
+					}
+					bad = o.u.DeepCopy()
+					unstructured.SetNestedField(bad.Object, "Sometimes", "spec", "template", "spec", "restartPolicy")
+					if _, err := ri.Create(ctx, bad, dry); err == nil {
+						t.Errorf("%s: dry-run accepted restartPolicy Sometimes", o.source)
+					}
+				}
+			}
+		})
+	}
+}
+
+// TestHelmChartShape checks what the chart must say, not merely that it renders.
+func TestHelmChartShape(t *testing.T) {
+	objs := renderChart(t, "")
+	checkDefaultDaemonSet(t, find(t, objs, "DaemonSet", "peerd"))
+
+	// RBAC: exactly what peerd uses, nothing cluster-wide beyond events and nodes.
+	role := find(t, objs, "Role", "peerd").u
+	cr := find(t, objs, "ClusterRole", "peerd").u
+	wantRules(t, role, []string{"coordination.k8s.io/leases[peerd-bootstrap]:get,update", "coordination.k8s.io/leases:create"})
+	wantRules(t, cr, []string{"/events:create,patch", "/nodes:get"})
+
+	// The headless Service publishes pods before they are ready (dns bootstrap).
+	svc := find(t, objs, "Service", "peerd-p2p").u
+	if v, _, _ := unstructured.NestedBool(svc.Object, "spec", "publishNotReadyAddresses"); !v {
+		t.Error("headless Service does not publish not-ready addresses: the first pods could never find each other")
+	}
+	if v, _, _ := unstructured.NestedString(svc.Object, "spec", "clusterIP"); v != "None" {
+		t.Errorf("Service clusterIP %q, want None (headless)", v)
+	}
+
+	// Uninstall restores containerd's config on every node.
+	hookDS := find(t, objs, "DaemonSet", "peerd-cleanup").u
+	if hookDS.GetAnnotations()["helm.sh/hook"] != "post-delete" {
+		t.Errorf("cleanup DaemonSet hook %q, want post-delete", hookDS.GetAnnotations()["helm.sh/hook"])
+	}
+	inits, _, _ := unstructured.NestedSlice(hookDS.Object, "spec", "template", "spec", "initContainers")
+	if len(inits) != 1 || !strings.Contains(fmt.Sprint(inits[0]), "--remove") {
+		t.Errorf("cleanup init container %v does not run containerd-config --remove", inits)
+	}
+	find(t, objs, "Job", "peerd-cleanup-wait")
+
+	// Bad values fail to render, with a reason.
+	for values, want := range map[string]string{
+		"bootstrap: {mode: gossip}":                              "bootstrap.mode",
+		"bootstrap: {mode: static}":                              "bootstrap.static",
+		"monitoring: {podMonitor: {enabled: true}}":              "bindAddress",
+		"http: {bindAddress: 10.0.0.1}":                          "bindAddress",
+		"registries: []":                                         "registries",
+		"rbac: {create: false}\nserviceAccount: {create: false}": "rbac.create",
+	} {
+		vf := filepath.Join(t.TempDir(), "values.yaml")
+		writeFile(t, vf, values)
+		_, err := helm(t, "template", "peerd", chartDir, "--namespace", "peerd", "--values", vf)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("values %q: err %v, want a failure naming %q", values, err, want)
+		}
+	}
+}
+
+func checkDefaultDaemonSet(t *testing.T, d rendered) {
+	t.Helper()
+	u := d.u
+	pod, _, _ := unstructured.NestedMap(u.Object, "spec", "template", "spec")
+	if pod["hostNetwork"] != true {
+		t.Error("DaemonSet is not hostNetwork: containerd could not reach 127.0.0.1:30000")
+	}
+	inits, _ := pod["initContainers"].([]any)
+	if len(inits) != 1 || !strings.Contains(fmt.Sprint(inits[0]), "containerd-config") {
+		t.Errorf("init containers %v: want one running containerd-config", inits)
+	}
+	ctrs, _ := pod["containers"].([]any)
+	if len(ctrs) != 1 {
+		t.Fatalf("%d containers, want 1", len(ctrs))
+	}
+	c := ctrs[0].(map[string]any)
+	args := fmt.Sprint(c["args"])
+	for _, want := range []string{"--bootstrap-mode=k8s-lease", "--lease-name=peerd-bootstrap", "--mount=/peerd/blobs", "--http-addr=127.0.0.1:30000", "--p2p-addr=/ip4/$(NODE_IP)/tcp/30001", "--containerd-socket=/run/containerd/containerd.sock"} {
+		if !strings.Contains(args, want) {
+			t.Errorf("peerd args %s lack %s", args, want)
+		}
+	}
+	for _, probe := range []string{"readinessProbe", "livenessProbe"} {
+		host, _, _ := unstructured.NestedString(c, probe, "httpGet", "host")
+		path, _, _ := unstructured.NestedString(c, probe, "httpGet", "path")
+		if host != "127.0.0.1" || (path != "/readyz" && path != "/healthz") {
+			t.Errorf("%s: host %q path %q, want 127.0.0.1 and /readyz or /healthz", probe, host, path)
+		}
+	}
+	if v, _, _ := unstructured.NestedBool(c, "securityContext", "privileged"); !v {
+		t.Error("peerd container is not privileged: FUSE with a Bidirectional mount needs it")
+	}
+	mounts := fmt.Sprint(c["volumeMounts"])
+	if !strings.Contains(mounts, "mountPropagation:Bidirectional") || !strings.Contains(mounts, "/dev/fuse") {
+		t.Errorf("volume mounts %s: want /peerd Bidirectional and /dev/fuse", mounts)
+	}
+}
+
+// wantRules compares an RBAC object's rules, as "group/resource[names]:verbs".
+func wantRules(t *testing.T, u *unstructured.Unstructured, want []string) {
+	t.Helper()
+	rules, _, _ := unstructured.NestedSlice(u.Object, "rules")
+	var got []string
+	for _, r := range rules {
+		m := r.(map[string]any)
+		str := func(k string) string {
+			var s []string
+			for _, v := range m[k].([]any) {
+				s = append(s, v.(string))
+			}
+			return strings.Join(s, ",")
+		}
+		names := ""
+		if _, ok := m["resourceNames"]; ok {
+			names = "[" + str("resourceNames") + "]"
+		}
+		got = append(got, str("apiGroups")+"/"+str("resources")+names+":"+str("verbs"))
+	}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("%s %s rules %v, want %v", u.GetKind(), u.GetName(), got, want)
+	}
+}

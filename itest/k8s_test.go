@@ -1,0 +1,244 @@
+package itest
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+)
+
+// TestK8sLeaseBootstrapAndEvents runs three peerd processes with
+// --bootstrap-mode k8s-lease against a real API server, each as the chart's
+// ServiceAccount bound by the chart's own RBAC objects.
+func TestK8sLeaseBootstrapAndEvents(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts etcd, kube-apiserver and three peerd processes")
+	}
+	api := startKubeAPI(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	c := api.Admin
+
+	// The cluster: a namespace, three Nodes, and the chart's RBAC.
+	if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "peerd"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	nodeUID := map[string]types.UID{}
+	for _, name := range []string{"node-a", "node-b", "node-c"} {
+		n, err := c.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		nodeUID[name] = n.UID
+	}
+	applyChartRBAC(ctx, t, api)
+	kubeconfig := api.Kubeconfig(t, "system:serviceaccount:peerd:peerd")
+
+	origin := NewOrigin(t, "")
+	const size = 3<<20 + 7
+	data, dg := RandomBlob(t, size)
+	url := origin.Put(storagePath(dg), data)
+	start := func(node string) *p2pNode {
+		return startP2PNode(t, "--upstream-allow="+origin.Host,
+			"--bootstrap-mode=k8s-lease", "--kubeconfig="+kubeconfig,
+			"--node-name="+node, "--namespace=peerd", "--lease-duration=4s")
+	}
+
+	// One node alone: it leads, and is ready by itself.
+	a := start("node-a")
+	until(t, 30*time.Second, "node-a to hold the Lease", func() (bool, string) {
+		h := leaseHolder(ctx, c)
+		return h == "node-a", h
+	})
+	waitReady(t, a.Node)
+	if got := a.Metric(t, "peerd_k8s_lease_leader"); got != 1 {
+		t.Fatalf("node-a peerd_k8s_lease_leader = %v, want 1", got)
+	}
+	addrs := leaseAddrs(ctx, t, c)
+	if len(addrs) == 0 || !strings.HasSuffix(addrs[0], "/p2p/"+a.ID) {
+		t.Fatalf("Lease publishes %v, want node-a's address ending in /p2p/%s", addrs, a.ID)
+	}
+
+	// Two more: they bootstrap through the leader.
+	b, cc := start("node-b"), start("node-c")
+	for _, n := range []*p2pNode{b, cc} {
+		waitReady(t, n.Node)
+		until(t, 30*time.Second, n.Name+" to connect to the leader", func() (bool, string) {
+			return strings.Contains(n.Log(), "connected to bootstrap peer") && strings.Contains(n.Log(), a.ID), "no connection logged"
+		})
+	}
+	waitMetric(t, a.Node, "peerd_p2p_routing_table_peers", 2)
+	if h := leaseHolder(ctx, c); h != "node-a" {
+		t.Fatalf("the Lease moved to %q while node-a was alive", h)
+	}
+	if got := a.Metric(t, "peerd_bootstrap_rounds_total", "result=connected"); got != 0 {
+		t.Errorf("the leader dialed %v bootstrap rounds, want none (it is the one others dial)", got)
+	}
+
+	// Every node's routing table became non-empty: P2PConnected on each
+	// Node, attached to that Node's UID. Nobody received blob bytes yet.
+	for node := range nodeUID {
+		ev := waitEvent(ctx, t, c, node, "P2PConnected")
+		if ev.InvolvedObject.Kind != "Node" || ev.InvolvedObject.UID != nodeUID[node] {
+			t.Errorf("%s P2PConnected is about %s %s uid %s, want Node uid %s", node, ev.InvolvedObject.Kind, ev.InvolvedObject.Name, ev.InvolvedObject.UID, nodeUID[node])
+		}
+		if ev.Type != corev1.EventTypeNormal || ev.Source.Component != "peerd" {
+			t.Errorf("%s P2PConnected: type %s source %+v", node, ev.Type, ev.Source)
+		}
+		if evs := events(ctx, t, c, node, "P2PActive"); len(evs) != 0 {
+			t.Errorf("%s has P2PActive before any peer sent it bytes: %v", node, evs[0].Message)
+		}
+	}
+
+	// node-a takes the blob from the origin, node-b from node-a: only node-b
+	// received bytes from a peer, so only node-b reports P2PActive.
+	if code, _, body := Get(t, "GET", a.URL("/blobs/"+url), nil); code != 200 || Digest(body) != dg {
+		t.Fatalf("node-a: status %d, digest %s", code, Digest(body))
+	}
+	waitMetric(t, a.Node, "peerd_p2p_provides_total", 1, "result=ok")
+	if code, _, body := Get(t, "GET", b.URL("/blobs/"+url), nil); code != 200 || Digest(body) != dg {
+		t.Fatalf("node-b: status %d, digest %s", code, Digest(body))
+	}
+	if got := b.Metric(t, "peerd_p2p_received_bytes_total"); got < size {
+		t.Fatalf("node-b received %v bytes from peers, want the blob's %d", got, size)
+	}
+	ev := waitEvent(ctx, t, c, "node-b", "P2PActive")
+	if !strings.Contains(ev.Message, "bytes") || ev.InvolvedObject.UID != nodeUID["node-b"] {
+		t.Errorf("node-b P2PActive: %q about uid %s", ev.Message, ev.InvolvedObject.UID)
+	}
+	// The same blob again is served from node-b's cache: no peer bytes.
+	for _, node := range []string{"node-a", "node-c"} {
+		if evs := events(ctx, t, c, node, "P2PActive"); len(evs) != 0 {
+			t.Errorf("%s reports P2PActive without receiving peer bytes: %q", node, evs[0].Message)
+		}
+	}
+
+	// The leader dies without releasing the Lease: once it expires, a
+	// survivor takes over, and the other one bootstraps from it.
+	a.Kill()
+	killed := time.Now()
+	var leader string
+	until(t, 60*time.Second, "a new leader", func() (bool, string) {
+		leader = leaseHolder(ctx, c)
+		return leader == "node-b" || leader == "node-c", leader
+	})
+	t.Logf("new leader %s, %v after the old one was killed (lease duration 4s)", leader, time.Since(killed).Round(100*time.Millisecond))
+	newLeader, follower := b, cc
+	if leader == "node-c" {
+		newLeader, follower = cc, b
+	}
+	waitMetric(t, newLeader.Node, "peerd_k8s_lease_leader", 1)
+	until(t, 30*time.Second, "the Lease to publish the new leader's address", func() (bool, string) {
+		got := leaseAddrs(ctx, t, c)
+		return len(got) > 0 && strings.HasSuffix(got[0], "/p2p/"+newLeader.ID), fmt.Sprint(got)
+	})
+	until(t, 30*time.Second, "the follower to bootstrap from the new leader", func() (bool, string) {
+		for _, line := range strings.Split(follower.Log(), "\n") {
+			if strings.Contains(line, "connected to bootstrap peer") && strings.Contains(line, newLeader.ID) {
+				return true, ""
+			}
+		}
+		return false, "not yet"
+	})
+	waitMetric(t, follower.Node, "peerd_p2p_routing_table_peers", 1)
+}
+
+// applyChartRBAC creates the chart's ServiceAccount, Role, ClusterRole and
+// bindings, so peerd runs with exactly the rights the chart grants.
+func applyChartRBAC(ctx context.Context, t *testing.T, api *kubeAPI) {
+	t.Helper()
+	objs := renderChart(t, "fullnameOverride: peerd\nbootstrap: {mode: k8s-lease}\n")
+	n := 0
+	for _, o := range objs {
+		var err error
+		switch o.u.GetKind() {
+		case "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "ServiceAccount":
+			if o.u.GetAnnotations()["helm.sh/hook"] != "" {
+				continue // the uninstall hook's own account
+			}
+			err = createUnstructured(ctx, api, o.u)
+			n++
+		}
+		if err != nil {
+			t.Fatalf("create %s %s: %v", o.u.GetKind(), o.u.GetName(), err)
+		}
+	}
+	if n != 5 {
+		t.Fatalf("applied %d RBAC objects, want 5 (ServiceAccount, Role, RoleBinding, ClusterRole, ClusterRoleBinding)", n)
+	}
+}
+
+func createUnstructured(ctx context.Context, api *kubeAPI, u *unstructured.Unstructured) error {
+	body, err := json.Marshal(u.Object)
+	if err != nil {
+		return err
+	}
+	var path string
+	switch u.GetKind() {
+	case "ServiceAccount":
+		path = "/api/v1/namespaces/" + u.GetNamespace() + "/serviceaccounts"
+	case "Role", "RoleBinding":
+		path = "/apis/rbac.authorization.k8s.io/v1/namespaces/" + u.GetNamespace() + "/" + strings.ToLower(u.GetKind()) + "s"
+	default:
+		path = "/apis/rbac.authorization.k8s.io/v1/" + strings.ToLower(u.GetKind()) + "s"
+	}
+	return api.Admin.RESTClient().Post().AbsPath(path).Body(body).SetHeader("Content-Type", "application/json").Do(ctx).Error()
+}
+
+func leaseHolder(ctx context.Context, c kubernetes.Interface) string {
+	l, err := c.CoordinationV1().Leases("peerd").Get(ctx, "peerd-bootstrap", metav1.GetOptions{})
+	if err != nil || l.Spec.HolderIdentity == nil {
+		return ""
+	}
+	return *l.Spec.HolderIdentity
+}
+
+func leaseAddrs(ctx context.Context, t *testing.T, c kubernetes.Interface) []string {
+	t.Helper()
+	l, err := c.CoordinationV1().Leases("peerd").Get(ctx, "peerd-bootstrap", metav1.GetOptions{})
+	if err != nil {
+		return nil
+	}
+	var info struct {
+		Holder string   `json:"holder"`
+		Addrs  []string `json:"addrs"`
+	}
+	if raw := l.Annotations["peerd.io/leader"]; raw != "" {
+		if err := json.Unmarshal([]byte(raw), &info); err != nil {
+			t.Fatalf("Lease annotation %q: %v", raw, err)
+		}
+	}
+	if l.Spec.HolderIdentity == nil || info.Holder != *l.Spec.HolderIdentity {
+		return nil
+	}
+	return info.Addrs
+}
+
+func events(ctx context.Context, t *testing.T, c kubernetes.Interface, node, reason string) []corev1.Event {
+	t.Helper()
+	list, err := c.CoreV1().Events(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{
+		FieldSelector: "involvedObject.kind=Node,involvedObject.name=" + node + ",reason=" + reason,
+	})
+	if err != nil {
+		t.Fatalf("list events: %v", err)
+	}
+	return list.Items
+}
+
+func waitEvent(ctx context.Context, t *testing.T, c kubernetes.Interface, node, reason string) corev1.Event {
+	t.Helper()
+	var got []corev1.Event
+	until(t, 30*time.Second, reason+" on "+node, func() (bool, string) {
+		got = events(ctx, t, c, node, reason)
+		return len(got) > 0, "none"
+	})
+	return got[0]
+}
