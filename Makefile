@@ -31,8 +31,8 @@ test: lint ## run every test (unit + integration with real processes); needs roo
 test-unit: ## fast unit tests only
 	$(GO) test -count=1 -short ./...
 
-e2e: build ## multi-node scenarios in network namespaces (root)
-	$(GO) test -count=1 -timeout 60m -v ./e2e/...
+e2e: build ## multi-node scenarios in network namespaces (root); knobs in e2e/README.md (E2E_SIZE=large: 8 nodes, 1 GiB)
+	E2E=1 E2E_PEERD=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 60m -v ./e2e/...
 
 bench: ## benchmarks; each prints its figures next to a baseline measured in the same run
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./itest/ ./cache/

@@ -1,0 +1,1178 @@
+// Package e2e runs a real multi-node peerd cluster on one machine: every node
+// is a Linux network namespace on a private bridge with its own containerd
+// and its own peerd, pulling real images from a real registry (Debian's
+// docker-registry) whose egress is rate-limited with tc, so the origin is the
+// bottleneck as it is in production. See README.md for the knobs.
+//
+// Network safety: the cluster lives in 10.213.7.0/24 inside namespaces this
+// harness creates. The root namespace has no interface in that subnet, only a
+// blackhole route for it (so a client started in the wrong namespace fails),
+// and no namespace has a default route.
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+const (
+	nsPrefix   = "pe2e-"      // every namespace this harness creates; leftovers are deleted by it
+	dirPrefix  = "peerd-e2e-" // the run's work folder under os.TempDir()
+	switchNS   = nsPrefix + "sw"
+	originNS   = nsPrefix + "origin"
+	subnet     = "10.213.7.0/24"
+	originIP   = "10.213.7.2"
+	regPort    = "5000"
+	filePort   = "8080"
+	peerdHTTP  = "127.0.0.1:30000"
+	p2pPort    = 30001
+	ctrdNS     = "k8s.io"
+	lockFile   = "/run/lock/peerd-e2e.lock"
+	registryID = originIP + ":" + regPort
+)
+
+func nodeIP(i int) string { return fmt.Sprintf("10.213.7.%d", 10+i) }
+
+// config is what the environment chooses; see README.md.
+type config struct {
+	Nodes        int
+	ImageSize    int64
+	Layers       int
+	Rate         string // tc rate of the origin namespace's egress
+	Containerd16 int    // how many of the last nodes run Debian's containerd 1.6
+	ChunkSize    string
+	Keep         bool // keep the work folder after the run
+}
+
+func loadConfig() (config, error) {
+	c := config{Nodes: 4, ImageSize: 100 << 20, Layers: 4, Rate: "200mbit", Containerd16: 1, ChunkSize: "1MiB"}
+	if os.Getenv("E2E_SIZE") == "large" {
+		c.Nodes, c.ImageSize, c.Layers, c.Rate = 8, 1<<30, 8, "400mbit"
+	}
+	var errs []error
+	if v := os.Getenv("E2E_NODES"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 3 || n > 40 {
+			errs = append(errs, fmt.Errorf("E2E_NODES=%q: want 3 to 40", v))
+		}
+		c.Nodes = n
+	}
+	if v := os.Getenv("E2E_IMAGE_SIZE"); v != "" {
+		n, err := parseSize(v)
+		if err != nil || n < 1<<20 {
+			errs = append(errs, fmt.Errorf("E2E_IMAGE_SIZE=%q: want a size of at least 1MiB (e.g. 100MiB, 1GiB)", v))
+		}
+		c.ImageSize = n
+	}
+	if v := os.Getenv("E2E_LAYERS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 64 {
+			errs = append(errs, fmt.Errorf("E2E_LAYERS=%q: want 1 to 64", v))
+		}
+		c.Layers = n
+	}
+	if v := os.Getenv("E2E_RATE"); v != "" {
+		c.Rate = v
+	}
+	if v := os.Getenv("E2E_CONTAINERD16_NODES"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			errs = append(errs, fmt.Errorf("E2E_CONTAINERD16_NODES=%q: want 0 or more", v))
+		}
+		c.Containerd16 = n
+	}
+	if c.Containerd16 > c.Nodes-2 {
+		errs = append(errs, fmt.Errorf("E2E_CONTAINERD16_NODES=%d: at most nodes-2 (%d): nodes 1 and 2 run containerd 2", c.Containerd16, c.Nodes-2))
+	}
+	if v := os.Getenv("E2E_CHUNK_SIZE"); v != "" {
+		c.ChunkSize = v
+	}
+	c.Keep = os.Getenv("E2E_KEEP") == "1"
+	return c, errors.Join(errs...)
+}
+
+func parseSize(s string) (int64, error) {
+	units := []struct {
+		suf string
+		m   int64
+	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"GB", 1e9}, {"MB", 1e6}, {"KB", 1e3}, {"B", 1}}
+	for _, u := range units {
+		if strings.HasSuffix(s, u.suf) {
+			n, err := strconv.ParseInt(strings.TrimSuffix(s, u.suf), 10, 64)
+			return n * u.m, err
+		}
+	}
+	return strconv.ParseInt(s, 10, 64)
+}
+
+func human(n int64) string {
+	switch {
+	case n >= 1<<30:
+		return fmt.Sprintf("%.2f GiB", float64(n)/(1<<30))
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%d B", n)
+}
+
+// features are the parts of peerd this build has; a scenario that needs a
+// missing one skips and names it.
+type features struct {
+	p2p        bool // --p2p-addr, --bootstrap, peerd id
+	containerd bool // --containerd-socket, --registries, peerd containerd-config
+	fuse       bool // --mount
+}
+
+func (f features) missing(need ...string) string {
+	var miss []string
+	for _, n := range need {
+		switch {
+		case n == "p2p" && !f.p2p:
+			miss = append(miss, "p2p (peerd run --p2p-addr/--bootstrap, peerd id)")
+		case n == "containerd" && !f.containerd:
+			miss = append(miss, "containerd integration (peerd run --containerd-socket/--registries, peerd containerd-config)")
+		case n == "fuse" && !f.fuse:
+			miss = append(miss, "FUSE (peerd run --mount)")
+		}
+	}
+	return strings.Join(miss, ", ")
+}
+
+func detectFeatures(peerd string) (features, error) {
+	out, _ := exec.Command(peerd, "run", "--help").CombinedOutput()
+	help := string(out)
+	if !strings.Contains(help, "-data-dir") {
+		return features{}, fmt.Errorf("%s run --help does not list --data-dir:\n%s", peerd, help)
+	}
+	has := func(flag string) bool {
+		return strings.Contains(help, "-"+flag+" ") || strings.Contains(help, "-"+flag+"\n") || strings.Contains(help, "-"+flag+"\t")
+	}
+	var f features
+	idErr := exec.Command(peerd, "id", "--help").Run()
+	f.p2p = has("p2p-addr") && has("bootstrap") && idErr == nil
+	ccErr := exec.Command(peerd, "containerd-config", "--help").Run()
+	f.containerd = has("containerd-socket") && has("registries") && has("containerd-hosts-dir") && has("containerd-config") && has("containerd-resync") && ccErr == nil
+	f.fuse = has("mount")
+	return f, nil
+}
+
+// --- processes ---------------------------------------------------------
+
+// proc is a long-running child: a daemon inside a namespace.
+type proc struct {
+	name string
+	cmd  *exec.Cmd
+	log  string
+	done chan struct{}
+	err  error
+}
+
+func startProc(name, logFile string, args ...string) (*proc, error) {
+	lf, err := os.OpenFile(logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.Stdout, cmd.Stderr = lf, lf
+	cmd.Env = cleanEnv()
+	// Pdeathsig: if the test process dies without its cleanup, its daemons
+	// die with it (ip netns exec execs in place, so the setting carries over).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		lf.Close()
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
+	p := &proc{name: name, cmd: cmd, log: logFile, done: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		lf.Close()
+		close(p.done)
+	}()
+	return p, nil
+}
+
+func (p *proc) running() bool {
+	select {
+	case <-p.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// stop asks with SIGTERM, then kills the whole process group.
+func (p *proc) stop(grace time.Duration) {
+	if p == nil || !p.running() {
+		return
+	}
+	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(grace):
+		syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		<-p.done
+	}
+}
+
+func (p *proc) kill() {
+	if p == nil || !p.running() {
+		return
+	}
+	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	<-p.done
+}
+
+// cleanEnv drops proxy settings: every request of the cluster stays in it.
+func cleanEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		k, _, _ := strings.Cut(kv, "=")
+		if strings.HasSuffix(strings.ToLower(k), "_proxy") {
+			continue
+		}
+		env = append(env, kv)
+	}
+	return env
+}
+
+// sh runs a short command and returns its combined output.
+func sh(ctx context.Context, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
+	cmd.Env = cleanEnv()
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("%s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return string(out), nil
+}
+
+func nsExec(ns string, args ...string) []string {
+	return append([]string{"ip", "netns", "exec", ns}, args...)
+}
+
+// --- leftovers -----------------------------------------------------------
+
+// cleanLeftovers removes what a crashed run left: namespaces (and the
+// processes in them), mounts and folders by their fixed prefixes, and the
+// blackhole route. The run lock guarantees no other run owns them.
+func cleanLeftovers(ctx context.Context, logf func(string, ...any)) {
+	out, _ := sh(ctx, "ip", "netns", "list")
+	for _, line := range strings.Split(out, "\n") {
+		ns, _, _ := strings.Cut(strings.TrimSpace(line), " ")
+		if !strings.HasPrefix(ns, nsPrefix) {
+			continue
+		}
+		logf("e2e: removing leftover namespace %s", ns)
+		killNS(ctx, ns)
+		sh(ctx, "ip", "netns", "del", ns)
+	}
+	unmountUnder(filepath.Join(os.TempDir(), dirPrefix), logf)
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), dirPrefix+"*"))
+	for _, d := range dirs {
+		logf("e2e: removing leftover folder %s", d)
+		os.RemoveAll(d)
+	}
+	if out, _ := sh(ctx, "ip", "route", "show", "type", "blackhole", subnet); strings.TrimSpace(out) != "" {
+		sh(ctx, "ip", "route", "del", "blackhole", subnet)
+	}
+}
+
+// killNS kills every process inside a namespace (ours: daemons of a run).
+func killNS(ctx context.Context, ns string) {
+	out, _ := sh(ctx, "ip", "netns", "pids", ns)
+	for _, f := range strings.Fields(out) {
+		if pid, err := strconv.Atoi(f); err == nil && pid > 1 {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
+
+// unmountUnder lazily unmounts every mount whose path starts with prefix,
+// deepest first (FUSE mounts of killed peerds, overlay mounts of containerd).
+func unmountUnder(prefix string, logf func(string, ...any)) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return
+	}
+	var points []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) > 4 && strings.HasPrefix(unescapeMount(fields[4]), prefix) {
+			points = append(points, unescapeMount(fields[4]))
+		}
+	}
+	f.Close()
+	sort.Slice(points, func(i, j int) bool { return len(points[i]) > len(points[j]) })
+	for _, p := range points {
+		if err := syscall.Unmount(p, syscall.MNT_DETACH); err != nil {
+			logf("e2e: unmount %s: %v", p, err)
+		}
+	}
+}
+
+func unescapeMount(s string) string {
+	r := strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`)
+	return r.Replace(s)
+}
+
+// --- the run lock and interrupt handling --------------------------------
+
+var (
+	activeMu sync.Mutex
+	active   *cluster
+)
+
+func setActive(c *cluster) {
+	activeMu.Lock()
+	active = c
+	activeMu.Unlock()
+}
+
+// enabled: the cluster takes minutes and the whole machine, so `go test ./...`
+// (make test) leaves it to `make e2e`, which sets E2E=1.
+func enabled() bool { return os.Getenv("E2E") == "1" }
+
+func TestMain(m *testing.M) {
+	if !enabled() {
+		os.Exit(m.Run()) // the tests skip and say how to run them
+	}
+	if os.Geteuid() != 0 {
+		fmt.Println("e2e: not root: the cluster needs network namespaces, tc, FUSE and containerd; run `make e2e` as root (CI does)")
+		os.Exit(m.Run()) // the tests skip and say so
+	}
+	lock, err := acquireLock(30 * time.Minute)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "e2e:", err)
+		os.Exit(1)
+	}
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	go func() {
+		s := <-sigs
+		fmt.Fprintf(os.Stderr, "e2e: %v: tearing the cluster down\n", s)
+		activeMu.Lock()
+		c := active
+		activeMu.Unlock()
+		if c != nil {
+			c.teardown()
+		}
+		os.Exit(130)
+	}()
+	cleanLeftovers(context.Background(), func(f string, a ...any) { fmt.Printf(f+"\n", a...) })
+	code := m.Run()
+	activeMu.Lock()
+	c := active
+	activeMu.Unlock()
+	if c != nil { // a test that forgot its cleanup must not leave the cluster up
+		c.teardown()
+	}
+	lock.Close()
+	os.Exit(code)
+}
+
+// acquireLock serializes runs on one machine: the leftovers of a run are
+// found by fixed names, so two runs at once would tear each other down.
+func acquireLock(wait time.Duration) (*os.File, error) {
+	os.MkdirAll(filepath.Dir(lockFile), 0o755)
+	f, err := os.OpenFile(lockFile, os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(wait)
+	said := false
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return f, nil
+		}
+		if time.Now().After(deadline) {
+			f.Close()
+			return nil, fmt.Errorf("another e2e run holds %s for more than %v", lockFile, wait)
+		}
+		if !said {
+			fmt.Println("e2e: waiting for another e2e run on this machine to finish")
+			said = true
+		}
+		time.Sleep(time.Second)
+	}
+}
+
+// --- the cluster -------------------------------------------------------------
+
+type binaries struct {
+	peerd, origin, client string
+	ctrd2, ctr2           string // containerd 2.x
+	ctrd16, ctr16         string // Debian's containerd 1.6
+}
+
+type node struct {
+	i        int
+	ns       string
+	ip       string
+	dir      string
+	sock     string
+	hostsDir string
+	mount    string
+	ctrd     string // containerd binary
+	ctr      string
+	legacy   bool // Debian's containerd 1.6
+	peerID   string
+
+	containerd *proc
+	peerd      *proc
+}
+
+func (n *node) name() string { return fmt.Sprintf("node%d", n.i) }
+
+type cluster struct {
+	t     *testing.T
+	cfg   config
+	feats features
+	bin   binaries
+	dir   string
+	nodes []*node
+
+	registry *proc
+	origin   *proc
+
+	mu       sync.Mutex
+	procs    []*proc
+	tornDown bool
+}
+
+func (c *cluster) track(p *proc) *proc {
+	c.mu.Lock()
+	c.procs = append(c.procs, p)
+	c.mu.Unlock()
+	return p
+}
+
+// buildBinaries builds peerd (unless E2E_PEERD names one) and the helpers,
+// and finds both containerd versions.
+func buildBinaries(ctx context.Context, dir string) (binaries, error) {
+	var b binaries
+	goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	build := func(out, pkg string) error {
+		cmd := exec.CommandContext(ctx, goBin, "build", "-trimpath", "-o", out, pkg)
+		cmd.Env = append(cleanEnv(), "CGO_ENABLED=0")
+		if o, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("go build %s: %w\n%s", pkg, err, o)
+		}
+		return nil
+	}
+	b.peerd = os.Getenv("E2E_PEERD")
+	if b.peerd == "" {
+		b.peerd = filepath.Join(dir, "peerd")
+		if err := build(b.peerd, "../cmd/peerd"); err != nil {
+			return b, err
+		}
+	} else if abs, err := filepath.Abs(b.peerd); err == nil {
+		b.peerd = abs
+	}
+	b.origin = filepath.Join(dir, "e2eorigin")
+	b.client = filepath.Join(dir, "e2eclient")
+	if err := build(b.origin, "./cmd/e2eorigin"); err != nil {
+		return b, err
+	}
+	if err := build(b.client, "./cmd/e2eclient"); err != nil {
+		return b, err
+	}
+	// containerd 2.x from the project's build script (cached by version).
+	cmd := exec.CommandContext(ctx, "bash", "../tools/containerd2.sh")
+	cmd.Env = append(cleanEnv(), "GO="+goBin)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return b, fmt.Errorf("tools/containerd2.sh: %w\n%s", err, stderr.String())
+	}
+	d := strings.TrimSpace(string(out))
+	if i := strings.LastIndexByte(d, '\n'); i >= 0 {
+		d = d[i+1:]
+	}
+	b.ctrd2, b.ctr2 = filepath.Join(d, "containerd"), filepath.Join(d, "ctr")
+	b.ctrd16, b.ctr16 = "/usr/bin/containerd", "/usr/bin/ctr"
+	return b, nil
+}
+
+func requireTools(cfg config) error {
+	var miss []string
+	for _, p := range []string{"ip", "tc", "nsenter", "docker-registry"} {
+		if _, err := exec.LookPath(p); err != nil {
+			miss = append(miss, p)
+		}
+	}
+	if cfg.Containerd16 > 0 {
+		for _, p := range []string{"/usr/bin/containerd", "/usr/bin/ctr"} {
+			if _, err := os.Stat(p); err != nil {
+				miss = append(miss, p+" (apt-get install containerd, or E2E_CONTAINERD16_NODES=0)")
+			}
+		}
+	}
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		miss = append(miss, "/dev/fuse")
+	}
+	if len(miss) > 0 {
+		return fmt.Errorf("missing: %s (apt-get install iproute2 docker-registry containerd fuse3)", strings.Join(miss, ", "))
+	}
+	return nil
+}
+
+// newCluster brings the whole cluster up; its teardown is registered first
+// thing, so a failure half-way still removes everything.
+func newCluster(t *testing.T) *cluster {
+	t.Helper()
+	if !enabled() {
+		t.Skip("the e2e cluster runs with `make e2e` (or E2E=1 go test -v ./e2e/), not with go test ./...")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("e2e needs root (network namespaces, tc, FUSE, containerd); CI runs it as root")
+	}
+	cfg, err := loadConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := requireTools(cfg); err != nil {
+		t.Fatal(err)
+	}
+	dir, err := os.MkdirTemp("", dirPrefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755)
+	c := &cluster{t: t, cfg: cfg, dir: dir}
+	setActive(c)
+	t.Cleanup(func() {
+		if t.Failed() {
+			c.dumpLogs()
+		}
+		c.teardown()
+		setActive(nil)
+	})
+	ctx := context.Background()
+	start := time.Now()
+	if c.bin, err = buildBinaries(ctx, filepath.Join(dir, "bin")); err != nil {
+		t.Fatal(err)
+	}
+	if c.feats, err = detectFeatures(c.bin.peerd); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("e2e: %d nodes (last %d on containerd 1.6), image %s in %d layers, origin egress %s, peerd parts: p2p=%v containerd=%v fuse=%v; binaries ready in %v",
+		cfg.Nodes, cfg.Containerd16, human(cfg.ImageSize), cfg.Layers, cfg.Rate, c.feats.p2p, c.feats.containerd, c.feats.fuse, time.Since(start).Round(time.Second))
+	if err := c.network(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.startOrigin(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.startNodes(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("e2e: cluster up in %v (work folder %s)", time.Since(start).Round(time.Second), dir)
+	return c
+}
+
+// network builds the switch, the origin and node namespaces and the routes.
+func (c *cluster) network(ctx context.Context) error {
+	// Refuse to shadow a subnet the host really uses.
+	if out, _ := sh(ctx, "ip", "-o", "addr", "show", "to", subnet); strings.TrimSpace(out) != "" {
+		return fmt.Errorf("the host already has an address in %s: %s", subnet, out)
+	}
+	if _, err := sh(ctx, "ip", "route", "add", "blackhole", subnet); err != nil {
+		return err
+	}
+	steps := [][]string{
+		{"ip", "netns", "add", switchNS},
+		{"ip", "-n", switchNS, "link", "set", "lo", "up"},
+		{"ip", "-n", switchNS, "link", "add", "br0", "type", "bridge"},
+		{"ip", "-n", switchNS, "link", "set", "br0", "up"},
+	}
+	for _, s := range steps {
+		if _, err := sh(ctx, s...); err != nil {
+			return err
+		}
+	}
+	if err := c.attach(ctx, originNS, "origin", originIP); err != nil {
+		return err
+	}
+	// tbf on the origin's egress: registry and file origin share this link,
+	// as a registry and its blob store share a WAN link.
+	rateBits, err := tcRateBits(c.cfg.Rate)
+	if err != nil {
+		return err
+	}
+	burst := max(int64(256<<10), rateBits/8/100)
+	if _, err := sh(ctx, "ip", "netns", "exec", originNS, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
+		"rate", c.cfg.Rate, "burst", strconv.FormatInt(burst, 10), "latency", "200ms"); err != nil {
+		return err
+	}
+	for i := 1; i <= c.cfg.Nodes; i++ {
+		n := &node{i: i, ns: fmt.Sprintf("%sn%d", nsPrefix, i), ip: nodeIP(i), dir: filepath.Join(c.dir, fmt.Sprintf("n%d", i))}
+		n.legacy = i > c.cfg.Nodes-c.cfg.Containerd16
+		if err := c.attach(ctx, n.ns, fmt.Sprintf("n%d", i), n.ip); err != nil {
+			return err
+		}
+		c.nodes = append(c.nodes, n)
+	}
+	return nil
+}
+
+// tcRateBits reads a tc rate like 200mbit, 1gbit, 50mbps.
+func tcRateBits(r string) (int64, error) {
+	s := strings.ToLower(r)
+	mult := []struct {
+		suf string
+		m   int64
+	}{{"gbit", 1e9}, {"mbit", 1e6}, {"kbit", 1e3}, {"gbps", 8e9}, {"mbps", 8e6}, {"kbps", 8e3}, {"bit", 1}}
+	for _, m := range mult {
+		if strings.HasSuffix(s, m.suf) {
+			n, err := strconv.ParseFloat(strings.TrimSuffix(s, m.suf), 64)
+			if err == nil && n > 0 {
+				return int64(n * float64(m.m)), nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("E2E_RATE=%q: want a tc rate like 200mbit, 1gbit or 50mbps", r)
+}
+
+// attach creates namespace ns with lo up and eth0 (ip/24) on the switch's bridge.
+func (c *cluster) attach(ctx context.Context, ns, port, ip string) error {
+	steps := [][]string{
+		{"ip", "netns", "add", ns},
+		{"ip", "-n", ns, "link", "set", "lo", "up"},
+		// Both ends are born in their namespaces: the root namespace never
+		// holds an interface of the cluster, even for a moment.
+		{"ip", "link", "add", port, "netns", switchNS, "type", "veth", "peer", "name", "eth0", "netns", ns},
+		{"ip", "-n", switchNS, "link", "set", port, "master", "br0", "up"},
+		// No IPv6: its router solicitations would count as egress.
+		{"ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"},
+		{"ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"},
+		{"ip", "-n", ns, "addr", "add", ip + "/24", "dev", "eth0"},
+		{"ip", "-n", ns, "link", "set", "eth0", "up"},
+	}
+	for _, s := range steps {
+		if _, err := sh(ctx, s...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *cluster) startOrigin(ctx context.Context) error {
+	rdir := filepath.Join(c.dir, "registry")
+	if err := os.MkdirAll(filepath.Join(rdir, "data"), 0o755); err != nil {
+		return err
+	}
+	conf := fmt.Sprintf(`version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: %s
+  delete:
+    enabled: true
+http:
+  addr: 0.0.0.0:%s
+`, filepath.Join(rdir, "data"), regPort)
+	if err := os.WriteFile(filepath.Join(rdir, "config.yml"), []byte(conf), 0o644); err != nil {
+		return err
+	}
+	if err := c.startRegistry(ctx); err != nil {
+		return err
+	}
+	odir := filepath.Join(c.dir, "origin")
+	if err := os.MkdirAll(odir, 0o755); err != nil {
+		return err
+	}
+	p, err := startProc("origin", filepath.Join(c.dir, "origin.log"), nsExec(originNS, c.bin.origin, "-addr", "0.0.0.0:"+filePort, "-dir", odir)...)
+	if err != nil {
+		return err
+	}
+	c.origin = c.track(p)
+	_, err = sh(ctx, nsExec(originNS, c.bin.client, "wait", "-url", "http://127.0.0.1:"+filePort+"/healthz")...)
+	return err
+}
+
+func (c *cluster) startRegistry(ctx context.Context) error {
+	rdir := filepath.Join(c.dir, "registry")
+	p, err := startProc("registry", filepath.Join(rdir, "registry.log"), nsExec(originNS, "docker-registry", "serve", filepath.Join(rdir, "config.yml"))...)
+	if err != nil {
+		return err
+	}
+	c.registry = c.track(p)
+	if _, err := sh(ctx, nsExec(originNS, c.bin.client, "wait", "-url", "http://127.0.0.1:"+regPort+"/v2/")...); err != nil {
+		return fmt.Errorf("registry: %w (log: %s)", err, tail(filepath.Join(rdir, "registry.log"), 10))
+	}
+	return nil
+}
+
+func (c *cluster) startNodes(ctx context.Context) error {
+	var wg sync.WaitGroup
+	errs := make([]error, len(c.nodes))
+	for k, n := range c.nodes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[k] = c.startContainerd(ctx, n)
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	if c.feats.p2p {
+		for _, n := range c.nodes {
+			out, err := sh(ctx, c.bin.peerd, "id", "--data-dir", filepath.Join(n.dir, "data"))
+			if err != nil {
+				return err
+			}
+			n.peerID = strings.TrimSpace(lastLine(out))
+		}
+	}
+	for _, n := range c.nodes {
+		if err := c.startPeerd(n); err != nil {
+			return err
+		}
+	}
+	for _, n := range c.nodes {
+		if err := c.waitReady(ctx, n); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func lastLine(s string) string {
+	s = strings.TrimSpace(s)
+	if i := strings.LastIndexByte(s, '\n'); i >= 0 {
+		return s[i+1:]
+	}
+	return s
+}
+
+func (c *cluster) startContainerd(ctx context.Context, n *node) error {
+	cd := filepath.Join(n.dir, "containerd")
+	n.sock = filepath.Join(cd, "containerd.sock")
+	n.hostsDir = filepath.Join(n.dir, "hosts")
+	for _, d := range []string{cd, n.hostsDir} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return err
+		}
+	}
+	if c.feats.containerd {
+		if _, err := sh(ctx, c.bin.peerd, "containerd-config", "--hosts-dir", n.hostsDir, "--registries", "http://"+registryID, "--mirror", "http://"+peerdHTTP); err != nil {
+			return err
+		}
+	}
+	n.ctrd, n.ctr = c.bin.ctrd2, c.bin.ctr2
+	if n.legacy {
+		n.ctrd, n.ctr = c.bin.ctrd16, c.bin.ctr16
+	}
+	// One config for both versions (2.x migrates version 2). CRI is off: ctr
+	// pulls need none of it and two cores are shared by the whole cluster;
+	// its registry section stays, as the node's CRI setup would have it,
+	// because peerd checks that config_path names its hosts folder. NRI and
+	// the opt plugin default to machine-wide paths the nodes must not share.
+	conf := fmt.Sprintf(`version = 2
+root = %[1]q
+state = %[2]q
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime",
+  "io.containerd.nri.v1.nri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
+[grpc]
+  address = %[3]q
+[ttrpc]
+  address = %[4]q
+[plugins."io.containerd.internal.v1.opt"]
+  path = %[5]q
+[plugins."io.containerd.grpc.v1.cri".registry]
+  config_path = %[6]q
+`, filepath.Join(cd, "root"), filepath.Join(cd, "state"), n.sock, n.sock+".ttrpc", filepath.Join(cd, "opt"), n.hostsDir)
+	if !n.legacy {
+		// 2.x's ctr pulls through the transfer service, which unpacks only
+		// for the snapshotters it is configured for.
+		conf += fmt.Sprintf(`[plugins."io.containerd.transfer.v1.local"]
+  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "linux/%s"
+    snapshotter = "native"
+`, runtime.GOARCH)
+	}
+	cfgFile := filepath.Join(cd, "config.toml")
+	if err := os.WriteFile(cfgFile, []byte(conf), 0o644); err != nil {
+		return err
+	}
+	p, err := startProc(n.name()+"/containerd", filepath.Join(n.dir, "containerd.log"), nsExec(n.ns, n.ctrd, "--config", cfgFile)...)
+	if err != nil {
+		return err
+	}
+	n.containerd = c.track(p)
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if _, err := sh(ctx, nsExec(n.ns, n.ctr, "-a", n.sock, "version")...); err == nil {
+			return nil
+		}
+		if !p.running() || time.Now().After(deadline) {
+			return fmt.Errorf("%s: containerd %s did not come up: %s", n.name(), n.ctrd, tail(p.log, 15))
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
+func (c *cluster) peerdArgs(n *node) []string {
+	cacheSize := max(3*c.cfg.ImageSize, 512<<20)
+	args := []string{c.bin.peerd, "run",
+		"--data-dir", filepath.Join(n.dir, "data"),
+		"--http-addr", peerdHTTP,
+		"--upstream-allow", originIP + ":" + filePort + "," + registryID,
+		"--cache-size", strconv.FormatInt(cacheSize>>20, 10) + "MiB",
+		"--chunk-size", c.cfg.ChunkSize,
+		"--log-level", "info",
+	}
+	if c.feats.p2p {
+		args = append(args, "--p2p-addr", fmt.Sprintf("/ip4/%s/tcp/%d", n.ip, p2pPort))
+		// Every node gets the same static list, as a DaemonSet would (a node
+		// skips itself): nodes 1 and 2. With node 1 alone, a restarted node 1
+		// has nobody to dial and the others, still connected among
+		// themselves, never dial it again.
+		var boot []string
+		for _, b := range c.nodes[:2] {
+			boot = append(boot, fmt.Sprintf("/ip4/%s/tcp/%d/p2p/%s", b.ip, p2pPort, b.peerID))
+		}
+		args = append(args, "--bootstrap", strings.Join(boot, ","))
+	}
+	if c.feats.containerd {
+		args = append(args, "--containerd-socket", n.sock, "--containerd-namespace", ctrdNS, "--registries", registryID,
+			"--containerd-hosts-dir", n.hostsDir, "--containerd-config", filepath.Join(n.dir, "containerd", "config.toml"),
+			// 1.x sends no event when content is committed: walk often.
+			"--containerd-resync", "5s")
+	}
+	if c.feats.fuse {
+		n.mount = filepath.Join(n.dir, "mnt")
+		args = append(args, "--mount", n.mount)
+	}
+	return args
+}
+
+func (c *cluster) startPeerd(n *node) error {
+	if err := os.MkdirAll(filepath.Join(n.dir, "data"), 0o700); err != nil {
+		return err
+	}
+	// nsenter, not ip netns exec: peerd joins only the node's network
+	// namespace and stays in the host's mount namespace, so its FUSE mount
+	// is visible machine-wide as on a real node (ip netns exec would give it
+	// a private mount namespace).
+	args := append([]string{"nsenter", "--net=/run/netns/" + n.ns, "--"}, c.peerdArgs(n)...)
+	p, err := startProc(n.name()+"/peerd", filepath.Join(n.dir, "peerd.log"), args...)
+	if err != nil {
+		return err
+	}
+	n.peerd = c.track(p)
+	return nil
+}
+
+func (c *cluster) waitReady(ctx context.Context, n *node) error {
+	if _, err := sh(ctx, nsExec(n.ns, c.bin.client, "wait", "-timeout", "60s", "-url", "http://"+peerdHTTP+"/readyz")...); err != nil {
+		return fmt.Errorf("%s: peerd not ready: %w\n%s", n.name(), err, tail(n.peerd.log, 20))
+	}
+	return nil
+}
+
+// teardown stops every process, deletes the namespaces, unmounts, removes
+// the route and (unless E2E_KEEP=1) the work folder. It is idempotent and
+// safe from the signal handler.
+func (c *cluster) teardown() {
+	c.mu.Lock()
+	if c.tornDown {
+		c.mu.Unlock()
+		return
+	}
+	c.tornDown = true
+	procs := slices.Clone(c.procs)
+	c.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, p := range procs {
+		wg.Add(1)
+		go func() { defer wg.Done(); p.stop(10 * time.Second) }()
+	}
+	wg.Wait()
+	ctx := context.Background()
+	for _, ns := range append(c.nsNames(), originNS, switchNS) {
+		killNS(ctx, ns)
+		sh(ctx, "ip", "netns", "del", ns)
+	}
+	unmountUnder(c.dir, func(f string, a ...any) { fmt.Printf(f+"\n", a...) })
+	sh(ctx, "ip", "route", "del", "blackhole", subnet)
+	if c.cfg.Keep {
+		fmt.Printf("e2e: work folder kept: %s\n", c.dir)
+	} else {
+		os.RemoveAll(c.dir)
+	}
+}
+
+func (c *cluster) nsNames() []string {
+	var names []string
+	for _, n := range c.nodes {
+		names = append(names, n.ns)
+	}
+	return names
+}
+
+func (c *cluster) dumpLogs() {
+	logs := []string{filepath.Join(c.dir, "registry", "registry.log"), filepath.Join(c.dir, "origin.log")}
+	for _, n := range c.nodes {
+		logs = append(logs, filepath.Join(n.dir, "containerd.log"), filepath.Join(n.dir, "peerd.log"))
+	}
+	for _, l := range logs {
+		c.t.Logf("--- last lines of %s ---\n%s", l, tail(l, 25))
+	}
+}
+
+func tail(file string, n int) string {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return "(" + err.Error() + ")"
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// --- measurements ------------------------------------------------------------
+
+// egress is the bytes the origin namespace (registry and file origin) has
+// sent on its link, read from the interface counters.
+func (c *cluster) egress() int64 {
+	c.t.Helper()
+	out, err := sh(context.Background(), nsExec(originNS, "cat", "/sys/class/net/eth0/statistics/tx_bytes")...)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	v, err := strconv.ParseInt(strings.TrimSpace(out), 10, 64)
+	if err != nil {
+		c.t.Fatalf("tx_bytes: %q: %v", out, err)
+	}
+	return v
+}
+
+// metric sums every sample of a metric family (all label sets) on a node;
+// labelFilter, if set, must appear in the sample's labels.
+func (c *cluster) metric(n *node, name, labelFilter string) (float64, error) {
+	out, err := sh(context.Background(), nsExec(n.ns, c.bin.client, "get", "-out", "-", "-timeout", "20s", "-url", "http://"+peerdHTTP+"/metrics/prometheus")...)
+	if err != nil {
+		return 0, err
+	}
+	var sum float64
+	for _, line := range strings.Split(out, "\n") {
+		if !strings.HasPrefix(line, name) {
+			continue
+		}
+		rest := line[len(name):]
+		if rest == "" || (rest[0] != ' ' && rest[0] != '{') {
+			continue
+		}
+		if labelFilter != "" && !strings.Contains(rest, labelFilter) {
+			continue
+		}
+		f := strings.Fields(rest)
+		if v, err := strconv.ParseFloat(f[len(f)-1], 64); err == nil {
+			sum += v
+		}
+	}
+	return sum, nil
+}
+
+// peerServed sums the bytes every running node served to peers.
+func (c *cluster) peerServed() int64 {
+	var total float64
+	for _, n := range c.nodes {
+		if n.peerd == nil || !n.peerd.running() {
+			continue
+		}
+		v, err := c.metric(n, "peerd_p2p_served_bytes_total", "")
+		if err != nil {
+			c.t.Logf("%s: metrics: %v", n.name(), err)
+			continue
+		}
+		total += v
+	}
+	return int64(total)
+}
+
+// pull runs ctr's pull inside the node's namespace through its hosts dir
+// (so through peerd when the containerd part wrote it).
+func (c *cluster) pull(ctx context.Context, n *node, ref string) (time.Duration, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
+	defer cancel()
+	start := time.Now()
+	cmd := exec.CommandContext(ctx, "ip", nsExec(n.ns, n.ctr, "-a", n.sock, "-n", ctrdNS, "images", "pull", "--hosts-dir", n.hostsDir, "--snapshotter", "native", ref)[1:]...)
+	cmd.Env = cleanEnv()
+	out, err := cmd.CombinedOutput()
+	d := time.Since(start)
+	if err != nil {
+		return d, fmt.Errorf("%s: ctr pull %s: %w\n%s", n.name(), ref, err, lastLines(string(out), 15))
+	}
+	return d, nil
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// removeImage drops an image and its content from a node's containerd, so
+// large runs do not fill the disk.
+func (c *cluster) removeImage(n *node, ref string) {
+	if n.containerd == nil || !n.containerd.running() {
+		return
+	}
+	sh(context.Background(), nsExec(n.ns, n.ctr, "-a", n.sock, "-n", ctrdNS, "images", "rm", "--sync", ref)...)
+}
+
+type getResult struct {
+	Bytes   int64   `json:"bytes"`
+	SHA256  string  `json:"sha256"`
+	Seconds float64 `json:"seconds"`
+}
+
+// get runs e2eclient get inside the node's namespace.
+func (c *cluster) get(ctx context.Context, n *node, args ...string) (getResult, error) {
+	cmd := exec.CommandContext(ctx, "ip", nsExec(n.ns, append([]string{c.bin.client, "get"}, args...)...)[1:]...)
+	cmd.Env = cleanEnv()
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return getResult{}, fmt.Errorf("%s: get: %w: %s", n.name(), err, strings.TrimSpace(stderr.String()))
+	}
+	var r getResult
+	if err := json.Unmarshal([]byte(lastLine(string(out))), &r); err != nil {
+		return r, fmt.Errorf("%s: get: output %q: %w", n.name(), out, err)
+	}
+	return r, nil
+}
+
+// --- images --------------------------------------------------------------
+
+// image is a generated test image pushed to the registry.
+type image struct {
+	ref      string // registry/repo:tag
+	repoRef  string // registry/repo
+	digest   string // manifest digest
+	size     int64  // manifest + config + layers
+	layers   []string
+	layerLen []int64
+}
+
+func (im image) byDigest() string { return im.repoRef + "@" + im.digest }
+
+// pushImage generates an image of random layers and pushes it from inside
+// the origin namespace (the root namespace cannot reach the registry).
+func (c *cluster) pushImage(ctx context.Context, name string, seed uint64) image {
+	c.t.Helper()
+	dir := filepath.Join(c.dir, "images", name)
+	im, err := generateImage(dir, c.cfg.ImageSize, c.cfg.Layers, seed)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	repo := "e2e/" + name
+	out, err := sh(ctx, nsExec(originNS, c.bin.client, "push", "-registry", "127.0.0.1:"+regPort, "-repo", repo, "-tag", "v1", "-dir", dir)...)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	if got := lastLine(out); got != im.digest {
+		c.t.Fatalf("push %s: registry digest %s, generated %s", name, got, im.digest)
+	}
+	os.RemoveAll(dir) // the registry holds it now
+	im.repoRef = registryID + "/" + repo
+	im.ref = im.repoRef + ":v1"
+	return im
+}
+
+// stats is p50 and max of durations.
+func stats(ds []time.Duration) (p50, mx time.Duration) {
+	if len(ds) == 0 {
+		return 0, 0
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[(len(s)-1)/2], s[len(s)-1]
+}
+
+// row is one scenario's line of the report.
+type row struct {
+	scenario   string
+	nodes      int
+	size       int64
+	first      time.Duration // the seeding node's time, if the scenario has one
+	p50, max   time.Duration
+	egress     int64
+	peerServed int64
+	note       string
+}
+
+var (
+	rowsMu sync.Mutex
+	rows   []row
+)
+
+func (c *cluster) report(r row) {
+	c.t.Helper()
+	rowsMu.Lock()
+	rows = append(rows, r)
+	rowsMu.Unlock()
+	c.t.Log(header() + "\n" + r.String())
+}
+
+func header() string {
+	return fmt.Sprintf("%-16s %5s %10s %8s %8s %8s %8s %12s  %s", "scenario", "nodes", "size", "first", "p50", "max", "egress/x", "peer-served", "note")
+}
+
+func (r row) String() string {
+	first := "-"
+	if r.first > 0 {
+		first = r.first.Round(10 * time.Millisecond).String()
+	}
+	return fmt.Sprintf("%-16s %5d %10s %8s %8s %8s %8.2f %12s  %s", r.scenario, r.nodes, human(r.size), first,
+		r.p50.Round(10*time.Millisecond), r.max.Round(10*time.Millisecond), float64(r.egress)/float64(r.size), human(r.peerServed), r.note)
+}
+
+func printRows(w io.Writer) {
+	rowsMu.Lock()
+	defer rowsMu.Unlock()
+	if len(rows) == 0 {
+		return
+	}
+	fmt.Fprintln(w, "\ne2e results (egress/x = origin egress ÷ size; first = the seeding node's time; p50/max over the other nodes):")
+	fmt.Fprintln(w, header())
+	for _, r := range rows {
+		fmt.Fprintln(w, r.String())
+	}
+}
