@@ -680,3 +680,64 @@ func helperMount(base string) {
 	fmt.Println("mounted")
 	select {}
 }
+
+// TestOpenModesDoNotConflict: the kernel refuses a passthrough open while a
+// file of the same inode is open through the page cache (and the other way
+// round). A file opened lazily stays open while the blob completes and
+// verifies; later opens must still succeed and read the right bytes, and
+// once everything is closed the next open may use passthrough.
+func TestOpenModesDoNotConflict(t *testing.T) {
+	m := mountForTest(t, nil)
+	data := randomBytes(9, 6*testChunk+5)
+	k := m.src.add(data)
+	lazy, err := os.Open(m.path(k))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lazy.Close()
+	if got, err := io.ReadAll(lazy); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("lazy read: %v", err)
+	}
+	waitVerified(t, m.cache, k)
+	second, err := os.Open(m.path(k))
+	if err != nil {
+		t.Fatalf("open while a lazy file is open on a now verified blob: %v", err)
+	}
+	defer second.Close()
+	if got, err := io.ReadAll(second); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("second read: %v", err)
+	}
+	lazy.Close()
+	second.Close()
+	if n := counter(t, m.reg, "peerd_fuse_opens_total", "local"); n != 1 {
+		t.Fatalf("local opens = %v, want 1 (the open that overlapped the lazy one)", n)
+	}
+
+	// Everything closed: passthrough if the kernel has it. Two overlapping
+	// opens and an mmap, as a model loader would do.
+	var files []*os.File
+	for i := 0; i < 2; i++ {
+		f, err := os.Open(m.path(k))
+		if err != nil {
+			t.Fatalf("open %d after all closed: %v", i, err)
+		}
+		defer f.Close()
+		files = append(files, f)
+	}
+	mem, err := syscall.Mmap(int(files[0].Fd()), 0, len(data), syscall.PROT_READ, syscall.MAP_SHARED)
+	if err != nil {
+		t.Fatalf("mmap: %v", err)
+	}
+	defer syscall.Munmap(mem)
+	if !bytes.Equal(mem, data) {
+		t.Fatal("mmap of the blob differs from origin")
+	}
+	if got, err := io.ReadAll(files[1]); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read next to the mmap: %v", err)
+	}
+	if m.fs.Passthrough() {
+		if n := counter(t, m.reg, "peerd_fuse_opens_total", "passthrough"); n != 2 {
+			t.Fatalf("passthrough opens = %v, want 2", n)
+		}
+	}
+}

@@ -340,6 +340,13 @@ func (n *blobNode) Open(ctx context.Context, flags uint32) (fusefs.FileHandle, u
 	return &lazyFile{n: n, h: h}, 0, 0
 }
 
+// Flush answers ENOSYS once, and the kernel stops sending FLUSH on close
+// for this mount: a read-only file has nothing to flush, and a close then
+// never waits on this process.
+func (n *blobNode) Flush(ctx context.Context, f fusefs.FileHandle) syscall.Errno {
+	return syscall.ENOSYS
+}
+
 // readFailed logs a failed read, at most every few seconds per blob: a
 // reader retrying against a dead source must not flood the log.
 func (n *blobNode) readFailed(off int64, size int, err error) {
