@@ -356,7 +356,8 @@ func TestP2PThroughput(t *testing.T) {
 	fmt.Printf("  B from origin (cold) %7.0f MiB/s  ratio %.2f\n", cold, cold/direct)
 	fmt.Printf("  B warm (cache hit)  %8.0f MiB/s\n", warm)
 	fmt.Printf("  bytes from peers %.0f, from origin %.0f (%.2f%%)\n", recv, fromOrigin, 100*fromOrigin/float64(size))
-	fmt.Printf("  lookups %d, p50 <= %v, p99 <= %v\n", cnt, p50, p99)
+	fmt.Printf("  lookups %d, p50 <= %v, p99 <= %v; hedged %.0f, peer errors %.0f, data connections %.0f\n", cnt, p50, p99,
+		b.Metric(t, "peerd_p2p_hedged_requests_total"), b.Metric(t, "peerd_p2p_peer_errors_total"), b.Metric(t, "peerd_p2p_data_connections_total"))
 	if fromOrigin > float64(size)/100 {
 		t.Errorf("B took %.0f bytes from the origin, want <= 1%%", fromOrigin)
 	}

@@ -46,6 +46,9 @@ const (
 	addrProtocol = protocol.ID("/peerd/data-addr/1.0.0")
 	// notHeldHeader marks a 404 that means "I don't hold these bytes".
 	notHeldHeader = "X-Peerd-Not-Held"
+	// maxServes bounds the transfers a node serves at once; past it askers
+	// get 503 at once and move on to another provider rather than queue.
+	maxServes = 128
 )
 
 var errNotMember = errors.New("peer is not a connected member of the cluster")
@@ -84,9 +87,10 @@ func baseTLS(n *Node) (*tls.Config, error) {
 // ---- server ----
 
 type dataServer struct {
-	n   *Node
-	ln  net.Listener
-	srv *http.Server
+	n    *Node
+	ln   net.Listener
+	srv  *http.Server
+	busy chan struct{} // bounds concurrent transfers
 
 	mu     sync.RWMutex
 	stores []LocalStore
@@ -132,7 +136,7 @@ func newDataServer(n *Node, addr string, stores []LocalStore) (*dataServer, erro
 	if err != nil {
 		return nil, fmt.Errorf("listen on --peer-addr %s: %w", addr, err)
 	}
-	s := &dataServer{n: n, ln: tls.NewListener(ln, conf), stores: stores}
+	s := &dataServer{n: n, ln: tls.NewListener(ln, conf), stores: stores, busy: make(chan struct{}, maxServes)}
 	s.srv = &http.Server{
 		Handler:           s,
 		ReadHeaderTimeout: 5 * time.Second,
@@ -224,6 +228,15 @@ func (s *dataServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		s.n.m.serveRequests.WithLabelValues("bad_request").Inc()
 		http.Error(w, err.Error(), http.StatusRequestedRangeNotSatisfiable)
+		return
+	}
+	select {
+	case s.busy <- struct{}{}:
+		defer func() { <-s.busy }()
+	default:
+		s.n.m.serveRequests.WithLabelValues("busy").Inc()
+		w.Header().Set("Retry-After", "1")
+		http.Error(w, "busy", http.StatusServiceUnavailable)
 		return
 	}
 	s.mu.RLock()

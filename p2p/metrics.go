@@ -37,7 +37,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 		serveRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "peerd_p2p_serve_requests_total",
-			Help: "Peer data-plane requests this node answered, by result (ok, not_found, refused, bad_request, error).",
+			Help: "Peer data-plane requests this node answered, by result (ok, not_found, refused, busy, bad_request, error).",
 		}, []string{"result"}),
 		peerErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "peerd_p2p_peer_errors_total",

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -265,5 +266,33 @@ func TestDataPlaneRefusesStrangers(t *testing.T) {
 	}
 	if got := counter(t, a.reg, "peerd_p2p_serve_requests_total", "refused"); got < 1 {
 		t.Errorf("refused counter %v, want >= 1", got)
+	}
+}
+
+func TestReadyNeedsAReachableBootstrapPeer(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts libp2p hosts")
+	}
+	a := startNode(t, nil)
+	// A bootstrap peer that does not answer (a fresh identity on a closed port).
+	dead := newPeerID(t)
+	lonely := startNode(t, nil)
+	lonely.AddBootstrap(peer.AddrInfo{ID: dead, Addrs: a.Host().Addrs()[:0]})
+	if err := lonely.Ready(); err == nil {
+		t.Fatal("ready with only an unreachable bootstrap peer")
+	}
+	// Adding itself as a bootstrap peer changes nothing; a live one makes it ready.
+	lonely.AddBootstrap(peer.AddrInfo{ID: lonely.ID(), Addrs: lonely.Host().Addrs()})
+	lonely.AddBootstrap(peer.AddrInfo{ID: a.ID(), Addrs: a.Host().Addrs()})
+	waitFor(t, "ready after AddBootstrap", func() bool { return lonely.Ready() == nil })
+	waitFor(t, "routing table", func() bool { return lonely.RoutingTableSize() > 0 && a.RoutingTableSize() > 0 })
+	if len(lonely.Addrs()) == 0 || !strings.HasSuffix(lonely.Addrs()[0].String(), "/p2p/"+lonely.ID().String()) {
+		t.Fatalf("Addrs %v lack /p2p/<id>", lonely.Addrs())
+	}
+	if err := lonely.Close(); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+	if err := lonely.Close(); err != nil {
+		t.Fatalf("second close: %v", err)
 	}
 }
