@@ -379,6 +379,7 @@ func (c *dataClient) gc(idle time.Duration) {
 		if time.Since(pc.lastUsed) > idle {
 			pc.tr.CloseIdleConnections()
 			delete(c.peers, p)
+			c.n.host.ConnManager().UntagPeer(p, "peerd-data")
 		}
 	}
 }
@@ -459,6 +460,9 @@ func (c *dataClient) conn(ctx context.Context, ai peer.AddrInfo) (*peerConn, err
 	}
 	c.peers[ai.ID] = pc
 	c.mu.Unlock()
+	// Keep the libp2p connection to a peer we read from: the peer checks it
+	// on every request.
+	c.n.host.ConnManager().TagPeer(ai.ID, "peerd-data", 20)
 	return pc, nil
 }
 
