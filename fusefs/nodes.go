@@ -276,6 +276,42 @@ type blobNode struct {
 	pageCacheTrusted bool
 	lastErrLog       time.Time
 	quietErrs        int
+	// timedOut holds byte ranges a read recently gave up on. The kernel
+	// retries a failed read-ahead page by page at once; without this each
+	// retry would wait the full read timeout again.
+	timedOut []span
+}
+
+type span struct {
+	off, end int64
+	until    time.Time
+}
+
+// recentlyTimedOut reports whether [off, end) overlaps a range a read gave
+// up on within the last few seconds.
+func (n *blobNode) recentlyTimedOut(off, end int64) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	now := time.Now()
+	live := n.timedOut[:0]
+	hit := false
+	for _, s := range n.timedOut {
+		if now.Before(s.until) {
+			live = append(live, s)
+			hit = hit || (off < s.end && s.off < end)
+		}
+	}
+	n.timedOut = live
+	return hit
+}
+
+func (n *blobNode) noteTimeout(off, end int64) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if len(n.timedOut) >= 16 {
+		n.timedOut = n.timedOut[1:]
+	}
+	n.timedOut = append(n.timedOut, span{off, end, time.Now().Add(min(n.f.opts.ReadTimeout, 5*time.Second))})
 }
 
 func (n *blobNode) fillAttr(a *fuse.Attr) {
@@ -377,7 +413,13 @@ func (l *lazyFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadR
 		return fuse.ReadResultData(nil), 0
 	}
 	start := time.Now()
-	rctx, cancel := n.f.opCtx(ctx, n.f.opts.ReadTimeout)
+	end := off + int64(len(dest))
+	timeout := n.f.opts.ReadTimeout
+	if n.recentlyTimedOut(off, end) {
+		// Serve what is cached by now; do not wait on the missing bytes again.
+		timeout = 0
+	}
+	rctx, cancel := n.f.opCtx(ctx, timeout)
 	defer cancel()
 	got, err := l.h.ReadAt(rctx, dest, off)
 	if err != nil && !errors.Is(err, io.EOF) {
@@ -387,6 +429,8 @@ func (l *lazyFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadR
 		}
 		if n.f.ctx.Err() != nil {
 			err = errors.New("blob filesystem is unmounting")
+		} else if errors.Is(err, context.DeadlineExceeded) && timeout > 0 {
+			n.noteTimeout(off+int64(got), end)
 		}
 		n.readFailed(off, len(dest), err)
 		return nil, syscall.EIO
