@@ -72,7 +72,7 @@ func TestK8sLeaseBootstrapAndEvents(t *testing.T) {
 	for _, n := range []*p2pNode{b, cc} {
 		waitReady(t, n.Node)
 		until(t, 30*time.Second, n.Name+" to connect to the leader", func() (bool, string) {
-			return strings.Contains(n.Log(), "connected to bootstrap peer") && strings.Contains(n.Log(), a.ID), "no connection logged"
+			return logHasLine(n.Node, "connected to bootstrap peer", "peer="+a.ID), "no connection logged"
 		})
 	}
 	waitMetric(t, a.Node, "peerd_p2p_routing_table_peers", 2)
@@ -141,12 +141,7 @@ func TestK8sLeaseBootstrapAndEvents(t *testing.T) {
 		return len(got) > 0 && strings.HasSuffix(got[0], "/p2p/"+newLeader.ID), fmt.Sprint(got)
 	})
 	until(t, 30*time.Second, "the follower to bootstrap from the new leader", func() (bool, string) {
-		for _, line := range strings.Split(follower.Log(), "\n") {
-			if strings.Contains(line, "connected to bootstrap peer") && strings.Contains(line, newLeader.ID) {
-				return true, ""
-			}
-		}
-		return false, "not yet"
+		return logHasLine(follower.Node, "connected to bootstrap peer", "peer="+newLeader.ID), "not yet"
 	})
 	waitMetric(t, follower.Node, "peerd_p2p_routing_table_peers", 1)
 }
@@ -241,4 +236,70 @@ func waitEvent(ctx context.Context, t *testing.T, c kubernetes.Interface, node, 
 		return len(got) > 0, "none"
 	})
 	return got[0]
+}
+
+// TestK8sDNSBootstrap: --bootstrap-mode dns learns peer IDs by dialing the
+// addresses a name resolves to; no Kubernetes API is needed (Events off).
+// IP literals stand in for the headless Service name: they resolve to
+// themselves, and the test must not depend on the machine's DNS.
+func TestK8sDNSBootstrap(t *testing.T) {
+	// Nothing answers at the name: not ready, and /readyz says why.
+	a := startP2PNode(t, "--bootstrap-mode=dns", "--dns-name=127.0.0.1:1")
+	until(t, 10*time.Second, "a failed dns bootstrap round", func() (bool, string) {
+		return strings.Contains(a.Log(), "bootstrap round failed"), "not yet"
+	})
+	code, _, body := Get(t, "GET", a.URL("/readyz"), nil)
+	if code == 200 || !strings.Contains(string(body), "dns bootstrap") {
+		t.Fatalf("/readyz with nobody at --dns-name: %d %q, want a dns bootstrap error", code, body)
+	}
+
+	// b's name resolves to a: b learns a's peer ID by dialing it, and joins.
+	ip, port := p2pHostPort(t, a.P2PAddr)
+	b := startP2PNode(t, "--bootstrap-mode=dns", "--dns-name="+ip+":"+port)
+	waitReady(t, b.Node)
+	until(t, 30*time.Second, "b to connect to a", func() (bool, string) {
+		return logHasLine(b.Node, "connected to bootstrap peer", "peer="+a.ID), "not yet"
+	})
+	waitReady(t, a.Node) // found by b: a joined too
+
+	// A name that resolves only to the node itself: alone, and ready.
+	cip := NextIP()
+	cport := FreePort(t, cip)
+	c := StartNode(t, NodeOpts{IP: cip, Args: []string{
+		"--p2p-addr=/ip4/" + cip + "/tcp/" + fmt.Sprint(cport),
+		"--bootstrap-mode=dns", "--dns-name=" + cip,
+	}})
+	waitReady(t, c)
+	if got := c.Metric(t, "peerd_bootstrap_rounds_total", "mode=dns", "result=alone"); got < 1 {
+		t.Errorf("alone rounds = %v, want >= 1", got)
+	}
+	for _, n := range []*Node{a.Node, b.Node, c} {
+		if k := strings.Count(n.Log(), "Kubernetes Events are off"); k != 1 {
+			t.Errorf("%s logged the Events-off notice %d times, want once", n.Name, k)
+		}
+	}
+}
+
+// p2pHostPort splits /ip4/<ip>/tcp/<port>/p2p/<id>.
+func p2pHostPort(t *testing.T, ma string) (string, string) {
+	t.Helper()
+	f := strings.Split(ma, "/")
+	if len(f) < 5 || f[1] != "ip4" || f[3] != "tcp" {
+		t.Fatalf("unexpected multiaddr %q", ma)
+	}
+	return f[2], f[4]
+}
+
+// logHasLine reports whether one line of n's log contains every part.
+func logHasLine(n *Node, parts ...string) bool {
+	for _, line := range strings.Split(n.Log(), "\n") {
+		all := true
+		for _, p := range parts {
+			all = all && strings.Contains(line, p)
+		}
+		if all {
+			return true
+		}
+	}
+	return false
 }

@@ -3,14 +3,20 @@ package k8s
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/multiformats/go-multiaddr"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 )
 
 // addrHost is a fakeHost with a real peer ID and address.
@@ -113,5 +119,22 @@ func TestNewLeaseRejectsBadOptions(t *testing.T) {
 	}
 	if _, err := NewLease(h, LeaseOptions{Client: fake.NewClientset(), Namespace: "n", Name: "l", Identity: "i", LeaseDuration: time.Second}); err == nil {
 		t.Fatal("1s lease duration accepted")
+	}
+}
+
+func TestLeaseReadErrorIsReported(t *testing.T) {
+	c := fake.NewClientset()
+	c.PrependReactor("get", "leases", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, apierrors.NewForbidden(schema.GroupResource{Group: "coordination.k8s.io", Resource: "leases"}, "peerd-bootstrap", errors.New("RBAC: no get"))
+	})
+	l, _ := runLease(t, c, newAddrHost(t, "127.0.0.1"), "node-a")
+	eventually(t, "the read error to surface", func() bool {
+		_, err := l.Discover(context.Background())
+		return err != nil && strings.Contains(err.Error(), "forbidden") && !errors.Is(err, ErrPending)
+	})
+	select {
+	case <-l.Changed():
+	default:
+		t.Fatal("no change signalled for the first read error")
 	}
 }
