@@ -257,7 +257,11 @@ func cleanEnv() []string {
 
 // sh runs a short command and returns its combined output.
 func sh(ctx context.Context, args ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	return shTimeout(ctx, 2*time.Minute, args...)
+}
+
+func shTimeout(ctx context.Context, d time.Duration, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, d)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
 	cmd.Env = cleanEnv()
@@ -458,9 +462,9 @@ type cluster struct {
 	registry *proc
 	origin   *proc
 
-	mu       sync.Mutex
-	procs    []*proc
-	tornDown bool
+	mu    sync.Mutex
+	procs []*proc
+	down  sync.Once
 }
 
 func (c *cluster) track(p *proc) *proc {
@@ -904,12 +908,13 @@ func (c *cluster) waitReady(ctx context.Context, n *node) error {
 // the route and (unless E2E_KEEP=1) the work folder. It is idempotent and
 // safe from the signal handler.
 func (c *cluster) teardown() {
+	// Once, and every caller waits for it: the signal handler and the test's
+	// cleanup may both get here, and neither may return (and exit) early.
+	c.down.Do(c.doTeardown)
+}
+
+func (c *cluster) doTeardown() {
 	c.mu.Lock()
-	if c.tornDown {
-		c.mu.Unlock()
-		return
-	}
-	c.tornDown = true
 	procs := slices.Clone(c.procs)
 	c.mu.Unlock()
 	var wg sync.WaitGroup
@@ -1103,7 +1108,7 @@ func (c *cluster) pushImage(ctx context.Context, name string, seed uint64) image
 		c.t.Fatal(err)
 	}
 	repo := "e2e/" + name
-	out, err := sh(ctx, nsExec(originNS, c.bin.client, "push", "-registry", "127.0.0.1:"+regPort, "-repo", repo, "-tag", "v1", "-dir", dir)...)
+	out, err := shTimeout(ctx, 30*time.Minute, nsExec(originNS, c.bin.client, "push", "-registry", "127.0.0.1:"+regPort, "-repo", repo, "-tag", "v1", "-dir", dir)...)
 	if err != nil {
 		c.t.Fatal(err)
 	}
