@@ -16,8 +16,9 @@ import (
 
 // hosts.toml handling. peerd owns one marked block in each file; everything
 // else in the file (the registry's own hosts, certificates, settings) is the
-// user's and is kept as it is. The first write backs the original file up
-// once; Remove strips the block and restores that backup.
+// user's and is kept as it is. A write over a file without peerd's block
+// backs that file up (rewrites of peerd's own file leave the backup alone);
+// Remove restores the backup, or strips the block when there is none.
 
 const (
 	blockBegin = "# BEGIN peerd mirror (written by 'peerd containerd-config'; undo with --remove)"
@@ -135,8 +136,9 @@ func WriteHosts(c HostsConfig) ([]string, error) {
 			return changed, fmt.Errorf("read %s: %w", path, err)
 		}
 		if exists && !bytes.Contains(old, []byte(blockBegin)) {
-			if err := backupOnce(path, old); err != nil {
-				return changed, err
+			// Not (or no longer) peerd's: this is the original to restore.
+			if err := writeAtomic(path+BackupSuffix, old, 0o644); err != nil {
+				return changed, fmt.Errorf("back up %s: %w", path, err)
 			}
 		}
 		next, err := render(stripBlock(old), reg, c.Mirror, c.DialTimeout)
@@ -169,18 +171,6 @@ func RemoveHosts(dir string, registries []string) ([]string, error) {
 		}
 		path := HostsPath(dir, reg.Host)
 		backup := path + BackupSuffix
-		if orig, err := os.ReadFile(backup); err == nil {
-			if err := writeAtomic(path, orig, 0o644); err != nil {
-				return changed, err
-			}
-			if err := os.Remove(backup); err != nil {
-				return changed, err
-			}
-			changed = append(changed, path)
-			continue
-		} else if !errors.Is(err, fs.ErrNotExist) {
-			return changed, fmt.Errorf("read %s: %w", backup, err)
-		}
 		cur, err := os.ReadFile(path)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
@@ -188,16 +178,29 @@ func RemoveHosts(dir string, registries []string) ([]string, error) {
 			return changed, fmt.Errorf("read %s: %w", path, err)
 		}
 		if !bytes.Contains(cur, []byte(blockBegin)) {
-			continue // not ours
+			continue // someone replaced peerd's file: theirs now
 		}
-		rest := stripBlock(cur)
-		if len(bytes.TrimSpace(rest)) == 0 {
+		orig, err := os.ReadFile(backup)
+		switch {
+		case err == nil:
+			if err := writeAtomic(path, orig, 0o644); err != nil {
+				return changed, err
+			}
+			if err := os.Remove(backup); err != nil {
+				return changed, err
+			}
+		case !errors.Is(err, fs.ErrNotExist):
+			return changed, fmt.Errorf("read %s: %w", backup, err)
+		case len(bytes.TrimSpace(stripBlock(cur))) == 0:
+			// peerd created it.
 			if err := os.Remove(path); err != nil {
 				return changed, err
 			}
 			os.Remove(filepath.Dir(path)) // only if empty
-		} else if err := writeAtomic(path, rest, 0o644); err != nil {
-			return changed, err
+		default:
+			if err := writeAtomic(path, stripBlock(cur), 0o644); err != nil {
+				return changed, err
+			}
 		}
 		changed = append(changed, path)
 	}
@@ -221,17 +224,6 @@ func MirrorConfigured(path, mirror string) (bool, error) {
 		}
 	}
 	return false, nil
-}
-
-func backupOnce(path string, data []byte) error {
-	backup := path + BackupSuffix
-	if _, err := os.Stat(backup); err == nil {
-		return nil
-	}
-	if err := writeAtomic(backup, data, 0o644); err != nil {
-		return fmt.Errorf("back up %s: %w", path, err)
-	}
-	return nil
 }
 
 // stripBlock removes peerd's block (and only it) from a hosts.toml.

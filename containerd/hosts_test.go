@@ -224,3 +224,36 @@ func TestRegistryConfigPathsAndCheckMirror(t *testing.T) {
 		t.Fatal("another mirror passed the check")
 	}
 }
+
+func TestWriteHostsAfterUserReplacedFile(t *testing.T) {
+	dir := t.TempDir()
+	path := HostsPath(dir, "ghcr.io")
+	cfg := HostsConfig{Dir: dir, Registries: []string{"ghcr.io"}, Mirror: mirror}
+	if _, err := WriteHosts(cfg); err != nil {
+		t.Fatal(err)
+	}
+	// Configuration management replaces the file with its own.
+	theirs := "server = \"https://ghcr.io\"\n\n[host.\"https://ghcr-cache.corp.example\"]\n  capabilities = [\"pull\"]\n"
+	if err := os.WriteFile(path, []byte(theirs), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if ok, _ := MirrorConfigured(path, mirror); ok {
+		t.Fatal("mirror reported configured in a file without it")
+	}
+	if _, err := WriteHosts(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if got := readFile(t, path); !strings.Contains(got, "ghcr-cache.corp.example") || strings.Index(got, "127.0.0.1:30000") > strings.Index(got, "ghcr-cache") {
+		t.Fatalf("rewrite lost their host or put it first:\n%s", got)
+	}
+	if _, err := RemoveHosts(dir, []string{"ghcr.io"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := readFile(t, path); got != theirs {
+		t.Fatalf("remove did not restore their latest file:\n%s", got)
+	}
+	// A file peerd never touched is left alone by --remove.
+	if ch, err := RemoveHosts(dir, []string{"ghcr.io"}); err != nil || len(ch) != 0 || readFile(t, path) != theirs {
+		t.Fatalf("remove touched a foreign file: %v %v", ch, err)
+	}
+}

@@ -16,7 +16,7 @@ func containerdConfigCmd(args []string) error {
 	fs := newFlagSet("containerd-config", `Write <hosts-dir>/<registry>/hosts.toml for each registry so that containerd
 tries peerd first (capabilities pull and resolve, a short dial timeout) and the
 registry after it. Hosts, certificates and settings an existing file holds are
-kept; the original is backed up once (hosts.toml`+ctrd.BackupSuffix+`) and
+kept; the original is backed up (hosts.toml`+ctrd.BackupSuffix+`) and
 --remove restores it. Running it again changes nothing.
 
 containerd reads these files only when its registry config_path names the
