@@ -268,6 +268,7 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 		return nil, err
 	}
 	n.source = newSource(n.self, &dhtFinder{n: n}, n.client, n.m, n.log, cfg.ResolveTimeout, cfg.ResolveRetries)
+	n.source.bg = n.ctx
 	n.adv = newAdvertiser(n, cfg.ReprovideInterval)
 
 	reg.MustRegister(

@@ -60,6 +60,7 @@ type Source struct {
 	timeout time.Duration
 	retries int
 	now     func() time.Time
+	bg      context.Context // bounds background refreshes (the node's lifetime)
 
 	mu    sync.Mutex
 	provs map[blob.Key]*provEntry
@@ -68,9 +69,10 @@ type Source struct {
 }
 
 type provEntry struct {
-	done    chan struct{} // closed when the lookup finished
-	peers   []peer.AddrInfo
-	expires time.Time
+	done       chan struct{} // closed when the first lookup finished
+	peers      []peer.AddrInfo
+	expires    time.Time
+	refreshing bool
 }
 
 type avoidEntry struct {
@@ -88,39 +90,48 @@ func newSource(self peer.ID, f providerFinder, g rangeGetter, m *metrics, log *s
 		log = slog.Default()
 	}
 	return &Source{self: self, finder: f, getter: g, m: m, log: log, timeout: timeout, retries: retries,
-		now: time.Now, provs: map[blob.Key]*provEntry{}, avoid: map[peer.ID]avoidEntry{}}
+		now: time.Now, bg: context.Background(), provs: map[blob.Key]*provEntry{}, avoid: map[peer.ID]avoidEntry{}}
 }
 
 // Name labels the source in metrics and logs.
 func (s *Source) Name() string { return "peer" }
 
-// providers returns the peers advertising k, from the cache or one lookup
-// shared by every concurrent caller.
+// providers returns the peers advertising k: from the cache, or from one
+// lookup shared by every concurrent caller. An expired answer is still used
+// while a background lookup refreshes it, so only a blob's first chunk ever
+// waits for the DHT.
 func (s *Source) providers(ctx context.Context, k blob.Key) []peer.AddrInfo {
 	s.mu.Lock()
 	e := s.provs[k]
 	if e != nil {
 		select {
 		case <-e.done:
-			if s.now().After(e.expires) {
-				e = nil
+			peers := e.peers
+			switch {
+			case s.now().Before(e.expires):
+				s.m.lookupCache.WithLabelValues(hitLabel(peers)).Inc()
+			case !e.refreshing:
+				e.refreshing = true
+				s.m.lookupCache.WithLabelValues("stale").Inc()
+				go s.refresh(k, e)
+			default:
+				s.m.lookupCache.WithLabelValues("stale").Inc()
 			}
-		default: // a lookup is running: share it
+			s.mu.Unlock()
+			return peers
+		default: // the first lookup is running: share it
 		}
-	}
-	if e != nil {
 		s.mu.Unlock()
 		select {
 		case <-e.done:
 		case <-ctx.Done():
 			return nil
 		}
-		if len(e.peers) > 0 {
-			s.m.lookupCache.WithLabelValues("hit").Inc()
-		} else {
-			s.m.lookupCache.WithLabelValues("negative_hit").Inc()
-		}
-		return e.peers
+		s.mu.Lock()
+		peers := e.peers
+		s.mu.Unlock()
+		s.m.lookupCache.WithLabelValues(hitLabel(peers)).Inc()
+		return peers
 	}
 	e = &provEntry{done: make(chan struct{})}
 	if len(s.provs) >= maxCachedKeys {
@@ -130,6 +141,49 @@ func (s *Source) providers(ctx context.Context, k blob.Key) []peer.AddrInfo {
 	s.mu.Unlock()
 
 	s.m.lookupCache.WithLabelValues("miss").Inc()
+	found := s.lookup(ctx, k)
+	s.mu.Lock()
+	s.setLocked(e, found)
+	if ctx.Err() != nil && len(found) == 0 {
+		// Our caller gave up: don't let its impatience stick as "nobody has it".
+		e.expires = s.now()
+	}
+	close(e.done)
+	s.mu.Unlock()
+	return found
+}
+
+func hitLabel(peers []peer.AddrInfo) string {
+	if len(peers) > 0 {
+		return "hit"
+	}
+	return "negative_hit"
+}
+
+func (s *Source) setLocked(e *provEntry, found []peer.AddrInfo) {
+	e.peers = found
+	if len(found) > 0 {
+		e.expires = s.now().Add(positiveTTL)
+	} else {
+		e.expires = s.now().Add(negativeTTL)
+	}
+}
+
+// refresh looks k up again in the background. It is bounded by the lookup
+// timeouts and stops when the node closes.
+func (s *Source) refresh(k blob.Key, e *provEntry) {
+	found := s.lookup(s.bg, k)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e.refreshing = false
+	if s.bg.Err() != nil {
+		return
+	}
+	s.setLocked(e, found)
+}
+
+// lookup asks the DHT, with --resolve-retries more tries when nobody answers.
+func (s *Source) lookup(ctx context.Context, k blob.Key) []peer.AddrInfo {
 	var found []peer.AddrInfo
 	for attempt := 0; attempt <= s.retries && len(found) == 0 && ctx.Err() == nil; attempt++ {
 		start := s.now()
@@ -150,19 +204,6 @@ func (s *Source) providers(ctx context.Context, k blob.Key) []peer.AddrInfo {
 			s.log.Debug("provider lookup failed", "key", k, "err", err)
 		}
 	}
-	s.mu.Lock()
-	e.peers = found
-	if len(found) > 0 {
-		e.expires = s.now().Add(positiveTTL)
-	} else {
-		e.expires = s.now().Add(negativeTTL)
-	}
-	if ctx.Err() != nil && len(found) == 0 {
-		// Our caller gave up: don't let its impatience stick as "nobody has it".
-		e.expires = s.now()
-	}
-	close(e.done)
-	s.mu.Unlock()
 	return found
 }
 

@@ -33,18 +33,26 @@ func newPeerID(t testing.TB) peer.ID {
 type fakeFinder struct {
 	calls atomic.Int32
 	delay time.Duration
+	mu    sync.Mutex
 	peers []peer.AddrInfo
+	block chan struct{} // when set, lookups wait for it
 }
 
 func (f *fakeFinder) FindProviders(ctx context.Context, k blob.Key) ([]peer.AddrInfo, error) {
 	f.calls.Add(1)
+	f.mu.Lock()
+	block, peers := f.block, f.peers
+	f.mu.Unlock()
+	if block != nil {
+		<-block
+	}
 	if f.delay > 0 {
 		select {
 		case <-time.After(f.delay):
 		case <-ctx.Done():
 		}
 	}
-	return f.peers, nil
+	return peers, nil
 }
 
 type call struct {
@@ -341,4 +349,38 @@ func TestSourceDeadProviderCostsOnce(t *testing.T) {
 	if n := len(g.calls()); n != 1 {
 		t.Fatalf("asked the dead provider %d times, want once", n)
 	}
+}
+
+func TestSourceRefreshesExpiredAnswersInTheBackground(t *testing.T) {
+	s, f, _, ids := setup(t, "ok")
+	var nowMu sync.Mutex
+	now := time.Now()
+	s.now = func() time.Time { nowMu.Lock(); defer nowMu.Unlock(); return now }
+	advance := func(d time.Duration) { nowMu.Lock(); now = now.Add(d); nowMu.Unlock() }
+	all := f.peers
+	f.mu.Lock()
+	f.peers = nil
+	f.mu.Unlock()
+	if _, _, err := readAll(t, s, 0, 10); !errors.Is(err, blob.ErrNotFound) {
+		t.Fatal(err)
+	}
+	base := f.calls.Load()
+
+	// The answer expired; the provider appeared, but the DHT is slow: the
+	// caller gets the old answer at once and the refresh runs behind it.
+	f.mu.Lock()
+	f.peers = all
+	f.block = make(chan struct{})
+	block := f.block
+	f.mu.Unlock()
+	advance(negativeTTL + time.Second)
+	if _, _, err := readAll(t, s, 1<<20, 10); !errors.Is(err, blob.ErrNotFound) {
+		t.Fatalf("stale answer: %v", err)
+	}
+	waitFor(t, "background lookup", func() bool { return f.calls.Load() > base })
+	close(block)
+	waitFor(t, "refreshed", func() bool {
+		_, origin, err := readAll(t, s, 2<<20, 10)
+		return err == nil && origin == ids[0].String()
+	})
 }
