@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -144,6 +146,26 @@ func TestK8sLeaseBootstrapAndEvents(t *testing.T) {
 		return logHasLine(follower.Node, "connected to bootstrap peer", "peer="+newLeader.ID), "not yet"
 	})
 	waitMetric(t, follower.Node, "peerd_p2p_routing_table_peers", 1)
+
+	// A fatal error after start (its HTTP port is taken) ends the process
+	// and leaves P2PFailed on its Node.
+	ip := NextIP()
+	held, err := net.Listen("tcp", ip+":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	cmd := exec.CommandContext(ctx, peerdBin, "run", "--data-dir="+t.TempDir(), "--http-addr="+held.Addr().String(),
+		"--p2p-addr=/ip4/"+ip+"/tcp/0", "--mount=", "--containerd-socket=",
+		"--kubeconfig="+kubeconfig, "--node-name=node-a", "--namespace=peerd", "--bootstrap-mode=static")
+	out, err := cmd.CombinedOutput()
+	if err == nil {
+		t.Fatalf("peerd ran with its HTTP port taken:\n%s", out)
+	}
+	ev = waitEvent(ctx, t, c, "node-a", "P2PFailed")
+	if ev.Type != corev1.EventTypeWarning || !strings.Contains(ev.Message, "address already in use") {
+		t.Errorf("P2PFailed: type %s message %q, want a Warning naming the cause", ev.Type, ev.Message)
+	}
 }
 
 // applyChartRBAC creates the chart's ServiceAccount, Role, ClusterRole and
