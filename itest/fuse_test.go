@@ -262,3 +262,70 @@ func TestFUSEUnmountOnSIGTERM(t *testing.T) {
 		t.Fatal("read of the unmounted filesystem hung")
 	}
 }
+
+// TestFUSEReadFailsWhenPeerStops: B reads a blob from peer A by digest; A
+// freezes (SIGSTOP) mid-way and no other source has the bytes. B's reads of
+// missing bytes end with EIO within --mount-read-timeout instead of hanging
+// the reader; once A runs again the same file reads correctly.
+func TestFUSEReadFailsWhenPeerStops(t *testing.T) {
+	needFUSE(t)
+	origin := NewOrigin(t, "")
+	const size = 16 << 20
+	data, dg := RandomBlob(t, size)
+	url := origin.Put(storagePath(dg), data)
+	a := startP2PNode(t, "--upstream-allow="+origin.Host)
+	mp := mountDir(t)
+	b := startP2PNode(t, "--bootstrap", a.P2PAddr, "--mount", mp, "--mount-read-timeout", "2s")
+	waitReady(t, a.Node)
+	waitReady(t, b.Node)
+	if code, _, _ := Get(t, "GET", a.URL("/blobs/"+url), nil); code != 200 {
+		t.Fatalf("A: status %d", code)
+	}
+	waitMetric(t, a.Node, "peerd_p2p_provides_total", 1, "result=ok")
+
+	f, err := os.Open(blobPath(mp, dg))
+	if err != nil {
+		t.Fatalf("B: open by digest: %v", err)
+	}
+	defer f.Close()
+	buf := make([]byte, 64<<10)
+	if _, err := f.ReadAt(buf, 0); err != nil || !bytes.Equal(buf, data[:len(buf)]) {
+		t.Fatalf("B: first read: %v", err)
+	}
+
+	if err := syscall.Kill(a.PID(), syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	resumed := false
+	resume := func() {
+		if !resumed {
+			syscall.Kill(a.PID(), syscall.SIGCONT)
+			resumed = true
+		}
+	}
+	defer resume()
+	errc := make(chan error, 1)
+	go func() { _, err := f.ReadAt(buf, 12<<20); errc <- err }()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, syscall.EIO) {
+			t.Fatalf("B: read while the only peer is frozen: %v, want EIO", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("B: read hung while the only peer is frozen")
+	}
+	if got := b.Metric(t, "peerd_fuse_read_errors_total"); got < 1 {
+		t.Fatalf("read errors counted %v, want >= 1", got)
+	}
+
+	resume()
+	var last error
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		if _, last = f.ReadAt(buf, 12<<20); last == nil {
+			break
+		}
+	}
+	if last != nil || !bytes.Equal(buf, data[12<<20:12<<20+len(buf)]) {
+		t.Fatalf("B: read after A resumed: %v", last)
+	}
+}
