@@ -541,3 +541,36 @@ func TestSourceFetch(t *testing.T) {
 		t.Fatalf("offset past the end: %v", err)
 	}
 }
+
+// countHandler counts log records by level.
+type countHandler struct {
+	mu    sync.Mutex
+	warns int
+}
+
+func (h *countHandler) Enabled(context.Context, slog.Level) bool { return true }
+func (h *countHandler) Handle(_ context.Context, r slog.Record) error {
+	if r.Level == slog.LevelWarn {
+		h.mu.Lock()
+		h.warns++
+		h.mu.Unlock()
+	}
+	return nil
+}
+func (h *countHandler) WithAttrs([]slog.Attr) slog.Handler { return h }
+func (h *countHandler) WithGroup(string) slog.Handler      { return h }
+
+func TestAbsentContainerdLoggedOnce(t *testing.T) {
+	fx := newFixture(t)
+	logs := &countHandler{}
+	fx.store.log = slog.New(logs)
+	fx.failNext = 3 // three attempts find no socket, then containerd appears
+	fx.start(t)
+	waitFor(t, "connected after the socket appeared", fx.store.Connected)
+	logs.mu.Lock()
+	warns := logs.warns
+	logs.mu.Unlock()
+	if warns != 1 {
+		t.Fatalf("%d warnings for one absent containerd, want 1", warns)
+	}
+}
