@@ -741,3 +741,26 @@ func TestOpenModesDoNotConflict(t *testing.T) {
 		}
 	}
 }
+
+// TestLookupBoundedBySlowSource: a source that never answers makes the
+// lookup answer ENOENT once the lookup timeout passes, not hang the caller.
+func TestLookupBoundedBySlowSource(t *testing.T) {
+	m := mountForTest(t, func(o *Options) { o.LookupTimeout = 300 * time.Millisecond })
+	k := m.src.add([]byte("slow"))
+	m.src.mu.Lock()
+	m.src.hangFrom = 0
+	m.src.mu.Unlock()
+	errc := make(chan error, 1)
+	go func() { _, err := os.Stat(m.path(k)); errc <- err }()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, syscall.ENOENT) {
+			t.Fatalf("stat with a hanging source: %v, want ENOENT", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("lookup hung on a source that never answers")
+	}
+	if n := counter(t, m.reg, "peerd_fuse_lookups_total", "not_found"); n != 1 {
+		t.Fatalf("not_found lookups = %v, want 1", n)
+	}
+}
