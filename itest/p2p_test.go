@@ -410,3 +410,39 @@ func histQuantiles(t testing.TB, n *Node, name, label string) (time.Duration, ti
 	}
 	return q(0.5), q(0.99), int(total)
 }
+
+// TestP2PRestartReadvertises: a node restarted on its data advertises what
+// its cache holds, and a peer whose only bootstrap peer went away reconnects.
+func TestP2PRestartReadvertises(t *testing.T) {
+	origin := NewOrigin(t, "")
+	allow := "--upstream-allow=" + origin.Host
+	const size = 6<<20 + 1
+	data, dg := RandomBlob(t, size)
+	url := origin.Put(storagePath(dg), data)
+
+	a := startP2PNode(t, allow)
+	if code, _, body := Get(t, "GET", a.URL("/blobs/"+url), nil); code != 200 || Digest(body) != dg {
+		t.Fatalf("A: %d", code)
+	}
+	waitMetric(t, a.Node, "peerd_cache_verifications_total", 1, "result=ok")
+	a.Restart()
+	b := startP2PNode(t, allow, "--bootstrap", a.P2PAddr)
+	waitReady(t, b.Node)
+	waitMetric(t, a.Node, "peerd_p2p_provides_total", 1, "result=ok")
+	if got := a.Metric(t, "peerd_p2p_advertised_keys"); got != 1 {
+		t.Fatalf("restarted A advertises %v keys, want 1", got)
+	}
+	before := origin.Sent.Load()
+	if code, _, body := Get(t, "GET", b.URL("/blobs/"+url), nil); code != 200 || Digest(body) != dg {
+		t.Fatalf("B: %d", code)
+	}
+	if extra := origin.Sent.Load() - before; extra != 0 {
+		t.Fatalf("B took %d bytes from the origin though the restarted A holds the blob", extra)
+	}
+
+	// A goes away and comes back on the same address: B, which knew only A,
+	// reconnects by itself.
+	a.Restart()
+	waitMetric(t, b.Node, "peerd_p2p_connected_peers", 1)
+	waitReady(t, b.Node)
+}

@@ -162,7 +162,9 @@ func (s *dataServer) serve() {
 
 func (s *dataServer) close() error {
 	s.n.host.RemoveStreamHandler(addrProtocol)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	// A short grace for transfers in flight; askers resume a cut transfer
+	// from another provider, so shutdown never waits long for them.
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	if err := s.srv.Shutdown(ctx); err != nil {
 		return s.srv.Close()

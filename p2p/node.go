@@ -32,6 +32,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/pnet"
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
 	"github.com/libp2p/go-libp2p/p2p/net/connmgr"
+	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
 	ma "github.com/multiformats/go-multiaddr"
 	manet "github.com/multiformats/go-multiaddr/net"
@@ -278,6 +279,13 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 			func() float64 { return float64(n.RoutingTableSize()) }),
 	)
 
+	// Losing the last peer restarts the bootstrap backoff at once instead of
+	// waiting out the connected-state poll interval.
+	h.Network().Notify(&network.NotifyBundle{DisconnectedF: func(nw network.Network, _ network.Conn) {
+		if len(nw.Peers()) == 0 {
+			n.kickBootstrap()
+		}
+	}})
 	n.AddBootstrap(boot...)
 	n.wg.Add(4)
 	go func() { defer n.wg.Done(); n.server.serve() }()
@@ -354,10 +362,14 @@ func (n *Node) AddBootstrap(ais ...peer.AddrInfo) {
 	}
 	n.bootMu.Unlock()
 	if added > 0 {
-		select {
-		case n.bootKick <- struct{}{}:
-		default:
-		}
+		n.kickBootstrap()
+	}
+}
+
+func (n *Node) kickBootstrap() {
+	select {
+	case n.bootKick <- struct{}{}:
+	default:
 	}
 }
 
@@ -402,6 +414,11 @@ func (n *Node) bootstrapLoop() {
 		if len(peers) > 0 && n.ConnectedPeers() == 0 {
 			ok := 0
 			for _, ai := range peers {
+				// Our own backoff paces these dials; the swarm's per-peer dial
+				// backoff (5 s and growing) would hide a peer that came back.
+				if sw, ok := n.host.Network().(*swarm.Swarm); ok {
+					sw.Backoff().Clear(ai.ID)
+				}
 				if err := n.Connect(n.ctx, ai); err != nil {
 					n.log.Debug("bootstrap peer unreachable", "peer", ai.ID.String(), "err", err)
 					continue
@@ -509,19 +526,24 @@ func (n *Node) peerHooks(dir Direction, p peer.ID, b int64) {
 // Close stops the loops, the data plane, the DHT and the host.
 func (n *Node) Close() error {
 	n.closeOnce.Do(func() {
+		start := time.Now()
 		n.cancel()
 		var errs []error
 		if err := n.server.close(); err != nil {
 			errs = append(errs, fmt.Errorf("close peer data plane: %w", err))
 		}
+		t1 := time.Now()
 		n.wg.Wait()
 		n.client.close()
+		t2 := time.Now()
 		if err := n.dht.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close DHT: %w", err))
 		}
+		t3 := time.Now()
 		if err := n.host.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close libp2p host: %w", err))
 		}
+		n.log.Debug("p2p node closed", "data-plane", t1.Sub(start), "loops", t2.Sub(t1), "dht", t3.Sub(t2), "host", time.Since(t3))
 		n.closeErr = errors.Join(errs...)
 	})
 	return n.closeErr
