@@ -93,6 +93,7 @@ type FS struct {
 
 	passthrough bool
 	started     time.Time // the directories' times
+	root        *rootNode
 
 	closeOnce sync.Once
 	closeErr  error
@@ -171,6 +172,7 @@ func Mount(opts Options) (*FS, error) {
 		},
 	}
 	root := &rootNode{f: f, readOnlyDir: readOnlyDir{readOnly{f}}}
+	f.root = root
 	server, err := fusefs.Mount(mp, root, fopts)
 	if err != nil {
 		f.cancel()

@@ -172,6 +172,30 @@ func mountForTest(t testing.TB, mod func(*Options)) *testMount {
 
 func (m *testMount) path(k blob.Key) string { return filepath.Join(m.dir, k.Hex()) }
 
+// waitReleased waits until peerd has heard every close of k's files: the
+// kernel sends RELEASE after close() returns, and until it arrives an open
+// stays on the page-cache side rather than passthrough.
+func (m *testMount) waitReleased(t *testing.T, k blob.Key) {
+	t.Helper()
+	dir := m.fs.root.GetChild(dirName)
+	ch := dir.GetChild(k.Hex())
+	if ch == nil {
+		return
+	}
+	n := ch.Operations().(*blobNode)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		n.mu.Lock()
+		open := n.cachedOpen + n.passOpen
+		n.mu.Unlock()
+		if open == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d files of %s still open 10s after close", open, k)
+		}
+	}
+}
+
 func randomBytes(seed uint64, n int) []byte {
 	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
 	b := make([]byte, n)
@@ -276,6 +300,8 @@ func TestReadsMatchOrigin(t *testing.T) {
 			}
 
 			waitVerified(t, m.cache, k)
+			m.waitReleased(t, k)
+			localBefore := counter(t, m.reg, "peerd_fuse_read_bytes_total", "local")
 			got, err = os.ReadFile(m.path(k))
 			if err != nil {
 				t.Fatal(err)
@@ -292,7 +318,7 @@ func TestReadsMatchOrigin(t *testing.T) {
 				t.Fatalf("%s opens = %v, want ≥ 2", mode, n)
 			}
 			if mode == "passthrough" {
-				if n := counter(t, m.reg, "peerd_fuse_read_bytes_total", "local"); n != 0 {
+				if n := counter(t, m.reg, "peerd_fuse_read_bytes_total", "local") - localBefore; n != 0 {
 					t.Fatalf("%v bytes of a passthrough file were read through peerd", n)
 				}
 			}
@@ -709,6 +735,7 @@ func TestOpenModesDoNotConflict(t *testing.T) {
 	}
 	lazy.Close()
 	second.Close()
+	m.waitReleased(t, k)
 	if n := counter(t, m.reg, "peerd_fuse_opens_total", "local"); n != 1 {
 		t.Fatalf("local opens = %v, want 1 (the open that overlapped the lazy one)", n)
 	}
