@@ -74,7 +74,8 @@ func NewEvents(ctx context.Context, opts EventsOptions) *Events {
 		return e
 	}
 	e.ref = &corev1.ObjectReference{Kind: "Node", APIVersion: "v1", Name: opts.NodeName, UID: types.UID(opts.NodeName)}
-	gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	// Bounded tightly: this runs before the HTTP face serves its probes.
+	gctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	node, err := opts.Client.CoreV1().Nodes().Get(gctx, opts.NodeName, metav1.GetOptions{})
 	cancel()
 	if err != nil {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -317,7 +318,7 @@ func (k *leaseLock) annotate(lease *coordinationv1.Lease, holder string) {
 		return
 	}
 	info := leaderInfo{Holder: holder}
-	for _, a := range k.l.host.Addrs() {
+	for _, a := range publishable(k.l.host.Addrs()) {
 		info.Addrs = append(info.Addrs, a.String())
 	}
 	raw, _ := json.Marshal(info) // strings only: cannot fail
@@ -325,6 +326,21 @@ func (k *leaseLock) annotate(lease *coordinationv1.Lease, holder string) {
 		lease.Annotations = map[string]string{}
 	}
 	lease.Annotations[LeaderAnnotation] = string(raw)
+}
+
+// publishable drops loopback addresses when the node has others: on another
+// node, 127.0.0.1 is that node itself.
+func publishable(addrs []multiaddr.Multiaddr) []multiaddr.Multiaddr {
+	var out []multiaddr.Multiaddr
+	for _, a := range addrs {
+		if !manet.IsIPLoopback(a) {
+			out = append(out, a)
+		}
+	}
+	if len(out) == 0 {
+		return addrs // a single-machine setup (tests): loopback is all there is
+	}
+	return out
 }
 
 func (k *leaseLock) RecordEvent(string) {}

@@ -138,3 +138,15 @@ func TestLeaseReadErrorIsReported(t *testing.T) {
 		t.Fatal("no change signalled for the first read error")
 	}
 }
+
+func TestPublishableDropsLoopbackOnlyWhenOthersExist(t *testing.T) {
+	lo := multiaddr.StringCast("/ip4/127.0.0.1/tcp/1/p2p/12D3KooWKnDdG3iXw9eTFijk3EWSunZcFi54Zka4wmtqtt6rPxc8")
+	lo6 := multiaddr.StringCast("/ip6/::1/tcp/1/p2p/12D3KooWKnDdG3iXw9eTFijk3EWSunZcFi54Zka4wmtqtt6rPxc8")
+	lan := multiaddr.StringCast("/ip4/10.1.2.3/tcp/1/p2p/12D3KooWKnDdG3iXw9eTFijk3EWSunZcFi54Zka4wmtqtt6rPxc8")
+	if got := publishable([]multiaddr.Multiaddr{lo, lan, lo6}); len(got) != 1 || !got[0].Equal(lan) {
+		t.Errorf("publishable(lo, lan, lo6) = %v, want [lan]", got)
+	}
+	if got := publishable([]multiaddr.Multiaddr{lo}); len(got) != 1 || !got[0].Equal(lo) {
+		t.Errorf("publishable(lo) = %v, want [lo]", got)
+	}
+}
