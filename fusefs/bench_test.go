@@ -201,16 +201,23 @@ func BenchmarkMountVsBackingFile(b *testing.B) {
 	lr.Close()
 
 	b.ResetTimer()
-	direct := best(b, 3, func() float64 { return seqRead(b, backing, size) })
-	viaPT := best(b, 3, func() float64 { return seqRead(b, ptPath, size) })
+	// Alternate the two so a burst of load from other processes hits both.
+	var direct, viaPT float64
+	for i := 0; i < 4; i++ {
+		direct = max(direct, seqRead(b, backing, size))
+		viaPT = max(viaPT, seqRead(b, ptPath, size))
+	}
 	fbFirst := seqRead(b, fbPath, size) // first verified open: the kernel's pages are dropped
 	served := localBytes(b, reg)
 	fbWarm := best(b, 2, func() float64 { return seqRead(b, fbPath, size) })
 	servedWarm := localBytes(b, reg) - served
 
 	const nRand = 100000
-	randDirect := best(b, 2, func() float64 { return randReads(b, backing, size, nRand, false) })
-	randPT := best(b, 2, func() float64 { return randReads(b, ptPath, size, nRand, false) })
+	var randDirect, randPT float64
+	for i := 0; i < 3; i++ {
+		randDirect = max(randDirect, randReads(b, backing, size, nRand, false))
+		randPT = max(randPT, randReads(b, ptPath, size, nRand, false))
+	}
 	randFBCold := randReads(b, fbPath, size, nRand/5, true)
 	randFBWarm := best(b, 2, func() float64 { return randReads(b, fbPath, size, nRand, false) })
 	b.StopTimer()
