@@ -147,6 +147,23 @@ func TestK8sLeaseBootstrapAndEvents(t *testing.T) {
 	})
 	waitMetric(t, follower.Node, "peerd_p2p_routing_table_peers", 1)
 
+	// The last peer goes: the follower's routing table empties, it says so
+	// (P2PDisconnected), and it leads alone.
+	newLeader.Kill()
+	followerNode := "node-b"
+	if follower == cc {
+		followerNode = "node-c"
+	}
+	ev = waitEvent(ctx, t, c, followerNode, "P2PDisconnected")
+	if ev.Type != corev1.EventTypeWarning {
+		t.Errorf("P2PDisconnected type %s, want Warning", ev.Type)
+	}
+	until(t, 60*time.Second, followerNode+" to lead alone", func() (bool, string) {
+		h := leaseHolder(ctx, c)
+		return h == followerNode, h
+	})
+	waitReady(t, follower.Node)
+
 	// A fatal error after start (its HTTP port is taken) ends the process
 	// and leaves P2PFailed on its Node.
 	ip := NextIP()

@@ -28,8 +28,10 @@ type Host interface {
 	// Addrs are the node's full addresses, each ending in /p2p/<ID>.
 	Addrs() []multiaddr.Multiaddr
 	Connect(ctx context.Context, ai peer.AddrInfo) error
-	// RoutingTableSize is the number of peers in the DHT routing table.
-	RoutingTableSize() int
+	// LivePeers counts the peers in the DHT routing table that the node is
+	// connected to. The routing table alone is not enough: it keeps peers
+	// that died until a refresh evicts them, minutes later.
+	LivePeers() int
 }
 
 // Discoverer names the peers a node should connect to first.
@@ -191,15 +193,15 @@ func (b *Bootstrapper) waitNext(ctx context.Context, check <-chan time.Time, wai
 		case <-due:
 			return true
 		case <-check:
-			size := b.host.RoutingTableSize()
+			size := b.host.LivePeers()
 			switch {
 			case !*need && size == 0:
-				b.log.Warn("routing table is empty; bootstrapping again")
+				b.log.Warn("no live peer left; bootstrapping again")
 				*need, *backoff = true, b.opts.MinBackoff
 				return true
 			case *need && size > 0:
 				// Alone or failing, yet peers found this node: joined.
-				b.log.Info("peers found this node; bootstrap is done", "routing_table", size)
+				b.log.Info("peers found this node; bootstrap is done", "peers", size)
 				b.markJoined()
 				*need, *backoff = false, b.opts.MinBackoff
 				return true

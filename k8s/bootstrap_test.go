@@ -31,7 +31,7 @@ func (h *fakeHost) ID() peer.ID { return h.id }
 func (h *fakeHost) Addrs() []multiaddr.Multiaddr {
 	return []multiaddr.Multiaddr{multiaddr.StringCast("/ip4/127.0.0.1/tcp/4001")}
 }
-func (h *fakeHost) RoutingTableSize() int { return int(h.table.Load()) }
+func (h *fakeHost) LivePeers() int { return int(h.table.Load()) }
 func (h *fakeHost) Connect(ctx context.Context, ai peer.AddrInfo) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()

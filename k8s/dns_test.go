@@ -20,7 +20,7 @@ func (h libp2pHost) Addrs() []multiaddr.Multiaddr {
 	out, _ := peer.AddrInfoToP2pAddrs(&peer.AddrInfo{ID: h.ID(), Addrs: h.Host.Addrs()})
 	return out
 }
-func (h libp2pHost) RoutingTableSize() int { return len(h.Network().Peers()) }
+func (h libp2pHost) LivePeers() int { return len(h.Network().Peers()) }
 
 func newLibp2pHost(t *testing.T, ip string) libp2pHost {
 	t.Helper()

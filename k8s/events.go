@@ -20,9 +20,9 @@ import (
 
 // Event reasons, on the node's Node object.
 const (
-	// ReasonConnected: the routing table became non-empty.
+	// ReasonConnected: the routing table gained its first live peer.
 	ReasonConnected = "P2PConnected"
-	// ReasonDisconnected: the routing table became empty.
+	// ReasonDisconnected: no live peer is left in the routing table.
 	ReasonDisconnected = "P2PDisconnected"
 	// ReasonActive: blob bytes arrived from a peer (at most once per ActiveEvery).
 	ReasonActive = "P2PActive"
@@ -110,30 +110,30 @@ func (e *Events) emit(typ, reason, format string, args ...any) {
 	e.rec.Eventf(e.ref, typ, reason, format, args...)
 }
 
-// RoutingTable reports a routing-table size: P2PConnected when it leaves
-// zero, P2PDisconnected when it returns there.
-func (e *Events) RoutingTable(size int) {
+// Peers reports the number of live routing-table peers (Host.LivePeers):
+// P2PConnected when it leaves zero, P2PDisconnected when it returns there.
+func (e *Events) Peers(size int) {
 	e.mu.Lock()
 	was := e.connected
 	e.connected = size > 0
 	e.mu.Unlock()
 	switch {
 	case !was && size > 0:
-		e.emit(corev1.EventTypeNormal, ReasonConnected, "joined the peer network: %d peer(s) in the routing table", size)
+		e.emit(corev1.EventTypeNormal, ReasonConnected, "joined the peer network: %d live peer(s) in the routing table", size)
 	case was && size == 0:
-		e.emit(corev1.EventTypeWarning, ReasonDisconnected, "lost every peer: the routing table is empty; bootstrapping again")
+		e.emit(corev1.EventTypeWarning, ReasonDisconnected, "lost every peer: no live peer in the routing table; bootstrapping again")
 	}
 }
 
-// WatchRoutingTable polls size until ctx ends and reports each change.
-func (e *Events) WatchRoutingTable(ctx context.Context, size func() int, every time.Duration) {
+// WatchPeers polls size until ctx ends and reports each change.
+func (e *Events) WatchPeers(ctx context.Context, size func() int, every time.Duration) {
 	if e.rec == nil {
 		return
 	}
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
-		e.RoutingTable(size())
+		e.Peers(size())
 		select {
 		case <-ctx.Done():
 			return

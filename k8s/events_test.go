@@ -36,12 +36,12 @@ func TestEventsOnTheNode(t *testing.T) {
 		t.Fatal("events disabled with a client")
 	}
 
-	e.RoutingTable(0) // still empty: nothing to say
-	e.RoutingTable(2)
-	e.RoutingTable(3) // still connected: nothing new
+	e.Peers(0) // still empty: nothing to say
+	e.Peers(2)
+	e.Peers(3) // still connected: nothing new
 	e.BytesFromPeer("peer1", 100)
 	e.BytesFromPeer("peer1", 100) // within ActiveEvery: folded into the next one
-	e.RoutingTable(0)
+	e.Peers(0)
 	e.Failed(ctx, errors.New("listen tcp :4001: address already in use"))
 
 	var got map[string][]corev1.Event
@@ -52,9 +52,9 @@ func TestEventsOnTheNode(t *testing.T) {
 	want := map[string]struct {
 		typ, msg string
 	}{
-		ReasonConnected:    {corev1.EventTypeNormal, "2 peer(s)"},
+		ReasonConnected:    {corev1.EventTypeNormal, "2 live peer(s)"},
 		ReasonActive:       {corev1.EventTypeNormal, "received 100 bytes"},
-		ReasonDisconnected: {corev1.EventTypeWarning, "routing table is empty"},
+		ReasonDisconnected: {corev1.EventTypeWarning, "no live peer"},
 		ReasonFailed:       {corev1.EventTypeWarning, "address already in use"},
 	}
 	for reason, w := range want {
@@ -100,7 +100,7 @@ func TestEventsOffWithoutClient(t *testing.T) {
 		t.Fatal("enabled without a client")
 	}
 	// Every call is a harmless no-op.
-	e.RoutingTable(1)
+	e.Peers(1)
 	e.BytesFromPeer("p", 10)
 	e.Failed(context.Background(), errors.New("x"))
 	e.Close()

@@ -127,19 +127,20 @@ func startK8s(ctx context.Context, a *app) error {
 	})
 	a.onFatal = append(a.onFatal, events.Failed)
 
+	host := k8sHost{a.p2p}
 	if a.p2p != nil && events.Enabled() {
 		a.p2p.OnPeerBytes(func(dir p2p.Direction, from peer.ID, n int64) {
 			if dir == p2p.Received {
 				events.BytesFromPeer(from, n)
 			}
 		})
-		wg.Go(func() { events.WatchRoutingTable(kctx, a.p2p.RoutingTableSize, time.Second) })
+		wg.Go(func() { events.WatchPeers(kctx, host.LivePeers, time.Second) })
 	}
 
 	var disc k8s.Discoverer
 	switch c.BootstrapMode {
 	case modeLease:
-		lease, err := k8s.NewLease(a.p2p, k8s.LeaseOptions{
+		lease, err := k8s.NewLease(host, k8s.LeaseOptions{
 			Client:        client,
 			Namespace:     c.Namespace,
 			Name:          c.LeaseName,
@@ -154,7 +155,7 @@ func startK8s(ctx context.Context, a *app) error {
 		wg.Go(func() { lease.Run(kctx) })
 		disc = lease
 	case modeDNS:
-		d, err := k8s.NewDNS(a.p2p, k8s.DNSOptions{Name: c.DNSName, Logger: a.log})
+		d, err := k8s.NewDNS(host, k8s.DNSOptions{Name: c.DNSName, Logger: a.log})
 		if err != nil {
 			return err
 		}
@@ -162,11 +163,22 @@ func startK8s(ctx context.Context, a *app) error {
 	default:
 		return nil // static: the p2p part dials --bootstrap itself
 	}
-	boot := k8s.NewBootstrapper(a.p2p, disc, k8s.BootstrapOptions{Logger: a.log, Metrics: m})
+	boot := k8s.NewBootstrapper(host, disc, k8s.BootstrapOptions{Logger: a.log, Metrics: m})
 	wg.Go(func() { boot.Run(kctx) })
 	a.readyChecks = append(a.readyChecks, boot.Ready)
 	a.log.Info("bootstrap", "mode", c.BootstrapMode, "node", c.NodeName, "namespace", c.Namespace)
 	return nil
+}
+
+// k8sHost adapts the p2p node to k8s.Host.
+type k8sHost struct{ *p2p.Node }
+
+// LivePeers approximates "routing-table peers with a live connection" by the
+// smaller of the two counts: every peerd peer is a DHT server, so connected
+// peers are routing-table peers, while the routing table keeps dead peers
+// until a refresh evicts them.
+func (h k8sHost) LivePeers() int {
+	return min(h.Node.RoutingTableSize(), h.Node.ConnectedPeers())
 }
 
 func init() {
