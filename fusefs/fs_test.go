@@ -791,3 +791,66 @@ func TestLookupBoundedBySlowSource(t *testing.T) {
 		t.Fatalf("not_found lookups = %v, want 1", n)
 	}
 }
+
+// TestEvictionAndPinning: an open file pins its blob against eviction; once
+// closed the blob may be evicted, and the same path then reads it again
+// through the sources.
+func TestEvictionAndPinning(t *testing.T) {
+	needFUSE(t)
+	base := t.TempDir()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	c, err := cache.Open(cache.Options{Dir: filepath.Join(base, "cache"), ChunkSize: testChunk, MaxBytes: 12 * testChunk, Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	src := newFakeSource()
+	f, err := Mount(Options{Mountpoint: filepath.Join(base, "mnt"), Cache: c, Logger: log,
+		Sources: func(blob.Key) []blob.Source { return []blob.Source{src} }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close(context.Background())
+	path := func(k blob.Key) string { return filepath.Join(f.Mountpoint(), dirName, k.Hex()) }
+	a := randomBytes(10, 8*testChunk)
+	b := randomBytes(11, 8*testChunk)
+	ka, kb := src.add(a), src.add(b)
+
+	fa, err := os.Open(path(ka))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := io.ReadAll(fa); err != nil || !bytes.Equal(got, a) {
+		t.Fatalf("read A: %v", err)
+	}
+	// A is open: reading B cannot evict it (B's chunks pass through).
+	if got, err := os.ReadFile(path(kb)); err != nil || !bytes.Equal(got, b) {
+		t.Fatalf("read B while A is open: %v", err)
+	}
+	if i, ok := c.Stat(ka); !ok || !i.Complete {
+		t.Fatalf("A lost bytes while open: %+v", i)
+	}
+	fa.Close()
+	waitGone := func(k blob.Key) bool {
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			// Reading B again makes room by evicting A once nothing pins it.
+			if got, err := os.ReadFile(path(kb)); err != nil || !bytes.Equal(got, b) {
+				t.Fatalf("read B: %v", err)
+			}
+			if i, ok := c.Stat(k); !ok || i.Present < int64(len(a)) {
+				return true
+			}
+		}
+		return false
+	}
+	if !waitGone(ka) {
+		t.Fatal("A was never evicted after its file closed")
+	}
+	before := src.fetchCounts()[0]
+	if got, err := os.ReadFile(path(ka)); err != nil || !bytes.Equal(got, a) {
+		t.Fatalf("read A after eviction: %v", err)
+	}
+	if src.fetchCounts()[0] == before {
+		t.Fatal("A was read after eviction without fetching it again")
+	}
+}
