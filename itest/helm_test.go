@@ -265,11 +265,16 @@ func TestHelmChartShape(t *testing.T) {
 
 	// Bad values fail to render, with a reason.
 	for values, want := range map[string]string{
-		"bootstrap: {mode: gossip}":                              "bootstrap.mode",
+		// Caught by values.schema.json:
+		"bootstrap: {mode: gossip}":     "/bootstrap/mode",
+		"http: {bindAddress: 10.0.0.1}": "/http/bindAddress",
+		"registries: []":                "/registries",
+		"bootstap: {mode: dns}":         "bootstap",
+		"cache: {size: lots}":           "/cache/size",
+		"log: {level: verbose}":         "/log/level",
+		// Caught by the templates (combinations a schema cannot express):
 		"bootstrap: {mode: static}":                              "bootstrap.static",
 		"monitoring: {podMonitor: {enabled: true}}":              "bindAddress",
-		"http: {bindAddress: 10.0.0.1}":                          "bindAddress",
-		"registries: []":                                         "registries",
 		"rbac: {create: false}\nserviceAccount: {create: false}": "rbac.create",
 	} {
 		vf := filepath.Join(t.TempDir(), "values.yaml")
