@@ -94,6 +94,7 @@ type dataServer struct {
 
 	mu     sync.RWMutex
 	stores []LocalStore
+	tags   *Tags // answers /tags/ (nil: tag resolution off; see tags.go)
 }
 
 func (s *dataServer) addStore(st LocalStore) {
@@ -216,6 +217,10 @@ func (s *dataServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Allow", "GET, HEAD")
 		s.n.m.serveRequests.WithLabelValues("bad_request").Inc()
 		http.Error(w, "only GET and HEAD", http.StatusMethodNotAllowed)
+		return
+	}
+	if strings.HasPrefix(r.URL.Path, "/tags/") {
+		s.serveTag(w, r, from)
 		return
 	}
 	ks, ok := strings.CutPrefix(r.URL.Path, "/blobs/")

@@ -33,7 +33,7 @@ func registerContainerdFlags(fs *flag.FlagSet, c *containerdConfig) {
 	fs.StringVar(&c.Socket, "containerd-socket", "/run/containerd/containerd.sock", "containerd's gRPC socket; peerd advertises the blobs it holds and serves them to peers and to the /v2/ mirror (--containerd-socket= turns this off)")
 	fs.StringVar(&c.Namespace, "containerd-namespace", "k8s.io", "containerd namespace whose images are shared")
 	fs.Var(&c.Registries, "registries", "registries the /v2/ mirror resolves tags for and whose hosts.toml peerd checks, e.g. docker.io,ghcr.io (repeatable, comma-separated); tags of other registries are never served")
-	fs.BoolVar(&c.ResolveTags, "resolve-tags", false, "also ask peers for a tag the local image store does not hold (tags are mutable: a peer's copy may be older than the registry's); the peer network has no tag lookup yet, so this currently only logs a warning")
+	fs.BoolVar(&c.ResolveTags, "resolve-tags", false, "resolve a tag the local image store does not hold through peers, and advertise and answer this node's own tags of --registries (tags are mutable: a peer's image for a tag may be older than the registry's; use with immutable tags; every node that should answer needs it too)")
 	fs.StringVar(&c.HostsDir, "containerd-hosts-dir", "/etc/containerd/certs.d", "containerd's hosts.toml folder that 'peerd containerd-config' writes; checked at start")
 	fs.StringVar(&c.ConfigFile, "containerd-config", "/etc/containerd/config.toml", "containerd's config file, read to check that containerd consults --containerd-hosts-dir")
 	fs.DurationVar(&c.Resync, "containerd-resync", time.Minute, "how often containerd's whole content store is walked again (1.x sends no event when a blob is committed)")
@@ -84,11 +84,14 @@ func startContainerd(ctx context.Context, a *app) error {
 	if len(oci.Registries) == 0 {
 		a.log.Info("no --registries: the /v2/ mirror serves manifests by digest only; containerd resolves tags at the registry")
 	}
-	if c.ResolveTags {
-		a.log.Warn("--resolve-tags: the peer network offers no tag lookup yet; tags resolve from the local image store only")
+	if c.ResolveTags && len(oci.Registries) == 0 {
+		return errors.New("--resolve-tags needs --registries: tags of unlisted registries are never resolved")
 	}
 	if c.Socket == "" {
 		a.log.Info("containerd integration off (--containerd-socket is empty); /v2/ serves from the cache and peers only")
+		if err := enableTagResolution(ctx, a, &oci, nil); err != nil {
+			return err
+		}
 		a.oci = httpmirror.NewOCI(oci)
 		return nil
 	}
@@ -171,6 +174,9 @@ func startContainerd(ctx context.Context, a *app) error {
 		return out
 	}
 	oci.Local = ociStore{store}
+	if err := enableTagResolution(ctx, a, &oci, store); err != nil {
+		return err
+	}
 	a.oci = httpmirror.NewOCI(oci)
 	a.blobCatalogs = append(a.blobCatalogs, catalog{store})
 
@@ -294,4 +300,72 @@ func (c catalog) Stat(ctx context.Context, k blob.Key) (cache.Info, bool, error)
 		return cache.Info{}, false, nil
 	}
 	return cache.Info{Key: k, Size: size, Present: size, Complete: true, Verified: true}, true, nil
+}
+
+// tagPollMax bounds how long a pulled or deleted tag waits to be advertised
+// or dropped (containerd's image events are not shared with this loop).
+const tagPollMax = 10 * time.Second
+
+// enableTagResolution wires --resolve-tags: the mirror asks peers for a tag
+// the local image store lacks, and this node advertises and answers its own
+// tags (store nil: it only asks).
+func enableTagResolution(ctx context.Context, a *app, oci *httpmirror.OCIConfig, store *ctrd.Store) error {
+	c := &a.cfg.Containerd
+	if !c.ResolveTags {
+		return nil
+	}
+	if a.p2p == nil {
+		return errors.New("--resolve-tags needs the peer network")
+	}
+	opts := p2p.TagOptions{Registries: oci.Registries}
+	if store != nil {
+		opts.Local = func(ctx context.Context, r p2p.TagRef) (p2p.TagTarget, error) {
+			it, err := store.ResolveTag(ctx, r.String())
+			if err != nil {
+				return p2p.TagTarget{}, err
+			}
+			return p2p.TagTarget{Digest: blob.Key(it.Target.Digest), MediaType: it.Target.MediaType, Size: it.Target.Size, Updated: it.Updated}, nil
+		}
+	}
+	tags, err := a.p2p.EnableTags(opts)
+	if err != nil {
+		return fmt.Errorf("--resolve-tags: %w", err)
+	}
+	oci.ResolveTag = func(ctx context.Context, registry, repo, tag string) (blob.Key, error) {
+		r, err := p2p.ParseTagRef(registry, repo, tag)
+		if err != nil {
+			return "", fmt.Errorf("%v: %w", err, blob.ErrNotFound)
+		}
+		tt, err := tags.Resolve(ctx, r)
+		return tt.Digest, err
+	}
+	a.log.Warn("--resolve-tags: tags missing from the local image store are resolved through peers; a peer's image for a tag may be older than the registry's",
+		"registries", strings.Join(oci.Registries, ","))
+	if store == nil {
+		return nil
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		store.WatchTags(wctx, min(c.Resync, tagPollMax), func(names []string) {
+			var refs []p2p.TagRef
+			for _, n := range names {
+				if r, err := p2p.ParseTagName(n); err == nil {
+					refs = append(refs, r)
+				}
+			}
+			tags.Set(refs)
+		})
+	}()
+	a.onStop(func(sctx context.Context) error {
+		cancel()
+		select {
+		case <-done:
+			return nil
+		case <-sctx.Done():
+			return fmt.Errorf("tag watcher did not stop: %w", sctx.Err())
+		}
+	})
+	return nil
 }

@@ -1,0 +1,620 @@
+package p2p
+
+import (
+	"context"
+	"crypto/sha3"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"regexp"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/multiformats/go-multihash"
+	"github.com/peerd-project/peerd/blob"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Tag resolution between peers (the --resolve-tags opt-in).
+//
+// A node advertises, for every tag its own image store holds (of a listed
+// registry), a provider record under TagCID. A node asked for a tag it does
+// not hold finds those providers and asks a few of them over the
+// authenticated data plane (GET /tags/<registry>/<repo>:<tag>); each answers
+// from its own image store only, with the digest and the time it last set
+// the tag. The newest answer wins. The caller then fetches the manifest by
+// that digest, which verifies the bytes: a peer can point a tag at the wrong
+// (but genuine) manifest, never hand out forged content.
+//
+// Tags are mutable: the answer is what some peer pulled earlier, which may
+// be older than what the registry says now.
+
+// tagKeyDomain separates tag keys from anything else hashed with SHA3.
+const tagKeyDomain = "peerd/tag/v1\x00"
+
+const (
+	// Bounds on one resolution: finding providers, then asking them.
+	defaultTagFindTimeout = time.Second
+	defaultTagAskTimeout  = 2 * time.Second
+	// How many providers are asked at once, and how long the others may
+	// answer after the first did (a newer answer may be among them).
+	tagAskFanout = 3
+	tagAskGrace  = 100 * time.Millisecond
+	// tagLocalTimeout bounds a lookup in the local image store for a peer.
+	tagLocalTimeout = 5 * time.Second
+	maxTagAnswer    = 4096
+	maxManifestSize = 4 << 20
+)
+
+var (
+	// The distribution spec's repository name and tag grammar.
+	tagRepoRE = regexp.MustCompile(`^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$`)
+	tagTagRE  = regexp.MustCompile(`^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$`)
+	// A registry host as containerd sends it in ?ns=: host or host:port.
+	tagRegRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?$`)
+)
+
+// TagRef names a tag of a registry: Registry is the host (and port) as
+// containerd names it ("docker.io", "127.0.0.1:5000").
+type TagRef struct {
+	Registry, Repo, Tag string
+}
+
+func (r TagRef) String() string { return r.Registry + "/" + r.Repo + ":" + r.Tag }
+
+// ParseTagRef checks and normalizes the parts of a tag reference.
+func ParseTagRef(registry, repo, tag string) (TagRef, error) {
+	registry = strings.ToLower(registry)
+	switch {
+	case len(registry) > 255 || !tagRegRE.MatchString(registry):
+		return TagRef{}, fmt.Errorf("invalid registry host %q", registry)
+	case len(repo) > 255 || !tagRepoRE.MatchString(repo):
+		return TagRef{}, fmt.Errorf("invalid repository name %q", repo)
+	case !tagTagRE.MatchString(tag):
+		return TagRef{}, fmt.Errorf("invalid tag %q", tag)
+	}
+	return TagRef{Registry: registry, Repo: repo, Tag: tag}, nil
+}
+
+// ParseTagName parses "<registry>/<repo>:<tag>" (containerd's image names).
+// Names pinned by digest ("...@sha256:...") are not tags.
+func ParseTagName(s string) (TagRef, error) {
+	if strings.Contains(s, "@") {
+		return TagRef{}, fmt.Errorf("%q is pinned by digest, not a tag", s)
+	}
+	reg, rest, ok := strings.Cut(s, "/")
+	i := strings.LastIndexByte(rest, ':')
+	if !ok || i < 0 {
+		return TagRef{}, fmt.Errorf("%q is not <registry>/<repo>:<tag>", s)
+	}
+	return ParseTagRef(reg, rest[:i], rest[i+1:])
+}
+
+// TagCID is the DHT key of a tag. Its multihash is SHA3-256 of a
+// domain-separated reference, where every blob key is a SHA2-256 multihash:
+// the DHT keys records by multihash, so a different hash function code keeps
+// tag keys and blob keys apart even for a blob whose bytes are the reference.
+func TagCID(r TagRef) cid.Cid {
+	sum := sha3.Sum256([]byte(tagKeyDomain + r.String()))
+	mh, _ := multihash.Encode(sum[:], multihash.SHA3_256) // Encode never fails
+	return cid.NewCidV1(cid.Raw, mh)
+}
+
+// TagTarget is what a tag points to in some node's image store.
+type TagTarget struct {
+	Digest    blob.Key `json:"digest"`
+	MediaType string   `json:"mediaType,omitempty"`
+	Size      int64    `json:"size"`
+	// Updated is when that node's image store last set the tag.
+	Updated time.Time `json:"updated"`
+}
+
+func (t TagTarget) check() error {
+	if _, err := blob.ParseDigest(string(t.Digest)); err != nil {
+		return err
+	}
+	if t.Size <= 0 || t.Size > maxManifestSize {
+		return fmt.Errorf("manifest size %d out of range", t.Size)
+	}
+	return nil
+}
+
+// TagLookup resolves a tag in this node's own image store, never elsewhere;
+// an unknown tag is an error wrapping blob.ErrNotFound.
+type TagLookup func(ctx context.Context, r TagRef) (TagTarget, error)
+
+// TagOptions configure tag resolution.
+type TagOptions struct {
+	// Registries whose tags are advertised, answered and resolved; others never are.
+	Registries []string
+	// Local is this node's image store; nil when it has none (it then only asks).
+	Local TagLookup
+	// FindTimeout bounds the provider lookup, AskTimeout the questions to peers.
+	FindTimeout, AskTimeout time.Duration
+}
+
+// Tags advertises the tags this node holds and resolves tags through peers.
+type Tags struct {
+	n          *Node
+	lg         *slog.Logger
+	opts       TagOptions
+	registries map[string]bool
+	interval   time.Duration
+	m          tagMetrics
+
+	// Replaced in tests.
+	find    func(ctx context.Context, c cid.Cid) []peer.AddrInfo
+	ask     func(ctx context.Context, ai peer.AddrInfo, r TagRef) (TagTarget, error)
+	provide func(ctx context.Context, c cid.Cid) error
+	canRun  func() bool
+	now     func() time.Time
+
+	mu   sync.Mutex
+	held map[TagRef]*adState
+	wake chan struct{}
+}
+
+type tagMetrics struct {
+	resolves   *prometheus.CounterVec // result: peer, not_found, refused, error
+	answers    *prometheus.CounterVec // result: ok, not_found, refused, bad_request, error
+	provides   *prometheus.CounterVec // result: ok, error
+	advertised prometheus.Gauge
+}
+
+func newTagMetrics(reg prometheus.Registerer) tagMetrics {
+	m := tagMetrics{
+		resolves: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "peerd_p2p_tag_resolves_total",
+			Help: "Tags this node asked peers for, by result (peer: a peer answered, not_found, refused: registry not listed, error).",
+		}, []string{"result"}),
+		answers: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "peerd_p2p_tag_requests_total",
+			Help: "Peers' tag questions this node answered from its own image store, by result (ok, not_found, refused, bad_request, error).",
+		}, []string{"result"}),
+		provides: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "peerd_p2p_tag_provides_total", Help: "DHT provides of tags, by result (ok, error).",
+		}, []string{"result"}),
+		advertised: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "peerd_p2p_advertised_tags", Help: "Tags of the local image store this node advertises on the DHT.",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.resolves, m.answers, m.provides, m.advertised)
+	}
+	return m
+}
+
+// EnableTags turns on tag advertising, answering and resolution; it may be
+// called once. The advertising loop stops with the node.
+func (n *Node) EnableTags(opts TagOptions) (*Tags, error) {
+	if len(opts.Registries) == 0 {
+		return nil, errors.New("tag resolution needs at least one registry")
+	}
+	t := newTags(n, opts)
+	n.server.mu.Lock()
+	if n.server.tags != nil {
+		n.server.mu.Unlock()
+		return nil, errors.New("tag resolution is already enabled")
+	}
+	n.server.tags = t
+	n.server.mu.Unlock()
+	t.m = newTagMetrics(n.cfg.Registerer)
+	t.find = n.findTagProviders
+	t.ask = n.askTag
+	t.provide = func(ctx context.Context, c cid.Cid) error { return n.dht.Provide(ctx, c, true) }
+	t.canRun = func() bool { return n.RoutingTableSize() > 0 }
+	n.wg.Add(1)
+	go func() { defer n.wg.Done(); t.run(n.ctx) }()
+	return t, nil
+}
+
+func newTags(n *Node, opts TagOptions) *Tags {
+	if opts.FindTimeout <= 0 {
+		opts.FindTimeout = defaultTagFindTimeout
+	}
+	if opts.AskTimeout <= 0 {
+		opts.AskTimeout = defaultTagAskTimeout
+	}
+	t := &Tags{n: n, opts: opts, registries: map[string]bool{}, interval: time.Hour,
+		held: map[TagRef]*adState{}, wake: make(chan struct{}, 1), now: time.Now,
+		m: newTagMetrics(nil), lg: slog.New(slog.DiscardHandler)}
+	if n != nil {
+		t.interval = n.cfg.ReprovideInterval
+		t.lg = n.log
+	}
+	for _, r := range opts.Registries {
+		t.registries[strings.ToLower(r)] = true
+	}
+	return t
+}
+
+// Listed reports whether the tags of registry may be served.
+func (t *Tags) Listed(registry string) bool { return t.registries[strings.ToLower(registry)] }
+
+// Set replaces the tags this node advertises with those its image store
+// holds now: new ones are advertised at once, dropped ones are no longer
+// re-advertised (their records expire; meanwhile this node answers "not
+// held" for them). Tags of unlisted registries are ignored.
+func (t *Tags) Set(refs []TagRef) {
+	want := make(map[TagRef]bool, len(refs))
+	for _, r := range refs {
+		if t.Listed(r.Registry) {
+			want[r] = true
+		}
+	}
+	t.mu.Lock()
+	added := false
+	for r := range t.held {
+		if !want[r] {
+			delete(t.held, r)
+		}
+	}
+	for r := range want {
+		if _, ok := t.held[r]; !ok {
+			t.held[r] = &adState{due: t.now()}
+			added = true
+		}
+	}
+	t.m.advertised.Set(float64(len(t.held)))
+	t.mu.Unlock()
+	if added {
+		select {
+		case t.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Held lists the advertised tags, sorted.
+func (t *Tags) Held() []TagRef {
+	t.mu.Lock()
+	out := make([]TagRef, 0, len(t.held))
+	for r := range t.held {
+		out = append(out, r)
+	}
+	t.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].String() < out[j].String() })
+	return out
+}
+
+func (t *Tags) due() ([]TagRef, time.Duration) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	now := t.now()
+	var out []TagRef
+	next := time.Duration(-1)
+	for r, st := range t.held {
+		if !st.due.After(now) {
+			out = append(out, r)
+			continue
+		}
+		if d := st.due.Sub(now); next < 0 || d < next {
+			next = d
+		}
+	}
+	return out, next
+}
+
+func (t *Tags) run(ctx context.Context) {
+	for {
+		wait := time.Second // re-check while the routing table is empty
+		if t.canRun() {
+			rs, next := t.due()
+			if len(rs) > 0 {
+				t.provideAll(ctx, rs)
+				if ctx.Err() != nil {
+					return
+				}
+				continue
+			}
+			wait = next
+			if wait < 0 {
+				wait = time.Hour
+			}
+		}
+		tm := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			tm.Stop()
+			return
+		case <-t.wake:
+		case <-tm.C:
+		}
+		tm.Stop()
+	}
+}
+
+// provideAll advertises rs, a few at a time (an image store holds few tags).
+func (t *Tags) provideAll(ctx context.Context, rs []TagRef) {
+	sem := make(chan struct{}, 8)
+	var wg sync.WaitGroup
+	for _, r := range rs {
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			wg.Wait()
+			return
+		}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			pctx, cancel := context.WithTimeout(ctx, provideTimeout)
+			err := t.provide(pctx, TagCID(r))
+			cancel()
+			t.provided(ctx, r, err)
+		}()
+	}
+	wg.Wait()
+}
+
+func (t *Tags) provided(ctx context.Context, r TagRef, err error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	st := t.held[r]
+	if st == nil { // dropped meanwhile
+		return
+	}
+	if err == nil {
+		t.m.provides.WithLabelValues("ok").Inc()
+		st.fails = 0
+		st.due = t.now().Add(t.interval)
+		return
+	}
+	if ctx.Err() != nil {
+		return
+	}
+	t.m.provides.WithLabelValues("error").Inc()
+	st.fails++
+	back := min(retryMin<<min(st.fails-1, 10), retryMax)
+	st.due = t.now().Add(back)
+	t.lg.Warn("advertise tag failed; will retry", "tag", r.String(), "in", back, "err", err)
+}
+
+// Resolve asks peers what r points to. Only listed registries are asked
+// for; an answer nobody gives wraps blob.ErrNotFound.
+func (t *Tags) Resolve(ctx context.Context, r TagRef) (TagTarget, error) {
+	if !t.Listed(r.Registry) {
+		t.m.resolves.WithLabelValues("refused").Inc()
+		return TagTarget{}, fmt.Errorf("tag %s: registry %s is not in --registries: %w", r, r.Registry, blob.ErrNotFound)
+	}
+	fctx, cancel := context.WithTimeout(ctx, t.opts.FindTimeout)
+	provs := t.find(fctx, TagCID(r))
+	cancel()
+	var self peer.ID
+	if t.n != nil {
+		self = t.n.self
+	}
+	var ps []peer.AddrInfo
+	for _, p := range provs {
+		if p.ID != self {
+			ps = append(ps, p)
+		}
+	}
+	if len(ps) == 0 {
+		t.m.resolves.WithLabelValues("not_found").Inc()
+		return TagTarget{}, fmt.Errorf("tag %s: no peer holds it: %w", r, blob.ErrNotFound)
+	}
+	best, from, err := t.askSome(ctx, r, ps)
+	if err != nil {
+		if errors.Is(err, blob.ErrNotFound) {
+			t.m.resolves.WithLabelValues("not_found").Inc()
+		} else {
+			t.m.resolves.WithLabelValues("error").Inc()
+		}
+		return TagTarget{}, err
+	}
+	t.m.resolves.WithLabelValues("peer").Inc()
+	t.lg.Info("tag resolved by a peer", "tag", r.String(), "digest", best.Digest, "peer", from.String(), "peer-updated", best.Updated)
+	return best, nil
+}
+
+type tagAnswer struct {
+	tt   TagTarget
+	from peer.ID
+	err  error
+}
+
+// askSome asks providers tagAskFanout at a time until one answers; once one
+// has, the others of its round get tagAskGrace to offer a newer answer.
+func (t *Tags) askSome(ctx context.Context, r TagRef, ps []peer.AddrInfo) (TagTarget, peer.ID, error) {
+	var errs []error
+	for len(ps) > 0 {
+		round := ps[:min(tagAskFanout, len(ps))]
+		ps = ps[len(round):]
+		actx, cancel := context.WithTimeout(ctx, t.opts.AskTimeout)
+		ch := make(chan tagAnswer, len(round))
+		for _, p := range round {
+			go func() {
+				tt, err := t.ask(actx, p, r)
+				if err == nil {
+					if err = tt.check(); err != nil {
+						err = fmt.Errorf("peer %s: bad answer for %s: %w", p.ID, r, err)
+					}
+				}
+				ch <- tagAnswer{tt, p.ID, err}
+			}()
+		}
+		var best *tagAnswer
+		var grace <-chan time.Time
+		for pending := len(round); pending > 0; {
+			select {
+			case a := <-ch:
+				pending--
+				if a.err != nil {
+					errs = append(errs, a.err)
+					continue
+				}
+				if best == nil || a.tt.Updated.After(best.tt.Updated) {
+					best = &a
+				}
+				if grace == nil {
+					tm := time.NewTimer(tagAskGrace)
+					defer tm.Stop()
+					grace = tm.C
+				}
+			case <-grace:
+				pending = 0
+			case <-actx.Done():
+				pending = 0
+			}
+		}
+		cancel() // the stragglers' answers go to the buffered channel
+		if best != nil {
+			return best.tt, best.from, nil
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	err := errors.Join(errs...)
+	if err == nil {
+		err = context.Cause(ctx)
+	}
+	if err == nil {
+		err = errors.New("no answer")
+	}
+	for _, e := range errs {
+		if !errors.Is(e, blob.ErrNotFound) {
+			return TagTarget{}, "", fmt.Errorf("tag %s: peers did not answer: %w", r, err)
+		}
+	}
+	return TagTarget{}, "", fmt.Errorf("tag %s: no provider holds it any more: %w", r, blob.ErrNotFound)
+}
+
+// findTagProviders looks the tag key up on the DHT until ctx ends or the
+// query is over.
+func (n *Node) findTagProviders(ctx context.Context, c cid.Cid) []peer.AddrInfo {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var out []peer.AddrInfo
+	ch := n.dht.FindProvidersAsync(ctx, c, 2*tagAskFanout)
+	var grace <-chan time.Time
+	for {
+		select {
+		case ai, ok := <-ch:
+			if !ok {
+				return out
+			}
+			out = append(out, ai)
+			if grace == nil {
+				// A few more providers give the newest-answer choice and
+				// failover; the whole query is not worth waiting for.
+				tm := time.NewTimer(20 * time.Millisecond)
+				defer tm.Stop()
+				grace = tm.C
+			}
+		case <-grace:
+			return out
+		case <-ctx.Done():
+			return out
+		}
+	}
+}
+
+// askTag asks one peer's data plane what a tag points to.
+func (n *Node) askTag(ctx context.Context, ai peer.AddrInfo, r TagRef) (TagTarget, error) {
+	pc, err := n.client.conn(ctx, ai)
+	if err != nil {
+		return TagTarget{}, fmt.Errorf("peer %s: %w", ai.ID, err)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+pc.addr+"/tags/"+r.String(), nil)
+	if err != nil {
+		return TagTarget{}, err
+	}
+	resp, err := pc.client.Do(req)
+	if err != nil {
+		if ctx.Err() == nil {
+			n.client.forget(ai.ID)
+		}
+		return TagTarget{}, fmt.Errorf("ask peer %s for tag %s: %w", ai.ID, r, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxTagAnswer+1))
+	if err != nil {
+		return TagTarget{}, fmt.Errorf("ask peer %s for tag %s: %w", ai.ID, r, err)
+	}
+	switch resp.StatusCode {
+	case http.StatusOK:
+	case http.StatusNotFound:
+		return TagTarget{}, fmt.Errorf("peer %s does not hold tag %s: %w", ai.ID, r, blob.ErrNotFound)
+	default:
+		return TagTarget{}, fmt.Errorf("peer %s answered %s for tag %s", ai.ID, resp.Status, r)
+	}
+	if len(body) > maxTagAnswer {
+		return TagTarget{}, fmt.Errorf("peer %s: tag answer over %d bytes", ai.ID, maxTagAnswer)
+	}
+	var tt TagTarget
+	if err := json.Unmarshal(body, &tt); err != nil {
+		return TagTarget{}, fmt.Errorf("peer %s: tag answer: %w", ai.ID, err)
+	}
+	return tt, nil
+}
+
+// serveTag answers GET /tags/<registry>/<repo>:<tag> from the local image
+// store only.
+func (s *dataServer) serveTag(w http.ResponseWriter, r *http.Request, from peer.ID) {
+	s.mu.RLock()
+	t := s.tags
+	s.mu.RUnlock()
+	if t == nil {
+		w.Header().Set(notHeldHeader, "1")
+		http.Error(w, "tag resolution is off on this node", http.StatusNotFound)
+		return
+	}
+	t.answer(w, r, from)
+}
+
+func (t *Tags) answer(w http.ResponseWriter, r *http.Request, from peer.ID) {
+	name := strings.TrimPrefix(r.URL.Path, "/tags/")
+	ref, err := ParseTagName(name)
+	if err != nil || r.URL.RawPath != "" {
+		t.m.answers.WithLabelValues("bad_request").Inc()
+		t.lg.Info("bad peer tag request", "peer", from.String(), "path", truncatePath(r.URL.Path), "err", err)
+		http.Error(w, "want /tags/<registry>/<repo>:<tag>", http.StatusBadRequest)
+		return
+	}
+	notHeld := func(result, why string) {
+		t.m.answers.WithLabelValues(result).Inc()
+		w.Header().Set(notHeldHeader, "1")
+		http.Error(w, why, http.StatusNotFound)
+	}
+	if !t.Listed(ref.Registry) {
+		t.lg.Info("refused a peer's tag request for an unlisted registry", "peer", from.String(), "tag", ref.String())
+		notHeld("refused", "registry not served")
+		return
+	}
+	if t.opts.Local == nil {
+		notHeld("not_found", "no image store")
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), tagLocalTimeout)
+	defer cancel()
+	tt, err := t.opts.Local(ctx, ref)
+	if err == nil {
+		err = tt.check()
+	}
+	if errors.Is(err, blob.ErrNotFound) {
+		notHeld("not_found", "not held")
+		return
+	}
+	if err != nil {
+		t.m.answers.WithLabelValues("error").Inc()
+		t.lg.Warn("resolve tag for a peer", "peer", from.String(), "tag", ref.String(), "err", err)
+		http.Error(w, "local image store error", http.StatusInternalServerError)
+		return
+	}
+	b, _ := json.Marshal(tt)
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodGet {
+		w.Write(b)
+	}
+	t.m.answers.WithLabelValues("ok").Inc()
+}
