@@ -34,8 +34,9 @@ test-unit: ## fast unit tests only
 e2e: build ## multi-node scenarios in network namespaces (root); knobs in e2e/README.md (E2E_SIZE=large: 8 nodes, 1 GiB)
 	E2E=1 E2E_PEERD=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 60m -v ./e2e/...
 
-bench: ## benchmarks; each prints its figures next to a baseline measured in the same run
-	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./itest/ ./cache/
+bench: build ## one table of speed, cost and scale next to same-run baselines (BENCH_QUICK=1, BENCH_CLUSTER=1; bench/README.md)
+	$(GO) build -o bin/peerd-bench ./bench
+	PEERD_BIN=$(CURDIR)/$(BIN) bin/peerd-bench
 
 lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi

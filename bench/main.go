@@ -1,0 +1,280 @@
+// Command bench measures peerd's speed, cost and scale next to baselines
+// measured in the same run, and prints one table (`make bench`).
+//
+// The machine it runs on is usually shared and noisy, so every figure is a
+// ratio to a baseline taken alternately with it, over several rounds, and the
+// median is reported; nothing here asserts a wall-clock time. Knobs (env):
+//
+//	BENCH_QUICK=1       small sizes, one counted round: a couple of minutes
+//	BENCH_SIZE_MB       blob size for rows 1-3 and 6 (default 1024; quick 128)
+//	BENCH_ROUNDS        counted rounds after the uncounted warm-up (default 3; quick 1)
+//	BENCH_DHT_NODES     nodes of the in-process DHT (default 100; quick 30); 0 skips row 5
+//	BENCH_DHT_KEYS      lookups per kind in row 5 (default 200; quick 50)
+//	BENCH_STREAMS       concurrent range streams in row 6 (default 100)
+//	BENCH_ONLY          comma-separated rows to run: hit,fuse,peer,miss,dht,mem,cluster
+//	BENCH_CLUSTER=1     also run the e2e cluster scenarios (root; slow)
+//	BENCH_PPROF=<dir>   save CPU profiles of peerd while it serves (rows 1 and 3)
+//	BENCH_DIR=<dir>     work folder (default a temp dir; removed afterwards)
+//	PEERD_BIN           the peerd binary (default: built from ./cmd/peerd)
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+type config struct {
+	peerd    string
+	work     string
+	sizeMB   int64
+	rounds   int
+	dhtNodes int
+	dhtKeys  int
+	streams  int
+	only     map[string]bool
+	cluster  bool
+	pprof    string
+	quick    bool
+}
+
+func (c *config) size() int64 { return c.sizeMB << 20 }
+
+func (c *config) want(row string) bool { return len(c.only) == 0 || c.only[row] }
+
+func envInt(name string, def int) int {
+	if v := os.Getenv(name); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			fmt.Fprintf(os.Stderr, "bench: %s=%q: want a non-negative integer\n", name, v)
+			os.Exit(2)
+		}
+		return n
+	}
+	return def
+}
+
+func signalNotify(c chan os.Signal) { signal.Notify(c, syscall.SIGTERM, syscall.SIGINT) }
+
+// row is one line of the table.
+type row struct {
+	group    string
+	what     string
+	peerd    string
+	baseline string
+	ratio    string
+	goal     string
+	verdict  string
+}
+
+type table struct {
+	rows  []row
+	notes []string
+}
+
+func (t *table) add(r row) {
+	t.rows = append(t.rows, r)
+	fmt.Fprintf(os.Stderr, "bench: %s | %s | %s | %s | %s\n", r.group, r.what, r.peerd, r.baseline, r.ratio)
+}
+
+func (t *table) fail(group string, err error) {
+	t.add(row{group: group, what: "FAILED", peerd: strings.ReplaceAll(err.Error(), "\n", " "), verdict: "error"})
+}
+
+func (t *table) note(f string, a ...any) {
+	s := fmt.Sprintf(f, a...)
+	t.notes = append(t.notes, s)
+	fmt.Fprintln(os.Stderr, "bench: note:", s)
+}
+
+// atLeast and atMost format a verdict against a goal.
+func atLeast(v, goal float64) string {
+	if v >= goal {
+		return "met"
+	}
+	return "MISSED"
+}
+
+func atMost(v, goal float64) string {
+	if v <= goal {
+		return "met"
+	}
+	return "MISSED"
+}
+
+func (t *table) print(w io.Writer, c *config) {
+	fmt.Fprintf(w, "\npeerd bench — %s, %d CPUs, blob %d MiB, %d counted rounds (medians), %s\n\n",
+		time.Now().UTC().Format("2006-01-02 15:04 UTC"), runtime.NumCPU(), c.sizeMB, c.rounds, kernel())
+	fmt.Fprintln(w, "| # | measure | peerd | baseline (same run) | ratio | goal | |")
+	fmt.Fprintln(w, "| - | --- | ---: | ---: | ---: | --- | --- |")
+	for _, r := range t.rows {
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s |\n", r.group, r.what, r.peerd, r.baseline, r.ratio, r.goal, r.verdict)
+	}
+	if len(t.notes) > 0 {
+		fmt.Fprintln(w)
+		for _, n := range t.notes {
+			fmt.Fprintf(w, "- %s\n", n)
+		}
+	}
+}
+
+func kernel() string {
+	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		return "linux"
+	}
+	return "Linux " + strings.TrimSpace(string(b))
+}
+
+func main() {
+	if len(os.Args) == 4 && os.Args[1] == "fileserver" {
+		runFileServer(os.Args[2], os.Args[3])
+		return
+	}
+	if len(os.Args) > 1 {
+		fmt.Fprintln(os.Stderr, "usage: peerd-bench (configured by BENCH_* environment variables; see bench/README.md)")
+		os.Exit(2)
+	}
+	quick := os.Getenv("BENCH_QUICK") != "" && os.Getenv("BENCH_QUICK") != "0"
+	c := &config{quick: quick}
+	def := func(full, q int) int {
+		if quick {
+			return q
+		}
+		return full
+	}
+	c.sizeMB = int64(envInt("BENCH_SIZE_MB", def(1024, 128)))
+	if c.sizeMB < 8 {
+		fmt.Fprintln(os.Stderr, "bench: BENCH_SIZE_MB must be at least 8")
+		os.Exit(2)
+	}
+	c.rounds = max(1, envInt("BENCH_ROUNDS", def(3, 1)))
+	c.dhtNodes = envInt("BENCH_DHT_NODES", def(100, 30))
+	c.dhtKeys = max(10, envInt("BENCH_DHT_KEYS", def(200, 50)))
+	c.streams = max(1, envInt("BENCH_STREAMS", 100))
+	c.cluster = os.Getenv("BENCH_CLUSTER") != "" && os.Getenv("BENCH_CLUSTER") != "0"
+	c.pprof = os.Getenv("BENCH_PPROF")
+	if v := os.Getenv("BENCH_ONLY"); v != "" {
+		c.only = map[string]bool{}
+		for _, s := range strings.Split(v, ",") {
+			c.only[strings.TrimSpace(s)] = true
+		}
+		c.cluster = c.cluster || c.only["cluster"]
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	os.Exit(run(ctx, c))
+}
+
+func run(ctx context.Context, c *config) int {
+	var err error
+	c.work = os.Getenv("BENCH_DIR")
+	if c.work == "" {
+		if c.work, err = os.MkdirTemp("", "peerd-bench-"); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			return 1
+		}
+		defer os.RemoveAll(c.work)
+	} else if err := os.MkdirAll(c.work, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		return 1
+	}
+	if c.pprof != "" {
+		if err := os.MkdirAll(c.pprof, 0o755); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			return 1
+		}
+	}
+	c.peerd = os.Getenv("PEERD_BIN")
+	if c.peerd == "" {
+		c.peerd = filepath.Join(c.work, "peerd")
+		build := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", c.peerd, "./cmd/peerd")
+		build.Stdout, build.Stderr = os.Stderr, os.Stderr
+		if err := build.Run(); err != nil {
+			fmt.Fprintln(os.Stderr, "bench: build peerd (run from the repository root or set PEERD_BIN):", err)
+			return 1
+		}
+	}
+	t := &table{}
+	sections := []struct {
+		name string
+		f    func(context.Context, *config, *table) error
+	}{
+		{"hit", benchHit},
+		{"fuse", benchFUSE},
+		{"peer", benchPeer},
+		{"dht", benchDHT},
+		{"mem", benchMemory},
+	}
+	for _, s := range sections {
+		if !c.want(s.name) {
+			continue
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		fmt.Fprintf(os.Stderr, "bench: --- %s ---\n", s.name)
+		start := time.Now()
+		if err := s.f(ctx, c, t); err != nil {
+			t.fail(s.name, err)
+		}
+		fmt.Fprintf(os.Stderr, "bench: %s took %v\n", s.name, time.Since(start).Round(time.Second))
+	}
+	if c.cluster && ctx.Err() == nil {
+		if err := benchCluster(ctx, c, t); err != nil {
+			t.fail("7", err)
+		}
+	}
+	t.print(os.Stdout, c)
+	if ctx.Err() != nil {
+		return 130
+	}
+	return 0
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := slices.Clone(v)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func ratios(a, b []float64) []float64 {
+	r := make([]float64, 0, len(a))
+	for i := range a {
+		if i < len(b) && b[i] > 0 {
+			r = append(r, a[i]/b[i])
+		}
+	}
+	return r
+}
+
+func quantile(d []time.Duration, p float64) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[int(float64(len(s)-1)*p+0.5)]
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d)/float64(time.Millisecond)) }
+
+func mibs(v float64) string { return fmt.Sprintf("%.0f MiB/s", v) }
