@@ -10,10 +10,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
+	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -346,5 +349,73 @@ func wantRules(t *testing.T, u *unstructured.Unstructured, want []string) {
 	}
 	if strings.Join(got, " ") != strings.Join(want, " ") {
 		t.Errorf("%s %s rules %v, want %v", u.GetKind(), u.GetName(), got, want)
+	}
+}
+
+// TestHelmUninstallHookWait runs the uninstall hook's waiting step for real:
+// the chart's cleanup DaemonSet and hook RBAC are created on the API server,
+// and `peerd k8s-wait-daemonset` runs as the hook's ServiceAccount. There is
+// no kubelet here, so the test plays the DaemonSet controller's part by
+// writing the status.
+func TestHelmUninstallHookWait(t *testing.T) {
+	api := startKubeAPI(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	if _, err := api.Admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "peerd"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	objs := renderChart(t, "fullnameOverride: peerd\n")
+	var ds *appsv1.DaemonSet
+	for _, o := range objs {
+		if o.u.GetAnnotations()["helm.sh/hook"] != "post-delete" {
+			continue
+		}
+		switch o.u.GetKind() {
+		case "ServiceAccount", "Role", "RoleBinding":
+			if err := createUnstructured(ctx, api, o.u); err != nil {
+				t.Fatalf("create %s: %v", o.u.GetKind(), err)
+			}
+		case "DaemonSet":
+			var err error
+			if ds, err = api.Admin.AppsV1().DaemonSets("peerd").Create(ctx, o.obj.(*appsv1.DaemonSet), metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if ds == nil || ds.Name != "peerd-cleanup" {
+		t.Fatalf("no cleanup DaemonSet among the post-delete hooks")
+	}
+	job := find(t, objs, "Job", "peerd-cleanup-wait").obj.(*batchv1.Job)
+	args := job.Spec.Template.Spec.Containers[0].Args
+	if len(args) == 0 || args[0] != "k8s-wait-daemonset" || !slices.Contains(args, "--name=peerd-cleanup") {
+		t.Fatalf("hook Job runs %v, want k8s-wait-daemonset --name=peerd-cleanup", args)
+	}
+	kubeconfig := api.Kubeconfig(t, "system:serviceaccount:peerd:peerd-cleanup")
+	wait := func(timeout string) (string, error) {
+		cmd := exec.CommandContext(ctx, peerdBin, append(args, "--kubeconfig="+kubeconfig, "--timeout="+timeout)...)
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+
+	// Not done yet (no node has run it): the wait times out and says where it stands.
+	out, err := wait("3s")
+	if err == nil || !strings.Contains(out, "not seen the latest spec") {
+		t.Fatalf("wait on an unprocessed DaemonSet: err %v, output:\n%s", err, out)
+	}
+	// Two of three nodes done: still waiting.
+	ds.Status = appsv1.DaemonSetStatus{ObservedGeneration: ds.Generation, DesiredNumberScheduled: 3, UpdatedNumberScheduled: 3, NumberReady: 2, CurrentNumberScheduled: 3}
+	if ds, err = api.Admin.AppsV1().DaemonSets("peerd").UpdateStatus(ctx, ds, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := wait("3s"); err == nil || !strings.Contains(out, "2 of 3 pods ready") {
+		t.Fatalf("wait with a node left: err %v, output:\n%s", err, out)
+	}
+	// Every node done: the wait ends, with the hook's own least-privilege account.
+	ds.Status.NumberReady = 3
+	if _, err = api.Admin.AppsV1().DaemonSets("peerd").UpdateStatus(ctx, ds, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := wait("30s"); err != nil || !strings.Contains(out, "3 of 3 pods ready") {
+		t.Fatalf("wait with every node done: err %v, output:\n%s", err, out)
 	}
 }

@@ -78,6 +78,7 @@ type kubeAPI struct {
 var kubeUsers = []struct{ name, groups string }{
 	{"admin", "system:masters"},
 	{"system:serviceaccount:peerd:peerd", "system:serviceaccounts,system:serviceaccounts:peerd"},
+	{"system:serviceaccount:peerd:peerd-cleanup", "system:serviceaccounts,system:serviceaccounts:peerd"},
 }
 
 func startKubeAPI(t testing.TB) *kubeAPI {
