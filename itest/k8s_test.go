@@ -147,9 +147,17 @@ func TestK8sLeaseBootstrapAndEvents(t *testing.T) {
 	})
 	waitMetric(t, follower.Node, "peerd_p2p_routing_table_peers", 1)
 
-	// The last peer goes: the follower's routing table empties, it says so
-	// (P2PDisconnected), and it leads alone.
-	newLeader.Kill()
+	// The last peer stops gracefully: as the leader, it releases the Lease
+	// on its way out (a killed leader above kept it until it expired). The
+	// follower's last live peer is gone: it says so (P2PDisconnected), and
+	// it leads alone.
+	newLeaderNode := leader
+	if err := newLeader.Stop(); err != nil {
+		t.Fatalf("%s did not stop cleanly: %v", newLeaderNode, err)
+	}
+	if h := leaseHolder(ctx, c); h == newLeaderNode {
+		t.Errorf("%s stopped but still holds the Lease: it did not release it", newLeaderNode)
+	}
 	followerNode := "node-b"
 	if follower == cc {
 		followerNode = "node-c"
