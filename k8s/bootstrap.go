@@ -200,8 +200,9 @@ func (b *Bootstrapper) waitNext(ctx context.Context, check <-chan time.Time, wai
 				*need, *backoff = true, b.opts.MinBackoff
 				return true
 			case *need && size > 0:
-				// Alone or failing, yet peers found this node: joined.
-				b.log.Info("peers found this node; bootstrap is done", "peers", size)
+				// Alone or failing, yet the node has live peers (others dialed
+				// it, or it kept some from before a change): joined.
+				b.log.Info("the node has live peers; bootstrap is done", "peers", size)
 				b.markJoined()
 				*need, *backoff = false, b.opts.MinBackoff
 				return true

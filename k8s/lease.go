@@ -61,7 +61,7 @@ type Lease struct {
 	holder string // current holder ("" when released or none)
 	addrs  []peer.AddrInfo
 	why    string // why addrs is empty while a holder exists
-	getErr error  // the last failure to read the Lease, for Discover
+	getErr error  // the last failed Lease call, for Discover
 }
 
 // NewLease validates opts; Run starts the election.
@@ -116,7 +116,7 @@ func (l *Lease) Discover(context.Context) ([]peer.AddrInfo, error) {
 	defer l.mu.Unlock()
 	switch {
 	case l.getErr != nil:
-		return nil, fmt.Errorf("read Lease %s/%s: %w", l.opts.Namespace, l.opts.Name, l.getErr)
+		return nil, fmt.Errorf("Lease %s/%s: %w", l.opts.Namespace, l.opts.Name, l.getErr)
 	case !l.seen:
 		return nil, fmt.Errorf("Lease not read yet: %w", ErrPending)
 	case l.holder == l.opts.Identity:
@@ -192,13 +192,15 @@ func (l *Lease) observe(lease *coordinationv1.Lease) {
 	}
 }
 
-func (l *Lease) readFailed(err error) {
+// apiFailed remembers a failed Lease call for Discover (and so /readyz),
+// until the next successful one.
+func (l *Lease) apiFailed(err error) {
 	l.mu.Lock()
 	first := l.getErr == nil
 	l.getErr = err
 	l.mu.Unlock()
 	if first {
-		l.log.Warn("cannot read the bootstrap Lease", "err", err)
+		l.log.Warn("bootstrap Lease call failed", "err", err)
 		select {
 		case l.changed <- struct{}{}:
 		default:
@@ -261,7 +263,7 @@ func (k *leaseLock) Get(ctx context.Context) (*rl.LeaderElectionRecord, []byte, 
 	lease, err := k.client().Get(ctx, k.l.opts.Name, metav1.GetOptions{})
 	if err != nil {
 		if !apierrors.IsNotFound(err) { // not found: the election creates it
-			k.l.readFailed(err)
+			k.l.apiFailed(err)
 		}
 		return nil, nil, err
 	}
@@ -287,6 +289,9 @@ func (k *leaseLock) Create(ctx context.Context, ler rl.LeaderElectionRecord) err
 	k.annotate(lease, ler.HolderIdentity)
 	created, err := k.client().Create(ctx, lease, metav1.CreateOptions{})
 	if err != nil {
+		if !apierrors.IsAlreadyExists(err) { // lost a race to create: normal
+			k.l.apiFailed(fmt.Errorf("create: %w", err))
+		}
 		return err
 	}
 	k.lease = created
@@ -303,6 +308,9 @@ func (k *leaseLock) Update(ctx context.Context, ler rl.LeaderElectionRecord) err
 	k.annotate(lease, ler.HolderIdentity)
 	updated, err := k.client().Update(ctx, lease, metav1.UpdateOptions{})
 	if err != nil {
+		if !apierrors.IsConflict(err) { // lost a race to update: normal
+			k.l.apiFailed(fmt.Errorf("update: %w", err))
+		}
 		return err
 	}
 	k.lease = updated

@@ -150,3 +150,15 @@ func TestPublishableDropsLoopbackOnlyWhenOthersExist(t *testing.T) {
 		t.Errorf("publishable(lo) = %v, want [lo]", got)
 	}
 }
+
+func TestLeaseCreateErrorIsReported(t *testing.T) {
+	c := fake.NewClientset() // no Lease yet: the election creates it
+	c.PrependReactor("create", "leases", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, apierrors.NewForbidden(schema.GroupResource{Group: "coordination.k8s.io", Resource: "leases"}, "peerd-bootstrap", errors.New("RBAC: no create"))
+	})
+	l, _ := runLease(t, c, newAddrHost(t, "127.0.0.1"), "node-a")
+	eventually(t, "the create error to surface", func() bool {
+		_, err := l.Discover(context.Background())
+		return err != nil && strings.Contains(err.Error(), "create") && strings.Contains(err.Error(), "forbidden")
+	})
+}
