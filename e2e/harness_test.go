@@ -641,6 +641,28 @@ func (c *cluster) network(ctx context.Context) error {
 		}
 		c.nodes = append(c.nodes, n)
 	}
+	return c.checkIsolation(ctx)
+}
+
+// checkIsolation proves the safety properties before any traffic flows: no
+// namespace has a default route, the root namespace has no address in the
+// subnet, and the subnet is blackholed there.
+func (c *cluster) checkIsolation(ctx context.Context) error {
+	for _, ns := range append([]string{switchNS, originNS}, c.nsNames()...) {
+		out, err := sh(ctx, "ip", "-n", ns, "route", "show", "default")
+		if err != nil {
+			return err
+		}
+		if strings.TrimSpace(out) != "" {
+			return fmt.Errorf("namespace %s has a default route: %s", ns, out)
+		}
+	}
+	if out, _ := sh(ctx, "ip", "-o", "addr", "show", "to", subnet); strings.TrimSpace(out) != "" {
+		return fmt.Errorf("the root namespace has an address in %s: %s", subnet, out)
+	}
+	if out, _ := sh(ctx, "ip", "route", "show", "type", "blackhole", subnet); !strings.Contains(out, subnet) {
+		return fmt.Errorf("no blackhole route for %s in the root namespace", subnet)
+	}
 	return nil
 }
 
