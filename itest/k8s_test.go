@@ -172,6 +172,15 @@ func TestK8sLeaseBootstrapAndEvents(t *testing.T) {
 	})
 	waitReady(t, follower.Node)
 
+	// Without the chart's RBAC the node cannot take part, and /readyz says why.
+	lost := startP2PNode(t, "--bootstrap-mode=k8s-lease", "--kubeconfig="+api.Kubeconfig(t, "system:serviceaccount:peerd:unbound"),
+		"--node-name=node-x", "--namespace=peerd", "--lease-duration=4s")
+	until(t, 30*time.Second, "/readyz to name the RBAC problem", func() (bool, string) {
+		code, _, body := Get(t, "GET", lost.URL("/readyz"), nil)
+		return code != 200 && strings.Contains(string(body), "forbidden"), fmt.Sprintf("%d %s", code, body)
+	})
+	lost.Stop()
+
 	// A fatal error after start (its HTTP port is taken) ends the process
 	// and leaves P2PFailed on its Node.
 	ip := NextIP()

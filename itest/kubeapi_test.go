@@ -79,6 +79,7 @@ var kubeUsers = []struct{ name, groups string }{
 	{"admin", "system:masters"},
 	{"system:serviceaccount:peerd:peerd", "system:serviceaccounts,system:serviceaccounts:peerd"},
 	{"system:serviceaccount:peerd:peerd-cleanup", "system:serviceaccounts,system:serviceaccounts:peerd"},
+	{"system:serviceaccount:peerd:unbound", "system:serviceaccounts,system:serviceaccounts:peerd"},
 }
 
 func startKubeAPI(t testing.TB) *kubeAPI {
