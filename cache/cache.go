@@ -285,6 +285,7 @@ func (c *Cache) loadEntry(k blob.Key, dir string) (*entry, error) {
 		}
 	}
 	e.verified = m.Verified && e.complete()
+	e.announced = e.present > 0 // the p2p layer advertises everything List returns at start
 	e.lastUse = st.ModTime()
 	return e, nil
 }
@@ -346,12 +347,20 @@ func (c *Cache) unref(e *entry) {
 	c.mu.Lock()
 	e.refs--
 	drop := e.refs == 0 && !e.hasFiles() && c.blobs[e.key] == e
+	withdraw := false
 	if drop {
 		// Nothing was ever stored: forget the empty entry.
 		delete(c.blobs, e.key)
 		c.lru.Remove(e.elem)
+		e.mu.Lock()
+		withdraw, e.announced = e.announced, false
+		e.mu.Unlock()
 	}
 	c.mu.Unlock()
+	if withdraw && e.key.Verifiable() {
+		// It was announced when its pull started, and the pull failed.
+		c.notify(e.key, false)
+	}
 }
 
 // reserve makes room for n more bytes, evicting unreferenced blobs other than

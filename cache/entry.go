@@ -46,6 +46,9 @@ type entry struct {
 	gone      bool
 	prefetchd bool
 	failedAt  time.Time // last fill failure, to keep read-ahead from hammering a dead source
+	announced bool      // the listener was told BlobAdded and not yet BlobRemoved
+	pulls     int       // open handles that may fill from an origin after peers (swarm pulls)
+	origin    []blob.Source
 
 	hashMu  sync.Mutex // guards hasher, hashed
 	hasher  hash.Hash
@@ -143,7 +146,8 @@ func (e *entry) destroy() bool {
 	e.flushMu.Lock()
 	defer e.flushMu.Unlock()
 	e.mu.Lock()
-	had := e.present > 0
+	had := e.present > 0 || e.announced
+	e.announced = false
 	e.gone = true
 	if e.f != nil {
 		e.f.Close()
@@ -314,7 +318,7 @@ func (e *entry) fetch(ctx context.Context, i int, srcs []blob.Source, buf []byte
 	cs := e.c.opts.ChunkSize
 	off := int64(i) * cs
 	var errs []error
-	for _, s := range srcs {
+	for j, s := range srcs {
 		e.mu.Lock()
 		size := e.size
 		e.mu.Unlock()
@@ -325,7 +329,14 @@ func (e *entry) fetch(ctx context.Context, i int, srcs []blob.Source, buf []byte
 			}
 			want = min(cs, size-off)
 		}
-		rc, total, err := s.Fetch(ctx, e.key, off, want)
+		var rc io.ReadCloser
+		var total int64
+		var err error
+		if bs, ok := s.(originBacked); ok && hasTrusted(srcs[j+1:]) {
+			rc, total, err = bs.FetchBacked(ctx, e.key, off, want)
+		} else {
+			rc, total, err = s.Fetch(ctx, e.key, off, want)
+		}
 		if err != nil {
 			if !errors.Is(err, blob.ErrNotFound) {
 				errs = append(errs, fmt.Errorf("%s: %w", s.Name(), err))
@@ -432,7 +443,8 @@ func (e *entry) store(i int, gen uint64, data []byte, src blob.Source, origin st
 		e.c.used.Add(-int64(len(data)))
 		return nil, nil
 	}
-	first := e.present == 0
+	first := !e.announced
+	e.announced = true
 	e.states[i] = state
 	e.nPresent++
 	e.present += int64(len(data))
@@ -558,6 +570,8 @@ func (e *entry) reset(blame bool) {
 	e.mu.Lock()
 	origins, blamers := e.origins, e.blamers
 	freed := e.present
+	announced := e.announced
+	e.announced = false
 	e.origins = nil
 	e.gen++
 	for i := range e.states {
@@ -574,7 +588,7 @@ func (e *entry) reset(blame bool) {
 	e.mu.Unlock()
 	e.flushMu.Unlock()
 	e.c.used.Add(-freed)
-	if freed > 0 {
+	if announced && e.key.Verifiable() {
 		e.c.notify(e.key, false)
 	}
 	if !blame {

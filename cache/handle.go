@@ -18,18 +18,26 @@ type Handle struct {
 	c    *Cache
 	e    *entry
 	srcs []blob.Source
+	pull bool // counted in e.pulls
 	once sync.Once
 }
 
 // Open returns a handle on k whose missing chunks are filled from srcs, in
 // order. Opening costs no I/O; the size is learned on first use.
 func (c *Cache) Open(k blob.Key, srcs ...blob.Source) *Handle {
-	return &Handle{c: c, e: c.getEntry(k), srcs: srcs}
+	h := &Handle{c: c, e: c.getEntry(k), srcs: srcs}
+	h.pull = h.e.startPull(srcs)
+	return h
 }
 
 // Close releases the handle.
 func (h *Handle) Close() error {
-	h.once.Do(func() { h.c.unref(h.e) })
+	h.once.Do(func() {
+		if h.pull {
+			h.e.endPull()
+		}
+		h.c.unref(h.e)
+	})
 	return nil
 }
 

@@ -11,6 +11,7 @@ type metrics struct {
 	fillErrors   prometheus.Counter
 	passthrough  prometheus.Counter
 	readBytes    *prometheus.CounterVec
+	swarmFills   prometheus.Counter
 }
 
 func newMetrics(c *Cache, reg prometheus.Registerer) *metrics {
@@ -43,8 +44,11 @@ func newMetrics(c *Cache, reg prometheus.Registerer) *metrics {
 		readBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "peerd_cache_read_bytes_total", Help: "Bytes read through the cache, by whether the chunk was already present (hit) or had to be filled (miss).",
 		}, []string{"result"}),
+		swarmFills: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "peerd_cache_swarm_origin_fills_total", Help: "Chunks a peer asked for that the rendezvous assigns to this node, fetched from the origin on its request.",
+		}),
 	}
-	reg.MustRegister(m.evictions, m.verify, m.fetched, m.sourceErrors, m.fillSeconds, m.fillErrors, m.passthrough, m.readBytes,
+	reg.MustRegister(m.swarmFills, m.evictions, m.verify, m.fetched, m.sourceErrors, m.fillSeconds, m.fillErrors, m.passthrough, m.readBytes,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "peerd_cache_size_bytes", Help: "Bytes held by the cache."},
 			func() float64 { return float64(c.used.Load()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "peerd_cache_limit_bytes", Help: "The cache's size bound."},

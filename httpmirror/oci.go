@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"regexp"
 	"strconv"
 	"strings"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/cache"
+	"github.com/peerd-project/peerd/upstream"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -75,7 +77,15 @@ type OCIConfig struct {
 	Registries []string
 	// ResolveTag, when set, asks peers for a tag the local store does not
 	// know (the --resolve-tags opt-in).
-	ResolveTag      func(ctx context.Context, registry, repo, tag string) (blob.Key, error)
+	ResolveTag func(ctx context.Context, registry, repo, tag string) (blob.Key, error)
+	// PullThrough maps a registry as containerd names it in ?ns= to the
+	// base URL a blob or manifest by digest is fetched from when neither
+	// containerd nor the cache nor a peer has it ("docker.io" →
+	// "https://registry-1.docker.io"). Only these registries are contacted;
+	// nil turns pull-through off (misses are 404s).
+	PullThrough map[string]string
+	// Upstream fetches from PullThrough registries (needed with it).
+	Upstream        *upstream.Client
 	Prefetch        bool
 	PrefetchWorkers int
 	Logger          *slog.Logger
@@ -235,6 +245,60 @@ func (h *ociHandler) miss(w http.ResponseWriter, kind, code string, err error) {
 	ociError(w, http.StatusNotFound, code, err.Error())
 }
 
+// manifestAccept lists every manifest type, so a registry returns a
+// manifest by digest as stored rather than converting it.
+const manifestAccept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, " +
+	"application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json, " +
+	"application/vnd.docker.distribution.manifest.v1+prettyjws, application/vnd.docker.distribution.manifest.v1+json"
+
+// origin returns the registry source a miss of k is pulled through from: the
+// registry ?ns= names, if pull-through is on for it. containerd's
+// Authorization goes to that registry alone (the cache never passes a
+// source's headers to peers, and nothing logs them).
+func (h *ociHandler) origin(r *http.Request, k blob.Key, kind string, hdr http.Header) blob.Source {
+	if h.cfg.PullThrough == nil || h.cfg.Upstream == nil {
+		return nil
+	}
+	base, ok := h.cfg.PullThrough[strings.ToLower(r.URL.Query().Get("ns"))]
+	if !ok {
+		return nil
+	}
+	req, code, _ := parseOCIPath(r.URL.Path)
+	if code != "" {
+		return nil
+	}
+	u, err := url.Parse(base + "/v2/" + req.name + "/" + kind + "/" + string(k))
+	if err != nil {
+		return nil
+	}
+	if a := r.Header.Get("Authorization"); a != "" {
+		if hdr == nil {
+			hdr = http.Header{}
+		}
+		hdr.Set("Authorization", a)
+	}
+	return h.cfg.Upstream.Source(u, hdr)
+}
+
+// missOrChallenge relays a registry's 401 and its WWW-Authenticate
+// challenge, so containerd fetches a token as it would from the registry and
+// asks again with it; any other failure is a 404, on which containerd goes
+// to its next host (in the end the registry itself).
+func (h *ociHandler) missOrChallenge(w http.ResponseWriter, kind, code string, err error) {
+	var se *upstream.StatusError
+	if errors.As(err, &se) && se.Code == http.StatusUnauthorized {
+		if vs := se.Header.Values("Www-Authenticate"); len(vs) > 0 {
+			for _, v := range vs {
+				w.Header().Add("Www-Authenticate", v)
+			}
+			h.served.WithLabelValues(kind, "challenge").Inc()
+			ociError(w, http.StatusUnauthorized, "UNAUTHORIZED", "the registry asks for credentials")
+			return
+		}
+	}
+	h.miss(w, kind, code, err)
+}
+
 func (h *ociHandler) resolveTag(ctx context.Context, registry, repo, tag string, localOnly bool) (blob.Key, error) {
 	if registry == "" {
 		return "", fmt.Errorf("tag %s:%s without ?ns=<registry>: %w", repo, tag, blob.ErrNotFound)
@@ -319,11 +383,15 @@ func (h *ociHandler) serveBlob(w http.ResponseWriter, r *http.Request, k blob.Ke
 		if h.cfg.Peers != nil {
 			srcs = h.cfg.Peers(k)
 		}
+		if o := h.origin(r, k, "blobs", nil); o != nil {
+			srcs = append(srcs, o)
+		}
 		hd := h.cfg.Cache.Open(k, srcs...)
 		defer hd.Close()
-		// Learn the size first: a miss must become a 404 with an OCI body.
+		// Learn the size first: a miss must become a 404 with an OCI body
+		// (or the registry's challenge, see missOrChallenge).
 		if _, err := hd.Size(ctx); err != nil {
-			h.miss(w, "blob", "BLOB_UNKNOWN", err)
+			h.missOrChallenge(w, "blob", "BLOB_UNKNOWN", err)
 			return
 		}
 		br = hd
@@ -335,9 +403,13 @@ func (h *ociHandler) serveBlob(w http.ResponseWriter, r *http.Request, k blob.Ke
 func (h *ociHandler) serveManifest(w http.ResponseWriter, r *http.Request, k blob.Key, localOnly bool) {
 	ctx, cancel := context.WithTimeout(r.Context(), time.Minute)
 	defer cancel()
-	body, mt, from, err := h.readManifest(ctx, k, localOnly)
+	var origin blob.Source
+	if !localOnly {
+		origin = h.origin(r, k, "manifests", http.Header{"Accept": {manifestAccept}})
+	}
+	body, mt, from, err := h.readManifest(ctx, k, localOnly, origin)
 	if err != nil {
-		h.miss(w, "manifest", "MANIFEST_UNKNOWN", err)
+		h.missOrChallenge(w, "manifest", "MANIFEST_UNKNOWN", err)
 		return
 	}
 	h.served.WithLabelValues("manifest", from).Inc()
@@ -353,7 +425,8 @@ func (h *ociHandler) serveManifest(w http.ResponseWriter, r *http.Request, k blo
 }
 
 // readManifest reads a whole manifest by digest and checks it.
-func (h *ociHandler) readManifest(ctx context.Context, k blob.Key, localOnly bool) ([]byte, string, string, error) {
+// origin, when not nil, is the registry to pull it through from.
+func (h *ociHandler) readManifest(ctx context.Context, k blob.Key, localOnly bool, origin blob.Source) ([]byte, string, string, error) {
 	if h.cfg.Local != nil {
 		if b, err := h.cfg.Local.OpenBlob(ctx, k); err == nil {
 			defer b.Close()
@@ -385,6 +458,9 @@ func (h *ociHandler) readManifest(ctx context.Context, k blob.Key, localOnly boo
 		var srcs []blob.Source
 		if h.cfg.Peers != nil {
 			srcs = h.cfg.Peers(k)
+		}
+		if origin != nil {
+			srcs = append(srcs, origin)
 		}
 		hd := h.cfg.Cache.Open(k, srcs...)
 		defer hd.Close()

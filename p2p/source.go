@@ -13,6 +13,7 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/peerd-project/peerd/blob"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // providerFinder looks up the peers that advertise a blob. It returns what it
@@ -62,6 +63,8 @@ type Source struct {
 	now     func() time.Time
 	bg      context.Context // bounds background refreshes (the node's lifetime)
 
+	swarmChunks *prometheus.CounterVec
+
 	mu    sync.Mutex
 	provs map[blob.Key]*provEntry
 	avoid map[peer.ID]avoidEntry
@@ -72,6 +75,7 @@ type provEntry struct {
 	done       chan struct{} // closed when the first lookup finished
 	peers      []peer.AddrInfo
 	expires    time.Time
+	at         time.Time // when the answer was looked up
 	refreshing bool
 }
 
@@ -90,7 +94,7 @@ func newSource(self peer.ID, f providerFinder, g rangeGetter, m *metrics, log *s
 		log = slog.Default()
 	}
 	return &Source{self: self, finder: f, getter: g, m: m, log: log, timeout: timeout, retries: retries,
-		now: time.Now, bg: context.Background(), provs: map[blob.Key]*provEntry{}, avoid: map[peer.ID]avoidEntry{}}
+		now: time.Now, bg: context.Background(), swarmChunks: newSwarmChunks(), provs: map[blob.Key]*provEntry{}, avoid: map[peer.ID]avoidEntry{}}
 }
 
 // Name labels the source in metrics and logs.
@@ -101,14 +105,22 @@ func (s *Source) Name() string { return "peer" }
 // while a background lookup refreshes it, so only a blob's first chunk ever
 // waits for the DHT.
 func (s *Source) providers(ctx context.Context, k blob.Key) []peer.AddrInfo {
+	return s.providersWithin(ctx, k, 0)
+}
+
+// providersWithin is providers with a shorter freshness bound (0: the usual
+// TTLs). Swarm pulls use swarmRefresh: the set of nodes pulling a blob
+// changes by the second during a burst.
+func (s *Source) providersWithin(ctx context.Context, k blob.Key, maxAge time.Duration) []peer.AddrInfo {
 	s.mu.Lock()
 	e := s.provs[k]
 	if e != nil {
 		select {
 		case <-e.done:
 			peers := e.peers
+			fresh := s.now().Before(e.expires) && (maxAge <= 0 || s.now().Sub(e.at) < maxAge)
 			switch {
-			case s.now().Before(e.expires):
+			case fresh:
 				s.m.lookupCache.WithLabelValues(hitLabel(peers)).Inc()
 			case !e.refreshing:
 				e.refreshing = true
@@ -162,6 +174,7 @@ func hitLabel(peers []peer.AddrInfo) string {
 
 func (s *Source) setLocked(e *provEntry, found []peer.AddrInfo) {
 	e.peers = found
+	e.at = s.now()
 	if len(found) > 0 {
 		e.expires = s.now().Add(positiveTTL)
 	} else {
@@ -339,6 +352,12 @@ type attempt struct {
 // first answer wins; the others are cancelled. It also returns the providers
 // not yet asked, for resuming.
 func (s *Source) hedged(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off, n int64) (*attempt, []peer.AddrInfo, error) {
+	return s.hedgedOpt(ctx, ps, k, off, n, true)
+}
+
+// hedgedOpt is hedged; learn says whether first-byte times feed the hedge
+// delay (not for swarm requests, whose answers wait for in-flight chunks).
+func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off, n int64, learn bool) (*attempt, []peer.AddrInfo, error) {
 	results := make(chan *attempt, len(ps))
 	cancels := make([]context.CancelFunc, 0, len(ps))
 	launch := func(p peer.AddrInfo) {
@@ -349,7 +368,9 @@ func (s *Source) hedged(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off
 			start := s.now()
 			rc, total, err := s.getter.GetRange(actx, p, k, off, n)
 			if err == nil {
-				s.lat.add(s.now().Sub(start))
+				if learn {
+					s.lat.add(s.now().Sub(start))
+				}
 				s.succeeded(p.ID)
 			}
 			results <- &attempt{idx: idx, p: p, rc: rc, total: total, cancel: cancel, err: err}

@@ -27,6 +27,7 @@ type containerdConfig struct {
 	HostsDir    string
 	ConfigFile  string
 	Resync      time.Duration
+	PullThrough bool
 }
 
 func registerContainerdFlags(fs *flag.FlagSet, c *containerdConfig) {
@@ -36,6 +37,7 @@ func registerContainerdFlags(fs *flag.FlagSet, c *containerdConfig) {
 	fs.BoolVar(&c.ResolveTags, "resolve-tags", false, "resolve a tag the local image store does not hold through peers, and advertise and answer this node's own tags of --registries (tags are mutable: a peer's image for a tag may be older than the registry's; use with immutable tags; every node that should answer needs it too)")
 	fs.StringVar(&c.HostsDir, "containerd-hosts-dir", "/etc/containerd/certs.d", "containerd's hosts.toml folder that 'peerd containerd-config' writes; checked at start")
 	fs.StringVar(&c.ConfigFile, "containerd-config", "/etc/containerd/config.toml", "containerd's config file, read to check that containerd consults --containerd-hosts-dir")
+	fs.BoolVar(&c.PullThrough, "pull-through", true, "on a /v2/ miss, fetch the blob or manifest by digest from the registry ?ns= names (only --registries; https unless listed as http://), stream it to containerd while caching it, and share it with peers pulling it at the same time; off: misses are 404s and containerd goes to the registry itself")
 	fs.DurationVar(&c.Resync, "containerd-resync", time.Minute, "how often containerd's whole content store is walked again (1.x sends no event when a blob is committed)")
 }
 
@@ -66,6 +68,26 @@ func (c *containerdConfig) registryHosts() []string {
 	return out
 }
 
+// pullThroughServers maps each --registries host to the base URL its API is
+// fetched from. An entry with an explicit scheme wins over one without, so
+// "host" and "http://host" together mean plain HTTP (test registries).
+func (c *containerdConfig) pullThroughServers() map[string]string {
+	out := map[string]string{}
+	explicit := map[string]bool{}
+	for _, r := range c.Registries.items {
+		reg, err := ctrd.ParseRegistry(r)
+		if err != nil {
+			continue
+		}
+		has := strings.Contains(r, "://")
+		if _, ok := out[reg.Host]; !ok || (has && !explicit[reg.Host]) {
+			out[reg.Host] = reg.Server
+			explicit[reg.Host] = has
+		}
+	}
+	return out
+}
+
 // startContainerd connects to containerd, starts the content-store subscriber and sets a.oci.
 func startContainerd(ctx context.Context, a *app) error {
 	c := &a.cfg.Containerd
@@ -80,6 +102,11 @@ func startContainerd(ctx context.Context, a *app) error {
 		PrefetchWorkers: a.cfg.PrefetchWorkers,
 		Logger:          a.log,
 		Registry:        a.reg,
+	}
+	if c.PullThrough && len(oci.Registries) > 0 {
+		oci.PullThrough = c.pullThroughServers()
+		oci.Upstream = a.upstream
+		a.log.Info("/v2/ pull-through on", "registries", c.Registries.String())
 	}
 	if len(oci.Registries) == 0 {
 		a.log.Info("no --registries: the /v2/ mirror serves manifests by digest only; containerd resolves tags at the registry")

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"sync/atomic"
 	"time"
 
 	"github.com/peerd-project/peerd/blob"
@@ -21,6 +22,7 @@ type p2pConfig struct {
 	ResolveTimeout    time.Duration
 	ResolveRetries    int
 	ReprovideInterval time.Duration
+	SwarmWait         time.Duration
 }
 
 func registerP2PFlags(fs *flag.FlagSet, c *p2pConfig) {
@@ -31,6 +33,7 @@ func registerP2PFlags(fs *flag.FlagSet, c *p2pConfig) {
 	fs.DurationVar(&c.ResolveTimeout, "resolve-timeout", 20*time.Millisecond, "time one DHT provider lookup may take")
 	fs.IntVar(&c.ResolveRetries, "resolve-retries", 1, "further lookups when one finds no provider")
 	fs.DurationVar(&c.ReprovideInterval, "reprovide-interval", time.Hour, "how often held blobs are advertised again")
+	fs.DurationVar(&c.SwarmWait, "swarm-wait", 5*time.Second, "how long this node lets a peer wait for a chunk of a blob both are pulling when the chunk is this node's to fetch from the origin (0: answer \"don't have\" at once, no swarming)")
 }
 
 func (c *p2pConfig) validate() error {
@@ -40,6 +43,10 @@ func (c *p2pConfig) validate() error {
 	}
 	if c.ResolveRetries < 0 || c.ResolveRetries > 10 {
 		errs = append(errs, fmt.Errorf("--resolve-retries %d: want 0 to 10", c.ResolveRetries))
+	}
+	if c.SwarmWait < 0 || c.SwarmWait > 8*time.Second {
+		// Peers give up on response headers after 10s.
+		errs = append(errs, fmt.Errorf("--swarm-wait %v: want 0 to 8s", c.SwarmWait))
 	}
 	if c.ReprovideInterval < time.Minute {
 		errs = append(errs, fmt.Errorf("--reprovide-interval %v: want at least 1m", c.ReprovideInterval))
@@ -60,6 +67,8 @@ func startP2P(ctx context.Context, a *app) error {
 	if err != nil {
 		return err
 	}
+	// The data plane may serve before New returns; until then nothing swarms.
+	var swarm atomic.Pointer[p2p.Source]
 	cfg := p2p.Config{
 		Key:               key,
 		ListenAddr:        c.Addr,
@@ -72,7 +81,19 @@ func startP2P(ctx context.Context, a *app) error {
 		Logger:            a.log,
 		UserAgent:         "peerd/" + version,
 		Stores: []p2p.LocalStore{p2p.LocalStoreFunc(func(k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
-			r, size, err := a.cache.OpenLocal(k, off, n)
+			src := swarm.Load()
+			if c.SwarmWait <= 0 || src == nil {
+				r, size, err := a.cache.OpenLocal(k, off, n)
+				if err != nil {
+					return nil, size, err
+				}
+				return r, size, nil
+			}
+			// A chunk this node is to fetch from the origin for a blob
+			// others pull too is worth a short wait (README: Swarming).
+			ctx, cancel := context.WithTimeout(context.Background(), c.SwarmWait)
+			defer cancel()
+			r, size, err := a.cache.AwaitLocal(ctx, k, off, n, func(o int64) bool { return src.Owns(k, o) })
 			if err != nil {
 				return nil, size, err // never a typed nil inside the interface
 			}
@@ -100,6 +121,8 @@ func startP2P(ctx context.Context, a *app) error {
 		node.BlobAdded(info.Key)
 	}
 	src := node.Source()
+	a.reg.MustRegister(src.Collectors()...)
+	swarm.Store(src)
 	a.peerSources = func(k blob.Key) []blob.Source { return []blob.Source{src} }
 	a.readyChecks = append(a.readyChecks, node.Ready)
 	return nil

@@ -1,0 +1,193 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/peerd-project/peerd/blob"
+)
+
+// Swarm pulls: a blob read through a handle whose sources put a trusted
+// origin after the peers (the OCI mirror's pull-through, the /blobs/ proxy)
+// is one many nodes may be pulling at the same moment. For such a pull:
+//
+//   - the blob is announced to the listener (the DHT) when the handle opens,
+//     not when its first chunk lands, so the other nodes pulling it learn at
+//     once who else wants it;
+//   - a peer source that implements originBacked is asked with FetchBacked:
+//     it may decline a chunk it assigns to this node, which then comes from
+//     the origin and is shared with the others;
+//   - AwaitLocal lets the peer server wait for a chunk this node is fetching
+//     from the origin instead of answering "don't have", and fetch one that
+//     is assigned to this node and not yet started.
+
+// originBacked is implemented by sources (the peer network) that split a
+// blob's chunks between the nodes pulling it. FetchBacked is called instead
+// of Fetch when a trusted origin follows the source: answering
+// blob.ErrNotFound is then cheap, the origin fills the chunk.
+type originBacked interface {
+	FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error)
+}
+
+func hasTrusted(srcs []blob.Source) bool {
+	for _, s := range srcs {
+		if blob.TrustOf(s) == blob.Trusted {
+			return true
+		}
+	}
+	return false
+}
+
+// originAfterPeers returns the trusted sources that come after the first
+// untrusted one: the origin of a pull that may be shared in flight. Trusted
+// sources before any peer (containerd's store) make no swarm pull by
+// themselves: a FUSE read of a local blob must not be announced.
+func originAfterPeers(srcs []blob.Source) []blob.Source {
+	var out []blob.Source
+	peers := false
+	for _, s := range srcs {
+		if blob.TrustOf(s) != blob.Trusted {
+			peers = true
+		} else if peers {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// startPull registers a handle whose sources make it a swarm pull and
+// announces the blob. It reports whether the handle was counted.
+func (e *entry) startPull(srcs []blob.Source) bool {
+	if !e.key.Verifiable() {
+		return false
+	}
+	origin := originAfterPeers(srcs)
+	if len(origin) == 0 {
+		return false
+	}
+	e.mu.Lock()
+	e.pulls++
+	e.origin = origin
+	announce := !e.announced && !e.gone
+	e.announced = e.announced || announce
+	e.mu.Unlock()
+	if announce {
+		e.c.notify(e.key, true)
+	}
+	return true
+}
+
+func (e *entry) endPull() {
+	e.mu.Lock()
+	e.pulls--
+	if e.pulls <= 0 {
+		e.pulls, e.origin = 0, nil // credentials in the origin source go with the last handle
+	}
+	e.mu.Unlock()
+}
+
+// AwaitLocal is OpenLocal for the peer server during a swarm pull. When the
+// range is not yet servable and mine reports that this node owns its chunk
+// (the rendezvous assigns it here), it waits, until ctx ends, for the chunk's
+// fill in progress, or starts one from the pull's origin alone (never from
+// peers, so requests cannot chain from node to node). Chunks that come
+// from peers stay unservable until the blob verified (the trust rule), so
+// waiting helps only for chunks this node fetches from the origin. It waits
+// at chunk granularity: a chunk is served once it has fully landed. Without
+// a pull of k in progress it answers like OpenLocal, at once.
+func (c *Cache) AwaitLocal(ctx context.Context, k blob.Key, off, n int64, mine func(off int64) bool) (*LocalReader, int64, error) {
+	for {
+		lr, size, err := c.OpenLocal(k, off, n)
+		if err == nil || !errors.Is(err, blob.ErrNotFound) {
+			return lr, size, err
+		}
+		c.mu.Lock()
+		e, ok := c.blobs[k]
+		if ok {
+			e.refs++
+		}
+		c.mu.Unlock()
+		if !ok {
+			return nil, size, err
+		}
+		waitErr := c.awaitStep(ctx, e, off, n, mine)
+		c.unref(e)
+		if waitErr != nil {
+			return nil, size, fmt.Errorf("%w (waited: %v)", err, waitErr)
+		}
+	}
+}
+
+// awaitStep waits for, or starts, the fill of the first chunk of the range
+// that is not servable. It returns an error when nothing will make it so.
+func (c *Cache) awaitStep(ctx context.Context, e *entry, off, n int64, mine func(int64) bool) error {
+	cs := c.opts.ChunkSize
+	e.mu.Lock()
+	if e.size < 0 {
+		// The first fill learns the size.
+		call := e.inflight[0]
+		e.mu.Unlock()
+		if call == nil {
+			return errors.New("no fill in progress")
+		}
+		return waitCall(ctx, call)
+	}
+	end := e.size
+	if n >= 0 && off+n < end {
+		end = off + n
+	}
+	if off < 0 || off >= end {
+		e.mu.Unlock()
+		return errors.New("range outside the blob")
+	}
+	i := -1
+	for j := int(off / cs); int64(j)*cs < end; j++ {
+		s := e.states[j]
+		if s == stateAbsent || (s == stateUntrusted && !e.verified) {
+			i = j
+			break
+		}
+	}
+	if i < 0 {
+		e.mu.Unlock()
+		return nil // servable now (it landed between the two looks)
+	}
+	if e.states[i] == stateUntrusted {
+		e.mu.Unlock()
+		return errors.New("chunk came from a peer; served only once the blob verified")
+	}
+	call, origin := e.inflight[i], e.origin
+	e.mu.Unlock()
+	// Only the chunk's owner waits: a node that does not own it answers at
+	// once, so two nodes never wait for each other's fills (the asker's own
+	// fill may be what this one's is waiting for).
+	if mine == nil || !mine(int64(i)*cs) {
+		return errors.New("not this node's chunk")
+	}
+	if call != nil {
+		return waitCall(ctx, call)
+	}
+	if len(origin) == 0 {
+		return errors.New("no pull of the blob in progress")
+	}
+	c.m.swarmFills.Inc()
+	_, err := e.ensure(ctx, i, origin, true)
+	if err != nil {
+		return err
+	}
+	if !e.hasChunk(i) {
+		return errors.New("chunk could not be stored")
+	}
+	return nil
+}
+
+func waitCall(ctx context.Context, call *fillCall) error {
+	select {
+	case <-call.done:
+		return call.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}

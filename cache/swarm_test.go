@@ -1,0 +1,181 @@
+package cache
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/peerd-project/peerd/blob"
+)
+
+// backedPeer is a peer source that counts which of its two entry points the
+// cache used.
+type backedPeer struct {
+	*fakeSource
+	backed, plain atomic.Int64
+}
+
+func (b *backedPeer) Fetch(ctx context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+	b.plain.Add(1)
+	return b.fakeSource.Fetch(ctx, k, off, n)
+}
+
+func (b *backedPeer) FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+	b.backed.Add(1)
+	return b.fakeSource.Fetch(ctx, k, off, n)
+}
+
+func openNoReadAhead(t *testing.T, l Listener) *Cache {
+	t.Helper()
+	c, err := Open(Options{Dir: t.TempDir(), ChunkSize: cs, ReadAhead: -1, Listener: l, FlushInterval: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func TestSwarmPullAnnouncedAtOpenAndWithdrawnOnFailure(t *testing.T) {
+	rec := &recorder{}
+	c := openNoReadAhead(t, rec)
+	_, k := randBlob(t, 3*cs)
+	peer, origin := newFake("peer", false), newFake("upstream", true)
+	h := c.Open(k, peer, origin)
+	if !rec.has(false, k) {
+		t.Fatal("a pull with an origin behind the peers was not announced when it opened")
+	}
+	if _, err := h.Size(context.Background()); err == nil {
+		t.Fatal("size of a blob nobody has")
+	}
+	h.Close()
+	// The fill's goroutine lets go of the entry just after the reader's error.
+	waitFor(t, "the failed pull's withdrawal", func() bool { return rec.has(true, k) })
+	// Without an origin behind the peers (a FUSE read), nothing is announced
+	// before bytes land.
+	_, k2 := randBlob(t, cs)
+	h2 := c.Open(k2, newFake("containerd", true), peer)
+	h2.Close()
+	if rec.has(false, k2) {
+		t.Fatal("a read without an origin after the peers was announced")
+	}
+}
+
+func TestFetchBackedOnlyWithAnOriginBehind(t *testing.T) {
+	c := openNoReadAhead(t, nil)
+	data, k := randBlob(t, 2*cs)
+	peer := &backedPeer{fakeSource: newFake("peer", false)}
+	peer.blobs[k] = data
+	h := c.Open(k, peer, newFake("upstream", true))
+	if got := readAll(t, h); !bytes.Equal(got, data) {
+		t.Fatal("bytes differ")
+	}
+	h.Close()
+	if peer.backed.Load() == 0 || peer.plain.Load() != 0 {
+		t.Fatalf("with an origin behind: FetchBacked %d, Fetch %d", peer.backed.Load(), peer.plain.Load())
+	}
+	data2, k2 := randBlob(t, 2*cs)
+	peer.blobs[k2] = data2
+	h = c.Open(k2, peer)
+	readAll(t, h)
+	h.Close()
+	if peer.plain.Load() == 0 {
+		t.Fatal("without an origin the peer was not asked with Fetch")
+	}
+}
+
+func TestAwaitLocalWaitsForOwnedChunkInFlight(t *testing.T) {
+	c := openNoReadAhead(t, nil)
+	data, k := randBlob(t, 4*cs)
+	peer, origin := newFake("peer", false), newFake("upstream", true)
+	origin.blobs[k] = data
+	gate := make(chan struct{})
+	origin.block[cs] = gate
+	h := c.Open(k, peer, origin)
+	defer h.Close()
+	if _, err := h.Size(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// The node's own reader is fetching chunk 1 from the origin.
+	go h.ReadAt(context.Background(), make([]byte, cs), cs)
+	waitFor(t, "the origin fetch of chunk 1", func() bool { return origin.count(cs) == 1 })
+
+	// A peer that asks for a chunk this node does not own is told at once.
+	if _, _, err := c.AwaitLocal(context.Background(), k, cs, cs, func(int64) bool { return false }); !errors.Is(err, blob.ErrNotFound) {
+		t.Fatalf("not owned: %v, want ErrNotFound", err)
+	}
+	// The owner makes the peer wait, then serves the chunk once it landed.
+	type result struct {
+		b   []byte
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		lr, _, err := c.AwaitLocal(ctx, k, cs, cs, func(int64) bool { return true })
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		defer lr.Close()
+		b, err := io.ReadAll(lr)
+		done <- result{b, err}
+	}()
+	select {
+	case r := <-done:
+		t.Fatalf("answered before the chunk landed: %v", r.err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(gate)
+	r := <-done
+	if r.err != nil || !bytes.Equal(r.b, data[cs:2*cs]) {
+		t.Fatalf("after landing: %v (%d bytes)", r.err, len(r.b))
+	}
+	if n := origin.count(cs); n != 1 {
+		t.Fatalf("origin asked %d times for chunk 1", n)
+	}
+}
+
+func TestAwaitLocalFetchesOwnedChunkFromOriginOnly(t *testing.T) {
+	c := openNoReadAhead(t, nil)
+	data, k := randBlob(t, 4*cs)
+	peer, origin := newFake("peer", false), newFake("upstream", true)
+	origin.blobs[k] = data
+	peer.blobs[k] = data
+	h := c.Open(k, peer, origin)
+	if _, err := h.Size(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	peerAsked := peer.total()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	lr, _, err := c.AwaitLocal(ctx, k, 2*cs, cs, func(int64) bool { return true })
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(lr)
+	lr.Close()
+	if !bytes.Equal(b, data[2*cs:3*cs]) {
+		t.Fatal("bytes differ")
+	}
+	if origin.count(2*cs) != 1 || peer.total() != peerAsked {
+		t.Fatalf("owned chunk: origin asked %d times, peers %d more times (want 1, 0)", origin.count(2*cs), peer.total()-peerAsked)
+	}
+	// Chunk 0 came from the peer: not servable before the blob verified,
+	// and waiting would not change that.
+	if _, _, err := c.AwaitLocal(ctx, k, 0, cs, func(int64) bool { return true }); !errors.Is(err, blob.ErrNotFound) {
+		t.Fatalf("peer chunk: %v, want ErrNotFound", err)
+	}
+	// Once the pull's last handle closed, nothing is fetched for peers.
+	h.Close()
+	if _, _, err := c.AwaitLocal(ctx, k, 3*cs, cs, func(int64) bool { return true }); !errors.Is(err, blob.ErrNotFound) {
+		t.Fatalf("no pull: %v, want ErrNotFound", err)
+	}
+	if origin.count(3*cs) != 0 {
+		t.Fatal("fetched for a peer with no pull in progress")
+	}
+}

@@ -1,0 +1,166 @@
+package p2p
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"slices"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/peerd-project/peerd/blob"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Cold-burst swarming without a control plane (see README "Swarming").
+//
+// Every node pulling a blob from its origin advertises it when the pull
+// starts, so the DHT's provider list of a blob is the set of nodes that hold
+// or want it. Each chunk (named by its offset) has one owner among them and
+// this node: the peer with the highest rendezvous score sha256(digest,
+// offset, peer ID). The owner fetches the chunk from the origin; the others
+// ask the owner, whose server waits for the chunk (or starts its fill) for up
+// to --swarm-wait. Every node computes the same owner from the same list, a
+// node joining or leaving moves only its own share, and a node whose list
+// lags simply causes a chunk to be fetched twice.
+
+const (
+	// swarmRefresh bounds the age of the provider list a swarm pull uses:
+	// during a burst the set of nodes pulling a blob changes by the second.
+	swarmRefresh = 500 * time.Millisecond
+	// ownerLookup bounds the provider lookup the server side makes to decide
+	// whether it owns a chunk (normally answered from the cached list).
+	ownerLookup = 50 * time.Millisecond
+	// holderWait bounds how long a node that owns a chunk asks the other
+	// providers for it before going to the origin. A provider that holds the
+	// chunk answers in a round trip; one that does not answers "don't have"
+	// at once unless it owns the chunk too (the lists disagree for a moment),
+	// and then it waits for its own fill, which may wait for ours: the bound
+	// breaks that cycle at the cost of one chunk fetched twice.
+	holderWait = 250 * time.Millisecond
+)
+
+// score is the rendezvous weight of peer p for the chunk at off of k.
+func score(k blob.Key, off int64, p peer.ID) uint64 {
+	h := sha256.New()
+	h.Write([]byte(k))
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], uint64(off))
+	h.Write(b[:])
+	h.Write([]byte(p))
+	sum := h.Sum(nil)
+	return binary.BigEndian.Uint64(sum[:8])
+}
+
+// rank orders candidates by descending score for the chunk at off.
+func rank(k blob.Key, off int64, ids []peer.ID) []peer.ID {
+	type scored struct {
+		id peer.ID
+		s  uint64
+	}
+	ss := make([]scored, len(ids))
+	for i, id := range ids {
+		ss[i] = scored{id, score(k, off, id)}
+	}
+	slices.SortFunc(ss, func(a, b scored) int {
+		switch {
+		case a.s > b.s:
+			return -1
+		case a.s < b.s:
+			return 1
+		}
+		return 0
+	})
+	out := make([]peer.ID, len(ss))
+	for i, x := range ss {
+		out[i] = x.id
+	}
+	return out
+}
+
+// owner returns the owner of the chunk at off among self and ps.
+func (s *Source) owner(k blob.Key, off int64, ps []peer.AddrInfo) peer.ID {
+	ids := make([]peer.ID, 0, len(ps)+1)
+	ids = append(ids, s.self)
+	for _, p := range ps {
+		ids = append(ids, p.ID)
+	}
+	return rank(k, off, ids)[0]
+}
+
+// FetchBacked is Fetch for a chunk whose origin comes next in the cache's
+// source list (cache's originBacked). The chunk's rendezvous owner is asked
+// first and waits for the chunk it is fetching; the other providers are asked
+// after the hedge delay and answer at once unless they hold the chunk. When
+// this node owns the chunk, peers that already hold it still serve it (a
+// blob complete elsewhere never goes to the origin); otherwise the answer is
+// blob.ErrNotFound and the cache fetches it from the origin.
+func (s *Source) FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+	if !k.Verifiable() {
+		return nil, -1, fmt.Errorf("%s: %w (only digests are shared)", k, blob.ErrNotFound)
+	}
+	ps := s.order(s.providersWithin(ctx, k, swarmRefresh))
+	if len(ps) == 0 {
+		if err := ctx.Err(); err != nil {
+			return nil, -1, err
+		}
+		return nil, -1, fmt.Errorf("%s: %w (no peer advertises it)", k, blob.ErrNotFound)
+	}
+	own := s.owner(k, off, ps)
+	hctx := ctx
+	if own == s.self {
+		s.swarmChunks.WithLabelValues("self").Inc()
+		var cancel context.CancelFunc
+		hctx, cancel = context.WithCancel(ctx)
+		t := time.AfterFunc(holderWait, cancel)
+		defer func() {
+			// Once the answer's headers are in, the body may take its time;
+			// hctx then ends with ctx.
+			if t.Stop() {
+				context.AfterFunc(ctx, cancel)
+			}
+		}()
+	} else {
+		s.swarmChunks.WithLabelValues("peer").Inc()
+		// The owner first; the others keep their DHT order behind it.
+		i := slices.IndexFunc(ps, func(p peer.AddrInfo) bool { return p.ID == own })
+		ps = append([]peer.AddrInfo{ps[i]}, slices.Delete(slices.Clone(ps), i, i+1)...)
+	}
+	res, rest, err := s.hedgedOpt(hctx, ps, k, off, n, false)
+	if err != nil {
+		if ctx.Err() == nil && hctx.Err() != nil {
+			return nil, -1, fmt.Errorf("%s range %d+%d: %w (no peer answered within %v)", k, off, n, blob.ErrNotFound, holderWait)
+		}
+		return nil, -1, err
+	}
+	want := n
+	if n < 0 || off+n > res.total {
+		want = res.total - off
+	}
+	return &peerReader{s: s, ctx: ctx, k: k, off: off, want: want, total: res.total,
+		cur: res, rest: rest, origins: []string{res.p.ID.String()}}, res.total, nil
+}
+
+// Owns reports whether this node owns the chunk at off of k among the nodes
+// advertising k, as far as its provider list says. The peer server fetches
+// such a chunk from the origin when a peer asks for it before it arrived.
+func (s *Source) Owns(k blob.Key, off int64) bool {
+	ctx, cancel := context.WithTimeout(s.bg, ownerLookup)
+	defer cancel()
+	ps := s.order(s.providersWithin(ctx, k, swarmRefresh))
+	return s.owner(k, off, ps) == s.self
+}
+
+func newSwarmChunks() *prometheus.CounterVec {
+	return prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "peerd_p2p_swarm_chunks_total",
+		Help: "Chunks of swarm pulls (an origin behind the peers) by their rendezvous owner: self (fetched from the origin unless a peer holds it) or peer.",
+	}, []string{"owner"})
+}
+
+// Collectors are the Source's metrics for the daemon's registry.
+func (s *Source) Collectors() []prometheus.Collector {
+	return []prometheus.Collector{s.swarmChunks}
+}

@@ -1,0 +1,128 @@
+package p2p
+
+import (
+	"context"
+	"errors"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/peerd-project/peerd/blob"
+)
+
+func TestRendezvousIsStableAndSpread(t *testing.T) {
+	k := testKey()
+	ids := make([]peer.ID, 8)
+	for i := range ids {
+		ids[i] = newPeerID(t)
+	}
+	owned := map[peer.ID]int{}
+	const chunks = 800
+	for c := int64(0); c < chunks; c++ {
+		off := c << 20
+		a := rank(k, off, ids)
+		// The order of the input never matters: every node computes the same owner.
+		rev := make([]peer.ID, len(ids))
+		for i, id := range ids {
+			rev[len(ids)-1-i] = id
+		}
+		if b := rank(k, off, rev); a[0] != b[0] {
+			t.Fatalf("chunk %d: owner depends on list order", c)
+		}
+		owned[a[0]]++
+		// Removing a node that does not own the chunk keeps its owner.
+		var without []peer.ID
+		for _, id := range ids {
+			if id != a[len(a)-1] {
+				without = append(without, id)
+			}
+		}
+		if rank(k, off, without)[0] != a[0] {
+			t.Fatalf("chunk %d: owner moved when a non-owner left", c)
+		}
+	}
+	for _, id := range ids {
+		// 100 expected each; far outside this range means the hash is not spreading.
+		if n := owned[id]; n < 50 || n > 160 {
+			t.Fatalf("peer owns %d of %d chunks: %v", n, chunks, owned)
+		}
+	}
+}
+
+func swarmFixture(t *testing.T, n int) (*Source, []peer.AddrInfo, *fakeGetter) {
+	self := newPeerID(t)
+	var ps []peer.AddrInfo
+	for i := 0; i < n; i++ {
+		ps = append(ps, peer.AddrInfo{ID: newPeerID(t)})
+	}
+	g := &fakeGetter{data: make([]byte, 64<<20), behave: map[peer.ID]string{}}
+	s := newSource(self, &fakeFinder{peers: ps}, g, nil, nil, 0, 0)
+	s.timeout = 100 * time.Millisecond
+	return s, ps, g
+}
+
+func TestFetchBackedAsksTheOwnerFirst(t *testing.T) {
+	s, ps, g := swarmFixture(t, 5)
+	k := testKey()
+	asked := 0
+	for c := int64(0); c < 64; c++ {
+		off := c << 20
+		own := s.owner(k, off, ps)
+		if own == s.self {
+			continue
+		}
+		before := len(g.calls())
+		rc, _, err := s.FetchBacked(context.Background(), k, off, 1<<20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, rc)
+		rc.Close()
+		calls := g.calls()[before:]
+		if len(calls) == 0 || calls[0].p != own {
+			t.Fatalf("chunk %d: first asked %v, owner %s", c, calls, own)
+		}
+		asked++
+	}
+	if asked == 0 {
+		t.Fatal("self owned every chunk: the test proved nothing")
+	}
+}
+
+func TestFetchBackedOwnChunkGoesToOriginUnlessAPeerHoldsIt(t *testing.T) {
+	s, ps, g := swarmFixture(t, 3)
+	k := testKey()
+	var off int64 = -1
+	for c := int64(0); c < 256; c++ {
+		if s.owner(k, c<<20, ps) == s.self {
+			off = c << 20
+			break
+		}
+	}
+	if off < 0 {
+		t.Fatal("self owns none of 256 chunks")
+	}
+	// Cold: nobody holds it, everybody says so at once.
+	for _, p := range ps {
+		g.behave[p.ID] = "notfound"
+	}
+	if _, _, err := s.FetchBacked(context.Background(), k, off, 1<<20); !errors.Is(err, blob.ErrNotFound) {
+		t.Fatalf("cold own chunk: %v, want ErrNotFound (the origin fills it)", err)
+	}
+	// A peer that has the blob complete still serves our own chunks.
+	g.behave[ps[1].ID] = "ok"
+	rc, _, err := s.FetchBacked(context.Background(), k, off, 1<<20)
+	if err != nil {
+		t.Fatalf("own chunk held by a peer: %v", err)
+	}
+	rc.Close()
+	// A peer that waits (it thinks it owns the chunk too) is given up on
+	// after holderWait: ErrNotFound, the origin fills it.
+	for _, p := range ps {
+		g.behave[p.ID] = "slow"
+	}
+	if _, _, err := s.FetchBacked(context.Background(), k, off, 1<<20); !errors.Is(err, blob.ErrNotFound) {
+		t.Fatalf("waiting peers: %v, want ErrNotFound after %v", err, holderWait)
+	}
+}
