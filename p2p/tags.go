@@ -49,6 +49,9 @@ const (
 	tagAskGrace  = 100 * time.Millisecond
 	// tagLocalTimeout bounds a lookup in the local image store for a peer.
 	tagLocalTimeout = 5 * time.Second
+	// maxTagAnswers bounds the peers' questions answered at once (each is
+	// a call to the local image store); past it askers get 503 and move on.
+	maxTagAnswers   = 32
 	maxTagAnswer    = 4096
 	maxManifestSize = 4 << 20
 )
@@ -156,6 +159,8 @@ type Tags struct {
 	canRun  func() bool
 	now     func() time.Time
 
+	busy chan struct{} // bounds concurrent answers to peers
+
 	mu   sync.Mutex
 	held map[TagRef]*adState
 	wake chan struct{}
@@ -176,7 +181,7 @@ func newTagMetrics(reg prometheus.Registerer) tagMetrics {
 		}, []string{"result"}),
 		answers: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "peerd_p2p_tag_requests_total",
-			Help: "Peers' tag questions this node answered from its own image store, by result (ok, not_found, refused, bad_request, error).",
+			Help: "Peers' tag questions this node answered from its own image store, by result (ok, not_found, refused, busy, bad_request, error).",
 		}, []string{"result"}),
 		provides: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "peerd_p2p_tag_provides_total", Help: "DHT provides of tags, by result (ok, error).",
@@ -223,7 +228,7 @@ func newTags(n *Node, opts TagOptions) *Tags {
 		opts.AskTimeout = defaultTagAskTimeout
 	}
 	t := &Tags{n: n, opts: opts, registries: map[string]bool{}, interval: time.Hour,
-		held: map[TagRef]*adState{}, wake: make(chan struct{}, 1), now: time.Now,
+		held: map[TagRef]*adState{}, wake: make(chan struct{}, 1), now: time.Now, busy: make(chan struct{}, maxTagAnswers),
 		m: newTagMetrics(nil), lg: slog.New(slog.DiscardHandler)}
 	if n != nil {
 		t.interval = n.cfg.ReprovideInterval
@@ -592,6 +597,15 @@ func (t *Tags) answer(w http.ResponseWriter, r *http.Request, from peer.ID) {
 	}
 	if t.opts.Local == nil {
 		notHeld("not_found", "no image store")
+		return
+	}
+	select {
+	case t.busy <- struct{}{}:
+		defer func() { <-t.busy }()
+	default:
+		t.m.answers.WithLabelValues("busy").Inc()
+		w.Header().Set("Retry-After", "1")
+		http.Error(w, "busy", http.StatusServiceUnavailable)
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), tagLocalTimeout)
