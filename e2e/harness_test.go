@@ -92,6 +92,9 @@ func loadConfig() (config, error) {
 	if v := os.Getenv("E2E_RATE"); v != "" {
 		c.Rate = v
 	}
+	if _, err := tcRateBits(c.Rate); err != nil {
+		errs = append(errs, err)
+	}
 	if v := os.Getenv("E2E_CONTAINERD16_NODES"); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 0 {
@@ -141,6 +144,9 @@ type features struct {
 	p2p        bool // --p2p-addr, --bootstrap, peerd id
 	containerd bool // --containerd-socket, --registries, peerd containerd-config
 	fuse       bool // --mount
+	// socketFlag: --containerd-socket exists (it defaults to the machine's
+	// containerd, which a node must never touch).
+	socketFlag bool
 }
 
 func (f features) missing(need ...string) string {
@@ -173,6 +179,7 @@ func detectFeatures(peerd string) (features, error) {
 	ccErr := exec.Command(peerd, "containerd-config", "--help").Run()
 	f.containerd = has("containerd-socket") && has("registries") && has("containerd-hosts-dir") && has("containerd-config") && has("containerd-resync") && ccErr == nil
 	f.fuse = has("mount")
+	f.socketFlag = has("containerd-socket")
 	return f, nil
 }
 
@@ -894,6 +901,8 @@ func (c *cluster) peerdArgs(n *node) []string {
 			"--containerd-hosts-dir", n.hostsDir, "--containerd-config", filepath.Join(n.dir, "containerd", "config.toml"),
 			// 1.x sends no event when content is committed: walk often.
 			"--containerd-resync", "5s")
+	} else if c.feats.socketFlag {
+		args = append(args, "--containerd-socket=")
 	}
 	if c.feats.fuse {
 		n.mount = filepath.Join(n.dir, "mnt")
