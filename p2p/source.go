@@ -153,6 +153,13 @@ func (s *Source) providersWithin(ctx context.Context, k blob.Key, maxAge time.Du
 	s.mu.Unlock()
 
 	s.m.lookupCache.WithLabelValues("miss").Inc()
+	if maxAge > 0 {
+		// A swarm pull's first look (see swarmGather); concurrent callers share it.
+		select {
+		case <-time.After(swarmGather):
+		case <-ctx.Done():
+		}
+	}
 	found := s.lookup(ctx, k)
 	s.mu.Lock()
 	s.setLocked(e, found)

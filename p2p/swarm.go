@@ -29,7 +29,13 @@ import (
 const (
 	// swarmRefresh bounds the age of the provider list a swarm pull uses:
 	// during a burst the set of nodes pulling a blob changes by the second.
-	swarmRefresh = 500 * time.Millisecond
+	swarmRefresh = 200 * time.Millisecond
+	// swarmGather delays a node's first provider lookup of a blob it starts
+	// pulling: nodes that start at the same moment announce within a few
+	// milliseconds of each other, and a lookup made before those
+	// announcements landed would make every node the owner of every chunk
+	// it starts in the meantime (the whole read-ahead window, from the origin).
+	swarmGather = 250 * time.Millisecond
 	// ownerLookup bounds the provider lookup the server side makes to decide
 	// whether it owns a chunk (normally answered from the cached list).
 	ownerLookup = 50 * time.Millisecond

@@ -33,7 +33,7 @@ func registerP2PFlags(fs *flag.FlagSet, c *p2pConfig) {
 	fs.DurationVar(&c.ResolveTimeout, "resolve-timeout", 20*time.Millisecond, "time one DHT provider lookup may take")
 	fs.IntVar(&c.ResolveRetries, "resolve-retries", 1, "further lookups when one finds no provider")
 	fs.DurationVar(&c.ReprovideInterval, "reprovide-interval", time.Hour, "how often held blobs are advertised again")
-	fs.DurationVar(&c.SwarmWait, "swarm-wait", 5*time.Second, "how long this node lets a peer wait for a chunk of a blob both are pulling when the chunk is this node's to fetch from the origin (0: answer \"don't have\" at once, no swarming)")
+	fs.DurationVar(&c.SwarmWait, "swarm-wait", 8*time.Second, "how long this node lets a peer wait for a chunk of a blob both are pulling when the chunk is this node's to fetch from the origin (0: answer \"don't have\" at once, no swarming)")
 }
 
 func (c *p2pConfig) validate() error {
@@ -44,9 +44,9 @@ func (c *p2pConfig) validate() error {
 	if c.ResolveRetries < 0 || c.ResolveRetries > 10 {
 		errs = append(errs, fmt.Errorf("--resolve-retries %d: want 0 to 10", c.ResolveRetries))
 	}
-	if c.SwarmWait < 0 || c.SwarmWait > 8*time.Second {
+	if c.SwarmWait < 0 || c.SwarmWait > 9*time.Second {
 		// Peers give up on response headers after 10s.
-		errs = append(errs, fmt.Errorf("--swarm-wait %v: want 0 to 8s", c.SwarmWait))
+		errs = append(errs, fmt.Errorf("--swarm-wait %v: want 0 to 9s", c.SwarmWait))
 	}
 	if c.ReprovideInterval < time.Minute {
 		errs = append(errs, fmt.Errorf("--reprovide-interval %v: want at least 1m", c.ReprovideInterval))
