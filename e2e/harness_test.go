@@ -700,11 +700,17 @@ func (c *cluster) attach(ctx context.Context, ns, port, ip string) error {
 		// holds an interface of the cluster, even for a moment.
 		{"ip", "link", "add", port, "netns", switchNS, "type", "veth", "peer", "name", "eth0", "netns", ns},
 		{"ip", "-n", switchNS, "link", "set", port, "master", "br0", "up"},
-		// No IPv6: its router solicitations would count as egress.
-		{"ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"},
-		{"ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"},
 		{"ip", "-n", ns, "addr", "add", ip + "/24", "dev", "eth0"},
 		{"ip", "-n", ns, "link", "set", "eth0", "up"},
+	}
+	// No IPv6 (before the link comes up): its router solicitations and
+	// neighbour discovery would count as egress. A kernel without IPv6 has
+	// nothing to turn off.
+	if _, err := os.Stat("/proc/sys/net/ipv6"); err == nil {
+		steps = slices.Insert(steps, len(steps)-1,
+			[]string{"ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"},
+			[]string{"ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"},
+			[]string{"ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1"})
 	}
 	for _, s := range steps {
 		if _, err := sh(ctx, s...); err != nil {
