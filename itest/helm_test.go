@@ -165,6 +165,8 @@ bootstrap:
   static: [/ip4/10.0.0.1/tcp/30001/p2p/12D3KooWKnDdG3iXw9eTFijk3EWSunZcFi54Zka4wmtqtt6rPxc8]
 rbac: {create: false}
 serviceAccount: {create: false, name: peerd-existing}
+p2p: {listenAddress: "/ip6/::/tcp/30001"}
+log: {level: debug, format: text}
 nodeSelector: {peerd: "yes"}
 tolerations: []
 `,
