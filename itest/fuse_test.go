@@ -36,6 +36,21 @@ func fuseMounted(t *testing.T, mp string) bool {
 	return false
 }
 
+// fuseWaitMounted waits for peerd to mount mp: the mount comes up last,
+// just after the HTTP face answers /healthz.
+func fuseWaitMounted(t *testing.T, mp string) {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); !fuseMounted(t, mp); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("peerd did not mount %s within 30s", mp)
+		}
+	}
+	var sfs syscall.Statfs_t
+	if err := syscall.Statfs(mp, &sfs); err != nil {
+		t.Fatalf("mounted %s does not answer: %v", mp, err)
+	}
+}
+
 // fuseMountDir returns a fresh mountpoint path (peerd creates it).
 func fuseMountDir(t *testing.T) string {
 	t.Helper()
@@ -88,9 +103,7 @@ func TestFUSEReadByDigestFromPeer(t *testing.T) {
 	waitReady(t, a.Node)
 	waitReady(t, b.Node)
 	waitMetric(t, a.Node, "peerd_p2p_connected_peers", 1)
-	if !fuseMounted(t, mp) {
-		t.Fatalf("B did not mount %s", mp)
-	}
+	fuseWaitMounted(t, mp)
 
 	// A digest nobody has: ENOENT within the lookup bound.
 	if _, err := os.Stat(fuseBlobPath(mp, Digest([]byte("nobody has this")))); !errors.Is(err, syscall.ENOENT) {
@@ -160,6 +173,7 @@ func TestFUSEStaleMountAfterKill(t *testing.T) {
 	url := origin.Put(storagePath(dg), data)
 	mp := fuseMountDir(t)
 	n := StartNode(t, NodeOpts{Mount: mp, Args: []string{"--upstream-allow", origin.Host}})
+	fuseWaitMounted(t, mp)
 	if code, _, _ := Get(t, "GET", n.URL("/blobs/"+url), nil); code != 200 {
 		t.Fatalf("status %d", code)
 	}
@@ -178,6 +192,7 @@ func TestFUSEStaleMountAfterKill(t *testing.T) {
 	}
 
 	n.start()
+	fuseWaitMounted(t, mp)
 	if !strings.Contains(n.Log(), "clearing stale mount") {
 		t.Error("restart did not log clearing the stale mount")
 	}
@@ -206,9 +221,7 @@ func TestFUSEUnmountOnSIGTERM(t *testing.T) {
 	url := origin.Put(storagePath(dg), data)
 	mp := fuseMountDir(t)
 	n := StartNode(t, NodeOpts{Mount: mp, Args: []string{"--upstream-allow", origin.Host}})
-	if !fuseMounted(t, mp) {
-		t.Fatalf("not mounted at %s", mp)
-	}
+	fuseWaitMounted(t, mp)
 	// Chunk 0 only: the node knows the blob's size, not its bytes.
 	if code, _, _ := Get(t, "GET", n.URL("/blobs/"+url), map[string]string{"Range": "bytes=0-0"}); code != 206 {
 		t.Fatalf("status %d", code)
@@ -283,6 +296,7 @@ func TestFUSEReadFailsWhenPeerStops(t *testing.T) {
 	b := startP2PNode(t, "--bootstrap", a.P2PAddr, "--mount", mp, "--mount-read-timeout", "2s")
 	waitReady(t, a.Node)
 	waitReady(t, b.Node)
+	fuseWaitMounted(t, mp)
 	if code, _, _ := Get(t, "GET", a.URL("/blobs/"+url), nil); code != 200 {
 		t.Fatalf("A: status %d", code)
 	}
