@@ -298,9 +298,30 @@ func (c *cluster) nodeLoss(t *testing.T) {
 		t.Fatalf("after node 1 was killed: %v", r.err)
 	}
 	p50, mx := stats(r.ds)
+	egress, peerServed := c.egress()-e0, int64(served)+c.peerServed()-s0
+	// Bring node 1 back and report how soon it is part of the network
+	// again (not asserted: how peers treat a node that died is p2p's policy).
+	sh(ctx, nsExec(n1.ns, "tc", "qdisc", "del", "dev", "eth0", "root")...)
+	restart := time.Now()
+	if err := c.startPeerd(n1); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.waitReady(ctx, n1); err != nil {
+		t.Fatal(err)
+	}
+	rejoin := "node 1 restarted but connected to no peer within 30s"
+	for time.Since(restart) < 30*time.Second {
+		if v, err := c.metric(n1, "peerd_p2p_connected_peers", ""); err == nil && int(v) >= len(c.nodes)-1 {
+			rejoin = fmt.Sprintf("node 1 reconnected to all %d peers %v after restart", int(v), time.Since(restart).Round(10*time.Millisecond))
+			break
+		} else if err == nil && v > 0 {
+			rejoin = fmt.Sprintf("node 1 reconnected to %d of %d peers within 30s of restart", int(v), len(c.nodes)-1)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 	c.report(row{scenario: "5-node-loss", nodes: len(c.nodes), size: c.cfg.ImageSize, first: time.Duration(first.Seconds * float64(time.Second)),
-		p50: p50, max: mx, egress: c.egress() - e0, peerServed: int64(served) + c.peerServed() - s0,
-		note: fmt.Sprintf("node 1 SIGKILLed after serving %s of it", human(int64(served-base)))})
+		p50: p50, max: mx, egress: egress, peerServed: peerServed,
+		note: fmt.Sprintf("node 1 SIGKILLed after serving %s of it; %s", human(int64(served-base)), rejoin)})
 }
 
 // Scenario 6: node 1 pulls an image, the registry stops, and the other
