@@ -24,7 +24,14 @@ func (h libp2pHost) LivePeers() int { return len(h.Network().Peers()) }
 
 func newLibp2pHost(t *testing.T, ip string) libp2pHost {
 	t.Helper()
-	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/"+ip+"/tcp/0"), libp2p.DisableRelay())
+	return newLibp2pHostAt(t, "/ip4/"+ip+"/tcp/0")
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }
+
+func newLibp2pHostAt(t *testing.T, listen string) libp2pHost {
+	t.Helper()
+	h, err := libp2p.New(libp2p.ListenAddrStrings(listen), libp2p.DisableRelay())
 	if err != nil {
 		t.Fatal(err)
 	}
