@@ -11,6 +11,8 @@ export TOOLS_CACHE
 # make run: one node, data in ./.peerd-data, HTTP on 127.0.0.1:30000.
 RUN_DATA ?= $(CURDIR)/.peerd-data
 RUN_ALLOW ?= 127.0.0.1,localhost
+# The blob filesystem needs root (FUSE); other users run without it.
+RUN_MOUNT ?= $(if $(filter 0,$(shell id -u)),$(RUN_DATA)/blobs,)
 RUN_FLAGS ?=
 
 .PHONY: help build run test test-unit e2e bench lint tidy clean
@@ -22,11 +24,12 @@ build: ## build bin/peerd (static)
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/peerd
 
 run: build ## run one node on 127.0.0.1:30000 with its data under ./.peerd-data
-	$(BIN) run --data-dir $(RUN_DATA) --http-addr 127.0.0.1:30000 --upstream-allow '$(RUN_ALLOW)' $(RUN_FLAGS)
+	$(BIN) run --data-dir $(RUN_DATA)/data --http-addr 127.0.0.1:30000 --p2p-addr /ip4/127.0.0.1/tcp/30001 \
+		--upstream-allow '$(RUN_ALLOW)' --mount='$(RUN_MOUNT)' $(RUN_FLAGS)
 
 test: lint ## run every test (unit + integration with real processes); needs root for FUSE/containerd parts
 	$(GO) test -count=1 -timeout 30m ./...
-	$(GO) test -count=1 -race -timeout 15m ./blob/ ./cache/ ./upstream/ ./httpmirror/
+	$(GO) test -count=1 -race -timeout 15m ./blob/ ./cache/ ./upstream/ ./httpmirror/ ./fusefs/ ./containerd/ ./p2p/
 
 test-unit: ## fast unit tests only
 	$(GO) test -count=1 -short ./...

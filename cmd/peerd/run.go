@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -238,8 +237,10 @@ func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
 		log.Info("peerd stopped")
 	}()
 
-	// Parts start in dependency order; each registers its own shutdown.
-	for _, start := range []func(context.Context, *app) error{startP2P, startContainerd, startK8s} {
+	// Parts start in dependency order; each registers its own shutdown. The
+	// mount comes before the HTTP face, so a node that answers /healthz has
+	// every face up.
+	for _, start := range []func(context.Context, *app) error{startP2P, startContainerd, startK8s, startFUSE} {
 		if err := start(ctx, a); err != nil {
 			return err
 		}
@@ -272,14 +273,6 @@ func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
 	go func() { serveErr <- srv.Serve(ln) }()
 	log.Info("serving HTTP", "addr", ln.Addr().String())
 
-	// FUSE starts last: it serves reads through everything above.
-	if err := startFUSE(ctx, a); err != nil {
-		sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
-		srv.Shutdown(sctx)
-		cancel()
-		return err
-	}
-
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down", "reason", context.Cause(ctx))
@@ -292,12 +285,4 @@ func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
 		log.Warn("http shutdown", "err", err)
 	}
 	return nil
-}
-
-// hostOnly strips a port, for messages.
-func hostOnly(addr string) string {
-	if h, _, err := net.SplitHostPort(addr); err == nil {
-		return h
-	}
-	return strings.Trim(addr, "[]")
 }
