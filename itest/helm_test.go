@@ -190,6 +190,18 @@ func TestHelmChart(t *testing.T) {
 	} else {
 		t.Logf("helm lint: %s", strings.TrimSpace(out))
 	}
+	// helm itself against the API server: it renders with the server's
+	// version and capabilities, dry-runs every object there, and renders NOTES.
+	out, err := helm(t, "install", "peerd", chartDir, "--namespace", "peerd", "--dry-run=server",
+		"--kubeconfig", api.Kubeconfig(t, "admin"))
+	if err != nil {
+		t.Fatalf("helm install --dry-run=server: %v", err)
+	}
+	if !strings.Contains(out, "NOTES:") || !strings.Contains(out, "rollout status daemonset/peerd") {
+		t.Errorf("helm install --dry-run=server printed no usable NOTES:\n%s", out)
+	} else {
+		t.Logf("NOTES:%s", out[strings.Index(out, "NOTES:")+len("NOTES:"):])
+	}
 	for name, values := range chartValueSets {
 		t.Run(name, func(t *testing.T) {
 			if values != "" {
