@@ -147,6 +147,17 @@ type features struct {
 	// socketFlag: --containerd-socket exists (it defaults to the machine's
 	// containerd, which a node must never touch).
 	socketFlag bool
+	help       string // peerd run --help
+}
+
+// hasFlag reports whether `peerd run` lists --name.
+func (c *cluster) hasFlag(name string) bool {
+	for _, sep := range []string{" ", "\n", "\t"} {
+		if strings.Contains(c.feats.help, "-"+name+sep) {
+			return true
+		}
+	}
+	return false
 }
 
 func (f features) missing(need ...string) string {
@@ -180,6 +191,7 @@ func detectFeatures(peerd string) (features, error) {
 	f.containerd = has("containerd-socket") && has("registries") && has("containerd-hosts-dir") && has("containerd-config") && has("containerd-resync") && ccErr == nil
 	f.fuse = has("mount")
 	f.socketFlag = has("containerd-socket")
+	f.help = help
 	return f, nil
 }
 
@@ -903,7 +915,13 @@ func (c *cluster) peerdArgs(n *node) []string {
 		args = append(args, "--bootstrap", strings.Join(boot, ","))
 	}
 	if c.feats.containerd {
-		args = append(args, "--containerd-socket", n.sock, "--containerd-namespace", ctrdNS, "--registries", registryID,
+		reg := registryID
+		if c.hasFlag("pull-through") {
+			// peerd fetches misses from the registry itself: tell it the
+			// test registry speaks plain HTTP, as an operator would.
+			reg = "http://" + registryID
+		}
+		args = append(args, "--containerd-socket", n.sock, "--containerd-namespace", ctrdNS, "--registries", reg,
 			"--containerd-hosts-dir", n.hostsDir, "--containerd-config", filepath.Join(n.dir, "containerd", "config.toml"),
 			// 1.x sends no event when content is committed: walk often.
 			"--containerd-resync", "5s")
@@ -1217,4 +1235,32 @@ func printRows(w io.Writer) {
 	for _, r := range rows {
 		fmt.Fprintln(w, r.String())
 	}
+}
+
+// upstreamSnapshot is each running node's peerd_fetched_bytes_total{source="upstream"}.
+func (c *cluster) upstreamSnapshot() map[int]float64 {
+	m := map[int]float64{}
+	for _, n := range c.nodes {
+		if n.peerd == nil || !n.peerd.running() {
+			continue
+		}
+		if v, err := c.metric(n, "peerd_fetched_bytes_total", `source="upstream"`); err == nil {
+			m[n.i] = v
+		}
+	}
+	return m
+}
+
+// logUpstream says which nodes' peerds fetched from the origin since
+// before, so an egress above the bound names who caused it.
+func (c *cluster) logUpstream(t *testing.T, before map[int]float64) {
+	t.Helper()
+	after := c.upstreamSnapshot()
+	var parts []string
+	for _, n := range c.nodes {
+		if v, ok := after[n.i]; ok {
+			parts = append(parts, fmt.Sprintf("%s=%s", n.name(), human(int64(v-before[n.i]))))
+		}
+	}
+	t.Logf("bytes each peerd fetched from the origin itself: %s", strings.Join(parts, " "))
 }

@@ -100,7 +100,8 @@ func (c *cluster) streaming(t *testing.T) {
 	c.need(t, "p2p")
 	ctx := context.Background()
 	url, local, _ := c.originFile(t, c.cfg.ImageSize, 3)
-	e0, s0 := c.egress(), c.peerServed()
+	e0, s0, u0 := c.egress(), c.peerServed(), c.upstreamSnapshot()
+	defer c.logUpstream(t, u0)
 	first, err := c.rangeRead(ctx, c.nodes[0], url, local, 1)
 	if err != nil {
 		t.Fatal(err)
@@ -126,7 +127,8 @@ func (c *cluster) staggered(t *testing.T) {
 	ctx := context.Background()
 	im := c.pushImage(ctx, "s1", 1)
 	defer c.removeEverywhere(im)
-	e0, s0 := c.egress(), c.peerServed()
+	e0, s0, u0 := c.egress(), c.peerServed(), c.upstreamSnapshot()
+	defer c.logUpstream(t, u0)
 	first, err := c.pull(ctx, c.nodes[0], im.ref)
 	if err != nil {
 		t.Fatal(err)
