@@ -64,9 +64,9 @@ func TestK8sLeaseBootstrapAndEvents(t *testing.T) {
 	if got := a.Metric(t, "peerd_k8s_lease_leader"); got != 1 {
 		t.Fatalf("node-a peerd_k8s_lease_leader = %v, want 1", got)
 	}
-	addrs := leaseAddrs(ctx, t, c)
-	if len(addrs) == 0 || !strings.HasSuffix(addrs[0], "/p2p/"+a.ID) {
-		t.Fatalf("Lease publishes %v, want node-a's address ending in /p2p/%s", addrs, a.ID)
+	id, addrs := leaseAddrs(ctx, t, c)
+	if id != a.ID || len(addrs) != 1 || addrs[0] != a.P2PAddr {
+		t.Fatalf("Lease publishes peer %s at %v, want node-a's %s", id, addrs, a.P2PAddr)
 	}
 
 	// Two more: they bootstrap through the leader.
@@ -139,8 +139,8 @@ func TestK8sLeaseBootstrapAndEvents(t *testing.T) {
 	}
 	waitMetric(t, newLeader.Node, "peerd_k8s_lease_leader", 1)
 	until(t, 30*time.Second, "the Lease to publish the new leader's address", func() (bool, string) {
-		got := leaseAddrs(ctx, t, c)
-		return len(got) > 0 && strings.HasSuffix(got[0], "/p2p/"+newLeader.ID), fmt.Sprint(got)
+		id, got := leaseAddrs(ctx, t, c)
+		return id == newLeader.ID && len(got) == 1 && got[0] == newLeader.P2PAddr, fmt.Sprint(id, got)
 	})
 	until(t, 30*time.Second, "the follower to bootstrap from the new leader", func() (bool, string) {
 		return logHasLine(follower.Node, "connected to bootstrap peer", "peer="+newLeader.ID), "not yet"
@@ -252,14 +252,16 @@ func leaseHolder(ctx context.Context, c kubernetes.Interface) string {
 	return *l.Spec.HolderIdentity
 }
 
-func leaseAddrs(ctx context.Context, t *testing.T, c kubernetes.Interface) []string {
+// leaseAddrs returns the peer ID and addresses the holder published on the Lease.
+func leaseAddrs(ctx context.Context, t *testing.T, c kubernetes.Interface) (string, []string) {
 	t.Helper()
 	l, err := c.CoordinationV1().Leases("peerd").Get(ctx, "peerd-bootstrap", metav1.GetOptions{})
 	if err != nil {
-		return nil
+		return "", nil
 	}
 	var info struct {
 		Holder string   `json:"holder"`
+		PeerID string   `json:"peerID"`
 		Addrs  []string `json:"addrs"`
 	}
 	if raw := l.Annotations["peerd.io/leader"]; raw != "" {
@@ -268,9 +270,9 @@ func leaseAddrs(ctx context.Context, t *testing.T, c kubernetes.Interface) []str
 		}
 	}
 	if l.Spec.HolderIdentity == nil || info.Holder != *l.Spec.HolderIdentity {
-		return nil
+		return "", nil
 	}
-	return info.Addrs
+	return info.PeerID, info.Addrs
 }
 
 func events(ctx context.Context, t *testing.T, c kubernetes.Interface, node, reason string) []corev1.Event {

@@ -28,7 +28,8 @@ const LeaderAnnotation = "peerd.io/leader"
 
 type leaderInfo struct {
 	Holder string   `json:"holder"`
-	Addrs  []string `json:"addrs"` // full multiaddrs ending in /p2p/<id>
+	PeerID string   `json:"peerID"`
+	Addrs  []string `json:"addrs"` // full multiaddrs ending in /p2p/<peerID>
 }
 
 // LeaseOptions configure Lease bootstrap.
@@ -231,8 +232,10 @@ func parseLeader(holder, raw string) ([]peer.AddrInfo, string) {
 		mas = append(mas, ma)
 	}
 	ais, err := peer.AddrInfosFromP2pAddrs(mas...)
+	// Only the leader's own addresses: one Lease names one peer.
+	ais = slices.DeleteFunc(ais, func(ai peer.AddrInfo) bool { return ai.ID.String() != info.PeerID })
 	if err != nil || len(ais) == 0 {
-		return nil, fmt.Sprintf("no usable address in %q", info.Addrs)
+		return nil, fmt.Sprintf("no usable address of peer %q in %q", info.PeerID, info.Addrs)
 	}
 	return ais, ""
 }
@@ -325,7 +328,7 @@ func (k *leaseLock) annotate(lease *coordinationv1.Lease, holder string) {
 		delete(lease.Annotations, LeaderAnnotation)
 		return
 	}
-	info := leaderInfo{Holder: holder}
+	info := leaderInfo{Holder: holder, PeerID: k.l.host.ID().String()}
 	for _, a := range publishable(k.l.host.Addrs()) {
 		info.Addrs = append(info.Addrs, a.String())
 	}

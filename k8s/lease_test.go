@@ -78,24 +78,26 @@ func TestLeaseLeaderPublishesAndHandsOver(t *testing.T) {
 	if err := json.Unmarshal([]byte(lease.Annotations[LeaderAnnotation]), &info); err != nil {
 		t.Fatalf("annotation %q: %v", lease.Annotations[LeaderAnnotation], err)
 	}
-	if info.Holder != "node-b" || len(info.Addrs) != 1 || info.Addrs[0] != hb.addr.String() {
+	if info.Holder != "node-b" || info.PeerID != hb.ID().String() || len(info.Addrs) != 1 || info.Addrs[0] != hb.addr.String() {
 		t.Fatalf("annotation after takeover = %+v, want node-b's address", info)
 	}
 }
 
 func TestParseLeader(t *testing.T) {
 	id, _ := randomPeerID()
-	good := `{"holder":"n1","addrs":["/ip4/10.0.0.1/tcp/4001/p2p/` + id.String() + `","not-a-multiaddr"]}`
+	other, _ := randomPeerID()
+	good := `{"holder":"n1","peerID":"` + id.String() + `","addrs":["/ip4/10.0.0.1/tcp/4001/p2p/` + id.String() + `","not-a-multiaddr","/ip4/10.0.0.2/tcp/4001/p2p/` + other.String() + `"]}`
 	for _, tc := range []struct {
 		name, holder, raw string
 		want              int
 	}{
-		{"good, one bad address skipped", "n1", good, 1},
+		{"good; a bad address and another peer's skipped", "n1", good, 1},
 		{"holder mismatch", "n2", good, 0},
 		{"no holder", "", good, 0},
 		{"no annotation", "n1", "", 0},
 		{"not json", "n1", "{", 0},
-		{"no /p2p part", "n1", `{"holder":"n1","addrs":["/ip4/10.0.0.1/tcp/4001"]}`, 0},
+		{"no /p2p part", "n1", `{"holder":"n1","peerID":"` + id.String() + `","addrs":["/ip4/10.0.0.1/tcp/4001"]}`, 0},
+		{"no peer ID", "n1", `{"holder":"n1","addrs":["/ip4/10.0.0.1/tcp/4001/p2p/` + id.String() + `"]}`, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ais, why := parseLeader(tc.holder, tc.raw)
