@@ -202,6 +202,8 @@ tool (
 
 // k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them
 // with local folders; outside its repo, each must point at its published twin.
+// (k8s.io/sample-cli-plugin and k8s.io/sample-controller are replaced there
+// too but never required, and have no v0.37.2 release: left out.)
 replace (
 	k8s.io/api => k8s.io/api v0.37.2
 	k8s.io/apiextensions-apiserver => k8s.io/apiextensions-apiserver v0.37.2
