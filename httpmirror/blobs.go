@@ -106,7 +106,11 @@ func (s *Server) serveBlobs(w http.ResponseWriter, r *http.Request) {
 	if key.Verifiable() && s.cfg.Peers != nil {
 		srcs = append(srcs, s.cfg.Peers(key)...)
 	}
-	srcs = append(srcs, s.cfg.Upstream.Source(u, hdr))
+	origin := s.cfg.Upstream.Source(u, hdr)
+	srcs = append(srcs, origin)
+	if key.Verifiable() && s.cfg.Learn != nil {
+		s.cfg.Learn(key, origin)
+	}
 	h := s.cfg.Cache.Open(key, srcs...)
 	defer h.Close()
 	s.serveHandle(w, r, h, key)

@@ -28,6 +28,9 @@ type Config struct {
 	// Peers returns the sources to try before the origin for a verifiable
 	// key (the p2p layer); nil means none.
 	Peers func(k blob.Key) []blob.Source
+	// Learn, when set, hears the origin a digest blob was fetched from, for
+	// faces that know only digests (the FUSE mount).
+	Learn func(k blob.Key, origin blob.Source)
 	// Prefetch starts a background fill of a whole blob on its first read.
 	Prefetch        bool
 	PrefetchWorkers int

@@ -203,3 +203,32 @@ func TestDialRefusesForbiddenAddresses(t *testing.T) {
 		t.Fatalf("dial to link-local: %v, want ErrNotAllowed", err)
 	}
 }
+
+func TestLearnedOrigins(t *testing.T) {
+	l := NewLearned(2, time.Minute)
+	now := time.Unix(1000, 0)
+	l.now = func() time.Time { return now }
+	c := NewClient(Options{})
+	k1 := blob.Key("sha256:" + strings.Repeat("1", 64))
+	k2 := blob.Key("sha256:" + strings.Repeat("2", 64))
+	k3 := blob.Key("sha256:" + strings.Repeat("3", 64))
+	l.Learn(k1, c.Source(mustURL("http://o/1"), nil))
+	l.Learn(k2, c.Source(mustURL("http://o/2"), nil))
+	l.Learn(blob.Key("url:"+strings.Repeat("4", 64)), c.Source(mustURL("http://o/4"), nil))
+	if len(l.Sources(k1)) != 1 || len(l.Sources(k2)) != 1 {
+		t.Fatal("learned origins not returned")
+	}
+	l.Learn(k3, c.Source(mustURL("http://o/3"), nil)) // evicts the least recently learned: k1
+	if len(l.Sources(k1)) != 0 || len(l.Sources(k3)) != 1 {
+		t.Fatal("bound not kept")
+	}
+	now = now.Add(2 * time.Minute)
+	if len(l.Sources(k2)) != 0 {
+		t.Fatal("stale origin returned")
+	}
+	var nilL *Learned
+	nilL.Learn(k1, nil)
+	if nilL.Sources(k1) != nil {
+		t.Fatal("nil Learned returned sources")
+	}
+}

@@ -108,6 +108,8 @@ type app struct {
 	reg      *prometheus.Registry
 	cache    *cache.Cache
 	upstream *upstream.Client
+	// learned remembers the origins /blobs/ requests named, per digest.
+	learned *upstream.Learned
 
 	// peerSources returns sources to try before the origin (set by the p2p part).
 	peerSources func(k blob.Key) []blob.Source
@@ -144,6 +146,13 @@ func (a *app) sources(k blob.Key) []blob.Source {
 		return nil
 	}
 	return a.peerSources(k)
+}
+
+// digestSources is a.sources plus an origin learned for the digest: for faces
+// that know only a digest (the FUSE mount).
+func (a *app) digestSources(k blob.Key) []blob.Source {
+	srcs := append([]blob.Source(nil), a.sources(k)...)
+	return append(srcs, a.learned.Sources(k)...)
 }
 
 func (a *app) ready() error {
@@ -210,6 +219,7 @@ func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
 	}
 	a.onStop(func(context.Context) error { return a.cache.Close() })
 	a.upstream = upstream.NewClient(upstream.Options{UserAgent: "peerd/" + version, Logger: log})
+	a.learned = upstream.NewLearned(4096, 30*time.Minute)
 	if cfg.DebugPprof {
 		a.extra["/debug/pprof/"] = http.HandlerFunc(pprof.Index)
 		a.extra["/debug/pprof/profile"] = http.HandlerFunc(pprof.Profile)
@@ -256,6 +266,7 @@ func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
 			Upstream:        a.upstream,
 			Allow:           allow,
 			Peers:           a.sources,
+			Learn:           a.learned.Learn,
 			Prefetch:        cfg.Prefetch,
 			PrefetchWorkers: cfg.PrefetchWorkers,
 			Ready:           a.ready,
