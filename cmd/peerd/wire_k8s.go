@@ -40,7 +40,7 @@ func registerK8sFlags(fs *flag.FlagSet, c *k8sConfig) {
 	fs.StringVar(&c.BootstrapMode, "bootstrap-mode", modeStatic, "how the node finds its first peers: static (only --bootstrap), k8s-lease (the leader of a Lease in --namespace) or dns (the IPs behind --dns-name)")
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "kubeconfig for the Kubernetes API; empty: the pod's service account, or none outside a pod (then Events are off)")
 	fs.StringVar(&c.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's Kubernetes Node name: the Lease identity and the object Events are about (default $NODE_NAME, else the hostname)")
-	fs.StringVar(&c.Namespace, "namespace", defaultNamespace(), "namespace of the bootstrap Lease (default $POD_NAMESPACE, else the pod's service account namespace, else default)")
+	fs.StringVar(&c.Namespace, "namespace", defaultNamespace(), "namespace of the bootstrap Lease; the default comes from $POD_NAMESPACE or the pod's service account")
 	fs.StringVar(&c.LeaseName, "lease-name", "peerd-bootstrap", "name of the bootstrap Lease (k8s-lease mode)")
 	fs.DurationVar(&c.LeaseDuration, "lease-duration", 15*time.Second, "how long a vanished leader keeps the Lease before another node takes over (k8s-lease mode)")
 	fs.StringVar(&c.DNSName, "dns-name", "", "headless Service name resolving to the peers' IPs, optionally with :port (default port: this node's libp2p TCP port) (dns mode)")
