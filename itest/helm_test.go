@@ -4,12 +4,15 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	stdjson "encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -431,5 +434,72 @@ func TestHelmUninstallHookWait(t *testing.T) {
 	}
 	if out, err := wait("30s"); err != nil || !strings.Contains(out, "3 of 3 pods ready") {
 		t.Fatalf("wait with every node done: err %v, output:\n%s", err, out)
+	}
+}
+
+// TestGrafanaDashboardMetricsExist keeps the dashboard honest: every metric
+// a panel queries is one the code registers (renames break the build here,
+// not a dashboard in production).
+func TestGrafanaDashboardMetricsExist(t *testing.T) {
+	raw, err := os.ReadFile(filepath.Join(chartDir, "dashboards", "peerd.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dash struct {
+		Panels []struct {
+			Title   string `json:"title"`
+			Targets []struct {
+				Expr string `json:"expr"`
+			} `json:"targets"`
+		} `json:"panels"`
+	}
+	if err := stdjson.Unmarshal(raw, &dash); err != nil {
+		t.Fatalf("dashboard JSON: %v", err)
+	}
+	// Every metric name the code declares, from the Go sources.
+	declared := map[string]bool{}
+	nameRE := regexp.MustCompile(`"(peerd_[a-z0-9_]+)"`)
+	err = filepath.WalkDir("..", func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() && (d.Name() == ".git" || d.Name() == "tools") {
+			return filepath.SkipDir
+		}
+		if d.IsDir() || !strings.HasSuffix(p, ".go") || strings.HasSuffix(p, "_test.go") {
+			return nil
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		for _, m := range nameRE.FindAllStringSubmatch(string(b), -1) {
+			declared[m[1]] = true
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	used := regexp.MustCompile(`peerd_[a-z0-9_]+`)
+	n := 0
+	for _, p := range dash.Panels {
+		for _, tg := range p.Targets {
+			for _, m := range used.FindAllString(tg.Expr, -1) {
+				n++
+				base := m
+				for _, suf := range []string{"_bucket", "_count", "_sum"} {
+					if b, ok := strings.CutSuffix(m, suf); ok && declared[b] {
+						base = b
+					}
+				}
+				if !declared[base] {
+					t.Errorf("panel %q queries %s, which no Go code declares", p.Title, m)
+				}
+			}
+		}
+	}
+	if n < 10 {
+		t.Fatalf("found only %d metric references in the dashboard", n)
 	}
 }
