@@ -108,6 +108,47 @@ func download(ctx context.Context, url string, size, chunk int64) (float64, erro
 	return float64(size) / (1 << 20) / time.Since(start).Seconds(), nil
 }
 
+// downloadToFile GETs url into a new file at path (written in 1 MiB
+// pieces, as a cache fill writes chunks), makes it durable and returns
+// MiB/s: the bytes end up on disk, as a node's cache fill puts them.
+func downloadToFile(ctx context.Context, url, path string, size int64) (float64, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	start := time.Now()
+	req, err := http.NewRequestWithContext(ctx, "GET", url, nil)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		return 0, fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return 0, err
+	}
+	// Only the Writer side of the file: no ReadFrom shortcut a cache fill
+	// could not take either.
+	n, err := io.CopyBuffer(struct{ io.Writer }{f}, resp.Body, make([]byte, 1<<20))
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return 0, err
+	}
+	if n != size {
+		return 0, fmt.Errorf("GET %s: %d bytes, want %d", url, n, size)
+	}
+	return float64(size) / (1 << 20) / time.Since(start).Seconds(), nil
+}
+
 // ttfb is the time from sending a GET to its first body byte; the rest of
 // the body is read so the connection is reused.
 func ttfb(ctx context.Context, url string, size int64) (time.Duration, error) {
