@@ -160,6 +160,9 @@ func (c *Cache) awaitStep(ctx context.Context, e *entry, off, n int64, mine func
 	}
 	call, origin := e.inflight[i], e.origin
 	e.mu.Unlock()
+	if call == nil && len(origin) == 0 {
+		return errors.New("not being fetched here")
+	}
 	// Only the chunk's owner waits: a node that does not own it answers at
 	// once, so two nodes never wait for each other's fills (the asker's own
 	// fill may be what this one's is waiting for).

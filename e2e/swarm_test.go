@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"strings"
 	"testing"
 	"time"
 )
@@ -29,14 +28,10 @@ func TestSwarmBurst(t *testing.T) {
 	if os.Getenv("E2E_SWARM") != "1" {
 		t.Skip("the swarm measurement runs with E2E_SWARM=1 (its own cluster; make e2e covers the bound in scenario 2)")
 	}
-	// peerd pulls through from the test registry over plain HTTP, as the
-	// hosts.toml files the harness writes say (values from the environment
-	// add to --registries).
-	t.Setenv("PEERD_REGISTRIES", "http://"+registryID)
 	c := newCluster(t)
 	t.Cleanup(func() { printRows(os.Stdout) })
 	c.need(t, "p2p", "containerd")
-	if !c.hasPeerdFlag("pull-through") {
+	if !c.hasFlag("pull-through") {
 		t.Skip("SKIP: this peerd build lacks --pull-through")
 	}
 	ctx := context.Background()
@@ -85,15 +80,4 @@ func (c *cluster) directPull(ctx context.Context, n *node, ref string) (time.Dur
 		return d, fmt.Errorf("%s: ctr pull --plain-http %s: %w\n%s", n.name(), ref, err, lastLines(string(out), 15))
 	}
 	return d, nil
-}
-
-// hasPeerdFlag reports whether `peerd run` lists --name.
-func (c *cluster) hasPeerdFlag(name string) bool {
-	out, _ := exec.Command(c.bin.peerd, "run", "--help").CombinedOutput()
-	for _, sep := range []string{" ", "\n", "\t"} {
-		if strings.Contains(string(out), "-"+name+sep) {
-			return true
-		}
-	}
-	return false
 }

@@ -152,11 +152,32 @@ func (s *Source) FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.
 // Owns reports whether this node owns the chunk at off of k among the nodes
 // advertising k, as far as its provider list says. The peer server fetches
 // such a chunk from the origin when a peer asks for it before it arrived.
+// It never starts a lookup: the node's own pull keeps the list fresh, and a
+// list it has not got yet (its first lookup is still gathering) counts as
+// "only me" — the asker named this node the owner, so fetching is right.
 func (s *Source) Owns(k blob.Key, off int64) bool {
 	ctx, cancel := context.WithTimeout(s.bg, ownerLookup)
 	defer cancel()
-	ps := s.order(s.providersWithin(ctx, k, swarmRefresh))
-	return s.owner(k, off, ps) == s.self
+	return s.owner(k, off, s.order(s.knownProviders(ctx, k))) == s.self
+}
+
+// knownProviders is the cached provider list of k, waiting (until ctx ends)
+// for a lookup in progress, without starting one.
+func (s *Source) knownProviders(ctx context.Context, k blob.Key) []peer.AddrInfo {
+	s.mu.Lock()
+	e := s.provs[k]
+	s.mu.Unlock()
+	if e == nil {
+		return nil
+	}
+	select {
+	case <-e.done:
+	case <-ctx.Done():
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return e.peers
 }
 
 func newSwarmChunks() *prometheus.CounterVec {

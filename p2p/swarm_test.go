@@ -126,3 +126,36 @@ func TestFetchBackedOwnChunkGoesToOriginUnlessAPeerHoldsIt(t *testing.T) {
 		t.Fatalf("waiting peers: %v, want ErrNotFound after %v", err, holderWait)
 	}
 }
+
+func TestOwnsUsesTheCachedListAndNeverLooksUp(t *testing.T) {
+	s, ps, g := swarmFixture(t, 4)
+	f := s.finder.(*fakeFinder)
+	k := testKey()
+	// No list yet: "only me" (the asker named this node), and no lookup.
+	if !s.Owns(k, 0) || f.calls.Load() != 0 {
+		t.Fatalf("no list: Owns=%v, lookups %d", s.Owns(k, 0), f.calls.Load())
+	}
+	// Once the node's own pull looked the providers up, Owns agrees with the
+	// owner the askers compute.
+	for _, p := range ps {
+		g.behave[p.ID] = "notfound"
+	}
+	s.FetchBacked(context.Background(), k, 0, 1<<20)
+	calls := f.calls.Load()
+	mine, theirs := 0, 0
+	for c := int64(0); c < 64; c++ {
+		if got, want := s.Owns(k, c<<20), s.owner(k, c<<20, ps) == s.self; got != want {
+			t.Fatalf("chunk %d: Owns %v, owner is self: %v", c, got, want)
+		} else if got {
+			mine++
+		} else {
+			theirs++
+		}
+	}
+	if mine == 0 || theirs == 0 {
+		t.Fatalf("owns %d, others own %d of 64 chunks: the check proved nothing", mine, theirs)
+	}
+	if f.calls.Load() != calls {
+		t.Fatal("Owns started a lookup")
+	}
+}
