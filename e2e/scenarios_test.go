@@ -102,10 +102,12 @@ func (c *cluster) streaming(t *testing.T) {
 	url, local, _ := c.originFile(t, c.cfg.ImageSize, 3)
 	e0, s0, u0 := c.egress(), c.peerServed(), c.upstreamSnapshot()
 	defer c.logUpstream(t, u0)
+	v0 := c.verified(t, c.nodes[0])
 	first, err := c.rangeRead(ctx, c.nodes[0], url, local, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
+	done := c.waitVerified(t, c.nodes[0], v0)
 	ds, err := concurrently(c.nodes[1:], func(n *node) (time.Duration, error) { return c.rangeRead(ctx, n, url, local, uint64(n.i)) })
 	if err != nil {
 		t.Fatal(err)
@@ -113,7 +115,7 @@ func (c *cluster) streaming(t *testing.T) {
 	egress := c.egress() - e0
 	p50, mx := stats(ds)
 	c.report(row{scenario: "3-streaming", nodes: len(c.nodes), size: c.cfg.ImageSize, first: first, p50: p50, max: mx,
-		egress: egress, peerServed: c.peerServed() - s0, note: "random 512KiB ranges via /blobs/"})
+		egress: egress, peerServed: c.peerServed() - s0, note: "random 512KiB ranges via /blobs/; " + done})
 	if limit := c.cfg.ImageSize * 11 / 10; egress > limit {
 		t.Errorf("origin sent %s for a %s file read by %d nodes; want at most 1.1× the file (%s)", human(egress), human(c.cfg.ImageSize), len(c.nodes), human(limit))
 	}
@@ -383,4 +385,30 @@ func (c *cluster) waitAdvertised(t *testing.T, n *node, base float64, want int) 
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// verified is how many blobs a node's cache has verified against their digest.
+func (c *cluster) verified(t *testing.T, n *node) float64 {
+	t.Helper()
+	v, err := c.metric(n, "peerd_cache_verifications_total", `result="ok"`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// waitVerified waits (at most 30 s) until the node verified one more blob
+// than base: "after node 1 read the file" means after its copy is complete
+// and checked, which may trail the last range it served by a moment.
+func (c *cluster) waitVerified(t *testing.T, n *node, base float64) string {
+	t.Helper()
+	start := time.Now()
+	for c.verified(t, n) < base+1 {
+		if time.Since(start) > 30*time.Second {
+			t.Logf("%s did not verify the file within 30s of reading it; going on", n.name())
+			return "node 1's copy not verified"
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Sprintf("node 1 verified it %v after its last read", time.Since(start).Round(10*time.Millisecond))
 }
