@@ -129,9 +129,28 @@ func processRSS() float64 {
 	return v
 }
 
-// benchDHT is row 5: discovery in a DHT of c.dhtNodes nodes in this process
-// built with peerd's p2p package, next to a network of the same size of
-// plain kad-dht nodes, interleaved key by key.
+// keyCase is a key and the nodes (by index) that hold it; the same layout
+// is used in both networks.
+type keyCase struct {
+	k       blob.Key
+	c       cid.Cid
+	holders []int
+}
+
+// dhtTimes are the figures of one network.
+type dhtTimes struct {
+	first1, first10 []time.Duration // time to first provider, 1 and 10 providers
+	grace1, grace10 []time.Duration // kad-dht only: asked like peerd's finder
+	miss            []time.Duration
+	failed          int
+}
+
+// benchDHT is row 5: discovery in a DHT of c.dhtNodes nodes built in this
+// process with peerd's p2p package, next to a network of the same size of
+// plain kad-dht nodes. Both networks hold the same key layout and are asked
+// by the same node indexes. They run one after the other: with both ends of
+// every connection in this process, two meshes of 100 nodes would need more
+// descriptors than a process is usually allowed.
 func benchDHT(ctx context.Context, c *config, t *table) error {
 	if c.dhtNodes == 0 {
 		return nil
@@ -139,117 +158,7 @@ func benchDHT(ctx context.Context, c *config, t *table) error {
 	if c.dhtNodes < 12 {
 		return errors.New("BENCH_DHT_NODES: want at least 12 (10 providers and an asker)")
 	}
-	N := c.dhtNodes
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-
-	runtime.GC()
-	debug.FreeOSMemory()
-	rss0 := processRSS()
-	var pn []*peerdNode
-	defer func() {
-		for _, x := range pn {
-			x.n.Close()
-		}
-	}()
-	var boot string
-	for i := 0; i < N; i++ {
-		ip := fmt.Sprintf("127.1.%d.%d", i/250, 1+i%250)
-		key, _, err := crypto.GenerateEd25519Key(rand.Reader)
-		if err != nil {
-			return err
-		}
-		reg := prometheus.NewRegistry()
-		st := &oneByteStore{keys: map[blob.Key]bool{}}
-		cfg := p2p.Config{Key: key, ListenAddr: "/ip4/" + ip + "/tcp/0", PeerAddr: ip + ":0",
-			Stores: []p2p.LocalStore{st}, Registerer: reg, Logger: quiet, UserAgent: "peerd-bench"}
-		if boot != "" {
-			cfg.Bootstrap = []string{boot}
-		}
-		n, err := p2p.New(ctx, cfg)
-		if err != nil {
-			return fmt.Errorf("peerd node %d: %w", i, err)
-		}
-		pn = append(pn, &peerdNode{n: n, reg: reg, store: st})
-		if i == 0 {
-			boot = fmt.Sprintf("%s/p2p/%s", n.Addrs()[0], n.ID())
-		}
-	}
-	runtime.GC()
-	debug.FreeOSMemory()
-	perNode := (processRSS() - rss0) / float64(N)
-
-	var kn []*kadNode
-	defer func() {
-		for _, x := range kn {
-			x.d.Close()
-			x.h.Close()
-		}
-	}()
-	var kboot peer.AddrInfo
-	for i := 0; i < N; i++ {
-		ip := fmt.Sprintf("127.2.%d.%d", i/250, 1+i%250)
-		h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/"+ip+"/tcp/0"), libp2p.Transport(tcp.NewTCPTransport),
-			libp2p.DisableRelay(), libp2p.UserAgent("kad-bench"))
-		if err != nil {
-			return fmt.Errorf("kad host %d: %w", i, err)
-		}
-		opts := []dht.Option{dht.Mode(dht.ModeServer), dht.ProtocolPrefix("/peerd-bench-kad"), dht.DisableValues()}
-		if i > 0 {
-			opts = append(opts, dht.BootstrapPeers(kboot))
-		}
-		d, err := dht.New(h, opts...)
-		if err != nil {
-			h.Close()
-			return err
-		}
-		kn = append(kn, &kadNode{h: h, d: d})
-		if i == 0 {
-			kboot = peer.AddrInfo{ID: h.ID(), Addrs: h.Addrs()}
-		} else {
-			cctx, ccancel := context.WithTimeout(ctx, 5*time.Second)
-			err := h.Connect(cctx, kboot)
-			ccancel()
-			if err != nil {
-				return fmt.Errorf("kad node %d: connect: %w", i, err)
-			}
-		}
-	}
-	for _, k := range kn[1:] {
-		k.d.RefreshRoutingTable()
-	}
-
-	// Routing tables: both networks must know a good part of themselves.
-	want := min(N-1, 10)
-	deadline := time.Now().Add(2 * time.Minute)
-	for {
-		low := 0
-		for i := range pn {
-			if pn[i].n.RoutingTableSize() < want || kn[i].d.RoutingTable().Size() < want {
-				low++
-			}
-		}
-		if low == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.note("row 5: %d of %d node pairs still have fewer than %d routing table entries after 2 min", low, N, want)
-			break
-		}
-		if err := sleep(ctx, 200*time.Millisecond); err != nil {
-			return err
-		}
-	}
-
-	// Keys: K with one provider and K with ten, the same holders in both
-	// networks; every node also holds a warm-up key.
-	K := c.dhtKeys
-	type keyCase struct {
-		k       blob.Key
-		c       cid.Cid
-		holders []int
-	}
+	N, K := c.dhtNodes, c.dhtKeys
 	mk := func(providers int) ([]keyCase, error) {
 		out := make([]keyCase, K)
 		for i := range out {
@@ -270,34 +179,132 @@ func benchDHT(ctx context.Context, c *config, t *table) error {
 	if err != nil {
 		return err
 	}
-	warm := make([]blob.Key, N)
-	expected := 0
-	provide := func(kc keyCase) error {
-		for _, h := range kc.holders {
-			pn[h].store.add(kc.k)
-			pn[h].n.BlobAdded(kc.k)
-			expected++
-			pctx, pcancel := context.WithTimeout(ctx, 30*time.Second)
-			err := kn[h].d.Provide(pctx, kc.c, true)
-			pcancel()
-			if err != nil {
-				return fmt.Errorf("kad provide: %w", err)
+	askers := mrand.Perm(N)[:5]
+
+	pt, err := peerdDHT(ctx, c, t, one, ten, askers)
+	if err != nil {
+		return err
+	}
+	kt, err := kadDHT(ctx, c, t, one, ten, askers)
+	if err != nil {
+		return err
+	}
+	for _, v := range []struct {
+		label string
+		p, k  []time.Duration
+		g     []time.Duration
+	}{{"1 provider", pt.first1, kt.first1, kt.grace1}, {"10 providers", pt.first10, kt.first10, kt.grace10}} {
+		for _, q := range []struct {
+			name string
+			p    float64
+		}{{"p50", .5}, {"p99", .99}} {
+			p, k := quantile(v.p, q.p), quantile(v.k, q.p)
+			rt := float64(p) / float64(max(k, 1))
+			t.add(row{group: "5", what: fmt.Sprintf("discovery, %d nodes: first provider %s, %s (%d keys)", N, q.name, v.label, len(v.p)),
+				peerd: ms(p), baseline: ms(k) + " kad-dht", ratio: fmt.Sprintf("%.2f", rt), goal: "≤ 1.2×", verdict: atMost(rt, 1.2)})
+		}
+		t.add(row{group: "5", what: fmt.Sprintf("(diagnostic) %s: kad-dht asked like peerd's finder (16 wanted, return 2 ms after the first), p50 / p99", v.label),
+			peerd:    ms(quantile(v.p, .5)) + " / " + ms(quantile(v.p, .99)),
+			baseline: ms(quantile(v.g, .5)) + " / " + ms(quantile(v.g, .99)) + " kad-dht + grace",
+			ratio:    fmt.Sprintf("%.2f", float64(quantile(v.p, .5))/float64(max(quantile(v.g, .5), 1)))})
+	}
+	if pt.failed+kt.failed > 0 {
+		t.note("row 5: lookups that found no provider: peerd %d, kad-dht %d (of %d each)", pt.failed, kt.failed, 2*K)
+	}
+	t.add(row{group: "5", what: fmt.Sprintf("discovery, %d nodes: miss (nobody holds the key), p50 / p99", N),
+		peerd:    ms(quantile(pt.miss, .5)) + " / " + ms(quantile(pt.miss, .99)),
+		baseline: ms(quantile(kt.miss, .5)) + " / " + ms(quantile(kt.miss, .99)) + " kad-dht",
+		ratio:    fmt.Sprintf("%.2f", float64(quantile(pt.miss, .5))/float64(max(quantile(kt.miss, .5), 1)))})
+	return nil
+}
+
+// waitTables waits until every node's routing table has want entries.
+func waitTables(ctx context.Context, t *table, name string, n int, size func(i int) int, want int) error {
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		low := 0
+		for i := 0; i < n; i++ {
+			if size(i) < want {
+				low++
 			}
 		}
-		return nil
+		if low == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			t.note("row 5: %d of %d %s nodes still have fewer than %d routing table entries after 2 min", low, n, name, want)
+			return nil
+		}
+		if err := sleep(ctx, 200*time.Millisecond); err != nil {
+			return err
+		}
 	}
+}
+
+// peerdDHT builds the network of peerd p2p nodes and measures it.
+func peerdDHT(ctx context.Context, c *config, t *table, one, ten []keyCase, askers []int) (dhtTimes, error) {
+	var res dhtTimes
+	N := c.dhtNodes
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	runtime.GC()
+	debug.FreeOSMemory()
+	rss0 := processRSS()
+	var pn []*peerdNode
+	defer func() {
+		for _, x := range pn {
+			x.n.Close()
+		}
+	}()
+	var boot string
+	for i := 0; i < N; i++ {
+		ip := fmt.Sprintf("127.1.%d.%d", i/250, 1+i%250)
+		key, _, err := crypto.GenerateEd25519Key(rand.Reader)
+		if err != nil {
+			return res, err
+		}
+		reg := prometheus.NewRegistry()
+		st := &oneByteStore{keys: map[blob.Key]bool{}}
+		cfg := p2p.Config{Key: key, ListenAddr: "/ip4/" + ip + "/tcp/0", PeerAddr: ip + ":0",
+			Stores: []p2p.LocalStore{st}, Registerer: reg, Logger: quiet, UserAgent: "peerd-bench"}
+		if boot != "" {
+			cfg.Bootstrap = []string{boot}
+		}
+		n, err := p2p.New(ctx, cfg)
+		if err != nil {
+			return res, fmt.Errorf("peerd node %d: %w", i, err)
+		}
+		pn = append(pn, &peerdNode{n: n, reg: reg, store: st})
+		if i == 0 {
+			boot = fmt.Sprintf("%s/p2p/%s", n.Addrs()[0], n.ID())
+		}
+	}
+	if err := waitTables(ctx, t, "peerd", N, func(i int) int { return pn[i].n.RoutingTableSize() }, min(N-1, 10)); err != nil {
+		return res, err
+	}
+	runtime.GC()
+	debug.FreeOSMemory()
+	perNode := (processRSS() - rss0) / float64(N)
+
+	// Every node also holds a warm-up key, so that the askers can open
+	// their data-plane connections to everyone before the timed fetches.
+	warm := make([]blob.Key, N)
+	expected := 0
 	for i := range warm {
 		warm[i] = randomKey()
 		pn[i].store.add(warm[i])
 		pn[i].n.BlobAdded(warm[i])
 		expected++
 	}
-	advStart := time.Now()
 	for _, kc := range append(append([]keyCase{}, one...), ten...) {
-		if err := provide(kc); err != nil {
-			return err
+		for _, h := range kc.holders {
+			pn[h].store.add(kc.k)
+			pn[h].n.BlobAdded(kc.k)
+			expected++
 		}
 	}
+	start := time.Now()
 	for {
 		var done float64
 		for _, x := range pn {
@@ -306,17 +313,15 @@ func benchDHT(ctx context.Context, c *config, t *table) error {
 		if done >= float64(expected) {
 			break
 		}
-		if time.Since(advStart) > 5*time.Minute {
-			return fmt.Errorf("peerd nodes advertised %v of %d keys in 5 min", done, expected)
+		if time.Since(start) > 5*time.Minute {
+			return res, fmt.Errorf("peerd nodes advertised %v of %d keys in 5 min", done, expected)
 		}
 		if err := sleep(ctx, 200*time.Millisecond); err != nil {
-			return err
+			return res, err
 		}
 	}
+	t.note("row 5: %d peerd nodes advertised %d keys in %v", N, expected, time.Since(start).Round(time.Millisecond))
 
-	// A few askers, each with data-plane connections to every node already
-	// open, so a timed fetch is lookup + one warm request.
-	askers := mrand.Perm(N)[:min(N, 5)]
 	fetch := func(asker int, k blob.Key) (time.Duration, error) {
 		fctx, fcancel := context.WithTimeout(ctx, 10*time.Second)
 		defer fcancel()
@@ -329,155 +334,196 @@ func benchDHT(ctx context.Context, c *config, t *table) error {
 		rc.Close()
 		return time.Since(start), err
 	}
+	warmFailed := 0
 	for _, a := range askers {
 		for i, k := range warm {
-			if i == a {
-				continue
-			}
-			if _, err := fetch(a, k); err != nil {
-				t.note("row 5: warm-up fetch from node %d: %v", i, err)
+			if i != a {
+				if _, err := fetch(a, k); err != nil {
+					warmFailed++
+				}
 			}
 		}
 	}
-
-	type result struct{ peerd, kad, kadGrace []time.Duration }
-	measure := func(cases []keyCase) (result, int, error) {
-		var r result
-		failed := 0
+	if warmFailed > 0 {
+		t.note("row 5: %d of %d warm-up fetches found no provider (those connections open during the timed fetches)", warmFailed, len(askers)*(N-1))
+	}
+	measure := func(cases []keyCase) []time.Duration {
+		var out []time.Duration
 		for i, kc := range cases {
 			asker := askers[i%len(askers)]
 			for slicesContains(kc.holders, asker) {
 				asker = (asker + 1) % N
 			}
-			kadRun := func() {
-				fctx, fcancel := context.WithTimeout(ctx, 5*time.Second)
-				start := time.Now()
-				ch := kn[asker].d.FindProvidersAsync(fctx, kc.c, 1)
-				if _, ok := <-ch; ok {
-					r.kad = append(r.kad, time.Since(start))
-				} else {
-					failed++
-				}
-				fcancel()
-				for range ch {
-				}
+			t1, err := fetch(asker, kc.k)
+			if err != nil {
+				res.failed++
+				continue
 			}
-			// kad-dht asked the way peerd's finder asks (up to 16 providers,
-			// returning 2 ms after the first): tells the finder's policy
-			// apart from the rest of peerd's path.
-			kadGraceRun := func() {
-				fctx, fcancel := context.WithTimeout(ctx, 5*time.Second)
-				defer fcancel()
-				start := time.Now()
-				ch := kn[asker].d.FindProvidersAsync(fctx, kc.c, 16)
-				if _, ok := <-ch; !ok {
-					return
-				}
-				grace := time.NewTimer(2 * time.Millisecond)
-				defer grace.Stop()
-				for open := true; open; {
-					select {
-					case _, open = <-ch:
-					case <-grace.C:
-						open = false
-					}
-				}
-				r.kadGrace = append(r.kadGrace, time.Since(start))
-				fcancel()
-				for range ch {
-				}
+			// The same fetch again hits Source's provider cache: what is
+			// left is the warm data-plane request, and t1-t2 the lookup.
+			t2, err := fetch(asker, kc.k)
+			if err != nil {
+				res.failed++
+				continue
 			}
-			peerdRun := func() {
-				t1, err := fetch(asker, kc.k)
+			out = append(out, max(0, t1-t2))
+		}
+		return out
+	}
+	res.first1 = measure(one)
+	res.first10 = measure(ten)
+	for i := 0; i < min(c.dhtKeys, 50); i++ {
+		d, err := fetch(askers[i%len(askers)], randomKey())
+		if err == nil {
+			return res, errors.New("fetch of a key nobody holds succeeded")
+		}
+		res.miss = append(res.miss, d)
+	}
+	var found, notFound uint64
+	for _, a := range askers {
+		found += histCount(pn[a].reg, "peerd_p2p_lookup_seconds", "result", "found")
+		notFound += histCount(pn[a].reg, "peerd_p2p_lookup_seconds", "result", "not_found")
+	}
+	t.note("row 5: the askers' peerd DHT lookups (peerd_p2p_lookup_seconds): %d found a provider, %d found none (%d misses were asked)", found, notFound, min(c.dhtKeys, 50))
+	t.add(row{group: "5", what: fmt.Sprintf("discovery, %d nodes: memory per in-process peerd p2p node (process RSS growth ÷ nodes)", N),
+		peerd: fmt.Sprintf("%.1f MiB", perNode)})
+	return res, peerdAtScale(ctx, c, t, pn)
+}
+
+// kadDHT builds a network of plain kad-dht nodes and measures it the same way.
+func kadDHT(ctx context.Context, c *config, t *table, one, ten []keyCase, askers []int) (dhtTimes, error) {
+	var res dhtTimes
+	N := c.dhtNodes
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var kn []*kadNode
+	defer func() {
+		for _, x := range kn {
+			x.d.Close()
+			x.h.Close()
+		}
+	}()
+	var kboot peer.AddrInfo
+	for i := 0; i < N; i++ {
+		ip := fmt.Sprintf("127.2.%d.%d", i/250, 1+i%250)
+		h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/"+ip+"/tcp/0"), libp2p.Transport(tcp.NewTCPTransport),
+			libp2p.DisableRelay(), libp2p.UserAgent("kad-bench"))
+		if err != nil {
+			return res, fmt.Errorf("kad host %d: %w", i, err)
+		}
+		opts := []dht.Option{dht.Mode(dht.ModeServer), dht.ProtocolPrefix("/peerd-bench-kad"), dht.DisableValues()}
+		if i > 0 {
+			opts = append(opts, dht.BootstrapPeers(kboot))
+		}
+		d, err := dht.New(h, opts...)
+		if err != nil {
+			h.Close()
+			return res, err
+		}
+		kn = append(kn, &kadNode{h: h, d: d})
+		if i == 0 {
+			kboot = peer.AddrInfo{ID: h.ID(), Addrs: h.Addrs()}
+			continue
+		}
+		cctx, ccancel := context.WithTimeout(ctx, 5*time.Second)
+		err = h.Connect(cctx, kboot)
+		ccancel()
+		if err != nil {
+			return res, fmt.Errorf("kad node %d: connect: %w", i, err)
+		}
+	}
+	for _, k := range kn[1:] {
+		k.d.RefreshRoutingTable()
+	}
+	if err := waitTables(ctx, t, "kad-dht", N, func(i int) int { return kn[i].d.RoutingTable().Size() }, min(N-1, 10)); err != nil {
+		return res, err
+	}
+	// Provide concurrently, as peerd's advertiser does.
+	work := make(chan [2]int)
+	var wg sync.WaitGroup
+	var errMu sync.Mutex
+	var provErr error
+	all := append(append([]keyCase{}, one...), ten...)
+	for w := 0; w < 16; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for x := range work {
+				pctx, pcancel := context.WithTimeout(ctx, 30*time.Second)
+				err := kn[x[1]].d.Provide(pctx, all[x[0]].c, true)
+				pcancel()
 				if err != nil {
-					failed++
-					return
+					errMu.Lock()
+					provErr = err
+					errMu.Unlock()
 				}
-				// The same fetch again hits Source's provider cache: what
-				// remains is the warm data-plane request.
-				t2, err := fetch(asker, kc.k)
-				if err != nil {
-					failed++
-					return
+			}
+		}()
+	}
+	for i, kc := range all {
+		for _, h := range kc.holders {
+			work <- [2]int{i, h}
+		}
+	}
+	close(work)
+	wg.Wait()
+	if provErr != nil {
+		return res, fmt.Errorf("kad provide: %w", provErr)
+	}
+	first := func(asker int, cc cid.Cid, want int, grace time.Duration) (time.Duration, bool) {
+		fctx, fcancel := context.WithTimeout(ctx, 5*time.Second)
+		defer fcancel()
+		start := time.Now()
+		ch := kn[asker].d.FindProvidersAsync(fctx, cc, want)
+		if _, ok := <-ch; !ok {
+			return 0, false
+		}
+		if grace > 0 {
+			tm := time.NewTimer(grace)
+			defer tm.Stop()
+			for open := true; open; {
+				select {
+				case _, open = <-ch:
+				case <-tm.C:
+					open = false
 				}
-				r.peerd = append(r.peerd, max(0, t1-t2))
-			}
-			if i%2 == 0 {
-				kadRun()
-				peerdRun()
-				kadGraceRun()
-			} else {
-				peerdRun()
-				kadGraceRun()
-				kadRun()
-			}
-			if ctx.Err() != nil {
-				return r, failed, ctx.Err()
 			}
 		}
-		return r, failed, nil
+		d := time.Since(start)
+		fcancel()
+		for range ch {
+		}
+		return d, true
 	}
-	lookups := func() (found, notFound uint64) {
-		for _, a := range askers {
-			found += histCount(pn[a].reg, "peerd_p2p_lookup_seconds", "result", "found")
-			notFound += histCount(pn[a].reg, "peerd_p2p_lookup_seconds", "result", "not_found")
+	measure := func(cases []keyCase) (plain, withGrace []time.Duration) {
+		for i, kc := range cases {
+			asker := askers[i%len(askers)]
+			for slicesContains(kc.holders, asker) {
+				asker = (asker + 1) % N
+			}
+			if d, ok := first(asker, kc.c, 1, 0); ok {
+				plain = append(plain, d)
+			} else {
+				res.failed++
+			}
+			if d, ok := first(asker, kc.c, 16, 2*time.Millisecond); ok {
+				withGrace = append(withGrace, d)
+			}
 		}
 		return
 	}
-	addRows := func(label string, r result, failed int) {
-		f, nf := lookups()
-		t.note("row 5 after %s: the askers' DHT lookups so far: %d found, %d found nobody within --resolve-timeout (%v)", label, f, nf, "20ms default")
-		for _, q := range []struct {
-			name string
-			p    float64
-		}{{"p50", .5}, {"p99", .99}} {
-			p, k := quantile(r.peerd, q.p), quantile(r.kad, q.p)
-			rt := float64(p) / float64(max(k, 1))
-			t.add(row{group: "5", what: fmt.Sprintf("discovery, %d nodes: first provider %s, %s (%d keys, %d failed)", N, q.name, label, len(r.kad), failed),
-				peerd: ms(p), baseline: ms(k) + " kad-dht", ratio: fmt.Sprintf("%.2f", rt), goal: "≤ 1.2×", verdict: atMost(rt, 1.2)})
-		}
-		t.add(row{group: "5", what: fmt.Sprintf("(diagnostic) %s: kad-dht asked like peerd's finder (16 wanted, return 2 ms after the first), p50 / p99", label),
-			peerd:    ms(quantile(r.peerd, .5)) + " / " + ms(quantile(r.peerd, .99)),
-			baseline: ms(quantile(r.kadGrace, .5)) + " / " + ms(quantile(r.kadGrace, .99)) + " kad-dht + grace",
-			ratio:    fmt.Sprintf("%.2f", float64(quantile(r.peerd, .5))/float64(max(quantile(r.kadGrace, .5), 1)))})
-	}
-	r1, f1, err := measure(one)
-	if err != nil {
-		return err
-	}
-	addRows("1 provider", r1, f1)
-	r10, f10, err := measure(ten)
-	if err != nil {
-		return err
-	}
-	addRows("10 providers", r10, f10)
-
-	// A miss: peerd's Source gives up after its lookups (with retries);
-	// kad-dht's query ends when it has asked the closest peers.
-	var pm, km []time.Duration
-	for i := 0; i < min(K, 50); i++ {
-		k := randomKey()
-		cc, _ := p2p.KeyToCID(k)
-		asker := askers[i%len(askers)]
-		d, err := fetch(asker, k)
-		if err == nil {
-			return fmt.Errorf("fetch of a key nobody holds succeeded")
-		}
-		pm = append(pm, d)
+	res.first1, res.grace1 = measure(one)
+	res.first10, res.grace10 = measure(ten)
+	for i := 0; i < min(c.dhtKeys, 50); i++ {
+		cc, _ := p2p.KeyToCID(randomKey())
 		fctx, fcancel := context.WithTimeout(ctx, 5*time.Second)
 		start := time.Now()
-		for range kn[asker].d.FindProvidersAsync(fctx, cc, 1) {
+		for range kn[askers[i%len(askers)]].d.FindProvidersAsync(fctx, cc, 1) {
 		}
-		km = append(km, time.Since(start))
+		res.miss = append(res.miss, time.Since(start))
 		fcancel()
 	}
-	t.add(row{group: "5", what: fmt.Sprintf("discovery, %d nodes: miss (nobody holds the key) p50 / p99", N),
-		peerd: ms(quantile(pm, .5)) + " / " + ms(quantile(pm, .99)), baseline: ms(quantile(km, .5)) + " / " + ms(quantile(km, .99)) + " kad-dht",
-		ratio: fmt.Sprintf("%.2f", float64(quantile(pm, .5))/float64(max(quantile(km, .5), 1)))})
-	t.add(row{group: "5", what: fmt.Sprintf("discovery, %d nodes: memory per in-process p2p node (process RSS growth ÷ nodes)", N),
-		peerd: fmt.Sprintf("%.1f MiB", perNode)})
-
-	return peerdAtScale(ctx, c, t, pn)
+	return res, ctx.Err()
 }
 
 func slicesContains(s []int, v int) bool {

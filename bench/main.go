@@ -33,6 +33,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	golog "github.com/ipfs/go-log/v2"
 )
 
 type config struct {
@@ -172,6 +174,20 @@ func main() {
 		}
 		c.cluster = c.cluster || c.only["cluster"]
 	}
+
+	// A DHT of hundreds of in-process nodes holds two sockets per
+	// connection, both ends being here: raise the descriptor limit as far
+	// as we may (root: up to fs.nr_open).
+	var lim syscall.Rlimit
+	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim) == nil {
+		want := syscall.Rlimit{Cur: 1 << 20, Max: 1 << 20}
+		if syscall.Setrlimit(syscall.RLIMIT_NOFILE, &want) != nil {
+			lim.Cur = lim.Max
+			syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
+		}
+	}
+	// The libp2p nodes of row 5 are many; their log lines are not figures.
+	golog.SetAllLoggers(golog.LevelFatal)
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
