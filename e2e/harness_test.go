@@ -59,7 +59,8 @@ type config struct {
 	Rate         string // tc rate of the origin namespace's egress
 	Containerd16 int    // how many of the last nodes run Debian's containerd 1.6
 	ChunkSize    string
-	Keep         bool // keep the work folder after the run
+	Keep         bool   // keep the work folder after the run
+	LogLevel     string // peerd --log-level
 }
 
 func loadConfig() (config, error) {
@@ -109,6 +110,10 @@ func loadConfig() (config, error) {
 		c.ChunkSize = v
 	}
 	c.Keep = os.Getenv("E2E_KEEP") == "1"
+	c.LogLevel = "info"
+	if v := os.Getenv("E2E_LOG_LEVEL"); v != "" {
+		c.LogLevel = v
+	}
 	return c, errors.Join(errs...)
 }
 
@@ -900,7 +905,7 @@ func (c *cluster) peerdArgs(n *node) []string {
 		"--upstream-allow", originIP + ":" + filePort + "," + registryID,
 		"--cache-size", strconv.FormatInt(cacheSize>>20, 10) + "MiB",
 		"--chunk-size", c.cfg.ChunkSize,
-		"--log-level", "info",
+		"--log-level", c.cfg.LogLevel,
 	}
 	if c.feats.p2p {
 		args = append(args, "--p2p-addr", fmt.Sprintf("/ip4/%s/tcp/%d", n.ip, p2pPort))
