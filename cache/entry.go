@@ -45,10 +45,10 @@ type entry struct {
 	created   time.Time
 	gone      bool
 	prefetchd bool
-	failedAt  time.Time // last fill failure, to keep read-ahead from hammering a dead source
-	announced bool      // the listener was told BlobAdded and not yet BlobRemoved
-	pulls     int       // open handles that may fill from an origin after peers (swarm pulls)
-	origin    []blob.Source
+	failedAt  time.Time     // last fill failure, to keep read-ahead from hammering a dead source
+	announced bool          // the listener was told BlobAdded and not yet BlobRemoved
+	pulls     int           // open handles that may fill from an origin after peers (swarm pulls)
+	pullSrcs  []blob.Source // the sources of the latest such handle, for fills peers ask for
 
 	hashMu  sync.Mutex // guards hasher, hashed
 	hasher  hash.Hash

@@ -63,13 +63,12 @@ func (e *entry) startPull(srcs []blob.Source) bool {
 	if !e.key.Verifiable() {
 		return false
 	}
-	origin := originAfterPeers(srcs)
-	if len(origin) == 0 {
+	if len(originAfterPeers(srcs)) == 0 {
 		return false
 	}
 	e.mu.Lock()
 	e.pulls++
-	e.origin = origin
+	e.pullSrcs = srcs
 	announce := !e.announced && !e.gone
 	e.announced = e.announced || announce
 	e.mu.Unlock()
@@ -83,7 +82,7 @@ func (e *entry) endPull() {
 	e.mu.Lock()
 	e.pulls--
 	if e.pulls <= 0 {
-		e.pulls, e.origin = 0, nil // credentials in the origin source go with the last handle
+		e.pulls, e.pullSrcs = 0, nil // credentials in the origin source go with the last handle
 	}
 	e.mu.Unlock()
 }
@@ -91,8 +90,10 @@ func (e *entry) endPull() {
 // AwaitLocal is OpenLocal for the peer server during a swarm pull. When the
 // range is not yet servable and mine reports that this node owns its chunk
 // (the rendezvous assigns it here), it waits, until ctx ends, for the chunk's
-// fill in progress, or starts one from the pull's origin alone (never from
-// peers, so requests cannot chain from node to node). Chunks that come
+// fill in progress, or starts one with the pull's sources. That fill asks
+// the other providers only whether they hold the chunk (for a bounded time,
+// see p2p's FetchBacked), then goes to the origin, so requests do not chain
+// from node to node and a blob complete elsewhere is not fetched again. Chunks that come
 // from peers stay unservable until the blob verified (the trust rule), so
 // waiting helps only for chunks this node fetches from the origin. It waits
 // at chunk granularity: a chunk is served once it has fully landed. Without
@@ -158,9 +159,9 @@ func (c *Cache) awaitStep(ctx context.Context, e *entry, off, n int64, mine func
 		e.mu.Unlock()
 		return errors.New("chunk came from a peer; served only once the blob verified")
 	}
-	call, origin := e.inflight[i], e.origin
+	call, srcs := e.inflight[i], e.pullSrcs
 	e.mu.Unlock()
-	if call == nil && len(origin) == 0 {
+	if call == nil && len(srcs) == 0 {
 		return errors.New("not being fetched here")
 	}
 	// Only the chunk's owner waits: a node that does not own it answers at
@@ -172,11 +173,11 @@ func (c *Cache) awaitStep(ctx context.Context, e *entry, off, n int64, mine func
 	if call != nil {
 		return waitCall(ctx, call)
 	}
-	if len(origin) == 0 {
+	if len(srcs) == 0 {
 		return errors.New("no pull of the blob in progress")
 	}
 	c.m.swarmFills.Inc()
-	_, err := e.ensure(ctx, i, origin, true)
+	_, err := e.ensure(ctx, i, srcs, true)
 	if err != nil {
 		return err
 	}

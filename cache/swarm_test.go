@@ -140,35 +140,26 @@ func TestAwaitLocalWaitsForOwnedChunkInFlight(t *testing.T) {
 	}
 }
 
-func TestAwaitLocalFetchesOwnedChunkFromOriginOnly(t *testing.T) {
+func TestAwaitLocalFetchesOwnedChunkWithThePullsSources(t *testing.T) {
 	c := openNoReadAhead(t, nil)
 	data, k := randBlob(t, 4*cs)
 	peer, origin := newFake("peer", false), newFake("upstream", true)
 	origin.blobs[k] = data
-	peer.blobs[k] = data
 	h := c.Open(k, peer, origin)
 	if _, err := h.Size(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	peerAsked := peer.total()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	// Nobody holds chunk 2: the owner fetches it from the origin when asked.
 	lr, _, err := c.AwaitLocal(ctx, k, 2*cs, cs, func(int64) bool { return true })
 	if err != nil {
 		t.Fatal(err)
 	}
 	b, _ := io.ReadAll(lr)
 	lr.Close()
-	if !bytes.Equal(b, data[2*cs:3*cs]) {
-		t.Fatal("bytes differ")
-	}
-	if origin.count(2*cs) != 1 || peer.total() != peerAsked {
-		t.Fatalf("owned chunk: origin asked %d times, peers %d more times (want 1, 0)", origin.count(2*cs), peer.total()-peerAsked)
-	}
-	// Chunk 0 came from the peer: not servable before the blob verified,
-	// and waiting would not change that.
-	if _, _, err := c.AwaitLocal(ctx, k, 0, cs, func(int64) bool { return true }); !errors.Is(err, blob.ErrNotFound) {
-		t.Fatalf("peer chunk: %v, want ErrNotFound", err)
+	if !bytes.Equal(b, data[2*cs:3*cs]) || origin.count(2*cs) != 1 || peer.count(2*cs) != 1 {
+		t.Fatalf("owned chunk: right bytes %v, origin asked %d times, peers %d (want 1, 1)", bytes.Equal(b, data[2*cs:3*cs]), origin.count(2*cs), peer.count(2*cs))
 	}
 	// Once the pull's last handle closed, nothing is fetched for peers.
 	h.Close()
@@ -178,4 +169,28 @@ func TestAwaitLocalFetchesOwnedChunkFromOriginOnly(t *testing.T) {
 	if origin.count(3*cs) != 0 {
 		t.Fatal("fetched for a peer with no pull in progress")
 	}
+
+	// A blob a peer holds complete: the owner's fill takes the chunk from
+	// that peer, not from the origin, and as peer bytes it is not passed on
+	// before verification (the asker reads it from the holder too).
+	data2, k2 := randBlob(t, 4*cs)
+	origin.blobs[k2] = data2
+	peer.blobs[k2] = data2
+	h2 := c.Open(k2, peer, origin)
+	defer h2.Close()
+	if _, err := h2.Size(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := c.AwaitLocal(ctx, k2, 2*cs, cs, func(int64) bool { return true }); !errors.Is(err, blob.ErrNotFound) {
+		t.Fatalf("chunk from a holder: %v, want ErrNotFound", err)
+	}
+	if origin.total() != 2 || !c.entryForTest(k2).hasChunk(2) {
+		t.Fatalf("origin asked %d times in all (want 2, for blob 1), chunk 2 of blob 2 stored: %v", origin.total(), c.entryForTest(k2).hasChunk(2))
+	}
+}
+
+func (c *Cache) entryForTest(k blob.Key) *entry {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.blobs[k]
 }
