@@ -69,6 +69,9 @@ type Config struct {
 	Registerer prometheus.Registerer
 	Logger     *slog.Logger
 	UserAgent  string
+	// PeerBook, when set, is a file where the node remembers the peers it
+	// was connected to, and dials them after a restart (peerbook.go).
+	PeerBook string
 }
 
 // Direction of peer bytes, for OnPeerBytes hooks.
@@ -93,9 +96,10 @@ type Node struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	bootMu    sync.Mutex
-	bootstrap map[peer.ID]peer.AddrInfo
-	bootKick  chan struct{}
+	bootMu     sync.Mutex
+	bootstrap  map[peer.ID]peer.AddrInfo
+	bootKick   chan struct{}
+	remembered []peer.AddrInfo // from the peer book, dialled like bootstrap peers
 
 	adv    *advertiser
 	server *dataServer
@@ -287,6 +291,7 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 		}
 	}})
 	n.AddBootstrap(boot...)
+	n.remembered = loadPeerBook(cfg.PeerBook)
 	n.wg.Add(4)
 	go func() { defer n.wg.Done(); n.server.serve() }()
 	go func() { defer n.wg.Done(); n.clientGC() }()
@@ -409,8 +414,24 @@ func (n *Node) bootstrapLoop() {
 	const minWait, maxWait = 250 * time.Millisecond, 30 * time.Second
 	wait := minWait
 	refreshed := false
+	lastSave := time.Now()
 	for {
 		peers := n.bootstrapPeers()
+		known := make(map[peer.ID]bool, len(peers))
+		for _, ai := range peers {
+			known[ai.ID] = true
+		}
+		for _, ai := range n.remembered {
+			if !known[ai.ID] && ai.ID != n.self {
+				peers = append(peers, ai)
+			}
+		}
+		if time.Since(lastSave) > time.Minute && n.ConnectedPeers() > 0 {
+			if err := savePeerBook(n.cfg.PeerBook, n.connectedAddrInfos()); err != nil {
+				n.log.Debug("save peer book", "err", err)
+			}
+			lastSave = time.Now()
+		}
 		if len(peers) > 0 && n.ConnectedPeers() == 0 {
 			ok := 0
 			for _, ai := range peers {
@@ -428,8 +449,10 @@ func (n *Node) bootstrapLoop() {
 			if ok > 0 {
 				n.log.Info("connected to bootstrap peers", "connected", ok, "of", len(peers))
 				wait, refreshed = minWait, false
-			} else {
+			} else if len(n.bootstrapPeers()) > 0 {
 				n.log.Warn("no bootstrap peer reachable; retrying", "peers", len(peers), "retry-in", wait)
+			} else {
+				n.log.Debug("no remembered peer reachable; retrying", "peers", len(peers), "retry-in", wait)
 			}
 		}
 		if !refreshed && n.ConnectedPeers() > 0 {
@@ -527,6 +550,9 @@ func (n *Node) peerHooks(dir Direction, p peer.ID, b int64) {
 func (n *Node) Close() error {
 	n.closeOnce.Do(func() {
 		start := time.Now()
+		if err := savePeerBook(n.cfg.PeerBook, n.connectedAddrInfos()); err != nil {
+			n.log.Warn("save peer book", "path", n.cfg.PeerBook, "err", err)
+		}
 		n.cancel()
 		var errs []error
 		if err := n.server.close(); err != nil {

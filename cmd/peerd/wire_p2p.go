@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"path/filepath"
 	"sync/atomic"
 	"time"
 
@@ -80,6 +81,7 @@ func startP2P(ctx context.Context, a *app) error {
 		Registerer:        a.reg,
 		Logger:            a.log,
 		UserAgent:         "peerd/" + version,
+		PeerBook:          filepath.Join(a.cfg.DataDir, "peers.json"),
 		Stores: []p2p.LocalStore{p2p.LocalStoreFunc(func(k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
 			src := swarm.Load()
 			if c.SwarmWait <= 0 || src == nil {
