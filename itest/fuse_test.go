@@ -217,7 +217,9 @@ func TestFUSEStaleMountAfterKill(t *testing.T) {
 func TestFUSEUnmountOnSIGTERM(t *testing.T) {
 	fuseNeedDevice(t)
 	origin := NewOrigin(t, "")
-	data, dg := RandomBlob(t, 4<<20)
+	// Larger than the read-ahead window a first range starts (8 chunks), so
+	// the end of the blob stays uncached.
+	data, dg := RandomBlob(t, 24<<20)
 	url := origin.Put(storagePath(dg), data)
 	mp := fuseMountDir(t)
 	n := StartNode(t, NodeOpts{Mount: mp, Args: []string{"--upstream-allow", origin.Host}})
@@ -270,7 +272,7 @@ func TestFUSEUnmountOnSIGTERM(t *testing.T) {
 	// Bytes never read before are not in the page cache: the read reaches
 	// the dead connection and fails rather than hanging.
 	errc := make(chan error, 1)
-	go func() { _, err := f.ReadAt(buf, 3<<20); errc <- err }()
+	go func() { _, err := f.ReadAt(buf, 20<<20); errc <- err }()
 	select {
 	case err := <-errc:
 		if err == nil {
