@@ -26,16 +26,20 @@ func benchPeer(ctx context.Context, c *config, t *table) error {
 		return err
 	}
 	defer a.Stop()
-	b, err := startNode(ctx, c, filepath.Join(c.work, "peer-b"), nodeOpts{args: append(common, "--bootstrap", a.P2PAddr)})
-	if err != nil {
-		return err
-	}
-	defer b.Stop()
-	if err := b.waitReady(ctx, 30*time.Second); err != nil {
-		return err
-	}
-	if err := a.waitMetric(ctx, 1, 30*time.Second, "peerd_p2p_connected_peers"); err != nil {
-		return err
+	// B is a new node every round, its data deleted afterwards: its cache
+	// writes then reuse memory the page cache already had, as the plain
+	// download's do (the file it saved is deleted too), instead of touching
+	// RAM the VM never handed out before.
+	startB := func(r int) (*node, error) {
+		b, err := startNode(ctx, c, filepath.Join(c.work, fmt.Sprintf("peer-b%d", r)), nodeOpts{args: append(common, "--bootstrap", a.P2PAddr)})
+		if err != nil {
+			return nil, err
+		}
+		if err := b.waitReady(ctx, 30*time.Second); err != nil {
+			b.Stop()
+			return nil, err
+		}
+		return b, nil
 	}
 	plain, err := startFileServer(ctx, a.IP, filepath.Join(a.DataDir, "cache", "blobs", "sha256"))
 	if err != nil {
@@ -55,6 +59,11 @@ func benchPeer(ctx context.Context, c *config, t *table) error {
 	gib := float64(size) / (1 << 30)
 	var fromPeers, total float64
 	for r := 0; r <= c.rounds; r++ {
+		// A advertises only with a peer in its routing table: B first.
+		b, err := startB(r)
+		if err != nil {
+			return err
+		}
 		provided, err := a.metric(ctx, "peerd_p2p_provides_total", "result=ok")
 		if err != nil {
 			return err
@@ -127,6 +136,8 @@ func benchPeer(ctx context.Context, c *config, t *table) error {
 		recv1, _ := b.metric(ctx, "peerd_p2p_received_bytes_total")
 		os.Remove(filepath.Join(o.dir, rel))
 		os.Remove(filepath.Join(o.dir, relCold))
+		b.Stop()
+		os.RemoveAll(b.DataDir)
 		if r == 0 {
 			t.note("row 3 warm-up round (not counted): B from A %.0f, plain download kept %.0f, discarded %.0f, B cold fill from origin %.0f MiB/s", p, k, d, cf)
 			continue
@@ -150,6 +161,11 @@ func benchPeer(ctx context.Context, c *config, t *table) error {
 	if total > 0 && fromPeers < 0.99*total {
 		t.note("row 3: only %.1f%% of B's bytes came from A", 100*fromPeers/total)
 	}
+	b, err := startB(c.rounds + 1)
+	if err != nil {
+		return err
+	}
+	defer b.Stop()
 	return missTTFB(ctx, c, t, o, b, "2 nodes")
 }
 
