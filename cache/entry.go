@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/peerd-project/peerd/blob"
@@ -60,6 +61,9 @@ type fillCall struct {
 	done chan struct{}
 	err  error
 	pass []byte // bytes that could not be stored (cache full), read-only
+	// trusted is set when the fill asks a trusted source (the origin): from
+	// then on it depends on no peer, so peers may wait for it (AwaitLocal).
+	trusted atomic.Bool
 }
 
 func newEntry(c *Cache, k blob.Key, dir string) *entry {
@@ -289,7 +293,7 @@ func (e *entry) fill(i int, srcs []blob.Source, call *fillCall) {
 	e.mu.Lock()
 	gen := e.gen // bytes fetched before a reset must not land after it
 	e.mu.Unlock()
-	n, src, origin, err := e.fetch(ctx, i, srcs, buf)
+	n, src, origin, err := e.fetch(ctx, i, srcs, buf, call)
 	if err == nil {
 		call.pass, err = e.store(i, gen, buf[:n], src, origin)
 	}
@@ -314,7 +318,7 @@ func (e *entry) fill(i int, srcs []blob.Source, call *fillCall) {
 }
 
 // fetch reads chunk i into buf from the first source that has it.
-func (e *entry) fetch(ctx context.Context, i int, srcs []blob.Source, buf []byte) (int, blob.Source, string, error) {
+func (e *entry) fetch(ctx context.Context, i int, srcs []blob.Source, buf []byte, call *fillCall) (int, blob.Source, string, error) {
 	cs := e.c.opts.ChunkSize
 	off := int64(i) * cs
 	var errs []error
@@ -332,6 +336,9 @@ func (e *entry) fetch(ctx context.Context, i int, srcs []blob.Source, buf []byte
 		var rc io.ReadCloser
 		var total int64
 		var err error
+		if call != nil {
+			call.trusted.Store(blob.TrustOf(s) == blob.Trusted)
+		}
 		if bs, ok := s.(originBacked); ok && hasTrusted(srcs[j+1:]) {
 			rc, total, err = bs.FetchBacked(ctx, e.key, off, want)
 		} else {

@@ -164,9 +164,16 @@ func (c *Cache) awaitStep(ctx context.Context, e *entry, off, n int64, mine func
 	if call == nil && len(srcs) == 0 {
 		return errors.New("not being fetched here")
 	}
-	// Only the chunk's owner waits: a node that does not own it answers at
-	// once, so two nodes never wait for each other's fills (the asker's own
-	// fill may be what this one's is waiting for).
+	// A fill already at the origin depends on no peer: anyone may wait for
+	// it, owner or not (ownership may have moved since it started, when a
+	// node joined the burst; answering "don't have" would make the asker
+	// fetch the chunk a second time).
+	if call != nil && call.trusted.Load() {
+		return waitCall(ctx, call)
+	}
+	// Otherwise only the chunk's owner waits: a node that does not own it
+	// answers at once, so two nodes never wait for each other's fills (the
+	// asker's own fill may be what this one's is waiting for).
 	if mine == nil || !mine(int64(i)*cs) {
 		return errors.New("not this node's chunk")
 	}

@@ -93,21 +93,23 @@ func TestAwaitLocalWaitsForOwnedChunkInFlight(t *testing.T) {
 	peer, origin := newFake("peer", false), newFake("upstream", true)
 	origin.blobs[k] = data
 	gate := make(chan struct{})
-	origin.block[cs] = gate
+	peer.block[cs] = gate
 	h := c.Open(k, peer, origin)
 	defer h.Close()
 	if _, err := h.Size(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	// The node's own reader is fetching chunk 1 from the origin.
+	// The node's own reader is filling chunk 1, still asking the peers
+	// (which may be waiting for the asker).
 	go h.ReadAt(context.Background(), make([]byte, cs), cs)
-	waitFor(t, "the origin fetch of chunk 1", func() bool { return origin.count(cs) == 1 })
+	waitFor(t, "the peer fetch of chunk 1", func() bool { return peer.count(cs) == 1 })
 
 	// A peer that asks for a chunk this node does not own is told at once.
 	if _, _, err := c.AwaitLocal(context.Background(), k, cs, cs, func(int64) bool { return false }); !errors.Is(err, blob.ErrNotFound) {
 		t.Fatalf("not owned: %v, want ErrNotFound", err)
 	}
-	// The owner makes the peer wait, then serves the chunk once it landed.
+	// The owner makes the peer wait, then serves the chunk once it landed
+	// (from the origin, after the peers said no).
 	type result struct {
 		b   []byte
 		err error
@@ -193,4 +195,39 @@ func (c *Cache) entryForTest(k blob.Key) *entry {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.blobs[k]
+}
+
+func TestAwaitLocalAnyoneWaitsForAFillAtTheOrigin(t *testing.T) {
+	c := openNoReadAhead(t, nil)
+	data, k := randBlob(t, 4*cs)
+	peer, origin := newFake("peer", false), newFake("upstream", true)
+	origin.blobs[k] = data
+	gate := make(chan struct{})
+	origin.block[cs] = gate
+	h := c.Open(k, peer, origin)
+	defer h.Close()
+	if _, err := h.Size(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	go h.ReadAt(context.Background(), make([]byte, cs), cs)
+	waitFor(t, "the origin fetch of chunk 1", func() bool { return origin.count(cs) == 1 })
+	// This node no longer owns chunk 1 (a node joined the burst), but its
+	// fill is at the origin: the asker waits rather than fetch it again.
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		lr, _, err := c.AwaitLocal(ctx, k, cs, cs, func(int64) bool { return false })
+		if err == nil {
+			lr.Close()
+		}
+		done <- err
+	}()
+	close(gate)
+	if err := <-done; err != nil {
+		t.Fatalf("waiting for a fill at the origin: %v", err)
+	}
+	if n := origin.count(cs); n != 1 {
+		t.Fatalf("origin asked %d times for chunk 1", n)
+	}
 }
