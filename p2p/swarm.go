@@ -116,18 +116,19 @@ func (s *Source) FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.
 	}
 	own := s.owner(k, off, ps)
 	hctx := ctx
+	// done ends the holder bound: the body of an answer that came in time
+	// may take its time (hctx, a child of ctx, ends with ctx).
+	done := func(ok bool) {}
 	if own == s.self {
 		s.swarmChunks.WithLabelValues("self").Inc()
 		var cancel context.CancelFunc
 		hctx, cancel = context.WithCancel(ctx)
 		t := time.AfterFunc(holderWait, cancel)
-		defer func() {
-			// Once the answer's headers are in, the body may take its time;
-			// hctx then ends with ctx.
-			if t.Stop() {
-				context.AfterFunc(ctx, cancel)
+		done = func(ok bool) {
+			if !t.Stop() || !ok {
+				cancel()
 			}
-		}()
+		}
 	} else {
 		s.swarmChunks.WithLabelValues("peer").Inc()
 		// The owner first; the others keep their DHT order behind it.
@@ -135,6 +136,7 @@ func (s *Source) FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.
 		ps = append([]peer.AddrInfo{ps[i]}, slices.Delete(slices.Clone(ps), i, i+1)...)
 	}
 	res, rest, err := s.hedgedOpt(hctx, ps, k, off, n, false)
+	done(err == nil)
 	if err != nil {
 		if ctx.Err() == nil && hctx.Err() != nil {
 			return nil, -1, fmt.Errorf("%s range %d+%d: %w (no peer answered within %v)", k, off, n, blob.ErrNotFound, holderWait)
