@@ -120,7 +120,10 @@ func (t *table) print(w io.Writer, c *config) {
 		time.Now().UTC().Format("2006-01-02 15:04 UTC"), runtime.NumCPU(), c.sizeMB, c.rounds, kernel())
 	fmt.Fprintln(w, "| # | measure | peerd | baseline (same run) | ratio | goal | |")
 	fmt.Fprintln(w, "| - | --- | ---: | ---: | ---: | --- | --- |")
-	for _, r := range t.rows {
+	// Rows in the order of the issue, whichever section measured them.
+	rows := slices.Clone(t.rows)
+	sort.SliceStable(rows, func(i, j int) bool { return rows[i].group < rows[j].group })
+	for _, r := range rows {
 		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s |\n", r.group, r.what, r.peerd, r.baseline, r.ratio, r.goal, r.verdict)
 	}
 	if len(t.notes) > 0 {
@@ -225,14 +228,14 @@ func run(ctx context.Context, c *config) int {
 	}
 	t := &table{}
 	sections := []struct {
-		name string
-		f    func(context.Context, *config, *table) error
+		name, group string
+		f           func(context.Context, *config, *table) error
 	}{
-		{"hit", benchHit},
-		{"fuse", benchFUSE},
-		{"peer", benchPeer},
-		{"dht", benchDHT},
-		{"mem", benchMemory},
+		{"hit", "1", benchHit},
+		{"fuse", "2", benchFUSE},
+		{"peer", "3", benchPeer},
+		{"dht", "5", benchDHT},
+		{"mem", "6", benchMemory},
 	}
 	for _, s := range sections {
 		if !c.want(s.name) {
@@ -244,7 +247,7 @@ func run(ctx context.Context, c *config) int {
 		fmt.Fprintf(os.Stderr, "bench: --- %s ---\n", s.name)
 		start := time.Now()
 		if err := s.f(ctx, c, t); err != nil {
-			t.fail(s.name, err)
+			t.fail(s.group, fmt.Errorf("%s: %w", s.name, err))
 		}
 		fmt.Fprintf(os.Stderr, "bench: %s took %v\n", s.name, time.Since(start).Round(time.Second))
 	}
