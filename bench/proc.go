@@ -13,17 +13,18 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
 
 // ipSeq hands out loopback addresses; every process of a run gets its own,
 // as nodes of a cluster would.
-var ipSeq = 0
+var ipSeq atomic.Int32
 
 func nextIP() string {
-	ipSeq++
-	return fmt.Sprintf("127.0.%d.%d", 60+ipSeq/250, 1+ipSeq%250)
+	n := ipSeq.Add(1)
+	return fmt.Sprintf("127.0.%d.%d", 60+n/250, 1+n%250)
 }
 
 func freePort(ip string) (int, error) {
