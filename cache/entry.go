@@ -12,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/peerd-project/peerd/blob"
@@ -61,9 +60,24 @@ type fillCall struct {
 	done chan struct{}
 	err  error
 	pass []byte // bytes that could not be stored (cache full), read-only
-	// trusted is set when the fill asks a trusted source (the origin): from
-	// then on it depends on no peer, so peers may wait for it (AwaitLocal).
-	trusted atomic.Bool
+	// atOrigin is closed when the fill asks a trusted source with no peer
+	// after it (the origin): from then on it depends on no peer, so peers
+	// may wait for it without risk of waiting for each other (AwaitLocal).
+	atOrigin   chan struct{}
+	originOnce sync.Once
+}
+
+func newFillCall() *fillCall {
+	return &fillCall{done: make(chan struct{}), atOrigin: make(chan struct{})}
+}
+
+func (c *fillCall) reachedOrigin() bool {
+	select {
+	case <-c.atOrigin:
+		return true
+	default:
+		return false
+	}
 }
 
 func newEntry(c *Cache, k blob.Key, dir string) *entry {
@@ -213,7 +227,7 @@ func (e *entry) ensure(ctx context.Context, i int, srcs []blob.Source, backgroun
 			e.mu.Unlock()
 			return nil, errors.New("cache is closing")
 		}
-		call = &fillCall{done: make(chan struct{})}
+		call = newFillCall()
 		e.inflight[i] = call
 		e.c.ref(e)
 		e.c.wg.Add(1)
@@ -336,8 +350,8 @@ func (e *entry) fetch(ctx context.Context, i int, srcs []blob.Source, buf []byte
 		var rc io.ReadCloser
 		var total int64
 		var err error
-		if call != nil {
-			call.trusted.Store(blob.TrustOf(s) == blob.Trusted)
+		if call != nil && blob.TrustOf(s) == blob.Trusted && !hasUntrusted(srcs[j+1:]) {
+			call.originOnce.Do(func() { close(call.atOrigin) })
 		}
 		if bs, ok := s.(originBacked); ok && hasTrusted(srcs[j+1:]) {
 			rc, total, err = bs.FetchBacked(ctx, e.key, off, want)

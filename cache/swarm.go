@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"time"
 
 	"github.com/peerd-project/peerd/blob"
 )
@@ -30,6 +31,22 @@ import (
 type originBacked interface {
 	FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error)
 }
+
+func hasUntrusted(srcs []blob.Source) bool {
+	for _, s := range srcs {
+		if blob.TrustOf(s) != blob.Trusted {
+			return true
+		}
+	}
+	return false
+}
+
+// peerStageWait bounds how long the owner of a chunk lets an asker wait
+// while its own fill of the chunk is still asking peers (whether someone
+// holds it). Two nodes that both believe they own the chunk (their provider
+// lists disagree for a moment) may each be waiting for the other's answer:
+// after this bound both answer "don't have" and both go to the origin.
+const peerStageWait = 300 * time.Millisecond
 
 func hasTrusted(srcs []blob.Source) bool {
 	for _, s := range srcs {
@@ -127,13 +144,14 @@ func (c *Cache) awaitStep(ctx context.Context, e *entry, off, n int64, mine func
 	cs := c.opts.ChunkSize
 	e.mu.Lock()
 	if e.size < 0 {
-		// The first fill learns the size.
+		// The first fill learns the size; it is waited for under the same
+		// rules as any chunk's (it may be asking the very node that asks).
 		call := e.inflight[0]
 		e.mu.Unlock()
 		if call == nil {
 			return errors.New("no fill in progress")
 		}
-		return waitCall(ctx, call)
+		return awaitFill(ctx, call, mine, off/cs*cs)
 	}
 	end := e.size
 	if n >= 0 && off+n < end {
@@ -164,24 +182,11 @@ func (c *Cache) awaitStep(ctx context.Context, e *entry, off, n int64, mine func
 	if call == nil && len(srcs) == 0 {
 		return errors.New("not being fetched here")
 	}
-	// A fill already at the origin depends on no peer: anyone may wait for
-	// it, owner or not (ownership may have moved since it started, when a
-	// node joined the burst; answering "don't have" would make the asker
-	// fetch the chunk a second time).
-	if call != nil && call.trusted.Load() {
-		return waitCall(ctx, call)
+	if call != nil {
+		return awaitFill(ctx, call, mine, int64(i)*cs)
 	}
-	// Otherwise only the chunk's owner waits: a node that does not own it
-	// answers at once, so two nodes never wait for each other's fills (the
-	// asker's own fill may be what this one's is waiting for).
 	if mine == nil || !mine(int64(i)*cs) {
 		return errors.New("not this node's chunk")
-	}
-	if call != nil {
-		return waitCall(ctx, call)
-	}
-	if len(srcs) == 0 {
-		return errors.New("no pull of the blob in progress")
 	}
 	c.m.swarmFills.Inc()
 	_, err := e.ensure(ctx, i, srcs, true)
@@ -192,6 +197,38 @@ func (c *Cache) awaitStep(ctx context.Context, e *entry, off, n int64, mine func
 		return errors.New("chunk could not be stored")
 	}
 	return nil
+}
+
+// awaitFill waits for a fill in progress of the chunk at off, under the
+// rules that keep nodes from waiting for each other in a cycle.
+func awaitFill(ctx context.Context, call *fillCall, mine func(int64) bool, off int64) error {
+	// A fill already at the origin depends on no peer: anyone may wait for
+	// it, owner or not (ownership may have moved since it started, when a
+	// node joined the burst; answering "don't have" would make the asker
+	// fetch the chunk a second time).
+	if call.reachedOrigin() {
+		return waitCall(ctx, call)
+	}
+	// Otherwise only the chunk's owner waits: a node that does not own it
+	// answers at once (the asker's own fill may be what this one's fill is
+	// asking about).
+	if mine == nil || !mine(off) {
+		return errors.New("not this node's chunk")
+	}
+	// The owner's fill is still asking peers: wait, briefly, for it to reach
+	// the origin or finish; then the caller looks again.
+	t := time.NewTimer(peerStageWait)
+	defer t.Stop()
+	select {
+	case <-call.done:
+		return call.err
+	case <-call.atOrigin:
+		return nil
+	case <-t.C:
+		return errors.New("this node's fill is still asking peers")
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 func waitCall(ctx context.Context, call *fillCall) error {

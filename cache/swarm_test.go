@@ -231,3 +231,28 @@ func TestAwaitLocalAnyoneWaitsForAFillAtTheOrigin(t *testing.T) {
 		t.Fatalf("origin asked %d times for chunk 1", n)
 	}
 }
+
+func TestAwaitLocalOwnerWaitsOnlyBrieflyForItsPeerStage(t *testing.T) {
+	c := openNoReadAhead(t, nil)
+	data, k := randBlob(t, 4*cs)
+	peer, origin := newFake("peer", false), newFake("upstream", true)
+	origin.blobs[k] = data
+	gate := make(chan struct{})
+	defer close(gate)
+	peer.block[cs] = gate
+	h := c.Open(k, peer, origin)
+	defer h.Close()
+	if _, err := h.Size(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// This node's fill of chunk 1 is stuck asking a peer (perhaps the asker,
+	// which believes it owns the chunk too): the asker is told "don't have"
+	// after peerStageWait, well before its own deadline.
+	go h.ReadAt(context.Background(), make([]byte, cs), cs)
+	waitFor(t, "the peer fetch of chunk 1", func() bool { return peer.count(cs) == 1 })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, _, err := c.AwaitLocal(ctx, k, cs, cs, func(int64) bool { return true }); !errors.Is(err, blob.ErrNotFound) || ctx.Err() != nil {
+		t.Fatalf("owner with its fill asking peers: %v (deadline passed: %v), want ErrNotFound before the deadline", err, ctx.Err())
+	}
+}

@@ -39,13 +39,6 @@ const (
 	// ownerLookup bounds the provider lookup the server side makes to decide
 	// whether it owns a chunk (normally answered from the cached list).
 	ownerLookup = 50 * time.Millisecond
-	// holderWait bounds how long a node that owns a chunk asks the other
-	// providers for it before going to the origin. A provider that holds the
-	// chunk answers in a round trip; one that does not answers "don't have"
-	// at once unless it owns the chunk too (the lists disagree for a moment),
-	// and then it waits for its own fill, which may wait for ours: the bound
-	// breaks that cycle at the cost of one chunk fetched twice.
-	holderWait = 250 * time.Millisecond
 )
 
 // score is the rendezvous weight of peer p for the chunk at off of k.
@@ -101,7 +94,8 @@ func (s *Source) owner(k blob.Key, off int64, ps []peer.AddrInfo) peer.ID {
 // first and waits for the chunk it is fetching; the other providers are asked
 // after the hedge delay and answer at once unless they hold the chunk. When
 // this node owns the chunk, peers that already hold it still serve it (a
-// blob complete elsewhere never goes to the origin); otherwise the answer is
+// blob complete elsewhere never goes to the origin), and one fetching it from
+// the origin right now lets us wait for it; otherwise the answer is
 // blob.ErrNotFound and the cache fetches it from the origin.
 func (s *Source) FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
 	if !k.Verifiable() {
@@ -115,32 +109,19 @@ func (s *Source) FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.
 		return nil, -1, fmt.Errorf("%s: %w (no peer advertises it)", k, blob.ErrNotFound)
 	}
 	own := s.owner(k, off, ps)
-	hctx := ctx
-	// done ends the holder bound: the body of an answer that came in time
-	// may take its time (hctx, a child of ctx, ends with ctx).
-	done := func(ok bool) {}
 	if own == s.self {
+		// Providers answer at once unless they hold the chunk, fetch it from
+		// the origin right now, or believe they own it too (then they answer
+		// within the cache's peerStageWait): no cycle of waits is possible.
 		s.swarmChunks.WithLabelValues("self").Inc()
-		var cancel context.CancelFunc
-		hctx, cancel = context.WithCancel(ctx)
-		t := time.AfterFunc(holderWait, cancel)
-		done = func(ok bool) {
-			if !t.Stop() || !ok {
-				cancel()
-			}
-		}
 	} else {
 		s.swarmChunks.WithLabelValues("peer").Inc()
 		// The owner first; the others keep their DHT order behind it.
 		i := slices.IndexFunc(ps, func(p peer.AddrInfo) bool { return p.ID == own })
 		ps = append([]peer.AddrInfo{ps[i]}, slices.Delete(slices.Clone(ps), i, i+1)...)
 	}
-	res, rest, err := s.hedgedOpt(hctx, ps, k, off, n, false)
-	done(err == nil)
+	res, rest, err := s.hedgedOpt(ctx, ps, k, off, n, false)
 	if err != nil {
-		if ctx.Err() == nil && hctx.Err() != nil {
-			return nil, -1, fmt.Errorf("%s range %d+%d: %w (no peer answered within %v)", k, off, n, blob.ErrNotFound, holderWait)
-		}
 		return nil, -1, err
 	}
 	want := n
