@@ -29,9 +29,11 @@ import (
 //	GET|HEAD /v2/<name>/blobs/<digest>?ns=<registry>
 //
 // A blob or manifest by digest is served from the node's own containerd
-// content store, else through the cache from peers, else 404 with an OCI
-// error body, on which containerd moves on to the next host (in the end the
-// registry). The mirror itself never contacts a registry.
+// content store, else through the cache from peers, else (pull-through, for
+// the registries in OCIConfig.PullThrough) from the registry ?ns= names,
+// streamed while the cache fills and shared with peers pulling it at the
+// same time; else 404 with an OCI error body, on which containerd moves on
+// to the next host (in the end the registry).
 //
 // A manifest by tag is resolved only from the node's own image store by
 // default: tags are mutable, and a peer's copy of a tag may be older than
