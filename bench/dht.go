@@ -283,7 +283,9 @@ func peerdDHT(ctx context.Context, c *config, t *table, one, ten []keyCase, aske
 		}
 		reg := prometheus.NewRegistry()
 		st := &oneByteStore{keys: map[blob.Key]bool{}}
+		// The daemon's defaults (--resolve-timeout 20ms, --resolve-retries 1).
 		cfg := p2p.Config{Key: key, ListenAddr: "/ip4/" + ip + "/tcp/0", PeerAddr: ip + ":0",
+			ResolveTimeout: 20 * time.Millisecond, ResolveRetries: 1,
 			Stores: []p2p.LocalStore{st}, Registerer: reg, Logger: quiet, UserAgent: "peerd-bench"}
 		if boot != "" {
 			cfg.Bootstrap = []string{boot}
