@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"time"
 )
@@ -31,7 +32,7 @@ func benchPeer(ctx context.Context, c *config, t *table) error {
 	// download's do (the file it saved is deleted too), instead of touching
 	// RAM the VM never handed out before.
 	startB := func(r int) (*node, error) {
-		b, err := startNode(ctx, c, filepath.Join(c.work, fmt.Sprintf("peer-b%d", r)), nodeOpts{args: append(common, "--bootstrap", a.P2PAddr)})
+		b, err := startNode(ctx, c, filepath.Join(c.work, fmt.Sprintf("peer-b%d", r)), nodeOpts{args: slices.Concat(common, []string{"--bootstrap", a.P2PAddr})})
 		if err != nil {
 			return nil, err
 		}
@@ -58,12 +59,15 @@ func benchPeer(ctx context.Context, c *config, t *table) error {
 	var peer, kept, discarded, cold, cpuPeer, cpuPlain []float64
 	gib := float64(size) / (1 << 30)
 	var fromPeers, total float64
+	var cur *node // this round's B, stopped however the round ends
+	defer func() { cur.Stop() }()
 	for r := 0; r <= c.rounds; r++ {
 		// A advertises only with a peer in its routing table: B first.
 		b, err := startB(r)
 		if err != nil {
 			return err
 		}
+		cur = b
 		provided, err := a.metric(ctx, "peerd_p2p_provides_total", "result=ok")
 		if err != nil {
 			return err
