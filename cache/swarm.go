@@ -45,8 +45,10 @@ func hasUntrusted(srcs []blob.Source) bool {
 // while its own fill of the chunk is still asking peers (whether someone
 // holds it). Two nodes that both believe they own the chunk (their provider
 // lists disagree for a moment) may each be waiting for the other's answer:
-// after this bound both answer "don't have" and both go to the origin.
-const peerStageWait = 300 * time.Millisecond
+// after this bound both answer "don't have" and both go to the origin. It
+// must cover a normal peer stage, which asks every provider in turn (a
+// shorter bound, 300ms, made a loaded 8-node burst fetch 1.7× the image).
+const peerStageWait = 2 * time.Second
 
 func hasTrusted(srcs []blob.Source) bool {
 	for _, s := range srcs {
