@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/cache"
@@ -243,7 +244,16 @@ func TestOCIBlobFromPeersAndLocalOnly(t *testing.T) {
 	if fx.peer.calls.Load() == 0 {
 		t.Fatal("peers not asked")
 	}
-	// Now the cache holds it verified: a peer may have it.
+	// Now the cache holds it, verified just after the last chunk landed: a
+	// peer may have it.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if info, ok := fx.cache.Stat(k); ok && info.Verified {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the blob read from peers never verified")
+		}
+	}
 	calls := fx.peer.calls.Load()
 	resp, body = fx.do(t, "GET", path, LocalOnlyHeader, "1", "Range", "bytes=10-19")
 	if resp.StatusCode != 206 || !bytes.Equal(body, layer[10:20]) {
