@@ -77,7 +77,15 @@ func (s *Store) session(ctx context.Context) error {
 	evs, errs := be.Events.Subscribe(sctx,
 		fmt.Sprintf(`namespace==%q,topic~="^/images/"`, s.opts.Namespace),
 		fmt.Sprintf(`namespace==%q,topic~="^/content/"`, s.opts.Namespace))
+	// Connected before the walk: what the walk advertises must be servable
+	// the moment a peer hears of it.
+	s.mu.Lock()
+	s.be = be
+	s.mu.Unlock()
 	if err := s.resync(sctx, be); err != nil {
+		s.mu.Lock()
+		s.be = nil
+		s.mu.Unlock()
 		if be.Close != nil {
 			be.Close()
 		}
@@ -93,7 +101,6 @@ func (s *Store) session(ctx context.Context) error {
 		vcancel()
 	}
 	s.mu.Lock()
-	s.be = be
 	version := s.version
 	s.mu.Unlock()
 	s.m.connected.Set(1)
