@@ -60,6 +60,7 @@ type Source struct {
 	log     *slog.Logger
 	timeout time.Duration
 	retries int
+	gather  time.Duration // see SetSwarmGather
 	now     func() time.Time
 	bg      context.Context // bounds background refreshes (the node's lifetime)
 
@@ -94,7 +95,7 @@ func newSource(self peer.ID, f providerFinder, g rangeGetter, m *metrics, log *s
 		log = slog.Default()
 	}
 	return &Source{self: self, finder: f, getter: g, m: m, log: log, timeout: timeout, retries: retries,
-		now: time.Now, bg: context.Background(), swarmChunks: newSwarmChunks(), provs: map[blob.Key]*provEntry{}, avoid: map[peer.ID]avoidEntry{}}
+		gather: swarmGather, now: time.Now, bg: context.Background(), swarmChunks: newSwarmChunks(), provs: map[blob.Key]*provEntry{}, avoid: map[peer.ID]avoidEntry{}}
 }
 
 // Name labels the source in metrics and logs.
@@ -153,10 +154,10 @@ func (s *Source) providersWithin(ctx context.Context, k blob.Key, maxAge time.Du
 	s.mu.Unlock()
 
 	s.m.lookupCache.WithLabelValues("miss").Inc()
-	if maxAge > 0 {
+	if maxAge > 0 && s.gather > 0 {
 		// A swarm pull's first look (see swarmGather); concurrent callers share it.
 		select {
-		case <-time.After(swarmGather):
+		case <-time.After(s.gather):
 		case <-ctx.Done():
 		}
 	}
@@ -209,6 +210,9 @@ func (s *Source) lookup(ctx context.Context, k blob.Key) []peer.AddrInfo {
 		start := s.now()
 		lctx, cancel := context.WithTimeout(ctx, s.timeout)
 		ps, err := s.finder.FindProviders(lctx, k)
+		// A query that ran to completion and found nobody is an answer, not a
+		// failure: only a deadline or an error is worth another try.
+		retry := err != nil || errors.Is(lctx.Err(), context.DeadlineExceeded)
 		cancel()
 		for _, p := range ps {
 			if p.ID != s.self && !slices.ContainsFunc(found, func(q peer.AddrInfo) bool { return q.ID == p.ID }) {
@@ -223,9 +227,18 @@ func (s *Source) lookup(ctx context.Context, k blob.Key) []peer.AddrInfo {
 		if err != nil {
 			s.log.Debug("provider lookup failed", "key", k, "err", err)
 		}
+		if !retry {
+			break
+		}
 	}
 	return found
 }
+
+// SetSwarmGather sets how long a node's first provider lookup of a blob it
+// starts pulling waits for others starting at the same moment (default
+// 250 ms; 0: look up at once). It trades a cold miss's first byte for
+// fewer duplicate origin fetches in a burst. Call before use.
+func (s *Source) SetSwarmGather(d time.Duration) { s.gather = max(d, 0) }
 
 func (s *Source) pruneLocked() {
 	now := s.now()

@@ -173,12 +173,25 @@ func TestSourceNegativeResultIsCachedPerBlob(t *testing.T) {
 			t.Fatalf("chunk %d: %v, want ErrNotFound", i, err)
 		}
 	}
-	// One lookup plus --resolve-retries (1) for the whole blob, not per chunk.
-	if n := f.calls.Load(); n != 2 {
-		t.Fatalf("%d lookups for 50 chunks of a blob nobody has, want 2", n)
+	// One lookup for the whole blob, not per chunk; a query that ran to
+	// completion and found nobody is not retried.
+	if n := f.calls.Load(); n != 1 {
+		t.Fatalf("%d lookups for 50 chunks of a blob nobody has, want 1", n)
 	}
 	if len(g.calls()) != 0 {
 		t.Fatal("asked a peer though none was found")
+	}
+}
+
+func TestSourceRetriesOnlyALookupThatTimedOut(t *testing.T) {
+	s, f, _, _ := setup(t)
+	f.delay = 50 * time.Millisecond // longer than the 20ms resolve timeout
+	if _, _, err := readAll(t, s, 0, 1<<20); !errors.Is(err, blob.ErrNotFound) {
+		t.Fatalf("%v, want ErrNotFound", err)
+	}
+	// The lookup plus --resolve-retries (1).
+	if n := f.calls.Load(); n != 2 {
+		t.Fatalf("%d lookups, want 2 (a timed-out lookup is tried again)", n)
 	}
 }
 
