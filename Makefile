@@ -29,7 +29,7 @@ run: build ## run one node on 127.0.0.1:30000 with its data under ./.peerd-data
 
 test: lint ## run every test (unit + integration with real processes); needs root for FUSE/containerd parts
 	$(GO) test -count=1 -timeout 30m ./...
-	$(GO) test -count=1 -race -timeout 15m ./blob/ ./cache/ ./upstream/ ./httpmirror/ ./fusefs/ ./containerd/ ./p2p/
+	$(GO) test -count=1 -race -timeout 15m ./blob/ ./cache/ ./upstream/ ./httpmirror/ ./fusefs/ ./containerd/ ./p2p/ ./k8s/
 
 test-unit: ## fast unit tests only
 	$(GO) test -count=1 -short ./...
