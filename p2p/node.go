@@ -285,11 +285,16 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 
 	// Losing the last peer restarts the bootstrap backoff at once instead of
 	// waiting out the connected-state poll interval.
-	h.Network().Notify(&network.NotifyBundle{DisconnectedF: func(nw network.Network, _ network.Conn) {
-		if len(nw.Peers()) == 0 {
-			n.kickBootstrap()
-		}
-	}})
+	h.Network().Notify(&network.NotifyBundle{
+		DisconnectedF: func(nw network.Network, _ network.Conn) {
+			if len(nw.Peers()) == 0 {
+				n.kickBootstrap()
+			}
+		},
+		// A peer that connects again (a restarted node) gets a fresh chance:
+		// its dial failures while it was down say nothing about it now.
+		ConnectedF: func(_ network.Network, c network.Conn) { n.source.succeeded(c.RemotePeer()) },
+	})
 	n.AddBootstrap(boot...)
 	n.remembered = loadPeerBook(cfg.PeerBook)
 	n.wg.Add(4)

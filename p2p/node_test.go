@@ -296,3 +296,20 @@ func TestReadyNeedsAReachableBootstrapPeer(t *testing.T) {
 		t.Fatalf("second close: %v", err)
 	}
 }
+
+func TestReconnectedPeerIsNoLongerAvoided(t *testing.T) {
+	a := startNode(t, nil)
+	b := startNode(t, nil)
+	for i := 0; i < 6; i++ { // escalates past the test's 20 s wait
+		a.Source().penalize(b.ID(), errors.New("dial refused"))
+	}
+	if got := a.Source().order([]peer.AddrInfo{{ID: b.ID()}}); len(got) != 0 {
+		t.Fatal("a penalized peer was not skipped")
+	}
+	if err := b.Connect(context.Background(), peer.AddrInfo{ID: a.ID(), Addrs: a.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the reconnected peer to be asked again", func() bool {
+		return len(a.Source().order([]peer.AddrInfo{{ID: b.ID()}})) == 1
+	})
+}
