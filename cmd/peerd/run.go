@@ -141,6 +141,26 @@ func (a *app) onStop(f func(context.Context) error) {
 	a.mu.Unlock()
 }
 
+// spawn runs f in a goroutine until peerd stops, and at shutdown cancels it
+// and waits for it (as long as the shutdown timeout allows).
+func (a *app) spawn(ctx context.Context, what string, f func(context.Context)) {
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f(rctx)
+	}()
+	a.onStop(func(sctx context.Context) error {
+		cancel()
+		select {
+		case <-done:
+			return nil
+		case <-sctx.Done():
+			return fmt.Errorf("%s did not stop: %w", what, sctx.Err())
+		}
+	})
+}
+
 func (a *app) sources(k blob.Key) []blob.Source {
 	if a.peerSources == nil || !k.Verifiable() {
 		return nil

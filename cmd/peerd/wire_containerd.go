@@ -207,21 +207,7 @@ func startContainerd(ctx context.Context, a *app) error {
 	a.oci = httpmirror.NewOCI(oci)
 	a.blobCatalogs = append(a.blobCatalogs, catalog{store})
 
-	rctx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		store.Run(rctx)
-	}()
-	a.onStop(func(sctx context.Context) error {
-		cancel()
-		select {
-		case <-done:
-			return nil
-		case <-sctx.Done():
-			return fmt.Errorf("containerd subscriber did not stop: %w", sctx.Err())
-		}
-	})
+	a.spawn(ctx, "containerd subscriber", func(ctx context.Context) { store.Run(ctx) })
 	return nil
 }
 
@@ -371,10 +357,7 @@ func enableTagResolution(ctx context.Context, a *app, oci *httpmirror.OCIConfig,
 	if store == nil {
 		return nil
 	}
-	wctx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
+	a.spawn(ctx, "tag watcher", func(wctx context.Context) {
 		store.WatchTags(wctx, min(c.Resync, tagPollMax), func(names []string) {
 			var refs []p2p.TagRef
 			for _, n := range names {
@@ -384,15 +367,6 @@ func enableTagResolution(ctx context.Context, a *app, oci *httpmirror.OCIConfig,
 			}
 			tags.Set(refs)
 		})
-	}()
-	a.onStop(func(sctx context.Context) error {
-		cancel()
-		select {
-		case <-done:
-			return nil
-		case <-sctx.Done():
-			return fmt.Errorf("tag watcher did not stop: %w", sctx.Err())
-		}
 	})
 	return nil
 }
