@@ -2,11 +2,13 @@ package p2p
 
 import (
 	"context"
+	"log/slog"
 	"sync"
 	"time"
 
 	"github.com/ipfs/go-cid"
 	"github.com/peerd-project/peerd/blob"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 const (
@@ -16,19 +18,26 @@ const (
 	retryMax       = 5 * time.Minute
 )
 
-// advertiser keeps the blobs this node holds advertised on the DHT: at once
-// when the cache starts holding one, again every interval, retried with
-// backoff after a failure, and no more once the cache dropped it (its
-// records then expire on the other nodes).
-type advertiser struct {
+// advertiser keeps a set of keys advertised on the DHT: at once when a key
+// joins the set, again every interval, retried with backoff after a
+// failure, and no more once it left the set (its records then expire on the
+// other nodes). Blobs and tags each have one.
+type advertiser[K comparable] struct {
+	what     string // "blob" or "tag", for logs
+	toCID    func(K) (cid.Cid, error)
+	accept   func(K) bool // nil: every key
 	provide  func(ctx context.Context, c cid.Cid) error
 	canRun   func() bool // false while the routing table is empty
 	interval time.Duration
-	m        *metrics
-	n        *Node
+	workers  int
+
+	provides    *prometheus.CounterVec // result: ok, error
+	advertised  prometheus.Gauge
+	provideSecs prometheus.Observer // may be nil
+	log         *slog.Logger        // may be nil
 
 	mu   sync.Mutex
-	keys map[blob.Key]*adState
+	keys map[K]*adState
 	wake chan struct{}
 	now  func() time.Time
 }
@@ -39,15 +48,26 @@ type adState struct {
 	busy  bool
 }
 
-func newAdvertiser(n *Node, interval time.Duration) *advertiser {
-	a := &advertiser{n: n, m: n.m, interval: interval, keys: map[blob.Key]*adState{}, wake: make(chan struct{}, 1), now: time.Now}
+func newAdvertiser[K comparable](what string, toCID func(K) (cid.Cid, error), interval time.Duration, workers int,
+	provides *prometheus.CounterVec, advertised prometheus.Gauge) *advertiser[K] {
+	return &advertiser[K]{what: what, toCID: toCID, interval: interval, workers: workers, provides: provides,
+		advertised: advertised, keys: map[K]*adState{}, wake: make(chan struct{}, 1), now: time.Now,
+		canRun: func() bool { return true }}
+}
+
+// newBlobAdvertiser advertises the digests the node's stores hold.
+func newBlobAdvertiser(n *Node, interval time.Duration) *advertiser[blob.Key] {
+	a := newAdvertiser("blob", KeyToCID, interval, provideWorkers, n.m.provides, n.m.advertised)
+	a.accept = blob.Key.Verifiable
+	a.provideSecs = n.m.provideSecs
+	a.log = n.log
 	a.provide = func(ctx context.Context, c cid.Cid) error { return n.dht.Provide(ctx, c, true) }
 	a.canRun = func() bool { return n.RoutingTableSize() > 0 }
 	return a
 }
 
-func (a *advertiser) add(k blob.Key) {
-	if !k.Verifiable() {
+func (a *advertiser[K]) add(k K) {
+	if a.accept != nil && !a.accept(k) {
 		return
 	}
 	a.mu.Lock()
@@ -56,19 +76,53 @@ func (a *advertiser) add(k blob.Key) {
 		return
 	}
 	a.keys[k] = &adState{due: a.now()}
-	a.m.advertised.Set(float64(len(a.keys)))
+	a.advertised.Set(float64(len(a.keys)))
 	a.mu.Unlock()
 	a.kick()
 }
 
-func (a *advertiser) remove(k blob.Key) {
+func (a *advertiser[K]) remove(k K) {
 	a.mu.Lock()
 	delete(a.keys, k)
-	a.m.advertised.Set(float64(len(a.keys)))
+	a.advertised.Set(float64(len(a.keys)))
 	a.mu.Unlock()
 }
 
-func (a *advertiser) kick() {
+// set replaces the whole set: new keys are advertised at once, dropped ones
+// no more.
+func (a *advertiser[K]) set(want map[K]bool) {
+	a.mu.Lock()
+	added := false
+	for k := range a.keys {
+		if !want[k] {
+			delete(a.keys, k)
+		}
+	}
+	for k := range want {
+		if _, ok := a.keys[k]; !ok && (a.accept == nil || a.accept(k)) {
+			a.keys[k] = &adState{due: a.now()}
+			added = true
+		}
+	}
+	a.advertised.Set(float64(len(a.keys)))
+	a.mu.Unlock()
+	if added {
+		a.kick()
+	}
+}
+
+// list returns the keys in the set.
+func (a *advertiser[K]) list() []K {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]K, 0, len(a.keys))
+	for k := range a.keys {
+		out = append(out, k)
+	}
+	return out
+}
+
+func (a *advertiser[K]) kick() {
 	select {
 	case a.wake <- struct{}{}:
 	default:
@@ -77,11 +131,11 @@ func (a *advertiser) kick() {
 
 // due takes the keys whose advertisement is due and reports when the next
 // one will be.
-func (a *advertiser) due() ([]blob.Key, time.Duration) {
+func (a *advertiser[K]) due() ([]K, time.Duration) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	now := a.now()
-	var ks []blob.Key
+	var ks []K
 	next := time.Duration(-1)
 	for k, st := range a.keys {
 		if st.busy {
@@ -99,13 +153,16 @@ func (a *advertiser) due() ([]blob.Key, time.Duration) {
 	return ks, next
 }
 
-func (a *advertiser) run(ctx context.Context) {
+func (a *advertiser[K]) run(ctx context.Context) {
 	for {
 		wait := time.Second // re-check while the routing table is empty
 		if a.canRun() {
 			ks, next := a.due()
 			if len(ks) > 0 {
 				a.batch(ctx, ks)
+				if ctx.Err() != nil {
+					return
+				}
 				continue
 			}
 			wait = next
@@ -126,14 +183,14 @@ func (a *advertiser) run(ctx context.Context) {
 }
 
 // batch advertises many keys concurrently; per-key Provide calls run in
-// parallel so a burst of new blobs costs about one lookup's time.
-func (a *advertiser) batch(ctx context.Context, ks []blob.Key) {
+// parallel so a burst of new keys costs about one lookup's time.
+func (a *advertiser[K]) batch(ctx context.Context, ks []K) {
 	start := a.now()
-	work := make(chan blob.Key)
+	work := make(chan K)
 	var wg sync.WaitGroup
 	var okN, failN int
 	var cmu sync.Mutex
-	for w := 0; w < min(provideWorkers, len(ks)); w++ {
+	for w := 0; w < min(a.workers, len(ks)); w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -160,14 +217,14 @@ func (a *advertiser) batch(ctx context.Context, ks []blob.Key) {
 	}
 	close(work)
 	wg.Wait()
-	if ctx.Err() == nil && a.n != nil {
-		a.n.log.Debug("advertised blobs", "ok", okN, "failed", failN, "took", a.now().Sub(start))
+	if ctx.Err() == nil && a.log != nil {
+		a.log.Debug("advertised", "what", a.what, "ok", okN, "failed", failN, "took", a.now().Sub(start))
 	}
 }
 
-func (a *advertiser) one(ctx context.Context, k blob.Key) bool {
+func (a *advertiser[K]) one(ctx context.Context, k K) bool {
 	var err error
-	c, cerr := KeyToCID(k)
+	c, cerr := a.toCID(k)
 	if cerr != nil {
 		err = cerr
 	} else if ctx.Err() == nil {
@@ -175,7 +232,9 @@ func (a *advertiser) one(ctx context.Context, k blob.Key) bool {
 		start := a.now()
 		err = a.provide(pctx, c)
 		cancel()
-		a.m.provideSecs.Observe(a.now().Sub(start).Seconds())
+		if a.provideSecs != nil {
+			a.provideSecs.Observe(a.now().Sub(start).Seconds())
+		}
 	} else {
 		err = ctx.Err()
 	}
@@ -187,7 +246,7 @@ func (a *advertiser) one(ctx context.Context, k blob.Key) bool {
 	}
 	st.busy = false
 	if err == nil {
-		a.m.provides.WithLabelValues("ok").Inc()
+		a.provides.WithLabelValues("ok").Inc()
 		st.fails = 0
 		st.due = a.now().Add(a.interval)
 		return true
@@ -195,12 +254,12 @@ func (a *advertiser) one(ctx context.Context, k blob.Key) bool {
 	if ctx.Err() != nil {
 		return false
 	}
-	a.m.provides.WithLabelValues("error").Inc()
+	a.provides.WithLabelValues("error").Inc()
 	st.fails++
-	back := retryMin << min(st.fails-1, 10)
-	st.due = a.now().Add(min(back, retryMax))
-	if a.n != nil {
-		a.n.log.Warn("advertise blob failed; will retry", "key", k, "in", min(back, retryMax), "err", err)
+	back := min(retryMin<<min(st.fails-1, 10), retryMax)
+	st.due = a.now().Add(back)
+	if a.log != nil {
+		a.log.Warn("advertise failed; will retry", "what", a.what, "key", k, "in", back, "err", err)
 	}
 	return false
 }

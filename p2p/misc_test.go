@@ -162,9 +162,11 @@ func TestAdvertiser(t *testing.T) {
 	fp := &fakeProvide{count: map[cid.Cid]int{}}
 	now := time.Unix(1000, 0)
 	var nowMu sync.Mutex
-	a := &advertiser{provide: fp.provide, canRun: func() bool { return true }, interval: time.Hour, m: newMetrics(nil),
-		keys: map[blob.Key]*adState{}, wake: make(chan struct{}, 1),
-		now: func() time.Time { nowMu.Lock(); defer nowMu.Unlock(); return now }}
+	m := newMetrics(nil)
+	a := newAdvertiser("blob", KeyToCID, time.Hour, provideWorkers, m.provides, m.advertised)
+	a.accept = blob.Key.Verifiable
+	a.provide = fp.provide
+	a.now = func() time.Time { nowMu.Lock(); defer nowMu.Unlock(); return now }
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { a.run(ctx); close(done) }()

@@ -101,7 +101,7 @@ type Node struct {
 	bootKick   chan struct{}
 	remembered []peer.AddrInfo // from the peer book, dialled like bootstrap peers
 
-	adv    *advertiser
+	adv    *advertiser[blob.Key]
 	server *dataServer
 	client *dataClient
 	source *Source
@@ -274,7 +274,7 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 	}
 	n.source = newSource(n.self, &dhtFinder{n: n}, n.client, n.m, n.log, cfg.ResolveTimeout, cfg.ResolveRetries)
 	n.source.bg = n.ctx
-	n.adv = newAdvertiser(n, cfg.ReprovideInterval)
+	n.adv = newBlobAdvertiser(n, cfg.ReprovideInterval)
 
 	reg.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "peerd_p2p_connected_peers", Help: "Peers with an open libp2p connection."},

@@ -12,7 +12,6 @@ import (
 	"regexp"
 	"sort"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -153,17 +152,13 @@ type Tags struct {
 	m          tagMetrics
 
 	// Replaced in tests.
-	find    func(ctx context.Context, c cid.Cid) []peer.AddrInfo
-	ask     func(ctx context.Context, ai peer.AddrInfo, r TagRef) (TagTarget, error)
-	provide func(ctx context.Context, c cid.Cid) error
-	canRun  func() bool
-	now     func() time.Time
+	find func(ctx context.Context, c cid.Cid) []peer.AddrInfo
+	ask  func(ctx context.Context, ai peer.AddrInfo, r TagRef) (TagTarget, error)
+	now  func() time.Time
 
 	busy chan struct{} // bounds concurrent answers to peers
 
-	mu   sync.Mutex
-	held map[TagRef]*adState
-	wake chan struct{}
+	ads *advertiser[TagRef] // the tags this node's image store holds
 }
 
 type tagMetrics struct {
@@ -213,10 +208,11 @@ func (n *Node) EnableTags(opts TagOptions) (*Tags, error) {
 	t.m = newTagMetrics(n.cfg.Registerer)
 	t.find = n.findTagProviders
 	t.ask = n.askTag
-	t.provide = func(ctx context.Context, c cid.Cid) error { return n.dht.Provide(ctx, c, true) }
-	t.canRun = func() bool { return n.RoutingTableSize() > 0 }
+	t.ads.provides, t.ads.advertised = t.m.provides, t.m.advertised
+	t.ads.provide = func(ctx context.Context, c cid.Cid) error { return n.dht.Provide(ctx, c, true) }
+	t.ads.canRun = func() bool { return n.RoutingTableSize() > 0 }
 	n.wg.Add(1)
-	go func() { defer n.wg.Done(); t.run(n.ctx) }()
+	go func() { defer n.wg.Done(); t.ads.run(n.ctx) }()
 	return t, nil
 }
 
@@ -228,12 +224,15 @@ func newTags(n *Node, opts TagOptions) *Tags {
 		opts.AskTimeout = defaultTagAskTimeout
 	}
 	t := &Tags{n: n, opts: opts, registries: map[string]bool{}, interval: time.Hour,
-		held: map[TagRef]*adState{}, wake: make(chan struct{}, 1), now: time.Now, busy: make(chan struct{}, maxTagAnswers),
+		now: time.Now, busy: make(chan struct{}, maxTagAnswers),
 		m: newTagMetrics(nil), lg: slog.New(slog.DiscardHandler)}
 	if n != nil {
 		t.interval = n.cfg.ReprovideInterval
 		t.lg = n.log
 	}
+	// A few at a time: an image store holds few tags.
+	t.ads = newAdvertiser("tag", func(r TagRef) (cid.Cid, error) { return TagCID(r), nil }, t.interval, 8, t.m.provides, t.m.advertised)
+	t.ads.log = t.lg
 	for _, r := range opts.Registries {
 		t.registries[strings.ToLower(r)] = true
 	}
@@ -254,132 +253,14 @@ func (t *Tags) Set(refs []TagRef) {
 			want[r] = true
 		}
 	}
-	t.mu.Lock()
-	added := false
-	for r := range t.held {
-		if !want[r] {
-			delete(t.held, r)
-		}
-	}
-	for r := range want {
-		if _, ok := t.held[r]; !ok {
-			t.held[r] = &adState{due: t.now()}
-			added = true
-		}
-	}
-	t.m.advertised.Set(float64(len(t.held)))
-	t.mu.Unlock()
-	if added {
-		select {
-		case t.wake <- struct{}{}:
-		default:
-		}
-	}
+	t.ads.set(want)
 }
 
 // Held lists the advertised tags, sorted.
 func (t *Tags) Held() []TagRef {
-	t.mu.Lock()
-	out := make([]TagRef, 0, len(t.held))
-	for r := range t.held {
-		out = append(out, r)
-	}
-	t.mu.Unlock()
+	out := t.ads.list()
 	sort.Slice(out, func(i, j int) bool { return out[i].String() < out[j].String() })
 	return out
-}
-
-func (t *Tags) due() ([]TagRef, time.Duration) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	now := t.now()
-	var out []TagRef
-	next := time.Duration(-1)
-	for r, st := range t.held {
-		if !st.due.After(now) {
-			out = append(out, r)
-			continue
-		}
-		if d := st.due.Sub(now); next < 0 || d < next {
-			next = d
-		}
-	}
-	return out, next
-}
-
-func (t *Tags) run(ctx context.Context) {
-	for {
-		wait := time.Second // re-check while the routing table is empty
-		if t.canRun() {
-			rs, next := t.due()
-			if len(rs) > 0 {
-				t.provideAll(ctx, rs)
-				if ctx.Err() != nil {
-					return
-				}
-				continue
-			}
-			wait = next
-			if wait < 0 {
-				wait = time.Hour
-			}
-		}
-		tm := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			tm.Stop()
-			return
-		case <-t.wake:
-		case <-tm.C:
-		}
-		tm.Stop()
-	}
-}
-
-// provideAll advertises rs, a few at a time (an image store holds few tags).
-func (t *Tags) provideAll(ctx context.Context, rs []TagRef) {
-	sem := make(chan struct{}, 8)
-	var wg sync.WaitGroup
-	for _, r := range rs {
-		select {
-		case sem <- struct{}{}:
-		case <-ctx.Done():
-			wg.Wait()
-			return
-		}
-		wg.Add(1)
-		go func() {
-			defer func() { <-sem; wg.Done() }()
-			pctx, cancel := context.WithTimeout(ctx, provideTimeout)
-			err := t.provide(pctx, TagCID(r))
-			cancel()
-			t.provided(ctx, r, err)
-		}()
-	}
-	wg.Wait()
-}
-
-func (t *Tags) provided(ctx context.Context, r TagRef, err error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	st := t.held[r]
-	if st == nil { // dropped meanwhile
-		return
-	}
-	if err == nil {
-		t.m.provides.WithLabelValues("ok").Inc()
-		st.fails = 0
-		st.due = t.now().Add(t.interval)
-		return
-	}
-	if ctx.Err() != nil {
-		return
-	}
-	t.m.provides.WithLabelValues("error").Inc()
-	st.fails++
-	back := min(retryMin<<min(st.fails-1, 10), retryMax)
-	st.due = t.now().Add(back)
-	t.lg.Warn("advertise tag failed; will retry", "tag", r.String(), "in", back, "err", err)
 }
 
 // Resolve asks peers what r points to. Only listed registries are asked

@@ -100,7 +100,7 @@ type fakeTagNet struct {
 func newFakeTags(t *testing.T, registries ...string) (*Tags, *fakeTagNet) {
 	f := &fakeTagNet{provided: map[string]int{}, answers: map[peer.ID]TagTarget{}, errs: map[peer.ID]error{}}
 	tg := newTags(nil, TagOptions{Registries: registries, FindTimeout: time.Second, AskTimeout: time.Second})
-	tg.provide = func(ctx context.Context, c cid.Cid) error {
+	tg.ads.provide = func(ctx context.Context, c cid.Cid) error {
 		f.mu.Lock()
 		defer f.mu.Unlock()
 		if f.fail {
@@ -109,7 +109,7 @@ func newFakeTags(t *testing.T, registries ...string) (*Tags, *fakeTagNet) {
 		f.provided[c.String()]++
 		return nil
 	}
-	tg.canRun = func() bool { return true }
+	tg.ads.canRun = func() bool { return true }
 	tg.find = func(ctx context.Context, c cid.Cid) []peer.AddrInfo {
 		f.mu.Lock()
 		defer f.mu.Unlock()
@@ -141,7 +141,7 @@ func TestTagsAdvertiseOnlyListedAndStopOnRemoval(t *testing.T) {
 	tg, f := newFakeTags(t, "docker.io", "127.0.0.1:5000")
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { defer close(done); tg.run(ctx) }()
+	go func() { defer close(done); tg.ads.run(ctx) }()
 	defer func() { cancel(); <-done }()
 
 	a := TagRef{"docker.io", "library/alpine", "3.20"}
@@ -158,13 +158,13 @@ func TestTagsAdvertiseOnlyListedAndStopOnRemoval(t *testing.T) {
 
 	// The image of a is deleted: a is no longer re-advertised.
 	tg.Set([]TagRef{b})
-	tg.mu.Lock()
-	_, still := tg.held[a]
-	for _, st := range tg.held {
+	tg.ads.mu.Lock()
+	_, still := tg.ads.keys[a]
+	for _, st := range tg.ads.keys {
 		st.due = time.Time{} // everything due again at once
 	}
-	tg.mu.Unlock()
-	tg.wake <- struct{}{}
+	tg.ads.mu.Unlock()
+	tg.ads.wake <- struct{}{}
 	waitFor(t, "b re-advertised", func() bool { return f.count(b) == 2 })
 	if still || f.count(a) != 1 {
 		t.Fatalf("a still held=%v, provided %d times after removal", still, f.count(a))
@@ -177,13 +177,13 @@ func TestTagsAdvertiseOnlyListedAndStopOnRemoval(t *testing.T) {
 	c := TagRef{"docker.io", "library/busybox", "1"}
 	tg.Set([]TagRef{b, c})
 	waitFor(t, "failure recorded", func() bool {
-		tg.mu.Lock()
-		defer tg.mu.Unlock()
-		return tg.held[c] != nil && tg.held[c].fails > 0
+		tg.ads.mu.Lock()
+		defer tg.ads.mu.Unlock()
+		return tg.ads.keys[c] != nil && tg.ads.keys[c].fails > 0
 	})
-	tg.mu.Lock()
-	due := tg.held[c].due
-	tg.mu.Unlock()
+	tg.ads.mu.Lock()
+	due := tg.ads.keys[c].due
+	tg.ads.mu.Unlock()
 	if !due.After(time.Now()) {
 		t.Fatal("failed provide not scheduled for a retry")
 	}
