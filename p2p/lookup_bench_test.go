@@ -75,7 +75,7 @@ func BenchmarkFindProviders(b *testing.B) {
 		}
 
 		t0 = time.Now()
-		if ps, _ := (&dhtFinder{n: asker.Node}).FindProviders(context.Background(), k); len(ps) > 0 {
+		if ps, _ := (&dhtFinder{n: asker.Node}).FindProviders(context.Background(), k, nil); len(ps) > 0 {
 			sourceLat = append(sourceLat, time.Since(t0))
 		}
 

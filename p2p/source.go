@@ -17,9 +17,11 @@ import (
 )
 
 // providerFinder looks up the peers that advertise a blob. It returns what it
-// found when ctx ends (an empty list is not an error).
+// found when ctx ends (an empty list is not an error). first, when not nil,
+// is called (at most once, synchronously, without keeping the slice) with the
+// providers found so far as soon as there is one.
 type providerFinder interface {
-	FindProviders(ctx context.Context, k blob.Key) ([]peer.AddrInfo, error)
+	FindProviders(ctx context.Context, k blob.Key, first func([]peer.AddrInfo)) ([]peer.AddrInfo, error)
 }
 
 // rangeGetter reads a byte range of a blob from one peer; a peer that does not
@@ -62,7 +64,8 @@ type Source struct {
 	retries int
 	gather  time.Duration // see SetSwarmGather
 	now     func() time.Time
-	bg      context.Context // bounds background refreshes (the node's lifetime)
+	after   func(time.Duration) <-chan time.Time // the gather window's end (tests end it by hand)
+	bg      context.Context                      // bounds background refreshes (the node's lifetime)
 
 	swarmChunks *prometheus.CounterVec
 
@@ -73,7 +76,8 @@ type Source struct {
 }
 
 type provEntry struct {
-	done       chan struct{} // closed when the first lookup finished
+	done       chan struct{} // closed when the first lookup answered
+	gathering  chan struct{} // a swarm pull's second lookup (see firstSwarmLookup); closed when it answered
 	peers      []peer.AddrInfo
 	expires    time.Time
 	at         time.Time // when the answer was looked up
@@ -95,7 +99,7 @@ func newSource(self peer.ID, f providerFinder, g rangeGetter, m *metrics, log *s
 		log = slog.Default()
 	}
 	return &Source{self: self, finder: f, getter: g, m: m, log: log, timeout: timeout, retries: retries,
-		gather: swarmGather, now: time.Now, bg: context.Background(), swarmChunks: newSwarmChunks(), provs: map[blob.Key]*provEntry{}, avoid: map[peer.ID]avoidEntry{}}
+		gather: swarmGather, now: time.Now, after: time.After, bg: context.Background(), swarmChunks: newSwarmChunks(), provs: map[blob.Key]*provEntry{}, avoid: map[peer.ID]avoidEntry{}}
 }
 
 // Name labels the source in metrics and logs.
@@ -104,73 +108,151 @@ func (s *Source) Name() string { return "peer" }
 // providers returns the peers advertising k: from the cache, or from one
 // lookup shared by every concurrent caller. An expired answer is still used
 // while a background lookup refreshes it, so only a blob's first chunk ever
-// waits for the DHT.
+// waits for the DHT, and that wait ends with the first provider found (the
+// lookup goes on collecting the others for failover in the background).
 func (s *Source) providers(ctx context.Context, k blob.Key) []peer.AddrInfo {
 	return s.providersWithin(ctx, k, 0)
 }
 
 // providersWithin is providers with a shorter freshness bound (0: the usual
 // TTLs). Swarm pulls use swarmRefresh: the set of nodes pulling a blob
-// changes by the second during a burst.
+// changes by the second during a burst. A swarm pull's first lookup runs to
+// its end (owners are computed over the whole list); when it finds nobody,
+// its caller gets the empty list at once (the chunk it waits for comes from
+// the origin now) while everyone else waits for a second lookup made
+// s.gather after the first (see swarmGather).
 func (s *Source) providersWithin(ctx context.Context, k blob.Key, maxAge time.Duration) []peer.AddrInfo {
 	s.mu.Lock()
 	e := s.provs[k]
-	if e != nil {
-		select {
-		case <-e.done:
-			peers := e.peers
-			fresh := s.now().Before(e.expires) && (maxAge <= 0 || s.now().Sub(e.at) < maxAge)
-			switch {
-			case fresh:
-				s.m.lookupCache.WithLabelValues(hitLabel(peers)).Inc()
-			case !e.refreshing:
-				e.refreshing = true
-				s.m.lookupCache.WithLabelValues("stale").Inc()
-				go s.refresh(k, e)
-			default:
-				s.m.lookupCache.WithLabelValues("stale").Inc()
-			}
-			s.mu.Unlock()
-			return peers
-		default: // the first lookup is running: share it
+	if e == nil {
+		e = &provEntry{done: make(chan struct{})}
+		if len(s.provs) >= maxCachedKeys {
+			s.pruneLocked()
 		}
+		s.provs[k] = e
 		s.mu.Unlock()
-		select {
-		case <-e.done:
-		case <-ctx.Done():
-			return nil
+		s.m.lookupCache.WithLabelValues("miss").Inc()
+		if maxAge > 0 {
+			return s.firstSwarmLookup(ctx, k, e)
 		}
-		s.mu.Lock()
-		peers := e.peers
-		s.mu.Unlock()
-		s.m.lookupCache.WithLabelValues(hitLabel(peers)).Inc()
-		return peers
+		return s.firstLookup(ctx, k, e)
 	}
-	e = &provEntry{done: make(chan struct{})}
-	if len(s.provs) >= maxCachedKeys {
-		s.pruneLocked()
-	}
-	s.provs[k] = e
 	s.mu.Unlock()
-
-	s.m.lookupCache.WithLabelValues("miss").Inc()
-	if maxAge > 0 && s.gather > 0 {
-		// A swarm pull's first look (see swarmGather); concurrent callers share it.
-		select {
-		case <-time.After(s.gather):
-		case <-ctx.Done():
+	// Another caller's first lookup may still be running: share it.
+	select {
+	case <-e.done:
+	case <-ctx.Done():
+		return nil
+	}
+	if maxAge > 0 {
+		s.mu.Lock()
+		g := e.gathering
+		s.mu.Unlock()
+		if g != nil {
+			select {
+			case <-g:
+			case <-ctx.Done():
+				return nil
+			}
 		}
 	}
-	found := s.lookup(ctx, k)
 	s.mu.Lock()
+	defer s.mu.Unlock()
+	peers := e.peers
+	fresh := s.now().Before(e.expires) && (maxAge <= 0 || s.now().Sub(e.at) < maxAge)
+	switch {
+	case fresh:
+		s.m.lookupCache.WithLabelValues(hitLabel(peers)).Inc()
+	case !e.refreshing:
+		e.refreshing = true
+		s.m.lookupCache.WithLabelValues("stale").Inc()
+		go s.refresh(k, e)
+	default:
+		s.m.lookupCache.WithLabelValues("stale").Inc()
+	}
+	return peers
+}
+
+// firstLookup makes k's first lookup and returns as soon as it found one
+// provider (or ended). The lookup itself runs under the node's lifetime,
+// not the caller's: a caller that gives up must neither cut the list short
+// for the others nor make "nobody has it" stick.
+func (s *Source) firstLookup(ctx context.Context, k blob.Key, e *provEntry) []peer.AddrInfo {
+	go func() {
+		found := s.lookup(s.bg, k, func(first []peer.AddrInfo) {
+			s.mu.Lock()
+			s.setLocked(e, first)
+			close(e.done)
+			s.mu.Unlock()
+		})
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		select {
+		case <-e.done:
+			if len(found) == 0 {
+				return // the node is closing: keep what the first answer said
+			}
+		default:
+			defer close(e.done)
+		}
+		s.setLocked(e, found)
+	}()
+	select {
+	case <-e.done:
+	case <-ctx.Done():
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return e.peers
+}
+
+// firstSwarmLookup is the first lookup of a blob this node starts pulling
+// with an origin behind the peers. Nodes that start a burst together
+// announce within milliseconds of each other, so a lookup now sees those
+// that started earlier but rarely those starting at the same moment. An
+// empty answer therefore goes to this caller alone (the chunk it waits for
+// is fetched from the origin at once: a cold miss costs no added latency),
+// and the other chunks of the pull wait for a second lookup s.gather later,
+// which sees everyone who started with us. Were they to use the empty
+// answer, each node would own, and fetch from the origin, its whole
+// read-ahead window. The price: up to one duplicate chunk per node and blob
+// in a burst.
+func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry) []peer.AddrInfo {
+	start := s.now()
+	found := s.lookup(ctx, k, nil)
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	s.setLocked(e, found)
-	if ctx.Err() != nil && len(found) == 0 {
+	switch {
+	case len(found) > 0:
+	case ctx.Err() != nil:
 		// Our caller gave up: don't let its impatience stick as "nobody has it".
 		e.expires = s.now()
+	case s.gather > 0:
+		e.gathering = make(chan struct{})
+		go s.gatherLookup(k, e, start.Add(s.gather))
 	}
 	close(e.done)
-	s.mu.Unlock()
 	return found
+}
+
+// gatherLookup looks k up again at the end of its gather window.
+func (s *Source) gatherLookup(k blob.Key, e *provEntry, at time.Time) {
+	select {
+	case <-s.after(at.Sub(s.now())):
+	case <-s.bg.Done():
+	}
+	var found []peer.AddrInfo
+	if s.bg.Err() == nil {
+		found = s.lookup(s.bg, k, nil)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.bg.Err() == nil {
+		s.setLocked(e, found)
+	}
+	close(e.gathering)
 }
 
 func hitLabel(peers []peer.AddrInfo) string {
@@ -193,7 +275,7 @@ func (s *Source) setLocked(e *provEntry, found []peer.AddrInfo) {
 // refresh looks k up again in the background. It is bounded by the lookup
 // timeouts and stops when the node closes.
 func (s *Source) refresh(k blob.Key, e *provEntry) {
-	found := s.lookup(s.bg, k)
+	found := s.lookup(s.bg, k, nil)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e.refreshing = false
@@ -204,21 +286,37 @@ func (s *Source) refresh(k blob.Key, e *provEntry) {
 }
 
 // lookup asks the DHT, with --resolve-retries more tries when nobody answers.
-func (s *Source) lookup(ctx context.Context, k blob.Key) []peer.AddrInfo {
+// early, when not nil, is called once with the first providers found while
+// the query goes on collecting more.
+func (s *Source) lookup(ctx context.Context, k blob.Key, early func([]peer.AddrInfo)) []peer.AddrInfo {
 	var found []peer.AddrInfo
+	others := func(ps []peer.AddrInfo) []peer.AddrInfo {
+		var out []peer.AddrInfo
+		for _, p := range ps {
+			if p.ID != s.self && !slices.ContainsFunc(out, func(q peer.AddrInfo) bool { return q.ID == p.ID }) {
+				out = append(out, p)
+			}
+		}
+		return out
+	}
+	var first func([]peer.AddrInfo)
+	if early != nil {
+		first = func(ps []peer.AddrInfo) {
+			if own := others(ps); len(own) > 0 && early != nil {
+				early(own)
+				early = nil
+			}
+		}
+	}
 	for attempt := 0; attempt <= s.retries && len(found) == 0 && ctx.Err() == nil; attempt++ {
 		start := s.now()
 		lctx, cancel := context.WithTimeout(ctx, s.timeout)
-		ps, err := s.finder.FindProviders(lctx, k)
+		ps, err := s.finder.FindProviders(lctx, k, first)
 		// A query that ran to completion and found nobody is an answer, not a
 		// failure: only a deadline or an error is worth another try.
 		retry := err != nil || errors.Is(lctx.Err(), context.DeadlineExceeded)
 		cancel()
-		for _, p := range ps {
-			if p.ID != s.self && !slices.ContainsFunc(found, func(q peer.AddrInfo) bool { return q.ID == p.ID }) {
-				found = append(found, p)
-			}
-		}
+		found = others(append(found, ps...))
 		result := "found"
 		if len(found) == 0 {
 			result = "not_found"
@@ -231,13 +329,15 @@ func (s *Source) lookup(ctx context.Context, k blob.Key) []peer.AddrInfo {
 			break
 		}
 	}
+	if first != nil {
+		first(found) // a finder that never reported early
+	}
 	return found
 }
 
-// SetSwarmGather sets how long a node's first provider lookup of a blob it
-// starts pulling waits for others starting at the same moment (default
-// 250 ms; 0: look up at once). It trades a cold miss's first byte for
-// fewer duplicate origin fetches in a burst. Call before use.
+// SetSwarmGather sets how long after a swarm pull's empty first lookup the
+// pull's other chunks look again for nodes that started at the same moment
+// (default 250 ms; 0: never, they use the empty answer). Call before use.
 func (s *Source) SetSwarmGather(d time.Duration) { s.gather = max(d, 0) }
 
 func (s *Source) pruneLocked() {
@@ -622,7 +722,7 @@ func (l *latencies) hedgeDelay() time.Duration {
 // dhtFinder finds providers on the node's DHT.
 type dhtFinder struct{ n *Node }
 
-func (f *dhtFinder) FindProviders(ctx context.Context, k blob.Key) ([]peer.AddrInfo, error) {
+func (f *dhtFinder) FindProviders(ctx context.Context, k blob.Key, first func([]peer.AddrInfo)) ([]peer.AddrInfo, error) {
 	c, err := KeyToCID(k)
 	if err != nil {
 		return nil, err
@@ -640,6 +740,9 @@ func (f *dhtFinder) FindProviders(ctx context.Context, k blob.Key) ([]peer.AddrI
 			}
 			out = append(out, ai)
 			if grace == nil {
+				if first != nil {
+					first(out)
+				}
 				// More providers help failover, but the first one is what
 				// matters: don't run the whole query for the rest.
 				t := time.NewTimer(providerGrace)

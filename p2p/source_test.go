@@ -38,7 +38,7 @@ type fakeFinder struct {
 	block chan struct{} // when set, lookups wait for it
 }
 
-func (f *fakeFinder) FindProviders(ctx context.Context, k blob.Key) ([]peer.AddrInfo, error) {
+func (f *fakeFinder) FindProviders(ctx context.Context, k blob.Key, _ func([]peer.AddrInfo)) ([]peer.AddrInfo, error) {
 	f.calls.Add(1)
 	f.mu.Lock()
 	block, peers := f.block, f.peers
@@ -396,4 +396,45 @@ func TestSourceRefreshesExpiredAnswersInTheBackground(t *testing.T) {
 		_, origin, err := readAll(t, s, 2<<20, 10)
 		return err == nil && origin == ids[0].String()
 	})
+}
+
+// streamFinder reports its first provider, then holds the query open until
+// released, like a DHT query still walking the network.
+type streamFinder struct {
+	peers   []peer.AddrInfo
+	release chan struct{}
+}
+
+func (f *streamFinder) FindProviders(ctx context.Context, k blob.Key, first func([]peer.AddrInfo)) ([]peer.AddrInfo, error) {
+	if first != nil {
+		first(f.peers[:1])
+	}
+	select {
+	case <-f.release:
+	case <-ctx.Done():
+	}
+	return f.peers, nil
+}
+
+func TestFirstLookupAnswersAtTheFirstProviderAndKeepsCollecting(t *testing.T) {
+	f := &streamFinder{release: make(chan struct{})}
+	for range 3 {
+		f.peers = append(f.peers, peer.AddrInfo{ID: newPeerID(t)})
+	}
+	s := newSource(newPeerID(t), f, &fakeGetter{}, nil, nil, time.Minute, 0)
+	k := testKey()
+	// The query is still running (released below): the caller has its first
+	// provider anyway.
+	if ps := s.providers(context.Background(), k); len(ps) != 1 || ps[0].ID != f.peers[0].ID {
+		t.Fatalf("first answer %v, want the first provider alone", ps)
+	}
+	close(f.release)
+	// The rest of the query lands in the cached list for failover.
+	deadline := time.Now().Add(10 * time.Second)
+	for len(s.providers(context.Background(), k)) != 3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("cached list %v, want all 3 providers", s.providers(context.Background(), k))
+		}
+		time.Sleep(time.Millisecond)
+	}
 }

@@ -30,11 +30,13 @@ const (
 	// swarmRefresh bounds the age of the provider list a swarm pull uses:
 	// during a burst the set of nodes pulling a blob changes by the second.
 	swarmRefresh = 200 * time.Millisecond
-	// swarmGather delays a node's first provider lookup of a blob it starts
-	// pulling: nodes that start at the same moment announce within a few
-	// milliseconds of each other, and a lookup made before those
+	// swarmGather is how long after a swarm pull's first lookup found
+	// nobody its chunks (all but the one its reader waits for) look again:
+	// nodes that start at the same moment announce within a few
+	// milliseconds of each other, and an answer given before those
 	// announcements landed would make every node the owner of every chunk
-	// it starts in the meantime (the whole read-ahead window, from the origin).
+	// it starts in the meantime (the whole read-ahead window, from the
+	// origin). See firstSwarmLookup.
 	swarmGather = 250 * time.Millisecond
 	// ownerLookup bounds the provider lookup the server side makes to decide
 	// whether it owns a chunk (normally answered from the cached list).

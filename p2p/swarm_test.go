@@ -151,3 +151,77 @@ func TestOwnsUsesTheCachedListAndNeverLooksUp(t *testing.T) {
 		t.Fatal("Owns started a lookup")
 	}
 }
+
+func TestColdSwarmPullFirstChunkGoesToOriginAtOnceTheRestWaitForTheGather(t *testing.T) {
+	s, _, g := swarmFixture(t, 0)
+	f := s.finder.(*fakeFinder)
+	windowEnd := make(chan time.Time)
+	s.after = func(time.Duration) <-chan time.Time { return windowEnd } // ended by hand below
+	k := testKey()
+	// Nobody advertises the blob yet: the chunk the reader waits for goes to
+	// the origin without waiting for the gather window.
+	if _, _, err := s.FetchBacked(context.Background(), k, 0, 1<<20); !errors.Is(err, blob.ErrNotFound) {
+		t.Fatalf("first chunk of a cold pull: %v, want ErrNotFound (the origin fills it)", err)
+	}
+	if n := f.calls.Load(); n != 1 {
+		t.Fatalf("%d lookups for the first chunk, want 1", n)
+	}
+	// A node that started at the same moment announces during the window.
+	other := peer.AddrInfo{ID: newPeerID(t)}
+	g.behave[other.ID] = "ok"
+	f.mu.Lock()
+	f.peers = []peer.AddrInfo{other}
+	f.mu.Unlock()
+	// The read-ahead chunks wait for the second lookup and then see it.
+	var off int64 = -1
+	for c := int64(1); c < 256; c++ {
+		if s.owner(k, c<<20, []peer.AddrInfo{other}) == other.ID {
+			off = c << 20
+			break
+		}
+	}
+	got := make(chan error, 1)
+	go func() {
+		rc, _, err := s.FetchBacked(context.Background(), k, off, 1<<20)
+		if err == nil {
+			rc.Close()
+		}
+		got <- err
+	}()
+	select {
+	case err := <-got:
+		t.Fatalf("a read-ahead chunk did not wait for the gather: %v", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(windowEnd) // what the timer does after s.gather
+	if err := <-got; err != nil {
+		t.Fatalf("chunk owned by the node that joined in the window: %v", err)
+	}
+	if calls := g.calls(); len(calls) == 0 || calls[0].p != other.ID {
+		t.Fatalf("asked %v, want the owner %s first", calls, other.ID)
+	}
+}
+
+func TestSwarmPullWithProvidersDoesNotGather(t *testing.T) {
+	s, ps, g := swarmFixture(t, 3)
+	s.after = func(time.Duration) <-chan time.Time { return nil } // a window would never end
+	k := testKey()
+	for _, p := range ps {
+		g.behave[p.ID] = "ok"
+	}
+	// Nodes already pulling are seen by the first lookup: every chunk uses
+	// that list at once, none waits for a window.
+	for c := int64(0); c < 4; c++ {
+		rc, _, err := s.FetchBacked(context.Background(), k, c<<20, 1<<20)
+		if err != nil {
+			t.Fatalf("chunk %d: %v", c, err)
+		}
+		rc.Close()
+	}
+	s.mu.Lock()
+	gathering := s.provs[k].gathering
+	s.mu.Unlock()
+	if gathering != nil {
+		t.Fatal("a gather window was opened although providers were found")
+	}
+}
