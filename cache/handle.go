@@ -133,7 +133,8 @@ func (e *entry) readFile(p []byte, off int64) error {
 
 // WriteRange writes bytes [off, off+n) to w, filling missing chunks as it
 // goes. Present runs are copied from the backing file with io.Copy on an
-// *os.File, which lets a TCP writer use sendfile. It returns the bytes written.
+// *os.File, which lets a TCP writer use sendfile; a complete blob is copied
+// in one piece without looking at its chunks. It returns the bytes written.
 func (h *Handle) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int64, error) {
 	size, err := h.Size(ctx)
 	if err != nil {
@@ -141,6 +142,12 @@ func (h *Handle) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int
 	}
 	if off < 0 || n < 0 || off+n > size {
 		return 0, fmt.Errorf("range %d+%d outside %d-byte blob", off, n, size)
+	}
+	if f, ok, err := h.completeFile(off); ok {
+		if err != nil {
+			return 0, err
+		}
+		return h.writeComplete(w, f, n)
 	}
 	var rf *os.File
 	defer func() {

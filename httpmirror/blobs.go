@@ -219,8 +219,15 @@ func (l *lazyHeader) Write(p []byte) (int, error) {
 }
 
 func (l *lazyHeader) ReadFrom(r io.Reader) (int64, error) {
+	first := !l.wrote
 	l.commit()
 	if rf, ok := l.w.(io.ReaderFrom); ok {
+		if first {
+			// Send the header now: net/http otherwise reads the first 512
+			// body bytes through user space (to sniff a type we already set)
+			// before it hands the file to sendfile.
+			_ = http.NewResponseController(l.w).Flush()
+		}
 		return rf.ReadFrom(r)
 	}
 	return io.Copy(struct{ io.Writer }{l.w}, r)
