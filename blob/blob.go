@@ -135,3 +135,19 @@ func TrustOf(s Source) Trust {
 	}
 	return Untrusted
 }
+
+// NotYet is a "don't have" (it matches ErrNotFound) from a source that will
+// know better soon: a swarm pull's first chunk, asked before the nodes
+// pulling the blob together could see each other. The caller may fetch the
+// bytes elsewhere at once; when Ready is closed, Yield reports whether it
+// should drop that fetch and ask this source again (another node fetches
+// these bytes for everyone).
+type NotYet struct {
+	Ready <-chan struct{}
+	Yield func() bool
+}
+
+func (*NotYet) Error() string { return "no answer yet" }
+
+// Is makes a NotYet match ErrNotFound.
+func (*NotYet) Is(target error) bool { return target == ErrNotFound }

@@ -355,13 +355,18 @@ func (e *entry) fetch(ctx context.Context, i int, srcs []blob.Source, buf []byte
 		}
 		if bs, ok := s.(originBacked); ok && hasTrusted(srcs[j+1:]) {
 			rc, total, err = bs.FetchBacked(ctx, e.key, off, want)
+			if ny := (*blob.NotYet)(nil); call != nil && errors.As(err, &ny) {
+				return e.speculate(ctx, i, srcs[j:], ny, buf, call)
+			}
 		} else {
 			rc, total, err = s.Fetch(ctx, e.key, off, want)
 		}
 		if err != nil {
 			if !errors.Is(err, blob.ErrNotFound) {
 				errs = append(errs, fmt.Errorf("%s: %w", s.Name(), err))
-				e.c.m.sourceErrors.WithLabelValues(s.Name()).Inc()
+				if ctx.Err() == nil { // an abandoned fetch (see speculate) is no source error
+					e.c.m.sourceErrors.WithLabelValues(s.Name()).Inc()
+				}
 			}
 			continue
 		}
@@ -391,7 +396,9 @@ func (e *entry) fetch(ctx context.Context, i int, srcs []blob.Source, buf []byte
 		rc.Close()
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: read chunk %d (%d of %d bytes): %w", s.Name(), i, n, want, err))
-			e.c.m.sourceErrors.WithLabelValues(s.Name()).Inc()
+			if ctx.Err() == nil {
+				e.c.m.sourceErrors.WithLabelValues(s.Name()).Inc()
+			}
 			continue
 		}
 		if b, ok := s.(blob.Blamer); ok && origin != "" {

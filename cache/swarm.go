@@ -241,3 +241,45 @@ func waitCall(ctx context.Context, call *fillCall) error {
 		return ctx.Err()
 	}
 }
+
+// speculate fills chunk i of a swarm pull whose peer source (srcs[0])
+// answered blob.NotYet: nobody was seen pulling the blob yet, but nodes that
+// started at the same moment may still show up. The chunk comes from the
+// origin (srcs[1:]) at once, so a lone cold read waits for nobody; when the
+// peer source can tell (ny.Ready) that another node owns the chunk, that
+// origin fetch is abandoned and the chunk is read through the peer source,
+// so a burst of N nodes does not fetch every first chunk N times.
+//
+// Until the peer source decided, the fill does not count as "at the origin"
+// for askers (awaitFill): only a fill that will not turn to a peer may be
+// waited for by anyone, or two nodes could wait for each other.
+func (e *entry) speculate(ctx context.Context, i int, srcs []blob.Source, ny *blob.NotYet, buf []byte, call *fillCall) (int, blob.Source, string, error) {
+	octx, abandon := context.WithCancel(ctx)
+	defer abandon()
+	yielded := false
+	finished, decided := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(decided)
+		select {
+		case <-ny.Ready:
+		case <-finished:
+			return
+		}
+		if ny.Yield() {
+			yielded = true
+			abandon()
+			return
+		}
+		call.originOnce.Do(func() { close(call.atOrigin) })
+	}()
+	n, src, origin, err := e.fetch(octx, i, srcs[1:], buf, nil)
+	close(finished)
+	<-decided
+	if !yielded || err == nil {
+		return n, src, origin, err
+	}
+	e.c.log.Debug("first chunk yielded to the node that owns it", "key", e.key, "chunk", i)
+	// Through the peer source again, now with the whole swarm in view; the
+	// origin stays behind it in case the owner fails.
+	return e.fetch(ctx, i, srcs, buf, call)
+}

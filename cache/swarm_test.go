@@ -256,3 +256,116 @@ func TestAwaitLocalOwnerWaitsOnlyBrieflyForItsPeerStage(t *testing.T) {
 		t.Fatalf("owner with its fill asking peers: %v (deadline passed: %v), want ErrNotFound before the deadline", err, ctx.Err())
 	}
 }
+
+// notYetPeer answers its first FetchBacked with blob.NotYet (nobody seen
+// pulling yet), then serves what it holds.
+type notYetPeer struct {
+	*fakeSource
+	ready  chan struct{}
+	yield  bool
+	backed atomic.Int64
+}
+
+func (p *notYetPeer) FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+	if p.backed.Add(1) == 1 {
+		return nil, -1, &blob.NotYet{Ready: p.ready, Yield: func() bool { return p.yield }}
+	}
+	return p.fakeSource.Fetch(ctx, k, off, n)
+}
+
+func TestSpeculativeFirstChunkYieldsToTheOwner(t *testing.T) {
+	c := openNoReadAhead(t, nil)
+	data, k := randBlob(t, 2*cs)
+	peer := &notYetPeer{fakeSource: newFake("peer", false), ready: make(chan struct{}), yield: true}
+	peer.blobs[k] = data
+	origin := newFake("upstream", true)
+	origin.blobs[k] = data
+	slow := make(chan struct{}) // never closed: the origin is slower than the gather
+	origin.block[0] = slow
+	h := c.Open(k, peer, origin)
+	defer h.Close()
+	got := make(chan error, 1)
+	go func() {
+		buf := make([]byte, cs)
+		_, err := h.ReadAt(context.Background(), buf, 0)
+		if err == nil && !bytes.Equal(buf, data[:cs]) {
+			err = errors.New("bytes differ")
+		}
+		got <- err
+	}()
+	// The origin is asked at once, without waiting for the peer source's answer...
+	waitFor(t, "the speculative origin fetch", func() bool { return origin.count(0) == 1 })
+	// ...and while the peer source has not decided, askers are not told the
+	// fill is at the origin (it may still turn to a peer).
+	e := c.entryForTest(k)
+	e.mu.Lock()
+	call := e.inflight[0]
+	e.mu.Unlock()
+	if call == nil || call.reachedOrigin() {
+		t.Fatal("an undecided speculative fill counts as at the origin")
+	}
+	// Another node owns the chunk: the origin fetch is abandoned and the
+	// chunk read through the peer source.
+	close(peer.ready)
+	if err := <-got; err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	if n := peer.count(0); n != 1 {
+		t.Fatalf("peer served chunk 0 %d times, want 1", n)
+	}
+	if n := origin.bytes.Load(); n != 0 {
+		t.Fatalf("origin sent %d bytes of a yielded chunk", n)
+	}
+}
+
+func TestSpeculativeFirstChunkKeptWhenThisNodeOwnsIt(t *testing.T) {
+	c := openNoReadAhead(t, nil)
+	data, k := randBlob(t, 2*cs)
+	peer := &notYetPeer{fakeSource: newFake("peer", false), ready: make(chan struct{}), yield: false}
+	origin := newFake("upstream", true)
+	origin.blobs[k] = data
+	gate := make(chan struct{})
+	origin.block[0] = gate
+	h := c.Open(k, peer, origin)
+	defer h.Close()
+	got := make(chan error, 1)
+	go func() {
+		_, err := h.ReadAt(context.Background(), make([]byte, cs), 0)
+		got <- err
+	}()
+	waitFor(t, "the speculative origin fetch", func() bool { return origin.count(0) == 1 })
+	close(peer.ready) // this node owns the chunk: the fetch goes on
+	e := c.entryForTest(k)
+	waitFor(t, "the fill to count as at the origin", func() bool {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		call := e.inflight[0]
+		return call == nil || call.reachedOrigin()
+	})
+	close(gate)
+	if err := <-got; err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	if n := origin.count(0); n != 1 {
+		t.Fatalf("origin asked %d times for chunk 0, want 1", n)
+	}
+	if n := peer.backed.Load(); n != 1 {
+		t.Fatalf("peer asked %d times, want once (the chunk stayed with this node)", n)
+	}
+}
+
+func TestSpeculativeFirstChunkNeedsNoDecisionWhenTheOriginIsFast(t *testing.T) {
+	c := openNoReadAhead(t, nil)
+	data, k := randBlob(t, 2*cs)
+	peer := &notYetPeer{fakeSource: newFake("peer", false), ready: make(chan struct{}), yield: true}
+	origin := newFake("upstream", true)
+	origin.blobs[k] = data
+	h := c.Open(k, peer, origin)
+	defer h.Close()
+	// ready is never closed: a lone cold read finishes from the origin
+	// without waiting for the swarm to form.
+	buf := make([]byte, cs)
+	if _, err := h.ReadAt(context.Background(), buf, 0); err != nil || !bytes.Equal(buf, data[:cs]) {
+		t.Fatalf("read: %v", err)
+	}
+}

@@ -122,6 +122,14 @@ func (s *Source) providers(ctx context.Context, k blob.Key) []peer.AddrInfo {
 // the origin now) while everyone else waits for a second lookup made
 // s.gather after the first (see swarmGather).
 func (s *Source) providersWithin(ctx context.Context, k blob.Key, maxAge time.Duration) []peer.AddrInfo {
+	ps, _ := s.swarmProviders(ctx, k, maxAge)
+	return ps
+}
+
+// swarmProviders is providersWithin that also returns, to the caller whose
+// first swarm lookup found nobody, the channel closed when the second lookup
+// answered (nil otherwise).
+func (s *Source) swarmProviders(ctx context.Context, k blob.Key, maxAge time.Duration) ([]peer.AddrInfo, <-chan struct{}) {
 	s.mu.Lock()
 	e := s.provs[k]
 	if e == nil {
@@ -135,14 +143,14 @@ func (s *Source) providersWithin(ctx context.Context, k blob.Key, maxAge time.Du
 		if maxAge > 0 {
 			return s.firstSwarmLookup(ctx, k, e)
 		}
-		return s.firstLookup(ctx, k, e)
+		return s.firstLookup(ctx, k, e), nil
 	}
 	s.mu.Unlock()
 	// Another caller's first lookup may still be running: share it.
 	select {
 	case <-e.done:
 	case <-ctx.Done():
-		return nil
+		return nil, nil
 	}
 	if maxAge > 0 {
 		s.mu.Lock()
@@ -152,7 +160,7 @@ func (s *Source) providersWithin(ctx context.Context, k blob.Key, maxAge time.Du
 			select {
 			case <-g:
 			case <-ctx.Done():
-				return nil
+				return nil, nil
 			}
 		}
 	}
@@ -170,7 +178,7 @@ func (s *Source) providersWithin(ctx context.Context, k blob.Key, maxAge time.Du
 	default:
 		s.m.lookupCache.WithLabelValues("stale").Inc()
 	}
-	return peers
+	return peers, nil
 }
 
 // firstLookup makes k's first lookup and returns as soon as it found one
@@ -216,9 +224,10 @@ func (s *Source) firstLookup(ctx context.Context, k blob.Key, e *provEntry) []pe
 // and the other chunks of the pull wait for a second lookup s.gather later,
 // which sees everyone who started with us. Were they to use the empty
 // answer, each node would own, and fetch from the origin, its whole
-// read-ahead window. The price: up to one duplicate chunk per node and blob
-// in a burst.
-func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry) []peer.AddrInfo {
+// read-ahead window. The caller's own chunk is then either this node's
+// (the fetch goes on) or another's (the cache abandons it and asks that
+// node): see FetchBacked's blob.NotYet and the cache's speculate.
+func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry) ([]peer.AddrInfo, <-chan struct{}) {
 	start := s.now()
 	found := s.lookup(ctx, k, nil)
 	s.mu.Lock()
@@ -234,7 +243,7 @@ func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry)
 		go s.gatherLookup(k, e, start.Add(s.gather))
 	}
 	close(e.done)
-	return found
+	return found, e.gathering
 }
 
 // gatherLookup looks k up again at the end of its gather window.

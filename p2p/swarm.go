@@ -103,10 +103,23 @@ func (s *Source) FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.
 	if !k.Verifiable() {
 		return nil, -1, fmt.Errorf("%s: %w (only digests are shared)", k, blob.ErrNotFound)
 	}
-	ps := s.order(s.providersWithin(ctx, k, swarmRefresh))
+	ps, ready := s.swarmProviders(ctx, k, swarmRefresh)
+	ps = s.order(ps)
 	if len(ps) == 0 {
 		if err := ctx.Err(); err != nil {
 			return nil, -1, err
+		}
+		if ready != nil {
+			// Nobody seen yet, but nodes starting with us may show up: fetch
+			// from the origin now, and yield the chunk if one of them owns it.
+			s.swarmChunks.WithLabelValues("speculative").Inc()
+			return nil, -1, fmt.Errorf("%s: %w", k, &blob.NotYet{Ready: ready, Yield: func() bool {
+				yield := !s.Owns(k, off)
+				if yield {
+					s.swarmChunks.WithLabelValues("yielded").Inc()
+				}
+				return yield
+			}})
 		}
 		return nil, -1, fmt.Errorf("%s: %w (no peer advertises it)", k, blob.ErrNotFound)
 	}
@@ -168,7 +181,7 @@ func (s *Source) knownProviders(ctx context.Context, k blob.Key) []peer.AddrInfo
 func newSwarmChunks() *prometheus.CounterVec {
 	return prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "peerd_p2p_swarm_chunks_total",
-		Help: "Chunks of swarm pulls (an origin behind the peers) by their rendezvous owner: self (fetched from the origin unless a peer holds it) or peer.",
+		Help: "Chunks of swarm pulls (an origin behind the peers) by their rendezvous owner: self (fetched from the origin unless a peer holds it) or peer; speculative: a pull's first chunk fetched from the origin before the nodes pulling with it could be seen; yielded: such a chunk then left to the node that owns it.",
 	}, []string{"owner"})
 }
 
