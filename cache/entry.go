@@ -29,6 +29,7 @@ type entry struct {
 	lastUse time.Time
 
 	flushMu sync.Mutex // serialises flush against reset/destroy
+	writeMu sync.Mutex // serialises writes into the data file (writer.go)
 
 	mu        sync.Mutex
 	size      int64 // -1 until learned
@@ -293,16 +294,22 @@ func (e *entry) background(j int, srcs []blob.Source) bool {
 
 var bufPool = sync.Pool{New: func() any { return new([]byte) }}
 
+// chunkBuf returns a pooled buffer of at least cs bytes; put it back in bufPool.
+func chunkBuf(cs int64) *[]byte {
+	bp := bufPool.Get().(*[]byte)
+	if int64(cap(*bp)) < cs {
+		*bp = make([]byte, cs)
+	}
+	return bp
+}
+
 // fill fetches chunk i (or, with the size unknown, chunk 0 and the size).
 func (e *entry) fill(i int, srcs []blob.Source, call *fillCall) {
 	ctx, cancel := context.WithTimeout(context.Background(), e.c.opts.FillTimeout)
 	defer cancel()
 	start := time.Now()
-	bp := bufPool.Get().(*[]byte)
+	bp := chunkBuf(e.c.opts.ChunkSize)
 	defer bufPool.Put(bp)
-	if int64(cap(*bp)) < e.c.opts.ChunkSize {
-		*bp = make([]byte, e.c.opts.ChunkSize)
-	}
 	buf := (*bp)[:e.c.opts.ChunkSize]
 	e.mu.Lock()
 	gen := e.gen // bytes fetched before a reset must not land after it
@@ -457,7 +464,7 @@ func (e *entry) store(i int, gen uint64, data []byte, src blob.Source, origin st
 	}
 	f := e.f
 	e.mu.Unlock()
-	if _, err := f.WriteAt(data, int64(i)*e.c.opts.ChunkSize); err != nil {
+	if err := e.writeAt(f, data, int64(i)*e.c.opts.ChunkSize); err != nil {
 		e.c.used.Add(-int64(len(data)))
 		return nil, fmt.Errorf("write %s chunk %d: %w", e.key, i, err)
 	}
@@ -540,7 +547,16 @@ func (e *entry) nextHashable() bool {
 }
 
 // hashLocked hashes present chunks from e.hashed on; e.hashMu is held.
+// Chunks read back from the file (their fills finished out of order or
+// while another fill was hashing) are read whole into one pooled chunk
+// buffer: one pread per chunk and no allocation.
 func (e *entry) hashLocked() (bool, error) {
+	var bp *[]byte
+	defer func() {
+		if bp != nil {
+			bufPool.Put(bp)
+		}
+	}()
 	for {
 		e.mu.Lock()
 		if e.gone || e.verified || e.size < 0 {
@@ -561,9 +577,14 @@ func (e *entry) hashLocked() (bool, error) {
 		}
 		f, off, n := e.f, e.hashed, e.chunkLen(i)
 		e.mu.Unlock()
-		if _, err := io.Copy(e.hasher, io.NewSectionReader(f, off, n)); err != nil {
+		if bp == nil {
+			bp = chunkBuf(e.c.opts.ChunkSize)
+		}
+		b := (*bp)[:n]
+		if _, err := f.ReadAt(b, off); err != nil {
 			return false, err
 		}
+		e.hasher.Write(b)
 		e.hashed += n
 	}
 }

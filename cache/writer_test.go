@@ -1,0 +1,88 @@
+package cache
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+)
+
+// writeAt splits a write into pieces: every byte must land at its offset,
+// also for lengths that are no multiple of the piece and with several
+// writers at once on disjoint ranges.
+func TestWriteAtLandsEveryPiece(t *testing.T) {
+	f, err := os.OpenFile(filepath.Join(t.TempDir(), "data"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	e := &entry{}
+	lens := []int{1, writePiece - 1, writePiece, writePiece + 1, 3*writePiece + 12345}
+	var want []byte
+	var offs []int64
+	var off int64 = 7
+	for _, n := range lens {
+		b, _ := randBlob(t, n)
+		want = append(want, b...)
+		offs = append(offs, off)
+		off += int64(n)
+	}
+	var wg sync.WaitGroup
+	pos := 0
+	for i, n := range lens {
+		wg.Add(1)
+		go func(p []byte, off int64) {
+			defer wg.Done()
+			if err := e.writeAt(f, p, off); err != nil {
+				t.Error(err)
+			}
+		}(want[pos:pos+n], offs[i])
+		pos += n
+	}
+	wg.Wait()
+	got := make([]byte, len(want))
+	if _, err := f.ReadAt(got, 7); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("bytes written in pieces read back different")
+	}
+	if err := e.writeAt(f, []byte{1}, -1); err == nil {
+		t.Fatal("a write at a negative offset succeeded")
+	}
+}
+
+// A blob whose chunks are larger than a write piece (and not a multiple of
+// it) fills, verifies and reads back after a restart.
+func TestChunksLargerThanAWritePiece(t *testing.T) {
+	dir := t.TempDir()
+	chunk := int64(2*writePiece + 4096 + 3)
+	opts := Options{Dir: dir, ChunkSize: chunk, FlushInterval: 10 * time.Millisecond}
+	c := Must(Open(opts))
+	src := newFake("upstream", true)
+	data, k := randBlob(t, int(5*chunk+777))
+	src.blobs[k] = data
+	h := c.Open(k, src)
+	if got := readAll(t, h); !bytes.Equal(got, data) {
+		t.Fatal("wrong bytes from a fill")
+	}
+	waitFor(t, "verification", func() bool { return h.Info().Verified })
+	h.Close()
+	c.Close()
+
+	c2 := Must(Open(opts))
+	defer c2.Close()
+	before := src.total()
+	h2 := c2.Open(k, src)
+	defer h2.Close()
+	var buf bytes.Buffer
+	if _, err := h2.WriteRange(context.Background(), &buf, 0, int64(len(data))); err != nil || !bytes.Equal(buf.Bytes(), data) {
+		t.Fatalf("after restart: err=%v equal=%v", err, bytes.Equal(buf.Bytes(), data))
+	}
+	if src.total() != before {
+		t.Fatalf("restart cost %d fetches, want 0", src.total()-before)
+	}
+}
