@@ -218,15 +218,17 @@ func (s *Source) firstLookup(ctx context.Context, k blob.Key, e *provEntry) []pe
 // firstSwarmLookup is the first lookup of a blob this node starts pulling
 // with an origin behind the peers. Nodes that start a burst together
 // announce within milliseconds of each other, so a lookup now sees those
-// that started earlier but rarely those starting at the same moment. An
-// empty answer therefore goes to this caller alone (the chunk it waits for
-// is fetched from the origin at once: a cold miss costs no added latency),
-// and the other chunks of the pull wait for a second lookup s.gather later,
-// which sees everyone who started with us. Were they to use the empty
-// answer, each node would own, and fetch from the origin, its whole
-// read-ahead window. The caller's own chunk is then either this node's
-// (the fetch goes on) or another's (the cache abandons it and asks that
-// node): see FetchBacked's blob.NotYet and the cache's speculate.
+// that started earlier but rarely those starting at the same moment. Its
+// answer therefore goes to this caller alone (the chunk its reader waits
+// for is fetched at once: a cold miss costs no added latency), and the other
+// chunks of the pull wait for a second lookup s.gather later, which sees
+// everyone who started with us. Were they to use the first answer, each
+// node would own, and fetch from the origin, a share of its first
+// read-ahead window computed over too few nodes (all of it when the answer
+// is empty). The caller's chunk, when the first answer makes it this node's,
+// is fetched from the origin at once and may be left to its real owner once
+// the second answer is in: see FetchBacked's blob.NotYet and the cache's
+// speculate.
 func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry) ([]peer.AddrInfo, <-chan struct{}) {
 	start := s.now()
 	found := s.lookup(ctx, k, nil)
@@ -234,8 +236,7 @@ func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry)
 	defer s.mu.Unlock()
 	s.setLocked(e, found)
 	switch {
-	case len(found) > 0:
-	case ctx.Err() != nil:
+	case ctx.Err() != nil && len(found) == 0:
 		// Our caller gave up: don't let its impatience stick as "nobody has it".
 		e.expires = s.now()
 	case s.gather > 0:
