@@ -183,7 +183,7 @@ func (h *Handle) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int
 		}
 		cend := min(int64(j)*cs, end)
 		if rf == nil {
-			if rf, err = os.Open(filepath.Join(h.e.dir, "data")); err != nil {
+			if rf, err = openForSendfile(filepath.Join(h.e.dir, "data")); err != nil {
 				return written, fmt.Errorf("open cached %s: %w", h.e.key, err)
 			}
 		}
@@ -337,7 +337,7 @@ func (c *Cache) OpenLocal(k blob.Key, off, n int64) (*LocalReader, int64, error)
 		}
 	}
 	e.mu.Unlock()
-	f, err := os.Open(filepath.Join(e.dir, "data"))
+	f, err := openForSendfile(filepath.Join(e.dir, "data"))
 	if err != nil {
 		release()
 		return nil, size, fmt.Errorf("open cached %s: %w", k, err)
