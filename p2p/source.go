@@ -218,22 +218,24 @@ func (s *Source) firstLookup(ctx context.Context, k blob.Key, e *provEntry) []pe
 // firstSwarmLookup is the first lookup of a blob this node starts pulling
 // with an origin behind the peers. Nodes that start a burst together
 // announce within milliseconds of each other, so a lookup now sees those
-// that started earlier but rarely those starting at the same moment. Its
-// answer therefore goes to this caller alone (the chunk its reader waits
-// for is fetched at once: a cold miss costs no added latency), and the other
-// chunks of the pull wait for a second lookup s.gather later, which sees
-// everyone who started with us. Were they to use the first answer, each
-// node would own, and fetch from the origin, a share of its first
-// read-ahead window computed over too few nodes (all of it when the answer
-// is empty). The caller's chunk, when the first answer makes it this node's,
-// is fetched from the origin at once and may be left to its real owner once
-// the second answer is in: see FetchBacked's blob.NotYet and the cache's
-// speculate.
+// that started earlier but rarely those starting at the same moment; the
+// pull's chunks are split only over the answer of a second lookup s.gather
+// later, which sees everyone who started with us. Split over the first
+// answer, each node would own, and fetch from the origin, a share of its
+// first read-ahead window computed over too few nodes (all of it when the
+// answer is empty).
+//
+// When the first answer is empty (nobody else pulls the blob, or this node
+// is the first of a burst), its caller alone gets it at once together with
+// the window's channel: the chunk its reader waits for is fetched from the
+// origin now, so a cold miss costs no added latency, and is left to its
+// owner if the second answer shows one (FetchBacked's blob.NotYet, the
+// cache's speculate). When nodes are already pulling, the caller waits for
+// the window like every other chunk: they are fetching the blob already.
 func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry) ([]peer.AddrInfo, <-chan struct{}) {
 	start := s.now()
 	found := s.lookup(ctx, k, nil)
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	s.setLocked(e, found)
 	switch {
 	case ctx.Err() != nil && len(found) == 0:
@@ -243,8 +245,20 @@ func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry)
 		e.gathering = make(chan struct{})
 		go s.gatherLookup(k, e, start.Add(s.gather))
 	}
+	g := e.gathering
 	close(e.done)
-	return found, e.gathering
+	s.mu.Unlock()
+	if g == nil || len(found) == 0 {
+		return found, g
+	}
+	select {
+	case <-g:
+	case <-ctx.Done():
+		return nil, nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return e.peers, nil
 }
 
 // gatherLookup looks k up again at the end of its gather window.

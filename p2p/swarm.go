@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"slices"
@@ -106,25 +105,23 @@ func (s *Source) FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.
 	}
 	ps, ready := s.swarmProviders(ctx, k, swarmRefresh)
 	ps = s.order(ps)
-	// ready != nil: this is the pull's first chunk and the nodes starting
-	// with us may not be visible yet. What this node would fetch from the
-	// origin it fetches now, and yields the chunk if one of them owns it.
-	notYet := func() error {
-		s.swarmChunks.WithLabelValues("speculative").Inc()
-		return fmt.Errorf("%s: %w", k, &blob.NotYet{Ready: ready, Yield: func() bool {
-			yield := !s.Owns(k, off)
-			if yield {
-				s.swarmChunks.WithLabelValues("yielded").Inc()
-			}
-			return yield
-		}})
-	}
 	if len(ps) == 0 {
 		if err := ctx.Err(); err != nil {
 			return nil, -1, err
 		}
 		if ready != nil {
-			return nil, -1, notYet()
+			// The pull's first chunk, and nobody seen pulling the blob yet;
+			// nodes starting with us may still show up (firstSwarmLookup).
+			// The chunk comes from the origin now and is left to its owner
+			// if one of them owns it.
+			s.swarmChunks.WithLabelValues("speculative").Inc()
+			return nil, -1, fmt.Errorf("%s: %w", k, &blob.NotYet{Ready: ready, Yield: func() bool {
+				yield := !s.Owns(k, off)
+				if yield {
+					s.swarmChunks.WithLabelValues("yielded").Inc()
+				}
+				return yield
+			}})
 		}
 		return nil, -1, fmt.Errorf("%s: %w (no peer advertises it)", k, blob.ErrNotFound)
 	}
@@ -142,9 +139,6 @@ func (s *Source) FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.
 	}
 	res, rest, err := s.hedgedOpt(ctx, ps, k, off, n, false)
 	if err != nil {
-		if ready != nil && own == s.self && errors.Is(err, blob.ErrNotFound) && ctx.Err() == nil {
-			return nil, -1, notYet()
-		}
 		return nil, -1, err
 	}
 	want := n

@@ -202,7 +202,7 @@ func TestColdSwarmPullFirstChunkGoesToOriginAtOnceTheRestWaitForTheGather(t *tes
 	}
 }
 
-func TestSwarmPullSplitsItsReadAheadOverTheNodesThatStartedWithIt(t *testing.T) {
+func TestSwarmPullSplitsItsChunksOverTheNodesThatStartedWithIt(t *testing.T) {
 	s, ps, g := swarmFixture(t, 1)
 	f := s.finder.(*fakeFinder)
 	windowEnd := make(chan time.Time)
@@ -210,33 +210,18 @@ func TestSwarmPullSplitsItsReadAheadOverTheNodesThatStartedWithIt(t *testing.T) 
 	k := testKey()
 	early := ps[0] // started a moment before us: the first lookup sees it
 	g.behave[early.ID] = "ok"
-	// The reader's chunk uses the first answer at once.
-	var first int64 = -1
-	for c := int64(0); c < 256; c++ {
-		if s.owner(k, c<<20, ps) == early.ID {
-			first = c << 20
-			break
-		}
-	}
-	rc, _, err := s.FetchBacked(context.Background(), k, first, 1<<20)
-	if err != nil {
-		t.Fatalf("first chunk, owned by the node seen at once: %v", err)
-	}
-	rc.Close()
-	// A node starting at the same moment as us announces in the window.
 	late := peer.AddrInfo{ID: newPeerID(t)}
 	g.behave[late.ID] = "ok"
-	f.mu.Lock()
-	f.peers = append(f.peers, late)
-	f.mu.Unlock()
 	all := []peer.AddrInfo{early, late}
 	var off int64 = -1
-	for c := int64(1); c < 256; c++ {
+	for c := int64(0); c < 256; c++ {
 		if s.owner(k, c<<20, all) == late.ID && s.owner(k, c<<20, ps) != early.ID {
 			off = c << 20 // ours by the first answer, the late node's in truth
 			break
 		}
 	}
+	// Even the reader's chunk waits: the blob is being pulled already, and
+	// the split needs the nodes that start with us.
 	got := make(chan error, 1)
 	go func() {
 		rc, _, err := s.FetchBacked(context.Background(), k, off, 1<<20)
@@ -245,44 +230,32 @@ func TestSwarmPullSplitsItsReadAheadOverTheNodesThatStartedWithIt(t *testing.T) 
 		}
 		got <- err
 	}()
+	waitForCalls(t, f, 1)
+	// A node starting at the same moment as us announces in the window.
+	f.mu.Lock()
+	f.peers = append(f.peers, late)
+	f.mu.Unlock()
 	select {
 	case err := <-got:
-		t.Fatalf("a read-ahead chunk was split before the window ended: %v", err)
+		t.Fatalf("a chunk was split before the window ended: %v", err)
 	case <-time.After(50 * time.Millisecond):
 	}
-	before := len(g.calls())
 	close(windowEnd)
 	if err := <-got; err != nil {
 		t.Fatalf("chunk owned by the late node: %v", err)
 	}
-	if calls := g.calls()[before:]; len(calls) == 0 || calls[0].p != late.ID {
+	if calls := g.calls(); len(calls) == 0 || calls[0].p != late.ID {
 		t.Fatalf("asked %v, want the late node (its owner) first", calls)
 	}
 }
 
-func TestSwarmFirstChunkOwnedHereIsSpeculativeUntilTheWindowEnds(t *testing.T) {
-	s, ps, g := swarmFixture(t, 2)
-	windowEnd := make(chan time.Time)
-	s.after = func(time.Duration) <-chan time.Time { return windowEnd }
-	k := testKey()
-	for _, p := range ps {
-		g.behave[p.ID] = "notfound" // pulling too, nothing landed yet
-	}
-	var off int64 = -1
-	for c := int64(0); c < 256; c++ {
-		if s.owner(k, c<<20, ps) == s.self {
-			off = c << 20
-			break
+func waitForCalls(t *testing.T, f *fakeFinder, n int32) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for f.calls.Load() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d lookups, want %d", f.calls.Load(), n)
 		}
-	}
-	_, _, err := s.FetchBacked(context.Background(), k, off, 1<<20)
-	var ny *blob.NotYet
-	if !errors.As(err, &ny) || !errors.Is(err, blob.ErrNotFound) {
-		t.Fatalf("own first chunk during the window: %v, want a NotYet (origin now, decided later)", err)
-	}
-	close(windowEnd)
-	<-ny.Ready
-	if ny.Yield() {
-		t.Fatal("yielded a chunk the full list still gives to this node")
+		time.Sleep(time.Millisecond)
 	}
 }
