@@ -29,7 +29,8 @@ import (
 const testChunk = 64 << 10
 
 // fakeSource serves blobs from memory. It can hang or fail on chunks at or
-// after hangFrom, and counts fetches per offset.
+// after hangFrom, hold chunks at or after gateFrom until the test lets them
+// through, and counts fetches per offset.
 type fakeSource struct {
 	mu       sync.Mutex
 	blobs    map[blob.Key][]byte
@@ -37,10 +38,44 @@ type fakeSource struct {
 	hangFrom int64         // -1: never
 	hang     chan struct{} // closed to release hung fetches
 	fail     bool          // fail instead of hanging
+	gateFrom int64         // -1: never
+	gate     chan struct{} // closed to let held fetches through, with their bytes
 }
 
 func newFakeSource() *fakeSource {
-	return &fakeSource{blobs: map[blob.Key][]byte{}, fetches: map[int64]int{}, hangFrom: -1, hang: make(chan struct{})}
+	return &fakeSource{blobs: map[blob.Key][]byte{}, fetches: map[int64]int{},
+		hangFrom: -1, hang: make(chan struct{}), gateFrom: -1, gate: make(chan struct{})}
+}
+
+// breakFrom makes every fetch at or after off hang (or fail at once), from
+// now on. Tests call it before the first open: the lookup fills chunk 0, and
+// when its fill learns the size before the cache looks, it also starts
+// read-ahead of the next chunks. Breaking the source only after the open
+// would race with that read-ahead, which may already have cached the chunks
+// the test expects to be unservable.
+func (s *fakeSource) breakFrom(off int64, fail bool) {
+	s.mu.Lock()
+	s.hangFrom, s.fail = off, fail
+	s.mu.Unlock()
+}
+
+// holdFrom holds every fetch at or after off until release, so the blob
+// cannot complete (and verify) before the test has done what needs it
+// incomplete, whatever read-ahead the cache starts meanwhile.
+func (s *fakeSource) holdFrom(off int64) {
+	s.mu.Lock()
+	s.gateFrom = off
+	s.mu.Unlock()
+}
+
+func (s *fakeSource) release() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	select {
+	case <-s.gate:
+	default:
+		close(s.gate)
+	}
 }
 
 func (s *fakeSource) add(data []byte) blob.Key {
@@ -59,9 +94,17 @@ func (s *fakeSource) Fetch(ctx context.Context, k blob.Key, off, n int64) (io.Re
 	data, ok := s.blobs[k]
 	s.fetches[off]++
 	hangFrom, fail := s.hangFrom, s.fail
+	gateFrom, gate := s.gateFrom, s.gate
 	s.mu.Unlock()
 	if !ok {
 		return nil, -1, fmt.Errorf("fake %s: %w", k, blob.ErrNotFound)
+	}
+	if gateFrom >= 0 && off >= gateFrom {
+		select {
+		case <-ctx.Done():
+			return nil, -1, ctx.Err()
+		case <-gate:
+		}
 	}
 	if hangFrom >= 0 && off >= hangFrom {
 		if fail {
@@ -121,16 +164,31 @@ type testMount struct {
 
 func mountForTest(t testing.TB, mod func(*Options)) *testMount {
 	t.Helper()
+	return mountWithCache(t, nil, mod)
+}
+
+// mountWithCache is mountForTest with the cache's options adjusted too.
+//
+// Lookups, reads and fills are bounded by a minute, far above what any step
+// needs: a chunk-0 fill syncs the blob's meta file and its directory, which
+// can take seconds while other processes load the disk, and a step that
+// hits its bound fails with ENOENT or EIO. Tests about a bound set their own.
+func mountWithCache(t testing.TB, cmod func(*cache.Options), mod func(*Options)) *testMount {
+	t.Helper()
 	needFUSE(t)
 	base := t.TempDir()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	if testing.Verbose() {
 		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	c, err := cache.Open(cache.Options{
+	copts := cache.Options{
 		Dir: filepath.Join(base, "cache"), ChunkSize: testChunk, MaxBytes: 2 << 30,
-		FillTimeout: 5 * time.Second, Logger: log,
-	})
+		FillTimeout: time.Minute, Logger: log,
+	}
+	if cmod != nil {
+		cmod(&copts)
+	}
+	c, err := cache.Open(copts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -140,8 +198,8 @@ func mountForTest(t testing.TB, mod func(*Options)) *testMount {
 		Mountpoint:    filepath.Join(base, "mnt", "blobs"), // created by Mount
 		Cache:         c,
 		Sources:       func(blob.Key) []blob.Source { return []blob.Source{src} },
-		LookupTimeout: 2 * time.Second,
-		ReadTimeout:   2 * time.Second,
+		LookupTimeout: time.Minute,
+		ReadTimeout:   time.Minute,
 		BackingDir:    filepath.Join(base, "cache"),
 		Logger:        log,
 		Registerer:    reg,
@@ -160,11 +218,14 @@ func mountForTest(t testing.TB, mod func(*Options)) *testMount {
 		if err := f.Close(ctx); err != nil {
 			t.Errorf("close mount: %v", err)
 		}
+		src.mu.Lock()
 		select {
 		case <-src.hang:
 		default:
 			close(src.hang)
 		}
+		src.mu.Unlock()
+		src.release()
 		c.Close()
 	})
 	return &testMount{fs: f, cache: c, src: src, reg: reg, dir: filepath.Join(f.Mountpoint(), dirName)}
@@ -460,14 +521,12 @@ func TestReadFailsWithEIO(t *testing.T) {
 			m := mountForTest(t, func(o *Options) { o.ReadTimeout = time.Second })
 			data := randomBytes(3, 10*testChunk)
 			k := m.src.add(data)
+			m.src.breakFrom(4*testChunk, mode == "fail")
 			f, err := os.Open(m.path(k)) // resolves the size from chunk 0
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer f.Close()
-			m.src.mu.Lock()
-			m.src.hangFrom, m.src.fail = 4*testChunk, mode == "fail"
-			m.src.mu.Unlock()
 			if _, err := readGuarded(t, f, 6*testChunk, 4096); !errors.Is(err, syscall.EIO) {
 				t.Fatalf("read past a %s source: %v, want EIO", mode, err)
 			}
@@ -581,15 +640,16 @@ func TestReaddir(t *testing.T) {
 // TestCloseUnblocksReaders unmounts while a reader waits on a source that
 // never answers: the read ends with EIO and the mount leaves the namespace.
 func TestCloseUnblocksReaders(t *testing.T) {
-	m := mountForTest(t, func(o *Options) { o.ReadTimeout = 10 * time.Minute })
+	// Without read-ahead only the reader below fetches chunk 5, so seeing
+	// that fetch means its request is parked in peerd, not still on its way.
+	m := mountWithCache(t, func(o *cache.Options) { o.ReadAhead = -1 },
+		func(o *Options) { o.ReadTimeout = 10 * time.Minute })
 	k := m.src.add(randomBytes(7, 8*testChunk))
+	m.src.breakFrom(2*testChunk, false)
 	f, err := os.Open(m.path(k))
 	if err != nil {
 		t.Fatal(err)
 	}
-	m.src.mu.Lock()
-	m.src.hangFrom = 2 * testChunk
-	m.src.mu.Unlock()
 	readErr := make(chan error, 1)
 	go func() {
 		buf := make([]byte, 4096)
@@ -598,7 +658,7 @@ func TestCloseUnblocksReaders(t *testing.T) {
 		readErr <- err
 	}()
 	// Wait until the read is parked on the source.
-	for deadline := time.Now().Add(30 * time.Second); ; {
+	for deadline := time.Now().Add(time.Minute); ; {
 		if m.src.fetchCounts()[5*testChunk] > 0 {
 			break
 		}
@@ -716,11 +776,19 @@ func TestOpenModesDoNotConflict(t *testing.T) {
 	m := mountForTest(t, nil)
 	data := randomBytes(9, 6*testChunk+5)
 	k := m.src.add(data)
+	// The first open must find the blob incomplete. The lookup fills chunk 0
+	// and may start read-ahead of the rest; held at the source, it cannot
+	// complete the blob before the open.
+	m.src.holdFrom(testChunk)
 	lazy, err := os.Open(m.path(k))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer lazy.Close()
+	if n := counter(t, m.reg, "peerd_fuse_opens_total", "lazy"); n != 1 {
+		t.Fatalf("lazy opens = %v, want 1 (the blob was incomplete at the first open)", n)
+	}
+	m.src.release()
 	if got, err := io.ReadAll(lazy); err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("lazy read: %v", err)
 	}
