@@ -112,9 +112,10 @@ type connPeerKey struct{}
 // connPeer caches a connection's peer ID: computed once from the client
 // certificate, reused by every request on the kept-alive connection.
 type connPeer struct {
-	once sync.Once
-	id   peer.ID
-	err  error
+	once  sync.Once
+	id    peer.ID
+	err   error
+	batch *batchConn // the TCP connection under the TLS one
 }
 
 func newDataServer(n *Node, addr string, stores []LocalStore) (*dataServer, error) {
@@ -141,15 +142,19 @@ func newDataServer(n *Node, addr string, stores []LocalStore) (*dataServer, erro
 	if err != nil {
 		return nil, fmt.Errorf("listen on --peer-addr %s: %w", addr, err)
 	}
-	s := &dataServer{n: n, ln: tls.NewListener(ln, conf), stores: stores, busy: make(chan struct{}, maxServes)}
+	s := &dataServer{n: n, ln: tls.NewListener(batchListener{ln}, conf), stores: stores, busy: make(chan struct{}, maxServes)}
 	s.srv = &http.Server{
 		Handler:           s,
 		ReadHeaderTimeout: 5 * time.Second,
 		WriteTimeout:      2 * time.Minute,
 		IdleTimeout:       2 * time.Minute,
 		TLSNextProto:      map[string]func(*http.Server, *tls.Conn, http.Handler){}, // HTTP/1.1 only
-		ConnContext: func(ctx context.Context, _ net.Conn) context.Context {
-			return context.WithValue(ctx, connPeerKey{}, &connPeer{})
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			cp := &connPeer{}
+			if tc, ok := c.(*tls.Conn); ok {
+				cp.batch, _ = tc.NetConn().(*batchConn)
+			}
+			return context.WithValue(ctx, connPeerKey{}, cp)
 		},
 		ErrorLog: newStdLogger(n.log),
 	}
@@ -270,7 +275,7 @@ func (s *dataServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			http.Error(w, "local store error", http.StatusInternalServerError)
 			return
 		}
-		s.send(w, r, rc, k, from, off, n, size)
+		s.send(w, r, rc, k, from, off, n, size, cp.batch)
 		return
 	}
 	// Say "don't have" at once; never fetch on the asker's behalf.
@@ -279,7 +284,7 @@ func (s *dataServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	http.Error(w, "not held", http.StatusNotFound)
 }
 
-func (s *dataServer) send(w http.ResponseWriter, r *http.Request, rc io.ReadCloser, k blob.Key, from peer.ID, off, n, size int64) {
+func (s *dataServer) send(w http.ResponseWriter, r *http.Request, rc io.ReadCloser, k blob.Key, from peer.ID, off, n, size int64, bc *batchConn) {
 	defer rc.Close()
 	if n < 0 || off+n > size {
 		n = size - off
@@ -297,12 +302,7 @@ func (s *dataServer) send(w http.ResponseWriter, r *http.Request, rc io.ReadClos
 		s.n.m.serveRequests.WithLabelValues("ok").Inc()
 		return
 	}
-	// Neither side's shortcut applies (sendfile cannot cross TLS), so
-	// io.Copy would move the bytes in 32 KiB reads; a pooled larger buffer
-	// cuts the file reads and hands TLS several full records per write.
-	bp := sendBufPool.Get().(*[]byte)
-	written, err := io.CopyBuffer(onlyWriter{w}, onlyReader{rc}, *bp)
-	sendBufPool.Put(bp)
+	written, err := copyBatched(w, rc, bc)
 	s.n.peerBytes(Served, from, written)
 	if err != nil {
 		s.n.m.serveRequests.WithLabelValues("error").Inc()
@@ -312,16 +312,141 @@ func (s *dataServer) send(w http.ResponseWriter, r *http.Request, rc io.ReadClos
 	s.n.m.serveRequests.WithLabelValues("ok").Inc()
 }
 
-// sendBufSize is the copy buffer of one peer transfer; at most maxServes
-// are in use at once (16 MiB), and idle ones go with the next GCs.
-const sendBufSize = 128 << 10
+// sendBufSize is the plaintext one write of a peer transfer hands to TLS.
+// A transfer holds one such copy buffer and, on its connection, one batch
+// of the records it becomes (sendBufSize + batchSlack): at most maxServes
+// transfers at once hold 128 * 132 KiB ~ 16.5 MiB; idle buffers are pooled
+// and go with the next GCs.
+const sendBufSize = 64 << 10
 
-var sendBufPool = sync.Pool{New: func() any { b := make([]byte, sendBufSize); return &b }}
+// batchSlack covers the TLS 1.3 overhead of the records one write becomes
+// (5 header + 1 type + 16 tag bytes per 16 KiB record).
+const batchSlack = 1 << 10
 
-// onlyWriter and onlyReader hide ReaderFrom and WriterTo, so that
-// io.CopyBuffer uses the buffer it is given.
-type onlyWriter struct{ io.Writer }
-type onlyReader struct{ io.Reader }
+var (
+	sendBufPool  = sync.Pool{New: func() any { b := make([]byte, sendBufSize); return &b }}
+	batchBufPool = sync.Pool{New: func() any { b := make([]byte, 0, sendBufSize+batchSlack); return &b }}
+)
+
+// copyBatched copies a transfer's body to w. Neither io.Copy shortcut
+// applies (sendfile cannot cross TLS), so io.Copy would move the bytes in
+// 32 KiB reads; this reads sendBufSize at a time and, when the connection
+// batches (bc != nil), sends the TLS records each write becomes in one
+// write(2) instead of one per 16 KiB record.
+func copyBatched(w io.Writer, r io.Reader, bc *batchConn) (int64, error) {
+	bp := sendBufPool.Get().(*[]byte)
+	defer sendBufPool.Put(bp)
+	buf := *bp
+	if bc != nil {
+		bc.start()
+		defer bc.stop()
+	}
+	var written int64
+	for {
+		m, rerr := r.Read(buf)
+		if m > 0 {
+			k, err := w.Write(buf[:m])
+			written += int64(k)
+			if err == nil && bc != nil {
+				err = bc.flush()
+			}
+			if err != nil {
+				return written, err
+			}
+		}
+		if rerr == io.EOF {
+			return written, nil
+		}
+		if rerr != nil {
+			return written, rerr
+		}
+	}
+}
+
+// batchListener hands out connections that can batch writes.
+type batchListener struct{ net.Listener }
+
+func (l batchListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &batchConn{Conn: c}, nil
+}
+
+// batchConn is the TCP connection under a peer's TLS server connection.
+// crypto/tls writes every record (16 KiB at most) with its own write(2),
+// and on loopback each costs a trip through the whole TCP stack on both
+// ends. Between start and stop (one transfer's body) writes are gathered
+// and sent at flush; everything else (handshake, headers of other
+// responses, alerts) passes straight through. net/http serves one request
+// at a time per connection, and the mutex orders the rare write from the
+// TLS read side (a key update) with the handler's.
+type batchConn struct {
+	net.Conn
+	mu  sync.Mutex
+	buf *[]byte // non-nil while batching
+}
+
+func (c *batchConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.buf == nil {
+		return c.Conn.Write(p)
+	}
+	b := *c.buf
+	if len(b)+len(p) > cap(b) {
+		if err := c.flushLocked(); err != nil {
+			return 0, err
+		}
+		b = *c.buf
+		if len(p) > cap(b) {
+			return c.Conn.Write(p)
+		}
+	}
+	*c.buf = append(b, p...)
+	return len(p), nil
+}
+
+func (c *batchConn) flushLocked() error {
+	if c.buf == nil || len(*c.buf) == 0 {
+		return nil
+	}
+	// net.Conn.Write writes everything or returns an error.
+	_, err := c.Conn.Write(*c.buf)
+	*c.buf = (*c.buf)[:0]
+	return err
+}
+
+func (c *batchConn) start() {
+	c.mu.Lock()
+	if c.buf == nil {
+		c.buf = batchBufPool.Get().(*[]byte)
+		*c.buf = (*c.buf)[:0]
+	}
+	c.mu.Unlock()
+}
+
+// flush sends what was gathered.
+func (c *batchConn) flush() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.flushLocked()
+}
+
+// stop sends what was gathered and ends batching. Bytes it could not send
+// (the connection broke) are dropped with the connection's error: the
+// asker sees a short body and resumes elsewhere.
+func (c *batchConn) stop() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	err := c.flushLocked()
+	if c.buf != nil {
+		batchBufPool.Put(c.buf)
+		c.buf = nil
+	}
+	return err
+}
 
 func (s *dataServer) refuse(w http.ResponseWriter, p peer.ID, err error) {
 	s.n.m.serveRequests.WithLabelValues("refused").Inc()
