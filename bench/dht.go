@@ -258,6 +258,14 @@ func waitTables(ctx context.Context, t *table, name string, n int, size func(i i
 	}
 }
 
+func meanSize(n int, size func(i int) int) float64 {
+	sum := 0
+	for i := 0; i < n; i++ {
+		sum += size(i)
+	}
+	return float64(sum) / float64(max(n, 1))
+}
+
 // peerdDHT builds the network of peerd p2p nodes and measures it.
 func peerdDHT(ctx context.Context, c *config, t *table, one, ten []keyCase, askers []int) (dhtTimes, error) {
 	var res dhtTimes
@@ -299,9 +307,24 @@ func peerdDHT(ctx context.Context, c *config, t *table, one, ten []keyCase, aske
 			boot = fmt.Sprintf("%s/p2p/%s", n.Addrs()[0], n.ID())
 		}
 	}
+	// Like the kad-dht network below: every node refreshes its routing
+	// table once the whole network is up (a node's own refresh after
+	// joining saw only the nodes started before it).
+	var rwg sync.WaitGroup
+	for _, x := range pn[1:] {
+		rwg.Add(1)
+		go func() {
+			defer rwg.Done()
+			rctx, rcancel := context.WithTimeout(ctx, time.Minute)
+			defer rcancel()
+			x.n.RefreshRoutingTable(rctx)
+		}()
+	}
+	rwg.Wait()
 	if err := waitTables(ctx, t, "peerd", N, func(i int) int { return pn[i].n.RoutingTableSize() }, min(N-1, 10)); err != nil {
 		return res, err
 	}
+	t.note("row 5: mean routing table size, peerd nodes: %.1f", meanSize(N, func(i int) int { return pn[i].n.RoutingTableSize() }))
 	runtime.GC()
 	debug.FreeOSMemory()
 	perNode := (processRSS() - rss0) / float64(N)
@@ -457,6 +480,7 @@ func kadDHT(ctx context.Context, c *config, t *table, one, ten []keyCase, askers
 	if err := waitTables(ctx, t, "kad-dht", N, func(i int) int { return kn[i].d.RoutingTable().Size() }, min(N-1, 10)); err != nil {
 		return res, err
 	}
+	t.note("row 5: mean routing table size, kad-dht nodes: %.1f", meanSize(N, func(i int) int { return kn[i].d.RoutingTable().Size() }))
 	// Provide concurrently, as peerd's advertiser does.
 	work := make(chan [2]int)
 	var wg sync.WaitGroup

@@ -396,6 +396,18 @@ func (n *Node) bootstrapPeers() []peer.AddrInfo {
 // RoutingTableSize is the number of peers in the DHT routing table.
 func (n *Node) RoutingTableSize() int { return n.dht.RoutingTable().Size() }
 
+// RefreshRoutingTable fills the routing table from the network now and
+// waits until that finished (the node does it by itself after joining and
+// then periodically).
+func (n *Node) RefreshRoutingTable(ctx context.Context) error {
+	select {
+	case err := <-n.dht.RefreshRoutingTable():
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // ConnectedPeers is the number of peers with an open libp2p connection.
 func (n *Node) ConnectedPeers() int { return len(n.host.Network().Peers()) }
 
