@@ -501,8 +501,11 @@ func (e *entry) store(i int, gen uint64, data []byte, src blob.Source, origin st
 // advanceHash feeds newly contiguous chunks to the blob's running hash and,
 // once every byte was hashed, verifies the blob. Concurrent callers never
 // wait: whoever holds the hash lock picks up their chunks. data, when not
-// nil, holds the bytes at off that the caller just stored (of generation gen).
+// nil, holds the bytes at off that the caller just stored (of generation gen);
+// once hashed, its buffer (up to its capacity) is the scratch space for
+// chunks read back from the file, so hashing needs no buffer of its own.
 func (c *Cache) advanceHash(e *entry, off int64, gen uint64, data []byte) {
+	scratch := data[:cap(data)]
 	for {
 		if !e.hashMu.TryLock() {
 			return
@@ -520,7 +523,7 @@ func (c *Cache) advanceHash(e *entry, off int64, gen uint64, data []byte) {
 			}
 			data = nil
 		}
-		done, err := e.hashLocked()
+		done, err := e.hashLocked(scratch)
 		e.hashMu.Unlock()
 		if err != nil {
 			c.log.Warn("hash cached blob", "key", e.key, "err", err)
@@ -548,9 +551,9 @@ func (e *entry) nextHashable() bool {
 
 // hashLocked hashes present chunks from e.hashed on; e.hashMu is held.
 // Chunks read back from the file (their fills finished out of order or
-// while another fill was hashing) are read whole into one pooled chunk
-// buffer: one pread per chunk and no allocation.
-func (e *entry) hashLocked() (bool, error) {
+// while another fill was hashing) are read whole, one pread each, into
+// scratch when it holds a chunk, else into one pooled chunk buffer.
+func (e *entry) hashLocked(scratch []byte) (bool, error) {
 	var bp *[]byte
 	defer func() {
 		if bp != nil {
@@ -577,10 +580,11 @@ func (e *entry) hashLocked() (bool, error) {
 		}
 		f, off, n := e.f, e.hashed, e.chunkLen(i)
 		e.mu.Unlock()
-		if bp == nil {
+		if int64(cap(scratch)) < e.c.opts.ChunkSize {
 			bp = chunkBuf(e.c.opts.ChunkSize)
+			scratch = *bp
 		}
-		b := (*bp)[:n]
+		b := scratch[:n]
 		if _, err := f.ReadAt(b, off); err != nil {
 			return false, err
 		}
