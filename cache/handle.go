@@ -56,7 +56,11 @@ func (h *Handle) Size(ctx context.Context) (int64, error) {
 	if size >= 0 {
 		return size, nil
 	}
-	if _, err := h.e.ensure(ctx, 0, h.srcs, false); err != nil {
+	// Learning the size fills chunk 0 and nothing more: a HEAD or a stat
+	// must not start the read-ahead (whether it did depended on which of
+	// the caller and the fill got to the entry first). A read of the blob
+	// starts it with its own chunk.
+	if _, err := h.e.ensure(ctx, 0, h.srcs, true); err != nil {
 		return -1, err
 	}
 	h.e.mu.Lock()
