@@ -552,14 +552,12 @@ func (e *entry) nextHashable() bool {
 // hashLocked hashes present chunks from e.hashed on; e.hashMu is held.
 // Chunks read back from the file (their fills finished out of order or
 // while another fill was hashing) are read whole, one pread each, into
-// scratch when it holds a chunk, else into one pooled chunk buffer.
+// scratch, a finished fill's chunk buffer. Without one (re-verification of
+// complete blobs at start, one goroutine per blob) they are read through a
+// small buffer, so a restart with many such blobs does not hold a chunk
+// buffer for each.
 func (e *entry) hashLocked(scratch []byte) (bool, error) {
-	var bp *[]byte
-	defer func() {
-		if bp != nil {
-			bufPool.Put(bp)
-		}
-	}()
+	var small []byte
 	for {
 		e.mu.Lock()
 		if e.gone || e.verified || e.size < 0 {
@@ -580,15 +578,20 @@ func (e *entry) hashLocked(scratch []byte) (bool, error) {
 		}
 		f, off, n := e.f, e.hashed, e.chunkLen(i)
 		e.mu.Unlock()
-		if int64(cap(scratch)) < e.c.opts.ChunkSize {
-			bp = chunkBuf(e.c.opts.ChunkSize)
-			scratch = *bp
+		if int64(cap(scratch)) >= n {
+			b := scratch[:n]
+			if _, err := f.ReadAt(b, off); err != nil {
+				return false, err
+			}
+			e.hasher.Write(b)
+		} else {
+			if small == nil {
+				small = make([]byte, 64<<10)
+			}
+			if _, err := io.CopyBuffer(e.hasher, io.NewSectionReader(f, off, n), small); err != nil {
+				return false, err
+			}
 		}
-		b := scratch[:n]
-		if _, err := f.ReadAt(b, off); err != nil {
-			return false, err
-		}
-		e.hasher.Write(b)
 		e.hashed += n
 	}
 }

@@ -86,3 +86,45 @@ func TestChunksLargerThanAWritePiece(t *testing.T) {
 		t.Fatalf("restart cost %d fetches, want 0", src.total()-before)
 	}
 }
+
+// A complete blob found unverified at start is hashed from its file (no
+// fill buffer to borrow): a good one verifies, a corrupted one is dropped.
+func TestCompleteUnverifiedBlobIsVerifiedAtStart(t *testing.T) {
+	for _, corrupt := range []bool{false, true} {
+		dir := t.TempDir()
+		opts := Options{Dir: dir, ChunkSize: 100 << 10, FlushInterval: 10 * time.Millisecond}
+		c := Must(Open(opts))
+		src := newFake("upstream", true)
+		data, k := randBlob(t, 3*(100<<10)+5)
+		src.blobs[k] = data
+		h := c.Open(k, src)
+		readAll(t, h)
+		waitFor(t, "verification", func() bool { return h.Info().Verified })
+		h.Close()
+		c.Close()
+		bdir := blobDir(dir, k)
+		m, err := readMeta(bdir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.Verified = false
+		if err := writeMeta(bdir, m); err != nil {
+			t.Fatal(err)
+		}
+		if corrupt {
+			f, err := os.OpenFile(filepath.Join(bdir, "data"), os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			f.WriteAt([]byte{data[200<<10] ^ 0xff}, 200<<10)
+			f.Close()
+		}
+		c2 := Must(Open(opts))
+		if corrupt {
+			waitFor(t, "the corrupted blob dropped", func() bool { i, ok := c2.Stat(k); return !ok || i.Present == 0 })
+		} else {
+			waitFor(t, "verification at start", func() bool { i, _ := c2.Stat(k); return i.Verified })
+		}
+		c2.Close()
+	}
+}
