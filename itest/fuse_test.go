@@ -290,7 +290,10 @@ func TestFUSEUnmountOnSIGTERM(t *testing.T) {
 func TestFUSEReadFailsWhenPeerStops(t *testing.T) {
 	fuseNeedDevice(t)
 	origin := NewOrigin(t, "")
-	const size = 16 << 20
+	const size = 64 << 20
+	// far is past what the first read's read-ahead (and any chain of
+	// read-aheads a quick kernel readahead may start) fetches before A stops.
+	const far = 56 << 20
 	data, dg := RandomBlob(t, size)
 	url := origin.Put(storagePath(dg), data)
 	a := startP2PNode(t, "--upstream-allow="+origin.Host)
@@ -326,7 +329,7 @@ func TestFUSEReadFailsWhenPeerStops(t *testing.T) {
 	}
 	defer resume()
 	errc := make(chan error, 1)
-	go func() { _, err := f.ReadAt(buf, 12<<20); errc <- err }()
+	go func() { _, err := f.ReadAt(buf, far); errc <- err }()
 	select {
 	case err := <-errc:
 		if !errors.Is(err, syscall.EIO) {
@@ -342,11 +345,11 @@ func TestFUSEReadFailsWhenPeerStops(t *testing.T) {
 	resume()
 	var last error
 	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
-		if _, last = f.ReadAt(buf, 12<<20); last == nil {
+		if _, last = f.ReadAt(buf, far); last == nil {
 			break
 		}
 	}
-	if last != nil || !bytes.Equal(buf, data[12<<20:12<<20+len(buf)]) {
+	if last != nil || !bytes.Equal(buf, data[far:far+len(buf)]) {
 		t.Fatalf("B: read after A resumed: %v", last)
 	}
 }
