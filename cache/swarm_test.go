@@ -273,17 +273,23 @@ func (p *notYetPeer) FetchBacked(ctx context.Context, k blob.Key, off, n int64) 
 	return p.fakeSource.Fetch(ctx, k, off, n)
 }
 
-func TestSpeculativeFirstChunkYieldsToTheOwner(t *testing.T) {
+// speculativePull opens a two-chunk blob whose peer source answers its
+// first chunk with blob.NotYet (yielding when told to) and whose origin
+// holds it; gate, when not nil, holds the origin's chunk 0 until closed.
+// It returns the channel that gets the result of reading chunk 0.
+func speculativePull(t *testing.T, yield bool, gate chan struct{}) (*Cache, blob.Key, *notYetPeer, *fakeSource, <-chan error) {
+	t.Helper()
 	c := openNoReadAhead(t, nil)
 	data, k := randBlob(t, 2*cs)
-	peer := &notYetPeer{fakeSource: newFake("peer", false), ready: make(chan struct{}), yield: true}
+	peer := &notYetPeer{fakeSource: newFake("peer", false), ready: make(chan struct{}), yield: yield}
 	peer.blobs[k] = data
 	origin := newFake("upstream", true)
 	origin.blobs[k] = data
-	slow := make(chan struct{}) // never closed: the origin is slower than the gather
-	origin.block[0] = slow
+	if gate != nil {
+		origin.block[0] = gate
+	}
 	h := c.Open(k, peer, origin)
-	defer h.Close()
+	t.Cleanup(func() { h.Close() })
 	got := make(chan error, 1)
 	go func() {
 		buf := make([]byte, cs)
@@ -293,6 +299,12 @@ func TestSpeculativeFirstChunkYieldsToTheOwner(t *testing.T) {
 		}
 		got <- err
 	}()
+	return c, k, peer, origin, got
+}
+
+func TestSpeculativeFirstChunkYieldsToTheOwner(t *testing.T) {
+	// The origin is slower than the gather: its chunk 0 never comes.
+	c, k, peer, origin, got := speculativePull(t, true, make(chan struct{}))
 	// The origin is asked at once, without waiting for the peer source's answer...
 	waitFor(t, "the speculative origin fetch", func() bool { return origin.count(0) == 1 })
 	// ...and while the peer source has not decided, askers are not told the
@@ -319,20 +331,8 @@ func TestSpeculativeFirstChunkYieldsToTheOwner(t *testing.T) {
 }
 
 func TestSpeculativeFirstChunkKeptWhenThisNodeOwnsIt(t *testing.T) {
-	c := openNoReadAhead(t, nil)
-	data, k := randBlob(t, 2*cs)
-	peer := &notYetPeer{fakeSource: newFake("peer", false), ready: make(chan struct{}), yield: false}
-	origin := newFake("upstream", true)
-	origin.blobs[k] = data
 	gate := make(chan struct{})
-	origin.block[0] = gate
-	h := c.Open(k, peer, origin)
-	defer h.Close()
-	got := make(chan error, 1)
-	go func() {
-		_, err := h.ReadAt(context.Background(), make([]byte, cs), 0)
-		got <- err
-	}()
+	c, k, peer, origin, got := speculativePull(t, false, gate)
 	waitFor(t, "the speculative origin fetch", func() bool { return origin.count(0) == 1 })
 	close(peer.ready) // this node owns the chunk: the fetch goes on
 	e := c.entryForTest(k)
@@ -355,17 +355,13 @@ func TestSpeculativeFirstChunkKeptWhenThisNodeOwnsIt(t *testing.T) {
 }
 
 func TestSpeculativeFirstChunkNeedsNoDecisionWhenTheOriginIsFast(t *testing.T) {
-	c := openNoReadAhead(t, nil)
-	data, k := randBlob(t, 2*cs)
-	peer := &notYetPeer{fakeSource: newFake("peer", false), ready: make(chan struct{}), yield: true}
-	origin := newFake("upstream", true)
-	origin.blobs[k] = data
-	h := c.Open(k, peer, origin)
-	defer h.Close()
 	// ready is never closed: a lone cold read finishes from the origin
 	// without waiting for the swarm to form.
-	buf := make([]byte, cs)
-	if _, err := h.ReadAt(context.Background(), buf, 0); err != nil || !bytes.Equal(buf, data[:cs]) {
+	_, _, peer, _, got := speculativePull(t, true, nil)
+	if err := <-got; err != nil {
 		t.Fatalf("read: %v", err)
+	}
+	if n := peer.count(0); n != 0 {
+		t.Fatalf("peer served chunk 0 %d times, want 0 (the origin's copy landed first)", n)
 	}
 }
