@@ -87,22 +87,36 @@ func TestFetchBackedOnlyWithAnOriginBehind(t *testing.T) {
 	}
 }
 
-func TestAwaitLocalWaitsForOwnedChunkInFlight(t *testing.T) {
-	c := openNoReadAhead(t, nil)
-	data, k := randBlob(t, 4*cs)
+// readingChunk1 opens a 4-chunk blob the origin holds, behind a peer
+// source that holds nothing, and starts this node's own read of chunk 1;
+// that fill is held at the origin (atOrigin) or at the peer until gate is
+// closed. It returns once the held fetch was asked for.
+func readingChunk1(t *testing.T, atOrigin bool) (c *Cache, data []byte, k blob.Key, origin *fakeSource, gate chan struct{}) {
+	t.Helper()
+	c = openNoReadAhead(t, nil)
+	data, k = randBlob(t, 4*cs)
 	peer, origin := newFake("peer", false), newFake("upstream", true)
 	origin.blobs[k] = data
-	gate := make(chan struct{})
-	peer.block[cs] = gate
+	held := peer
+	if atOrigin {
+		held = origin
+	}
+	gate = make(chan struct{})
+	held.block[cs] = gate
 	h := c.Open(k, peer, origin)
-	defer h.Close()
+	t.Cleanup(func() { h.Close() })
 	if _, err := h.Size(context.Background()); err != nil {
 		t.Fatal(err)
 	}
+	go h.ReadAt(context.Background(), make([]byte, cs), cs)
+	waitFor(t, "the held fetch of chunk 1", func() bool { return held.count(cs) == 1 })
+	return c, data, k, origin, gate
+}
+
+func TestAwaitLocalWaitsForOwnedChunkInFlight(t *testing.T) {
 	// The node's own reader is filling chunk 1, still asking the peers
 	// (which may be waiting for the asker).
-	go h.ReadAt(context.Background(), make([]byte, cs), cs)
-	waitFor(t, "the peer fetch of chunk 1", func() bool { return peer.count(cs) == 1 })
+	c, data, k, origin, gate := readingChunk1(t, false)
 
 	// A peer that asks for a chunk this node does not own is told at once.
 	if _, _, err := c.AwaitLocal(context.Background(), k, cs, cs, func(int64) bool { return false }); !errors.Is(err, blob.ErrNotFound) {
@@ -198,19 +212,7 @@ func (c *Cache) entryForTest(k blob.Key) *entry {
 }
 
 func TestAwaitLocalAnyoneWaitsForAFillAtTheOrigin(t *testing.T) {
-	c := openNoReadAhead(t, nil)
-	data, k := randBlob(t, 4*cs)
-	peer, origin := newFake("peer", false), newFake("upstream", true)
-	origin.blobs[k] = data
-	gate := make(chan struct{})
-	origin.block[cs] = gate
-	h := c.Open(k, peer, origin)
-	defer h.Close()
-	if _, err := h.Size(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	go h.ReadAt(context.Background(), make([]byte, cs), cs)
-	waitFor(t, "the origin fetch of chunk 1", func() bool { return origin.count(cs) == 1 })
+	c, _, k, origin, gate := readingChunk1(t, true)
 	// This node no longer owns chunk 1 (a node joined the burst), but its
 	// fill is at the origin: the asker waits rather than fetch it again.
 	done := make(chan error, 1)
@@ -233,23 +235,11 @@ func TestAwaitLocalAnyoneWaitsForAFillAtTheOrigin(t *testing.T) {
 }
 
 func TestAwaitLocalOwnerWaitsOnlyBrieflyForItsPeerStage(t *testing.T) {
-	c := openNoReadAhead(t, nil)
-	data, k := randBlob(t, 4*cs)
-	peer, origin := newFake("peer", false), newFake("upstream", true)
-	origin.blobs[k] = data
-	gate := make(chan struct{})
-	defer close(gate)
-	peer.block[cs] = gate
-	h := c.Open(k, peer, origin)
-	defer h.Close()
-	if _, err := h.Size(context.Background()); err != nil {
-		t.Fatal(err)
-	}
 	// This node's fill of chunk 1 is stuck asking a peer (perhaps the asker,
 	// which believes it owns the chunk too): the asker is told "don't have"
 	// after peerStageWait, well before its own deadline.
-	go h.ReadAt(context.Background(), make([]byte, cs), cs)
-	waitFor(t, "the peer fetch of chunk 1", func() bool { return peer.count(cs) == 1 })
+	c, _, k, _, gate := readingChunk1(t, false)
+	defer close(gate)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if _, _, err := c.AwaitLocal(ctx, k, cs, cs, func(int64) bool { return true }); !errors.Is(err, blob.ErrNotFound) || ctx.Err() != nil {
