@@ -47,8 +47,14 @@ const (
 	// Hedge delay bounds; in between it follows the observed first-byte times.
 	minHedge, maxHedge, initialHedge = 5 * time.Millisecond, 500 * time.Millisecond, 50 * time.Millisecond
 	maxCachedKeys                    = 8192
-	// providerGrace is how long a lookup keeps collecting after the first provider.
+	// After its first provider a lookup keeps collecting while more arrive
+	// back to back (one answer carries every provider its peer knows), and
+	// stops at the first pause of providerGap or providerGrace after the
+	// first, whichever comes sooner. Waiting for later answers costs the
+	// DHT query's work on this node (up to its concurrency of requests in
+	// flight) while the caller is already reading from the first provider.
 	providerGrace = 2 * time.Millisecond
+	providerGap   = 200 * time.Microsecond
 )
 
 // Source reads blob bytes from the peers that hold them. It implements
@@ -753,30 +759,42 @@ func (f *dhtFinder) FindProviders(ctx context.Context, k blob.Key, first func([]
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel() // stops the DHT query when we return early
+	return collectProviders(ctx, f.n.dht.FindProvidersAsync(ctx, c, 16), first, providerGrace, providerGap), nil
+}
+
+// collectProviders reads a lookup's providers from ch until it closes, ctx
+// ends, no provider came for gap since the last one, or grace passed since
+// the first. first, when not nil, is called with the first provider.
+func collectProviders(ctx context.Context, ch <-chan peer.AddrInfo, first func([]peer.AddrInfo), grace, gap time.Duration) []peer.AddrInfo {
 	var out []peer.AddrInfo
-	var grace <-chan time.Time
-	ch := f.n.dht.FindProvidersAsync(ctx, c, 16)
+	var graceC, gapC <-chan time.Time
+	var gapT *time.Timer
 	for {
 		select {
 		case ai, ok := <-ch:
 			if !ok {
-				return out, nil
+				return out
 			}
 			out = append(out, ai)
-			if grace == nil {
+			if gapT == nil {
 				if first != nil {
 					first(out)
 				}
-				// More providers help failover, but the first one is what
-				// matters: don't run the whole query for the rest.
-				t := time.NewTimer(providerGrace)
+				t := time.NewTimer(grace)
 				defer t.Stop()
-				grace = t.C
+				graceC = t.C
+				gapT = time.NewTimer(gap)
+				defer gapT.Stop()
+				gapC = gapT.C
+			} else {
+				resetTimer(gapT, gap)
 			}
-		case <-grace:
-			return out, nil
+		case <-gapC:
+			return out
+		case <-graceC:
+			return out
 		case <-ctx.Done():
-			return out, nil
+			return out
 		}
 	}
 }

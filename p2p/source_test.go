@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -436,5 +437,86 @@ func TestFirstLookupAnswersAtTheFirstProviderAndKeepsCollecting(t *testing.T) {
 			t.Fatalf("cached list %v, want all 3 providers", s.providers(context.Background(), k))
 		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// A lookup keeps the providers that arrive back to back with its first (one
+// DHT answer carries all its peer knows) and stops at the first pause
+// instead of running the query on for later answers.
+func TestCollectProvidersStopsAtTheFirstPause(t *testing.T) {
+	ch := make(chan peer.AddrInfo)
+	var ids []peer.ID
+	for range 4 {
+		ids = append(ids, newPeerID(t))
+	}
+	var firstSeen []peer.AddrInfo
+	done := make(chan []peer.AddrInfo, 1)
+	go func() {
+		done <- collectProviders(context.Background(), ch, func(ps []peer.AddrInfo) { firstSeen = slices.Clone(ps) }, time.Hour, 300*time.Millisecond)
+	}()
+	for _, id := range ids[:3] {
+		ch <- peer.AddrInfo{ID: id}
+	}
+	var got []peer.AddrInfo
+	select {
+	case got = <-done: // the pause: nobody sends the fourth
+	case <-time.After(time.Minute):
+		t.Fatal("the lookup did not stop at the pause")
+	}
+	if len(got) != 3 || got[0].ID != ids[0] || got[2].ID != ids[2] {
+		t.Fatalf("collected %v, want the three sent back to back", got)
+	}
+	if len(firstSeen) != 1 || firstSeen[0].ID != ids[0] {
+		t.Fatalf("first called with %v, want only the first provider", firstSeen)
+	}
+	select {
+	case ch <- peer.AddrInfo{ID: ids[3]}:
+		t.Fatal("a provider was read after the lookup returned")
+	default:
+	}
+}
+
+// Providers that keep trickling in do not hold a lookup past its grace.
+func TestCollectProvidersGraceBoundsATrickle(t *testing.T) {
+	ch := make(chan peer.AddrInfo)
+	stop := make(chan struct{})
+	defer close(stop)
+	id := newPeerID(t)
+	go func() {
+		for {
+			select {
+			case ch <- peer.AddrInfo{ID: id}:
+			case <-stop:
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	done := make(chan []peer.AddrInfo, 1)
+	go func() { done <- collectProviders(context.Background(), ch, nil, 50*time.Millisecond, time.Hour) }()
+	select {
+	case got := <-done:
+		if len(got) == 0 {
+			t.Fatal("no provider collected")
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the lookup never stopped collecting")
+	}
+}
+
+// A closed channel (the query ended) or a cancelled context ends the
+// collection with what it has, with or without a provider.
+func TestCollectProvidersEndsWithTheQuery(t *testing.T) {
+	ch := make(chan peer.AddrInfo, 1)
+	id := newPeerID(t)
+	ch <- peer.AddrInfo{ID: id}
+	close(ch)
+	if got := collectProviders(context.Background(), ch, nil, time.Hour, time.Hour); len(got) != 1 || got[0].ID != id {
+		t.Fatalf("closed query: got %v", got)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if got := collectProviders(ctx, make(chan peer.AddrInfo), nil, time.Hour, time.Hour); len(got) != 0 {
+		t.Fatalf("cancelled query: got %v", got)
 	}
 }
