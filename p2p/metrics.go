@@ -16,6 +16,7 @@ type metrics struct {
 	provideSecs   prometheus.Histogram
 	advertised    prometheus.Gauge
 	dials         prometheus.Counter
+	records       prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -66,10 +67,14 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "peerd_p2p_data_connections_total",
 			Help: "TLS connections opened to peers' data planes (kept alive and reused across chunks).",
 		}),
+		records: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "peerd_p2p_provider_records",
+			Help: "Provider records this node stores for the DHT (other nodes' advertisements of blobs near its ID), once flushed: the DHT buffers up to 256 new ones.",
+		}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.lookupSeconds, m.lookupCache, m.receivedBytes, m.servedBytes, m.serveRequests,
-			m.peerErrors, m.hedges, m.resumes, m.blames, m.provides, m.provideSecs, m.advertised, m.dials)
+			m.peerErrors, m.hedges, m.resumes, m.blames, m.provides, m.provideSecs, m.advertised, m.dials, m.records)
 	}
 	return m
 }

@@ -259,6 +259,9 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 		// Provider records outlive a missed reprovide or two, and no more:
 		// a node that stopped holding a blob drops out of lookups soon.
 		dht.ProviderManagerOpts(records.ProvideValidity(validity), records.ProviderAddrTTL(validity)),
+		// Indexed by blob: a provider query costs the records of that blob,
+		// not a copy of every record stored (see recordStore).
+		dht.ProviderDatastore(newRecordStore(maxProviderRecords, func(c int) { n.m.records.Set(float64(c)) })),
 	)
 	if err != nil {
 		h.Close()
