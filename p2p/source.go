@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -118,6 +119,12 @@ func (s *Source) Name() string { return "peer" }
 // lookup goes on collecting the others for failover in the background).
 func (s *Source) providers(ctx context.Context, k blob.Key) []peer.AddrInfo {
 	return s.providersWithin(ctx, k, 0)
+}
+
+// Providers returns the peers known to advertise k, as Fetch finds them:
+// the cached answer, or a lookup that returns at its first provider.
+func (s *Source) Providers(ctx context.Context, k blob.Key) []peer.AddrInfo {
+	return s.providers(ctx, k)
 }
 
 // providersWithin is providers with a shorter freshness bound (0: the usual
@@ -779,6 +786,11 @@ func collectProviders(ctx context.Context, ch <-chan peer.AddrInfo, first func([
 			if gapT == nil {
 				if first != nil {
 					first(out)
+					// Let the caller that first woke run now: otherwise it
+					// waits behind the hand-offs of the rest of this answer
+					// (each provider readies the DHT goroutine sending the
+					// next, which takes the woken caller's turn).
+					runtime.Gosched()
 				}
 				t := time.NewTimer(grace)
 				defer t.Stop()
