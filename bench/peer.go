@@ -187,6 +187,8 @@ func missTTFB(ctx context.Context, c *config, t *table, o *origin, n *node, wher
 		count = 60
 	}
 	var direct, through, added []time.Duration
+	lookups0, _ := n.metric(ctx, "peerd_p2p_lookup_seconds_count")
+	hedged0, _ := n.metric(ctx, "peerd_p2p_lookup_cache_total", "result=hedged")
 	for i := 0; i < count; i++ {
 		_, rel, err := writeBlob(o.dir, size)
 		if err != nil {
@@ -208,6 +210,9 @@ func missTTFB(ctx context.Context, c *config, t *table, o *origin, n *node, wher
 		os.Remove(filepath.Join(o.dir, rel))
 		direct, through, added = append(direct, d), append(through, p), append(added, p-d)
 	}
+	lookups, _ := n.metric(ctx, "peerd_p2p_lookup_seconds_count")
+	hedged, _ := n.metric(ctx, "peerd_p2p_lookup_cache_total", "result=hedged")
+	t.note("row 4 (%s): %.0f DHT lookups for %d blobs; %.0f first chunks started from the origin before their lookup answered (missHedge)", where, lookups-lookups0, count, hedged-hedged0)
 	for _, q := range []struct {
 		name string
 		p    float64

@@ -56,6 +56,9 @@ const (
 	// flight) while the caller is already reading from the first provider.
 	providerGrace = 2 * time.Millisecond
 	providerGap   = 200 * time.Microsecond
+	// missHedge is how long a swarm pull's first chunk waits for the first
+	// lookup before it starts from the origin anyway (firstSwarmLookup).
+	missHedge = 10 * time.Millisecond
 )
 
 // Source reads blob bytes from the peers that hold them. It implements
@@ -245,24 +248,50 @@ func (s *Source) firstLookup(ctx context.Context, k blob.Key, e *provEntry) []pe
 // owner if the second answer shows one (FetchBacked's blob.NotYet, the
 // cache's speculate). When nodes are already pulling, the caller waits for
 // the window like every other chunk: they are fetching the blob already.
+//
+// A lookup still running after missHedge counts as empty for its caller (a
+// slow DHT, or a large one answering "nobody" late, must not hold a cold
+// miss's first byte): the chunk starts from the origin, and the lookup's
+// answer and the second one decide as above whether it is kept.
 func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry) ([]peer.AddrInfo, <-chan struct{}) {
 	start := s.now()
-	found := s.lookup(ctx, k, nil)
-	s.mu.Lock()
-	s.setLocked(e, found)
-	switch {
-	case ctx.Err() != nil && len(found) == 0:
-		// Our caller gave up: don't let its impatience stick as "nobody has it".
-		e.expires = s.now()
-	case s.gather > 0:
-		e.gathering = make(chan struct{})
-		go s.gatherLookup(k, e, start.Add(s.gather))
+	var g chan struct{}
+	if s.gather > 0 {
+		g = make(chan struct{})
+		s.mu.Lock()
+		e.gathering = g
+		s.mu.Unlock()
 	}
-	g := e.gathering
-	close(e.done)
-	s.mu.Unlock()
-	if g == nil || len(found) == 0 {
-		return found, g
+	// The lookup runs under the node's lifetime: a caller that gives up or
+	// goes ahead must neither cut it short nor make "nobody" stick.
+	result := make(chan []peer.AddrInfo, 1)
+	go func() {
+		found := s.lookup(s.bg, k, nil)
+		s.mu.Lock()
+		s.setLocked(e, found)
+		close(e.done)
+		s.mu.Unlock()
+		if g != nil {
+			go s.gatherLookup(k, e, start.Add(s.gather))
+		}
+		result <- found
+	}()
+	var hedge <-chan time.Time
+	if g != nil {
+		t := time.NewTimer(missHedge)
+		defer t.Stop()
+		hedge = t.C
+	}
+	select {
+	case found := <-result:
+		if g == nil || len(found) == 0 {
+			return found, g
+		}
+	case <-hedge:
+		s.m.lookupCache.WithLabelValues("hedged").Inc()
+		return nil, g
+	case <-ctx.Done():
+		return nil, nil
 	}
 	select {
 	case <-g:

@@ -9,6 +9,7 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/peerd-project/peerd/blob"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 func TestRendezvousIsStableAndSpread(t *testing.T) {
@@ -257,5 +258,61 @@ func waitForCalls(t *testing.T, f *fakeFinder, n int32) {
 			t.Fatalf("%d lookups, want %d", f.calls.Load(), n)
 		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// A first lookup slower than missHedge does not hold the cold pull's first
+// chunk: it starts from the origin while the lookup runs, and is left to
+// its owner when the lookup and the window show one.
+func TestSlowFirstSwarmLookupDoesNotHoldTheFirstChunk(t *testing.T) {
+	s, _, g := swarmFixture(t, 0)
+	f := s.finder.(*fakeFinder)
+	windowEnd := make(chan time.Time)
+	s.after = func(time.Duration) <-chan time.Time { return windowEnd }
+	release := make(chan struct{})
+	f.block = release // the DHT is slow: the lookup answers only when released
+	k := testKey()
+	other := peer.AddrInfo{ID: newPeerID(t)}
+	g.behave[other.ID] = "ok"
+	var off int64 = -1
+	for c := int64(0); c < 256; c++ {
+		if s.owner(k, c<<20, []peer.AddrInfo{other}) == other.ID {
+			off = c << 20
+			break
+		}
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := s.FetchBacked(context.Background(), k, off, 1<<20)
+		done <- err
+	}()
+	var err error
+	select {
+	case err = <-done:
+	case <-time.After(time.Minute):
+		close(release)
+		t.Fatal("the first chunk waited for the blocked lookup")
+	}
+	var ny *blob.NotYet
+	if !errors.As(err, &ny) {
+		t.Fatalf("first chunk while the lookup runs: %v, want blob.NotYet (the origin fills it now)", err)
+	}
+	if got := testutil.ToFloat64(s.m.lookupCache.WithLabelValues("hedged")); got != 1 {
+		t.Fatalf("hedged lookups %v, want 1", got)
+	}
+	// The lookup answers: another node pulls the blob and owns the chunk.
+	f.mu.Lock()
+	f.peers = []peer.AddrInfo{other}
+	f.block = nil
+	f.mu.Unlock()
+	close(release)
+	close(windowEnd)
+	select {
+	case <-ny.Ready:
+	case <-time.After(time.Minute):
+		t.Fatal("the window never answered")
+	}
+	if !ny.Yield() {
+		t.Fatal("the speculative chunk was kept though another node owns it")
 	}
 }
