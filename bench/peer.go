@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -22,6 +23,7 @@ func benchPeer(ctx context.Context, c *config, t *table) error {
 	}
 	defer o.fs.Stop()
 	common := []string{"--upstream-allow", o.host(), "--cache-size", fmt.Sprintf("%dMiB", int64(c.rounds+2)*c.sizeMB+64)}
+	common = append(common, strings.Fields(os.Getenv("BENCH_PEER_ARGS"))...)
 	a, err := startNode(ctx, c, filepath.Join(c.work, "peer-a"), nodeOpts{args: common})
 	if err != nil {
 		return err
@@ -57,6 +59,7 @@ func benchPeer(ctx context.Context, c *config, t *table) error {
 		return err
 	}
 	var peer, kept, discarded, cold, cpuPeer, cpuPlain []float64
+	settle := time.Duration(envInt("BENCH_SETTLE_MS", 3000)) * time.Millisecond
 	gib := float64(size) / (1 << 30)
 	var fromPeers, total float64
 	var cur *node // this round's B, stopped however the round ends
@@ -88,11 +91,13 @@ func benchPeer(ctx context.Context, c *config, t *table) error {
 		runs := []func() error{
 			func() error {
 				if c.pprof != "" && r == 1 {
-					done := make(chan error, 2)
+					done := make(chan error, 4)
 					go func() { done <- a.profile(ctx, 2, filepath.Join(c.pprof, "peer-a.pprof")) }()
 					go func() { done <- b.profile(ctx, 2, filepath.Join(c.pprof, "peer-b.pprof")) }()
+					go func() { done <- b.profile(ctx, 1, filepath.Join(c.pprof, "peer-b.trace")) }()
+					go func() { done <- a.profile(ctx, 1, filepath.Join(c.pprof, "peer-a.trace")) }()
 					defer func() {
-						for range 2 {
+						for range 4 {
 							if err := <-done; err != nil {
 								t.note("profile of row 3: %v", err)
 							}
@@ -121,6 +126,15 @@ func benchPeer(ctx context.Context, c *config, t *table) error {
 				return err
 			},
 			func() error {
+				if c.pprof != "" && r == 1 {
+					done := make(chan error, 1)
+					go func() { done <- b.profile(ctx, 1, filepath.Join(c.pprof, "peer-b-cold.pprof")) }()
+					defer func() {
+						if err := <-done; err != nil {
+							t.note("profile of row 3: %v", err)
+						}
+					}()
+				}
 				var err error
 				cf, err = download(ctx, b.URL("/blobs/"+o.url(relCold)), size, 0)
 				return err
@@ -132,6 +146,14 @@ func benchPeer(ctx context.Context, c *config, t *table) error {
 			// writes a few hundred MiB/s, earlier runs' writeback would
 			// otherwise slow whoever comes next.
 			syscall.Sync()
+			// ... and with the same free memory: on a VM that reports free
+			// pages to its host (virtio-balloon free page reporting, 2 s
+			// after they are freed), the first write into a reported page
+			// faults on the host, and a run right after another run freed
+			// its pages would write into memory the next run cannot have.
+			if err := sleep(ctx, settle); err != nil {
+				return err
+			}
 			if err := runs[(i+r)%len(runs)](); err != nil {
 				return err
 			}

@@ -219,9 +219,13 @@ func (n *node) waitMetric(ctx context.Context, want float64, d time.Duration, na
 
 // profile saves a CPU profile of secs seconds to path (needs --debug-pprof).
 func (n *node) profile(ctx context.Context, secs int, path string) error {
+	kind := "profile"
+	if strings.HasSuffix(path, ".trace") {
+		kind = "trace"
+	}
 	ctx, cancel := context.WithTimeout(ctx, time.Duration(secs+30)*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, "GET", n.URL(fmt.Sprintf("/debug/pprof/profile?seconds=%d", secs)), nil)
+	req, err := http.NewRequestWithContext(ctx, "GET", n.URL(fmt.Sprintf("/debug/pprof/%s?seconds=%d", kind, secs)), nil)
 	if err != nil {
 		return err
 	}
