@@ -795,7 +795,15 @@ func (f *dhtFinder) FindProviders(ctx context.Context, k blob.Key, first func([]
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel() // stops the DHT query when we return early
-	return collectProviders(ctx, f.n.dht.FindProvidersAsync(ctx, c, 16), first, providerGrace, providerGap), nil
+	// A caller waiting for the first provider (first != nil) goes on with it
+	// and the rest are for failover: stop at the first pause. Swarm and
+	// background lookups split chunks over the whole list: collect for the
+	// whole grace.
+	gap := providerGrace
+	if first != nil {
+		gap = providerGap
+	}
+	return collectProviders(ctx, f.n.dht.FindProvidersAsync(ctx, c, 16), first, providerGrace, gap), nil
 }
 
 // collectProviders reads a lookup's providers from ch until it closes, ctx
