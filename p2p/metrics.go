@@ -1,6 +1,10 @@
 package p2p
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"fmt"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
 
 type metrics struct {
 	lookupSeconds *prometheus.HistogramVec // result: found, not_found, error
@@ -17,6 +21,7 @@ type metrics struct {
 	advertised    prometheus.Gauge
 	dials         prometheus.Counter
 	records       prometheus.Gauge
+	refused       prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -71,10 +76,14 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "peerd_p2p_provider_records",
 			Help: "Provider records this node stores for the DHT (other nodes' advertisements of blobs near its ID), once flushed: the DHT buffers up to 256 new ones.",
 		}),
+		refused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "peerd_p2p_provider_records_refused_total",
+			Help: fmt.Sprintf("Provider records refused because the store holds its maximum (%d); they are dropped until expired records make room.", maxProviderRecords),
+		}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.lookupSeconds, m.lookupCache, m.receivedBytes, m.servedBytes, m.serveRequests,
-			m.peerErrors, m.hedges, m.resumes, m.blames, m.provides, m.provideSecs, m.advertised, m.dials, m.records)
+			m.peerErrors, m.hedges, m.resumes, m.blames, m.provides, m.provideSecs, m.advertised, m.dials, m.records, m.refused)
 	}
 	return m
 }

@@ -261,7 +261,7 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 		dht.ProviderManagerOpts(records.ProvideValidity(validity), records.ProviderAddrTTL(validity)),
 		// Indexed by blob: a provider query costs the records of that blob,
 		// not a copy of every record stored (see recordStore).
-		dht.ProviderDatastore(newRecordStore(maxProviderRecords, func(c int) { n.m.records.Set(float64(c)) })),
+		dht.ProviderDatastore(newRecordStore(maxProviderRecords, func(c int) { n.m.records.Set(float64(c)) }, n.m.refused.Inc)),
 	)
 	if err != nil {
 		h.Close()

@@ -35,6 +35,7 @@ type recordStore struct {
 	n     int
 	max   int
 	count func(n int) // reports the number of records after a change (may be nil)
+	full  func()      // reports a record refused for want of room (may be nil)
 }
 
 // dirNode holds the entries whose parent is one key path, and the paths
@@ -44,8 +45,8 @@ type dirNode struct {
 	kids map[string]*dirNode // child name -> node
 }
 
-func newRecordStore(max int, count func(int)) *recordStore {
-	return &recordStore{root: &dirNode{}, max: max, count: count}
+func newRecordStore(max int, count func(int), full func()) *recordStore {
+	return &recordStore{root: &dirNode{}, max: max, count: count, full: full}
 }
 
 var _ ds.Batching = (*recordStore)(nil)
@@ -82,6 +83,9 @@ func (s *recordStore) Put(_ context.Context, key ds.Key, value []byte) error {
 	if _, ok := n.vals[k]; !ok {
 		if s.n >= s.max {
 			s.prune(key.Parent().String())
+			if s.full != nil {
+				s.full()
+			}
 			return fmt.Errorf("%w (%d records)", errRecordsFull, s.n)
 		}
 		s.n++

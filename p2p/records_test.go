@@ -15,7 +15,7 @@ import (
 
 // The record store passes go-datastore's own conformance suite.
 func TestRecordStoreConformance(t *testing.T) {
-	dstest.SubtestAll(t, newRecordStore(1<<20, nil))
+	dstest.SubtestAll(t, newRecordStore(1<<20, nil, nil))
 }
 
 func queryKeys(t *testing.T, d ds.Datastore, q dsq.Query) []string {
@@ -40,7 +40,7 @@ func queryKeys(t *testing.T, d ds.Datastore, q dsq.Query) []string {
 // the same answers as go-datastore's map datastore.
 func TestRecordStoreMatchesMapDatastore(t *testing.T) {
 	ctx := context.Background()
-	ours, ref := newRecordStore(1<<20, nil), ds.NewMapDatastore()
+	ours, ref := newRecordStore(1<<20, nil, nil), ds.NewMapDatastore()
 	rnd := mrand.New(mrand.NewPCG(1, 2))
 	key := func() ds.Key {
 		switch rnd.IntN(4) {
@@ -86,8 +86,8 @@ func TestRecordStoreMatchesMapDatastore(t *testing.T) {
 // holds, and makes room as records are deleted.
 func TestRecordStoreBounded(t *testing.T) {
 	ctx := context.Background()
-	var reported int
-	s := newRecordStore(2, func(n int) { reported = n })
+	var reported, refused int
+	s := newRecordStore(2, func(n int) { reported = n }, func() { refused++ })
 	for _, k := range []string{"/providers/A/1", "/providers/A/2"} {
 		if err := s.Put(ctx, ds.NewKey(k), []byte("t")); err != nil {
 			t.Fatal(err)
@@ -111,6 +111,9 @@ func TestRecordStoreBounded(t *testing.T) {
 	if reported != 2 || s.n != 2 {
 		t.Fatalf("reported %d records, counted %d; want 2", reported, s.n)
 	}
+	if refused != 1 {
+		t.Fatalf("reported %d refusals, want 1", refused)
+	}
 }
 
 // BenchmarkProviderQuery is the DHT's question on a lookup's path, "who
@@ -121,7 +124,7 @@ func BenchmarkProviderQuery(b *testing.B) {
 	for _, c := range []struct {
 		name string
 		d    ds.Datastore
-	}{{"recordStore", newRecordStore(1<<20, nil)}, {"MapDatastore", ds.NewMapDatastore()}} {
+	}{{"recordStore", newRecordStore(1<<20, nil, nil)}, {"MapDatastore", ds.NewMapDatastore()}} {
 		ctx := context.Background()
 		for i := range 100_000 {
 			c.d.Put(ctx, ds.NewKey(fmt.Sprintf("/providers/BLOB%d/PEER%d", i/10, i%10)), []byte("12345678"))
