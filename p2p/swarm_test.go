@@ -174,13 +174,7 @@ func TestColdSwarmPullFirstChunkGoesToOriginAtOnceTheRestWaitForTheGather(t *tes
 	f.peers = []peer.AddrInfo{other}
 	f.mu.Unlock()
 	// The read-ahead chunks wait for the second lookup and then see it.
-	var off int64 = -1
-	for c := int64(1); c < 256; c++ {
-		if s.owner(k, c<<20, []peer.AddrInfo{other}) == other.ID {
-			off = c << 20
-			break
-		}
-	}
+	off := chunkOwnedBy(t, s, k, 1, other)
 	got := make(chan error, 1)
 	go func() {
 		rc, _, err := s.FetchBacked(context.Background(), k, off, 1<<20)
@@ -250,6 +244,19 @@ func TestSwarmPullSplitsItsChunksOverTheNodesThatStartedWithIt(t *testing.T) {
 	}
 }
 
+// chunkOwnedBy returns the offset of the first 1 MiB chunk from chunk
+// index from on that other owns among this node and other.
+func chunkOwnedBy(t *testing.T, s *Source, k blob.Key, from int64, other peer.AddrInfo) int64 {
+	t.Helper()
+	for c := from; c < 256; c++ {
+		if s.owner(k, c<<20, []peer.AddrInfo{other}) == other.ID {
+			return c << 20
+		}
+	}
+	t.Fatal("no chunk owned by the other node")
+	return -1
+}
+
 func waitForCalls(t *testing.T, f *fakeFinder, n int32) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
@@ -274,13 +281,7 @@ func TestSlowFirstSwarmLookupDoesNotHoldTheFirstChunk(t *testing.T) {
 	k := testKey()
 	other := peer.AddrInfo{ID: newPeerID(t)}
 	g.behave[other.ID] = "ok"
-	var off int64 = -1
-	for c := int64(0); c < 256; c++ {
-		if s.owner(k, c<<20, []peer.AddrInfo{other}) == other.ID {
-			off = c << 20
-			break
-		}
-	}
+	off := chunkOwnedBy(t, s, k, 0, other)
 	done := make(chan error, 1)
 	go func() {
 		_, _, err := s.FetchBacked(context.Background(), k, off, 1<<20)
