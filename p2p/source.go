@@ -48,12 +48,12 @@ const (
 	// Hedge delay bounds; in between it follows the observed first-byte times.
 	minHedge, maxHedge, initialHedge = 5 * time.Millisecond, 500 * time.Millisecond, 50 * time.Millisecond
 	maxCachedKeys                    = 8192
-	// After its first provider a lookup keeps collecting while more arrive
-	// back to back (one answer carries every provider its peer knows), and
-	// stops at the first pause of providerGap or providerGrace after the
-	// first, whichever comes sooner. Waiting for later answers costs the
-	// DHT query's work on this node (up to its concurrency of requests in
-	// flight) while the caller is already reading from the first provider.
+	// After its first provider a lookup keeps collecting for providerGrace.
+	// One whose caller waits for that first provider stops sooner, at the
+	// first pause of providerGap (one answer carries every provider its peer
+	// knows): waiting for later answers costs the DHT query's work on this
+	// node (up to its concurrency of requests in flight) while the caller is
+	// already reading from the first provider. See dhtFinder.
 	providerGrace = 2 * time.Millisecond
 	providerGap   = 200 * time.Microsecond
 	// missHedge is how long a swarm pull's first chunk waits for the first
