@@ -221,8 +221,14 @@ func (s *Source) firstLookup(ctx context.Context, k blob.Key, e *provEntry) []pe
 		}
 		s.setLocked(e, found)
 	}()
+	return s.peersWhen(ctx, e.done, e)
+}
+
+// peersWhen returns e's providers once ch is closed, or nil when ctx ends
+// first.
+func (s *Source) peersWhen(ctx context.Context, ch <-chan struct{}, e *provEntry) []peer.AddrInfo {
 	select {
-	case <-e.done:
+	case <-ch:
 	case <-ctx.Done():
 		return nil
 	}
@@ -293,14 +299,7 @@ func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry)
 	case <-ctx.Done():
 		return nil, nil
 	}
-	select {
-	case <-g:
-	case <-ctx.Done():
-		return nil, nil
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return e.peers, nil
+	return s.peersWhen(ctx, g, e), nil
 }
 
 // gatherLookup looks k up again at the end of its gather window.

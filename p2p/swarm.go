@@ -170,14 +170,7 @@ func (s *Source) knownProviders(ctx context.Context, k blob.Key) []peer.AddrInfo
 	if e == nil {
 		return nil
 	}
-	select {
-	case <-e.done:
-	case <-ctx.Done():
-		return nil
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return e.peers
+	return s.peersWhen(ctx, e.done, e)
 }
 
 func newSwarmChunks() *prometheus.CounterVec {

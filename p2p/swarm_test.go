@@ -175,14 +175,7 @@ func TestColdSwarmPullFirstChunkGoesToOriginAtOnceTheRestWaitForTheGather(t *tes
 	f.mu.Unlock()
 	// The read-ahead chunks wait for the second lookup and then see it.
 	off := chunkOwnedBy(t, s, k, 1, other)
-	got := make(chan error, 1)
-	go func() {
-		rc, _, err := s.FetchBacked(context.Background(), k, off, 1<<20)
-		if err == nil {
-			rc.Close()
-		}
-		got <- err
-	}()
+	got := fetchBackedAsync(s, k, off)
 	select {
 	case err := <-got:
 		t.Fatalf("a read-ahead chunk did not wait for the gather: %v", err)
@@ -217,14 +210,7 @@ func TestSwarmPullSplitsItsChunksOverTheNodesThatStartedWithIt(t *testing.T) {
 	}
 	// Even the reader's chunk waits: the blob is being pulled already, and
 	// the split needs the nodes that start with us.
-	got := make(chan error, 1)
-	go func() {
-		rc, _, err := s.FetchBacked(context.Background(), k, off, 1<<20)
-		if err == nil {
-			rc.Close()
-		}
-		got <- err
-	}()
+	got := fetchBackedAsync(s, k, off)
 	waitForCalls(t, f, 1)
 	// A node starting at the same moment as us announces in the window.
 	f.mu.Lock()
@@ -255,6 +241,20 @@ func chunkOwnedBy(t *testing.T, s *Source, k blob.Key, from int64, other peer.Ad
 	}
 	t.Fatal("no chunk owned by the other node")
 	return -1
+}
+
+// fetchBackedAsync runs FetchBacked of the 1 MiB chunk at off and sends its
+// error when it returns.
+func fetchBackedAsync(s *Source, k blob.Key, off int64) <-chan error {
+	got := make(chan error, 1)
+	go func() {
+		rc, _, err := s.FetchBacked(context.Background(), k, off, 1<<20)
+		if err == nil {
+			rc.Close()
+		}
+		got <- err
+	}()
+	return got
 }
 
 func waitForCalls(t *testing.T, f *fakeFinder, n int32) {
