@@ -9,23 +9,17 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	mrand "math/rand/v2"
 	"os"
 	"path/filepath"
-	"runtime"
-	"runtime/debug"
 	"runtime/pprof"
 	"sync"
 	"time"
 
 	"github.com/ipfs/go-cid"
-	"github.com/libp2p/go-libp2p"
 	dht "github.com/libp2p/go-libp2p-kad-dht"
-	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
-	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
@@ -144,6 +138,7 @@ type dhtTimes struct {
 	fetch1, fetch10 []time.Duration // peerd only: first fetch minus a warm fetch
 	miss            []time.Duration
 	failed          int
+	perNode         float64 // MiB of RSS per node
 }
 
 // benchDHT is row 5: discovery in a DHT of c.dhtNodes nodes built in this
@@ -181,7 +176,9 @@ func benchDHT(ctx context.Context, c *config, t *table) error {
 	if err != nil {
 		return err
 	}
-	askers := mrand.Perm(N)[:5]
+	// The askers are nodes of this process (the first part of each
+	// network), the same indexes in both networks.
+	askers := mrand.Perm(min(N, c.dhtPerProcess))[:5]
 	// Every node also holds a warm-up key of its own: peerd's askers fetch
 	// them to open their data-plane connections before the timed fetches.
 	// Both networks store the same records: warm-up keys and every key of
@@ -237,6 +234,8 @@ func benchDHT(ctx context.Context, c *config, t *table) error {
 		t.add(row{group: "5", what: fmt.Sprintf("(diagnostic) %s: discovery as a fetch feels it (first fetch minus a warm fetch), p50 / p99", v.label),
 			peerd: ms(quantile(v.f, .5)) + " / " + ms(quantile(v.f, .99))})
 	}
+	t.add(row{group: "5", what: fmt.Sprintf("discovery, %d nodes: memory per node (RSS growth of the processes hosting them ÷ nodes)", N),
+		peerd: fmt.Sprintf("%.1f MiB", pt.perNode), baseline: fmt.Sprintf("%.1f MiB kad-dht", kt.perNode)})
 	if pt.failed+kt.failed > 0 {
 		t.note("row 5: lookups that found no provider: peerd %d, kad-dht %d (of %d each)", pt.failed, kt.failed, 2*K)
 	}
@@ -247,123 +246,35 @@ func benchDHT(ctx context.Context, c *config, t *table) error {
 	return nil
 }
 
-// waitTables waits until every node's routing table has want entries.
-func waitTables(ctx context.Context, t *table, name string, n int, size func(i int) int, want int) error {
-	deadline := time.Now().Add(2 * time.Minute)
-	for {
-		low := 0
-		for i := 0; i < n; i++ {
-			if size(i) < want {
-				low++
-			}
-		}
-		if low == 0 {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			t.note("row 5: %d of %d %s nodes still have fewer than %d routing table entries after 2 min", low, n, name, want)
-			return nil
-		}
-		if err := sleep(ctx, 200*time.Millisecond); err != nil {
-			return err
-		}
-	}
-}
-
-func meanSize(n int, size func(i int) int) float64 {
-	sum := 0
-	for i := 0; i < n; i++ {
-		sum += size(i)
-	}
-	return float64(sum) / float64(max(n, 1))
-}
-
 // peerdDHT builds the network of peerd p2p nodes and measures it.
 func peerdDHT(ctx context.Context, c *config, t *table, warm, one, ten []keyCase, askers []int) (dhtTimes, error) {
 	var res dhtTimes
 	N := c.dhtNodes
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	runtime.GC()
-	debug.FreeOSMemory()
-	rss0 := processRSS()
-	var pn []*peerdNode
-	defer func() {
-		for _, x := range pn {
-			x.n.Close()
-		}
-	}()
-	var boot string
-	for i := 0; i < N; i++ {
-		ip := fmt.Sprintf("127.1.%d.%d", i/250, 1+i%250)
-		key, _, err := crypto.GenerateEd25519Key(rand.Reader)
-		if err != nil {
-			return res, err
-		}
-		reg := prometheus.NewRegistry()
-		st := &oneByteStore{keys: map[blob.Key]bool{}}
-		// The daemon's defaults (--resolve-timeout 20ms, --resolve-retries 1).
-		cfg := p2p.Config{Key: key, ListenAddr: "/ip4/" + ip + "/tcp/0", PeerAddr: ip + ":0",
-			ResolveTimeout: 20 * time.Millisecond, ResolveRetries: 1,
-			Stores: []p2p.LocalStore{st}, Registerer: reg, Logger: quiet, UserAgent: "peerd-bench"}
-		if boot != "" {
-			cfg.Bootstrap = []string{boot}
-		}
-		n, err := p2p.New(ctx, cfg)
-		if err != nil {
-			return res, fmt.Errorf("peerd node %d: %w", i, err)
-		}
-		pn = append(pn, &peerdNode{n: n, reg: reg, store: st})
-		if i == 0 {
-			boot = fmt.Sprintf("%s/p2p/%s", n.Addrs()[0], n.ID())
-		}
+	net, err := startNet(ctx, c, "peerd", 1, N)
+	if err != nil {
+		return res, err
 	}
+	defer net.close()
+	pn := net.local.pn
+	L := net.localSize()
 	// Like the kad-dht network below: every node refreshes its routing
 	// table once the whole network is up (a node's own refresh after
 	// joining saw only the nodes started before it).
-	var rwg sync.WaitGroup
-	for _, x := range pn[1:] {
-		rwg.Add(1)
-		go func() {
-			defer rwg.Done()
-			rctx, rcancel := context.WithTimeout(ctx, time.Minute)
-			defer rcancel()
-			x.n.RefreshRoutingTable(rctx)
-		}()
-	}
-	rwg.Wait()
-	if err := waitTables(ctx, t, "peerd", N, func(i int) int { return pn[i].n.RoutingTableSize() }, min(N-1, 10)); err != nil {
+	if err := net.refresh(ctx); err != nil {
 		return res, err
 	}
-	t.note("row 5: mean routing table size, peerd nodes: %.1f", meanSize(N, func(i int) int { return pn[i].n.RoutingTableSize() }))
-	runtime.GC()
-	debug.FreeOSMemory()
-	perNode := (processRSS() - rss0) / float64(N)
-
-	expected := 0
-	for _, kc := range append(append(append([]keyCase{}, warm...), one...), ten...) {
-		for _, h := range kc.holders {
-			pn[h].store.add(kc.k)
-			pn[h].n.BlobAdded(kc.k)
-			expected++
-		}
+	if err := net.waitTables(ctx, t, "peerd", min(N-1, 10)); err != nil {
+		return res, err
+	}
+	if res.perNode, _, err = net.usage(ctx); err != nil {
+		return res, err
 	}
 	start := time.Now()
-	for {
-		var done float64
-		for _, x := range pn {
-			done += counterSum(x.reg, "peerd_p2p_provides_total", "result", "ok")
-		}
-		if done >= float64(expected) {
-			break
-		}
-		if time.Since(start) > 5*time.Minute {
-			return res, fmt.Errorf("peerd nodes advertised %v of %d keys in 5 min", done, expected)
-		}
-		if err := sleep(ctx, 200*time.Millisecond); err != nil {
-			return res, err
-		}
+	expected, err := net.provide(ctx, append(append(append([]keyCase{}, warm...), one...), ten...))
+	if err != nil {
+		return res, err
 	}
 	t.note("row 5: %d peerd nodes advertised %d keys in %v", N, expected, time.Since(start).Round(time.Millisecond))
 
@@ -404,7 +315,7 @@ func peerdDHT(ctx context.Context, c *config, t *table, warm, one, ten []keyCase
 			pick := func(j int) int {
 				a := askers[j%len(askers)]
 				for slicesContains(kc.holders, a) {
-					a = (a + 1) % N
+					a = (a + 1) % L
 				}
 				return a
 			}
@@ -445,97 +356,38 @@ func peerdDHT(ctx context.Context, c *config, t *table, warm, one, ten []keyCase
 		}
 		res.miss = append(res.miss, d)
 	}
+	net.noteFds(ctx, t, "after the lookups")
 	var found, notFound uint64
 	for _, a := range askers {
 		found += histCount(pn[a].reg, "peerd_p2p_lookup_seconds", "result", "found")
 		notFound += histCount(pn[a].reg, "peerd_p2p_lookup_seconds", "result", "not_found")
 	}
 	t.note("row 5: the askers' peerd DHT lookups (peerd_p2p_lookup_seconds): %d found a provider, %d found none (%d misses were asked)", found, notFound, min(c.dhtKeys, 50))
-	t.add(row{group: "5", what: fmt.Sprintf("discovery, %d nodes: memory per in-process peerd p2p node (process RSS growth ÷ nodes)", N),
-		peerd: fmt.Sprintf("%.1f MiB", perNode)})
-	return res, peerdAtScale(ctx, c, t, pn)
+	return res, peerdAtScale(ctx, c, t, pn, N)
 }
 
 // kadDHT builds a network of plain kad-dht nodes and measures it the same way.
 func kadDHT(ctx context.Context, c *config, t *table, records, one, ten []keyCase, askers []int) (dhtTimes, error) {
 	var res dhtTimes
-	N := c.dhtNodes
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	var kn []*kadNode
-	defer func() {
-		for _, x := range kn {
-			x.d.Close()
-			x.h.Close()
-		}
-	}()
-	var kboot peer.AddrInfo
-	for i := 0; i < N; i++ {
-		ip := fmt.Sprintf("127.2.%d.%d", i/250, 1+i%250)
-		h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/"+ip+"/tcp/0"), libp2p.Transport(tcp.NewTCPTransport),
-			libp2p.DisableRelay(), libp2p.UserAgent("kad-bench"))
-		if err != nil {
-			return res, fmt.Errorf("kad host %d: %w", i, err)
-		}
-		opts := []dht.Option{dht.Mode(dht.ModeServer), dht.ProtocolPrefix("/peerd-bench-kad"), dht.DisableValues()}
-		if i > 0 {
-			opts = append(opts, dht.BootstrapPeers(kboot))
-		}
-		d, err := dht.New(h, opts...)
-		if err != nil {
-			h.Close()
-			return res, err
-		}
-		kn = append(kn, &kadNode{h: h, d: d})
-		if i == 0 {
-			kboot = peer.AddrInfo{ID: h.ID(), Addrs: h.Addrs()}
-			continue
-		}
-		cctx, ccancel := context.WithTimeout(ctx, 5*time.Second)
-		err = h.Connect(cctx, kboot)
-		ccancel()
-		if err != nil {
-			return res, fmt.Errorf("kad node %d: connect: %w", i, err)
-		}
-	}
-	for _, k := range kn[1:] {
-		k.d.RefreshRoutingTable()
-	}
-	if err := waitTables(ctx, t, "kad-dht", N, func(i int) int { return kn[i].d.RoutingTable().Size() }, min(N-1, 10)); err != nil {
+	net, err := startNet(ctx, c, "kad", 2, c.dhtNodes)
+	if err != nil {
 		return res, err
 	}
-	t.note("row 5: mean routing table size, kad-dht nodes: %.1f", meanSize(N, func(i int) int { return kn[i].d.RoutingTable().Size() }))
-	// Provide concurrently, as peerd's advertiser does.
-	work := make(chan [2]int)
-	var wg sync.WaitGroup
-	var errMu sync.Mutex
-	var provErr error
-	all := records
-	for w := 0; w < 16; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for x := range work {
-				pctx, pcancel := context.WithTimeout(ctx, 30*time.Second)
-				err := kn[x[1]].d.Provide(pctx, all[x[0]].c, true)
-				pcancel()
-				if err != nil {
-					errMu.Lock()
-					provErr = err
-					errMu.Unlock()
-				}
-			}
-		}()
+	defer net.close()
+	kn, L := net.local.kn, net.localSize()
+	if err := net.refresh(ctx); err != nil {
+		return res, err
 	}
-	for i, kc := range all {
-		for _, h := range kc.holders {
-			work <- [2]int{i, h}
-		}
+	if err := net.waitTables(ctx, t, "kad-dht", min(c.dhtNodes-1, 10)); err != nil {
+		return res, err
 	}
-	close(work)
-	wg.Wait()
-	if provErr != nil {
-		return res, fmt.Errorf("kad provide: %w", provErr)
+	if res.perNode, _, err = net.usage(ctx); err != nil {
+		return res, err
+	}
+	if _, err := net.provide(ctx, records); err != nil {
+		return res, err
 	}
 	first := func(asker int, cc cid.Cid) (time.Duration, bool) {
 		fctx, fcancel := context.WithTimeout(ctx, 5*time.Second)
@@ -555,7 +407,7 @@ func kadDHT(ctx context.Context, c *config, t *table, records, one, ten []keyCas
 		for i, kc := range cases {
 			asker := askers[i%len(askers)]
 			for slicesContains(kc.holders, asker) {
-				asker = (asker + 1) % N
+				asker = (asker + 1) % L
 			}
 			if d, ok := first(asker, kc.c); ok {
 				out = append(out, d)
@@ -578,6 +430,7 @@ func kadDHT(ctx context.Context, c *config, t *table, records, one, ten []keyCas
 		res.miss = append(res.miss, time.Since(start))
 		fcancel()
 	}
+	net.noteFds(ctx, t, "after the lookups")
 	return res, ctx.Err()
 }
 
@@ -615,9 +468,10 @@ func slicesContains(s []int, v int) bool {
 	return false
 }
 
-// peerdAtScale starts a real peerd process, makes every in-process node
-// connect to it and reads its RSS with that many peers.
-func peerdAtScale(ctx context.Context, c *config, t *table, pn []*peerdNode) error {
+// peerdAtScale starts a real peerd process in the network of size nodes,
+// makes every node of this process (pn) connect to it and reads its RSS
+// with that many peers; then row 4 measures a miss through it.
+func peerdAtScale(ctx context.Context, c *config, t *table, pn []*peerdNode, size int) error {
 	boot := fmt.Sprintf("%s/p2p/%s", pn[0].n.Addrs()[0], pn[0].n.ID())
 	o, err := startOrigin(ctx, c, "origin-dht")
 	if err != nil {
@@ -655,5 +509,5 @@ func peerdAtScale(ctx context.Context, c *config, t *table, pn []*peerdNode) err
 	hwm, _ := rssMiB(n.PID(), "VmHWM")
 	t.add(row{group: "5", what: fmt.Sprintf("discovery: RSS of a peerd process connected to %.0f peers (peak %.1f MiB)", peers, hwm),
 		peerd: fmt.Sprintf("%.1f MiB", rss), goal: "≤ 64 MiB", verdict: atMost(rss, 64)})
-	return missTTFB(ctx, c, t, o, n, fmt.Sprintf("a peerd in the %d-node DHT", len(pn)))
+	return missTTFB(ctx, c, t, o, n, fmt.Sprintf("a peerd in the %d-node DHT", size))
 }

@@ -10,6 +10,7 @@
 //	BENCH_ROUNDS        counted rounds after the uncounted warm-up (default 3; quick 1)
 //	BENCH_DHT_NODES     nodes of the in-process DHT (default 100; quick 30); 0 skips row 5
 //	BENCH_DHT_KEYS      lookups per kind in row 5 (default 200; quick 50)
+//	BENCH_DHT_PER_PROCESS  most row-5 nodes in one process (default 100, 25 above 100 nodes); the rest run in child processes
 //	BENCH_STREAMS       concurrent range streams in row 6 (default 100)
 //	BENCH_ONLY          comma-separated rows to run: hit,fuse,peer,miss,dht,mem,cluster
 //	BENCH_CLUSTER=1     also run the e2e cluster scenarios (root; slow)
@@ -44,11 +45,14 @@ type config struct {
 	rounds   int
 	dhtNodes int
 	dhtKeys  int
-	streams  int
-	only     map[string]bool
-	cluster  bool
-	pprof    string
-	quick    bool
+	// dhtPerProcess is the most row-5 nodes one process hosts; larger
+	// networks put the rest in child processes.
+	dhtPerProcess int
+	streams       int
+	only          map[string]bool
+	cluster       bool
+	pprof         string
+	quick         bool
 }
 
 func (c *config) size() int64 { return c.sizeMB << 20 }
@@ -147,6 +151,11 @@ func main() {
 		runFileServer(os.Args[2], os.Args[3])
 		return
 	}
+	if len(os.Args) == 2 && os.Args[1] == "dht-host" {
+		raiseFileLimit()
+		golog.SetAllLoggers(golog.LevelFatal)
+		os.Exit(runDHTHost())
+	}
 	if len(os.Args) > 1 {
 		fmt.Fprintln(os.Stderr, "usage: peerd-bench (configured by BENCH_* environment variables; see bench/README.md)")
 		os.Exit(2)
@@ -167,6 +176,13 @@ func main() {
 	c.rounds = max(1, envInt("BENCH_ROUNDS", def(3, 1)))
 	c.dhtNodes = envInt("BENCH_DHT_NODES", def(100, 30))
 	c.dhtKeys = max(10, envInt("BENCH_DHT_KEYS", def(200, 50)))
+	// 100 nodes of a 100-node network hold ~10,000 descriptors; in a
+	// network of 500 a node keeps up to 400 connections (peerd's
+	// connection manager) and its data-plane connections.
+	c.dhtPerProcess = max(12, envInt("BENCH_DHT_PER_PROCESS", 100))
+	if c.dhtNodes > 100 && os.Getenv("BENCH_DHT_PER_PROCESS") == "" {
+		c.dhtPerProcess = 25
+	}
 	c.streams = max(1, envInt("BENCH_STREAMS", 100))
 	c.cluster = os.Getenv("BENCH_CLUSTER") != "" && os.Getenv("BENCH_CLUSTER") != "0"
 	c.pprof = os.Getenv("BENCH_PPROF")
@@ -178,9 +194,19 @@ func main() {
 		c.cluster = c.cluster || c.only["cluster"]
 	}
 
-	// A DHT of hundreds of in-process nodes holds two sockets per
-	// connection, both ends being here: raise the descriptor limit as far
-	// as we may (root: up to fs.nr_open).
+	raiseFileLimit()
+	// The libp2p nodes of row 5 are many; their log lines are not figures.
+	golog.SetAllLoggers(golog.LevelFatal)
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	os.Exit(run(ctx, c))
+}
+
+// raiseFileLimit raises the descriptor limit as far as we may (root: up
+// to fs.nr_open): row 5's processes hold two sockets per connection
+// between two of their own nodes.
+func raiseFileLimit() {
 	var lim syscall.Rlimit
 	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim) == nil {
 		want := syscall.Rlimit{Cur: 1 << 20, Max: 1 << 20}
@@ -189,12 +215,6 @@ func main() {
 			syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
 		}
 	}
-	// The libp2p nodes of row 5 are many; their log lines are not figures.
-	golog.SetAllLoggers(golog.LevelFatal)
-
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
-	os.Exit(run(ctx, c))
 }
 
 func run(ctx context.Context, c *config) int {
