@@ -297,10 +297,10 @@ func (s *nodeSet) close() {
 // hostReq and hostResp are the child protocol: one JSON request per line
 // on the child's stdin, one JSON answer per line on its stdout.
 type hostReq struct {
-	Op    string // start, refresh, sizes, provide, provided, memory
-	Kind  string
-	IPs   []string
-	Boot  string
+	Op      string // start, refresh, sizes, provide, provided, memory
+	Kind    string
+	IPs     []string
+	Boot    string
 	Items   []provideItem
 	Workers int
 }
