@@ -211,11 +211,13 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, err
 	}
-	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits.AutoScale()), rcmgr.WithTraceReporter(str))
+	scaled := limits.AutoScale()
+	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(scaled), rcmgr.WithTraceReporter(str))
 	if err != nil {
 		return nil, fmt.Errorf("p2p resource manager: %w", err)
 	}
-	cm, err := connmgr.NewConnManager(200, 400, connmgr.WithGracePeriod(time.Minute))
+	low, high := connWatermarks(scaled)
+	cm, err := connmgr.NewConnManager(low, high, connmgr.WithGracePeriod(time.Minute))
 	if err != nil {
 		rm.Close()
 		return nil, err
@@ -454,6 +456,7 @@ func (n *Node) bootstrapLoop() {
 		}
 		if len(peers) > 0 && n.ConnectedPeers() == 0 {
 			ok := 0
+			var lastErr error
 			for _, ai := range peers {
 				// Our own backoff paces these dials; the swarm's per-peer dial
 				// backoff (5 s and growing) would hide a peer that came back.
@@ -462,6 +465,7 @@ func (n *Node) bootstrapLoop() {
 				}
 				if err := n.Connect(n.ctx, ai); err != nil {
 					n.log.Debug("bootstrap peer unreachable", "peer", ai.ID.String(), "err", err)
+					lastErr = err
 					continue
 				}
 				ok++
@@ -470,7 +474,7 @@ func (n *Node) bootstrapLoop() {
 				n.log.Info("connected to bootstrap peers", "connected", ok, "of", len(peers))
 				wait, refreshed = minWait, false
 			} else if len(n.bootstrapPeers()) > 0 {
-				n.log.Warn("no bootstrap peer reachable; retrying", "peers", len(peers), "retry-in", wait)
+				n.log.Warn("no bootstrap peer reachable; retrying", "peers", len(peers), "retry-in", wait, "last-err", lastErr)
 			} else {
 				n.log.Debug("no remembered peer reachable; retrying", "peers", len(peers), "retry-in", wait)
 			}
@@ -602,4 +606,22 @@ func (n *Node) connected(p peer.ID) bool {
 
 func newStdLogger(l *slog.Logger) *log.Logger {
 	return slog.NewLogLogger(l.Handler(), slog.LevelWarn)
+}
+
+// connWatermarks are the connection manager's low and high water marks:
+// at most 400 connections, and below the resource manager's limit on
+// inbound connections (252 on a 24 GiB machine, 80 on 2 GiB). With the
+// high mark above that limit, a node many peers know (a bootstrap node,
+// one that served a popular blob) fills its inbound connections and
+// stays there: the connection manager never trims, because the total is
+// under its high mark, and the resource manager resets every new peer
+// during the handshake. In a 500-node network that refused the nodes that
+// tried to join through such a node, and lookups that needed to reach it.
+func connWatermarks(l rcmgr.ConcreteLimitConfig) (low, high int) {
+	high = 400
+	if in := int(l.ToPartialLimitConfig().System.ConnsInbound); in > 0 {
+		high = min(high, in*3/4)
+	}
+	high = max(high, 4)
+	return high / 2, high
 }
