@@ -38,6 +38,10 @@ const (
 	// noticed soon.
 	positiveTTL = 30 * time.Second
 	negativeTTL = 5 * time.Second
+	// A lookup that ran out of time is followed by one bounded by
+	// lateFactor × --resolve-timeout, at least lateMin (see lookLaterLocked).
+	lateFactor = 10
+	lateMin    = 500 * time.Millisecond
 	// A peer that failed is not asked for a while (doubling while it keeps
 	// failing); one whose bytes failed verification, for longer.
 	errorAvoid    = 5 * time.Second
@@ -190,7 +194,7 @@ func (s *Source) swarmProviders(ctx context.Context, k blob.Key, maxAge time.Dur
 	case !e.refreshing:
 		e.refreshing = true
 		s.m.lookupCache.WithLabelValues("stale").Inc()
-		go s.refresh(k, e)
+		go s.refresh(k, e, s.timeout)
 	default:
 		s.m.lookupCache.WithLabelValues("stale").Inc()
 	}
@@ -203,7 +207,7 @@ func (s *Source) swarmProviders(ctx context.Context, k blob.Key, maxAge time.Dur
 // for the others nor make "nobody has it" stick.
 func (s *Source) firstLookup(ctx context.Context, k blob.Key, e *provEntry) []peer.AddrInfo {
 	go func() {
-		found := s.lookup(s.bg, k, func(first []peer.AddrInfo) {
+		found, late := s.lookup(s.bg, k, s.timeout, func(first []peer.AddrInfo) {
 			s.mu.Lock()
 			s.setLocked(e, first)
 			close(e.done)
@@ -220,6 +224,7 @@ func (s *Source) firstLookup(ctx context.Context, k blob.Key, e *provEntry) []pe
 			defer close(e.done)
 		}
 		s.setLocked(e, found)
+		s.lookLaterLocked(k, e, late)
 	}()
 	return s.peersWhen(ctx, e.done, e)
 }
@@ -272,9 +277,10 @@ func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry)
 	// goes ahead must neither cut it short nor make "nobody" stick.
 	result := make(chan []peer.AddrInfo, 1)
 	go func() {
-		found := s.lookup(s.bg, k, nil)
+		found, late := s.lookup(s.bg, k, s.timeout, nil)
 		s.mu.Lock()
 		s.setLocked(e, found)
+		s.lookLaterLocked(k, e, late)
 		close(e.done)
 		s.mu.Unlock()
 		if g != nil {
@@ -310,7 +316,7 @@ func (s *Source) gatherLookup(k blob.Key, e *provEntry, at time.Time) {
 	}
 	var found []peer.AddrInfo
 	if s.bg.Err() == nil {
-		found = s.lookup(s.bg, k, nil)
+		found, _ = s.lookup(s.bg, k, s.timeout, nil)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -337,10 +343,10 @@ func (s *Source) setLocked(e *provEntry, found []peer.AddrInfo) {
 	}
 }
 
-// refresh looks k up again in the background. It is bounded by the lookup
-// timeouts and stops when the node closes.
-func (s *Source) refresh(k blob.Key, e *provEntry) {
-	found := s.lookup(s.bg, k, nil)
+// refresh looks k up again in the background, each try bounded by timeout;
+// it stops when the node closes.
+func (s *Source) refresh(k blob.Key, e *provEntry, timeout time.Duration) {
+	found, _ := s.lookup(s.bg, k, timeout, nil)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e.refreshing = false
@@ -350,11 +356,12 @@ func (s *Source) refresh(k blob.Key, e *provEntry) {
 	s.setLocked(e, found)
 }
 
-// lookup asks the DHT, with --resolve-retries more tries when nobody answers.
-// early, when not nil, is called once with the first providers found while
-// the query goes on collecting more.
-func (s *Source) lookup(ctx context.Context, k blob.Key, early func([]peer.AddrInfo)) []peer.AddrInfo {
-	var found []peer.AddrInfo
+// lookup asks the DHT, with --resolve-retries more tries when nobody answers,
+// each try bounded by timeout. early, when not nil, is called once with the
+// first providers found while the query goes on collecting more. late
+// reports that nobody was found because every try ran out of time (not
+// because the query ended).
+func (s *Source) lookup(ctx context.Context, k blob.Key, timeout time.Duration, early func([]peer.AddrInfo)) (found []peer.AddrInfo, late bool) {
 	others := func(ps []peer.AddrInfo) []peer.AddrInfo {
 		var out []peer.AddrInfo
 		for _, p := range ps {
@@ -375,11 +382,12 @@ func (s *Source) lookup(ctx context.Context, k blob.Key, early func([]peer.AddrI
 	}
 	for attempt := 0; attempt <= s.retries && len(found) == 0 && ctx.Err() == nil; attempt++ {
 		start := s.now()
-		lctx, cancel := context.WithTimeout(ctx, s.timeout)
+		lctx, cancel := context.WithTimeout(ctx, timeout)
 		ps, err := s.finder.FindProviders(lctx, k, first)
 		// A query that ran to completion and found nobody is an answer, not a
 		// failure: only a deadline or an error is worth another try.
-		retry := err != nil || errors.Is(lctx.Err(), context.DeadlineExceeded)
+		late = errors.Is(lctx.Err(), context.DeadlineExceeded)
+		retry := err != nil || late
 		cancel()
 		found = others(append(found, ps...))
 		result := "found"
@@ -397,7 +405,22 @@ func (s *Source) lookup(ctx context.Context, k blob.Key, early func([]peer.AddrI
 	if first != nil {
 		first(found) // a finder that never reported early
 	}
-	return found
+	return found, late && len(found) == 0
+}
+
+// lookLaterLocked follows a lookup that found nobody only because it ran
+// out of time (late) with one more, in the background and with a longer
+// bound (lateTimeout): on a slow network (a large DHT, busy nodes) the
+// reader who waited has gone to the origin, but the blob's next chunks and
+// readers should find the peers instead of the negative answer for
+// negativeTTL. Its answer replaces the entry's when it finds someone.
+func (s *Source) lookLaterLocked(k blob.Key, e *provEntry, late bool) {
+	if !late || e.refreshing || s.bg.Err() != nil {
+		return
+	}
+	e.refreshing = true
+	s.m.lookupCache.WithLabelValues("late").Inc()
+	go s.refresh(k, e, max(lateFactor*s.timeout, lateMin))
 }
 
 // SetSwarmGather sets how long after a swarm pull's empty first lookup the

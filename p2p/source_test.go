@@ -16,6 +16,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/peerd-project/peerd/blob"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 func newPeerID(t testing.TB) peer.ID {
@@ -518,5 +519,71 @@ func TestCollectProvidersEndsWithTheQuery(t *testing.T) {
 	cancel()
 	if got := collectProviders(ctx, make(chan peer.AddrInfo), nil, time.Hour, time.Hour); len(got) != 0 {
 		t.Fatalf("cancelled query: got %v", got)
+	}
+}
+
+// slowFinder answers after delay; a lookup whose deadline comes first
+// gets nothing, as from a DHT query cut short.
+type slowFinder struct {
+	calls atomic.Int32
+	delay time.Duration
+	peers []peer.AddrInfo
+}
+
+func (f *slowFinder) FindProviders(ctx context.Context, k blob.Key, _ func([]peer.AddrInfo)) ([]peer.AddrInfo, error) {
+	f.calls.Add(1)
+	select {
+	case <-time.After(f.delay):
+		return f.peers, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// A lookup that found nobody because it ran out of time is followed by a
+// longer one in the background, whose providers the next reader gets,
+// instead of "nobody" for the negative TTL. A lookup that ended with no
+// provider is an answer and is not followed.
+func TestSourceLookupThatRanOutOfTimeIsFollowedByALongerOne(t *testing.T) {
+	p := peer.AddrInfo{ID: newPeerID(t)}
+	// Slower than both 20 ms tries, well inside the late lookup's bound.
+	f := &slowFinder{delay: 100 * time.Millisecond, peers: []peer.AddrInfo{p}}
+	s := newSource(newPeerID(t), f, &fakeGetter{}, nil, nil, 20*time.Millisecond, 1)
+	k := testKey()
+	if ps := s.Providers(context.Background(), k); len(ps) != 0 {
+		t.Fatalf("first lookup found %v before its deadline", ps)
+	}
+	// Only the late lookup can find p: a refresh after the negative TTL is
+	// bounded by the same 20 ms and would time out again.
+	deadline := time.Now().Add(negativeTTL - time.Second)
+	for {
+		ps := s.Providers(context.Background(), k)
+		if len(ps) == 1 && ps[0].ID == p.ID {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("providers %v before the negative answer expired; want the late lookup's %s", ps, p.ID)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := testutil.ToFloat64(s.m.lookupCache.WithLabelValues("late")); got != 1 {
+		t.Errorf("late lookups counted: %v, want 1", got)
+	}
+	if got := f.calls.Load(); got != 3 {
+		t.Errorf("finder calls: %d, want 3 (two tries, one late lookup)", got)
+	}
+
+	// A query that ran to its end and found nobody is not followed.
+	done := &slowFinder{delay: time.Millisecond}
+	s2 := newSource(newPeerID(t), done, &fakeGetter{}, nil, nil, 20*time.Millisecond, 1)
+	if ps := s2.Providers(context.Background(), k); len(ps) != 0 {
+		t.Fatalf("providers %v from a finder that has none", ps)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if got := done.calls.Load(); got != 1 {
+		t.Errorf("finder calls after an answer of nobody: %d, want 1", got)
+	}
+	if got := testutil.ToFloat64(s2.m.lookupCache.WithLabelValues("late")); got != 0 {
+		t.Errorf("late lookups counted after an answer of nobody: %v", got)
 	}
 }
