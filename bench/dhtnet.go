@@ -46,7 +46,8 @@ type dhtPart interface {
 	// or "kad"): the first joins through boot (with boot empty it is the
 	// network's bootstrap node), the others through the first. It returns
 	// the nodes' p2p addresses.
-	start(ctx context.Context, kind string, ips []string, boot string) ([]string, error)
+	// resolve is a peerd node's --resolve-timeout.
+	start(ctx context.Context, kind string, ips []string, boot string, resolve time.Duration) ([]string, error)
 	// refresh refreshes every node's routing table.
 	refresh(ctx context.Context) error
 	// sizes are the nodes' routing table sizes.
@@ -98,7 +99,7 @@ func newNodeSet() *nodeSet {
 	return &nodeSet{quiet: slog.New(slog.NewTextHandler(io.Discard, nil)), rss0: processRSS()}
 }
 
-func (s *nodeSet) start(ctx context.Context, kind string, ips []string, boot string) ([]string, error) {
+func (s *nodeSet) start(ctx context.Context, kind string, ips []string, boot string, resolve time.Duration) ([]string, error) {
 	s.kind = kind
 	var addrs []string
 	for i, ip := range ips {
@@ -111,9 +112,10 @@ func (s *nodeSet) start(ctx context.Context, kind string, ips []string, boot str
 			}
 			reg := prometheus.NewRegistry()
 			st := &oneByteStore{keys: map[blob.Key]bool{}}
-			// The daemon's defaults (--resolve-timeout 20ms, --resolve-retries 1).
+			// The daemon's defaults (--resolve-timeout 20ms unless
+			// BENCH_DHT_RESOLVE_TIMEOUT, --resolve-retries 1).
 			cfg := p2p.Config{Key: key, ListenAddr: "/ip4/" + ip + "/tcp/0", PeerAddr: ip + ":0",
-				ResolveTimeout: 20 * time.Millisecond, ResolveRetries: 1,
+				ResolveTimeout: resolve, ResolveRetries: 1,
 				Stores: []p2p.LocalStore{st}, Registerer: reg, Logger: s.quiet, UserAgent: "peerd-bench"}
 			if boot != "" {
 				cfg.Bootstrap = []string{boot}
@@ -146,12 +148,21 @@ func (s *nodeSet) start(ctx context.Context, kind string, ips []string, boot str
 			}
 			s.kn = append(s.kn, &kadNode{h: h, d: d})
 			addr = fmt.Sprintf("%s/p2p/%s", h.Addrs()[0], h.ID())
-			if bi != nil {
+			// A few tries: the network's bootstrap node, known to every
+			// node, refuses handshakes beyond its resource manager's
+			// limit on connections being set up.
+			for try := 0; bi != nil; try++ {
 				cctx, ccancel := context.WithTimeout(ctx, 30*time.Second)
 				err = h.Connect(cctx, *bi)
 				ccancel()
-				if err != nil {
+				if err == nil {
+					break
+				}
+				if try == 4 {
 					return nil, fmt.Errorf("kad node %s: connect: %w", ip, err)
+				}
+				if err := sleep(ctx, time.Second); err != nil {
+					return nil, err
 				}
 			}
 		default:
@@ -301,6 +312,7 @@ type hostReq struct {
 	Kind    string
 	IPs     []string
 	Boot    string
+	Resolve time.Duration
 	Items   []provideItem
 	Workers int
 }
@@ -320,7 +332,7 @@ func (s *nodeSet) serve(ctx context.Context, r hostReq) hostResp {
 	var err error
 	switch r.Op {
 	case "start":
-		out.Addrs, err = s.start(ctx, r.Kind, r.IPs, r.Boot)
+		out.Addrs, err = s.start(ctx, r.Kind, r.IPs, r.Boot, r.Resolve)
 	case "refresh":
 		err = s.refresh(ctx)
 	case "sizes":
@@ -420,8 +432,8 @@ func (p *remotePart) call(r hostReq) (hostResp, error) {
 	return resp, nil
 }
 
-func (p *remotePart) start(_ context.Context, kind string, ips []string, boot string) ([]string, error) {
-	r, err := p.call(hostReq{Op: "start", Kind: kind, IPs: ips, Boot: boot})
+func (p *remotePart) start(_ context.Context, kind string, ips []string, boot string, resolve time.Duration) ([]string, error) {
+	r, err := p.call(hostReq{Op: "start", Kind: kind, IPs: ips, Boot: boot, Resolve: resolve})
 	return r.Addrs, err
 }
 
@@ -494,7 +506,7 @@ func startNet(ctx context.Context, c *config, kind string, ipNet, n int) (*dhtNe
 	first := min(n, per)
 	var err error
 	net.parts, net.lo = []dhtPart{net.local}, []int{0}
-	net.addrs, err = net.local.start(ctx, kind, ips(0, first), "")
+	net.addrs, err = net.local.start(ctx, kind, ips(0, first), "", c.dhtResolve)
 	if err != nil {
 		net.close()
 		return nil, err
@@ -509,7 +521,7 @@ func startNet(ctx context.Context, c *config, kind string, ipNet, n int) (*dhtNe
 		}
 		net.parts, net.lo = append(net.parts, p), append(net.lo, lo)
 		var addrs []string
-		if addrs, err = p.start(ctx, kind, ips(lo, min(n, lo+per)), boot); err != nil {
+		if addrs, err = p.start(ctx, kind, ips(lo, min(n, lo+per)), boot, c.dhtResolve); err != nil {
 			break
 		}
 		net.addrs = append(net.addrs, addrs...)

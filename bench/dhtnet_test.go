@@ -27,7 +27,7 @@ func TestNetworkSpansProcesses(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	c := &config{work: t.TempDir(), dhtPerProcess: 12}
+	c := &config{work: t.TempDir(), dhtPerProcess: 12, dhtResolve: 20 * time.Millisecond}
 	const n = 16
 	net, err := startNet(ctx, c, "peerd", 3, n)
 	if err != nil {

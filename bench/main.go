@@ -10,6 +10,7 @@
 //	BENCH_ROUNDS        counted rounds after the uncounted warm-up (default 3; quick 1)
 //	BENCH_DHT_NODES     nodes of the in-process DHT (default 100; quick 30); 0 skips row 5
 //	BENCH_DHT_KEYS      lookups per kind in row 5 (default 200; quick 50)
+//	BENCH_DHT_RESOLVE_TIMEOUT  row-5 peerd nodes' --resolve-timeout (default the daemon's 20ms)
 //	BENCH_DHT_PER_PROCESS  most row-5 nodes in one process (default 100, 25 above 100 nodes); the rest run in child processes
 //	BENCH_STREAMS       concurrent range streams in row 6 (default 100)
 //	BENCH_ONLY          comma-separated rows to run: hit,fuse,peer,miss,dht,mem,cluster
@@ -48,11 +49,13 @@ type config struct {
 	// dhtPerProcess is the most row-5 nodes one process hosts; larger
 	// networks put the rest in child processes.
 	dhtPerProcess int
-	streams       int
-	only          map[string]bool
-	cluster       bool
-	pprof         string
-	quick         bool
+	// dhtResolve is the row-5 peerd nodes' --resolve-timeout.
+	dhtResolve time.Duration
+	streams    int
+	only       map[string]bool
+	cluster    bool
+	pprof      string
+	quick      bool
 }
 
 func (c *config) size() int64 { return c.sizeMB << 20 }
@@ -182,6 +185,15 @@ func main() {
 	c.dhtPerProcess = max(12, envInt("BENCH_DHT_PER_PROCESS", 100))
 	if c.dhtNodes > 100 && os.Getenv("BENCH_DHT_PER_PROCESS") == "" {
 		c.dhtPerProcess = 25
+	}
+	c.dhtResolve = 20 * time.Millisecond
+	if v := os.Getenv("BENCH_DHT_RESOLVE_TIMEOUT"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d <= 0 {
+			fmt.Fprintln(os.Stderr, "bench: BENCH_DHT_RESOLVE_TIMEOUT must be a positive duration such as 20ms")
+			os.Exit(2)
+		}
+		c.dhtResolve = d
 	}
 	c.streams = max(1, envInt("BENCH_STREAMS", 100))
 	c.cluster = os.Getenv("BENCH_CLUSTER") != "" && os.Getenv("BENCH_CLUSTER") != "0"
