@@ -313,3 +313,24 @@ func TestReconnectedPeerIsNoLongerAvoided(t *testing.T) {
 		return len(a.Source().order([]peer.AddrInfo{{ID: b.ID()}})) == 1
 	})
 }
+
+// A node whose bootstrap peers were unreachable while others joined
+// through it is connected, but only to its own island: it must go on
+// dialling its bootstrap peers, not stop because it has connections.
+func TestConnectedNodeStillDialsItsBootstrapPeers(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts libp2p hosts")
+	}
+	seed := startNode(t, nil)
+	island := startNode(t, nil)
+	member := startNode(t, nil, island)
+	waitFor(t, "member joined through island", func() bool { return island.connected(member.ID()) })
+	// The bootstrap peer becomes known (or reachable) only now.
+	island.AddBootstrap(peer.AddrInfo{ID: seed.ID(), Addrs: seed.Host().Addrs()})
+	waitFor(t, "island connected to its bootstrap peer", func() bool { return island.connected(seed.ID()) })
+	// And the refresh that follows a bootstrap connection puts the seed in
+	// its routing table.
+	waitFor(t, "seed in island's routing table", func() bool {
+		return island.dht.RoutingTable().Find(seed.ID()) != ""
+	})
+}
