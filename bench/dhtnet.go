@@ -16,6 +16,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -25,6 +26,7 @@ import (
 	dht "github.com/libp2p/go-libp2p-kad-dht"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -158,11 +160,15 @@ func (s *nodeSet) start(ctx context.Context, kind string, ips []string, boot str
 				if err == nil {
 					break
 				}
-				if try == 4 {
+				if try == 9 {
 					return nil, fmt.Errorf("kad node %s: connect: %w", ip, err)
 				}
 				if err := sleep(ctx, time.Second); err != nil {
 					return nil, err
+				}
+				// libp2p holds a failed peer back for 5 s and more.
+				if sw, ok := h.Network().(*swarm.Swarm); ok {
+					sw.Backoff().Clear(bi.ID)
 				}
 			}
 		default:
@@ -588,6 +594,18 @@ func (net *dhtNet) waitTables(ctx context.Context, t *table, name string, want i
 		}
 		if done {
 			t.note("row 5: mean routing table size, %s nodes: %.1f", name, float64(sum)/float64(max(len(sz), 1)))
+			if len(net.parts) > 1 {
+				var by []string
+				for i := range net.parts {
+					part := sz[net.lo[i]:min(net.lo[i+1], len(sz))]
+					ps := 0
+					for _, v := range part {
+						ps += v
+					}
+					by = append(by, fmt.Sprintf("%d:%.0f", i, float64(ps)/float64(max(len(part), 1))))
+				}
+				t.note("row 5: mean routing table size of the %s nodes by process: %s", name, strings.Join(by, " "))
+			}
 			return nil
 		}
 		if err := sleep(ctx, 200*time.Millisecond); err != nil {
