@@ -71,42 +71,40 @@ func randomKey() blob.Key {
 	return blob.Key("sha256:" + hex.EncodeToString(sum[:]))
 }
 
-// counterSum sums a counter of a registry over samples with label l=v.
-func counterSum(reg *prometheus.Registry, name, l, v string) float64 {
+// labelled is every sample of reg's metric name that has label l=v.
+func labelled(reg *prometheus.Registry, name, l, v string) []*dto.Metric {
 	mfs, err := reg.Gather()
 	if err != nil {
-		return 0
+		return nil
 	}
-	var sum float64
+	var out []*dto.Metric
 	for _, mf := range mfs {
 		if mf.GetName() != name {
 			continue
 		}
 		for _, m := range mf.GetMetric() {
 			if hasLabel(m, l, v) {
-				sum += m.GetCounter().GetValue()
+				out = append(out, m)
 			}
 		}
+	}
+	return out
+}
+
+// counterSum sums a counter of a registry over samples with label l=v.
+func counterSum(reg *prometheus.Registry, name, l, v string) float64 {
+	var sum float64
+	for _, m := range labelled(reg, name, l, v) {
+		sum += m.GetCounter().GetValue()
 	}
 	return sum
 }
 
 // histCount is the number of observations of a histogram with label l=v.
 func histCount(reg *prometheus.Registry, name, l, v string) uint64 {
-	mfs, err := reg.Gather()
-	if err != nil {
-		return 0
-	}
 	var sum uint64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			if hasLabel(m, l, v) {
-				sum += m.GetHistogram().GetSampleCount()
-			}
-		}
+	for _, m := range labelled(reg, name, l, v) {
+		sum += m.GetHistogram().GetSampleCount()
 	}
 	return sum
 }
@@ -114,27 +112,15 @@ func histCount(reg *prometheus.Registry, name, l, v string) uint64 {
 // histBelow is the number of observations of a histogram with label l=v
 // that fell in buckets whose upper bound is at most le.
 func histBelow(reg *prometheus.Registry, name, l, v string, le float64) uint64 {
-	mfs, err := reg.Gather()
-	if err != nil {
-		return 0
-	}
 	var n uint64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			if !hasLabel(m, l, v) {
-				continue
+	for _, m := range labelled(reg, name, l, v) {
+		var best uint64
+		for _, b := range m.GetHistogram().GetBucket() {
+			if b.GetUpperBound() <= le {
+				best = max(best, b.GetCumulativeCount())
 			}
-			var best uint64
-			for _, b := range m.GetHistogram().GetBucket() {
-				if b.GetUpperBound() <= le {
-					best = max(best, b.GetCumulativeCount())
-				}
-			}
-			n += best
 		}
+		n += best
 	}
 	return n
 }
