@@ -82,17 +82,12 @@ type nodeSet struct {
 	// kad-dht provides run on a pool of workers, as peerd's advertiser
 	// runs its own.
 	once     sync.Once
-	work     chan provideJob
+	work     chan provideItem
 	wg       sync.WaitGroup
 	done     atomic.Int64
 	errMu    sync.Mutex
 	firstErr error
 	stop     context.CancelFunc
-}
-
-type provideJob struct {
-	node int
-	key  blob.Key
 }
 
 func newNodeSet() *nodeSet {
@@ -238,16 +233,16 @@ func (s *nodeSet) provide(ctx context.Context, items []provideItem, workers int)
 	s.once.Do(func() {
 		wctx, cancel := context.WithCancel(context.Background())
 		s.stop = cancel
-		s.work = make(chan provideJob, 1024)
+		s.work = make(chan provideItem, 1024)
 		for range max(1, workers) {
 			s.wg.Add(1)
 			go func() {
 				defer s.wg.Done()
 				for j := range s.work {
-					cc, err := p2p.KeyToCID(j.key)
+					cc, err := p2p.KeyToCID(j.Key)
 					if err == nil {
 						pctx, pcancel := context.WithTimeout(wctx, time.Minute)
-						err = s.kn[j.node].d.Provide(pctx, cc, true)
+						err = s.kn[j.Node].d.Provide(pctx, cc, true)
 						pcancel()
 					}
 					if err != nil {
@@ -265,7 +260,7 @@ func (s *nodeSet) provide(ctx context.Context, items []provideItem, workers int)
 	})
 	for _, it := range items {
 		select {
-		case s.work <- provideJob{node: it.Node, key: it.Key}:
+		case s.work <- it:
 		case <-ctx.Done():
 			return ctx.Err()
 		}
