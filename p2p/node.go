@@ -101,6 +101,9 @@ type Node struct {
 	bootstrap  map[peer.ID]peer.AddrInfo
 	bootKick   chan struct{}
 	remembered []peer.AddrInfo // from the peer book, dialled like bootstrap peers
+	// joined is set when Connect reached a peer the node was not connected
+	// to: the bootstrap loop then refreshes every bucket of the routing table.
+	joined atomic.Bool
 
 	adv    *advertiser[blob.Key]
 	server *dataServer
@@ -354,8 +357,13 @@ func (n *Node) Connect(ctx context.Context, ai peer.AddrInfo) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
+	was := n.host.Network().Connectedness(ai.ID) == network.Connected
 	if err := n.host.Connect(ctx, ai); err != nil {
 		return fmt.Errorf("connect to peer %s: %w", ai.ID, err)
+	}
+	if !was {
+		n.joined.Store(true)
+		n.kickBootstrap()
 	}
 	return nil
 }
@@ -485,7 +493,7 @@ func (n *Node) bootstrapLoop() {
 			}
 			if ok > 0 {
 				n.log.Info("connected to bootstrap peers", "connected", ok, "of", len(peers))
-				wait, refreshed = minWait, false
+				wait = minWait
 			} else if island {
 				n.log.Warn("connected to peers but to no bootstrap peer, which are unreachable; retrying", "peers", len(peers), "retry-in", wait, "last-err", lastErr)
 			} else if len(n.bootstrapPeers()) > 0 {
@@ -494,11 +502,18 @@ func (n *Node) bootstrapLoop() {
 				n.log.Debug("no remembered peer reachable; retrying", "peers", len(peers), "retry-in", wait)
 			}
 		}
+		if n.joined.Swap(false) {
+			refreshed = false
+		}
 		if !refreshed && n.ConnectedPeers() > 0 {
-			// Fill the routing table beyond the bootstrap peers.
+			// Fill the routing table beyond the bootstrap peers, every bucket
+			// of it: kad-dht refreshes a bucket at most every 10 minutes, and
+			// its walk towards the node's own ID alone may not leave a group
+			// of more than 20 nodes that joined through each other (an
+			// island) for the bootstrap peer just reached.
 			t := time.NewTimer(15 * time.Second)
 			select {
-			case <-n.dht.RefreshRoutingTable():
+			case <-n.dht.ForceRefresh():
 			case <-t.C:
 			case <-n.ctx.Done():
 				t.Stop()

@@ -334,3 +334,35 @@ func TestConnectedNodeStillDialsItsBootstrapPeers(t *testing.T) {
 		return island.dht.RoutingTable().Find(seed.ID()) != ""
 	})
 }
+
+// Reaching a bootstrap peer refreshes every bucket of the routing table at
+// once. kad-dht's own refresh skips buckets refreshed in the last 10
+// minutes and walks only towards the node's own ID, which in a group of
+// more than 20 nodes that joined through each other never asks the peer
+// just reached (bench row 5 at 500 nodes: such groups stayed apart).
+func TestReachingABootstrapPeerRefreshesEveryBucket(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts libp2p hosts")
+	}
+	seed := startNode(t, nil)
+	for range 3 {
+		startNode(t, nil, seed)
+	}
+	island := startNode(t, nil)
+	startNode(t, nil, island)
+	waitFor(t, "member in island's routing table", func() bool { return island.RoutingTableSize() > 0 })
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := island.RefreshRoutingTable(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rt := island.dht.RoutingTable()
+	if at := rt.GetTrackedCplsForRefresh()[0]; at.IsZero() {
+		t.Fatal("the island's first bucket was never refreshed")
+	}
+	reached := time.Now()
+	island.AddBootstrap(peer.AddrInfo{ID: seed.ID(), Addrs: seed.Host().Addrs()})
+	waitFor(t, "island's first bucket refreshed after it reached the seed", func() bool {
+		return rt.GetTrackedCplsForRefresh()[0].After(reached)
+	})
+}
