@@ -93,7 +93,20 @@ type nodeSet struct {
 func newNodeSet() *nodeSet {
 	runtime.GC()
 	debug.FreeOSMemory()
-	return &nodeSet{quiet: slog.New(slog.NewTextHandler(io.Discard, nil)), rss0: processRSS()}
+	return &nodeSet{quiet: nodeLogger(), rss0: processRSS()}
+}
+
+// nodeLogger is what row-5 nodes log to: nothing, or with BENCH_DHT_LOG
+// set (debug, info, warn, error) that level and above on stderr (a child
+// process's stderr is its log file in the work folder). Children inherit
+// the environment, so one knob covers every process.
+func nodeLogger() *slog.Logger {
+	var lvl slog.Level
+	v := os.Getenv("BENCH_DHT_LOG")
+	if v == "" || lvl.UnmarshalText([]byte(v)) != nil {
+		return slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
 }
 
 func (s *nodeSet) start(ctx context.Context, kind string, ips []string, boot string, resolve time.Duration) ([]string, error) {

@@ -12,6 +12,7 @@
 //	BENCH_DHT_KEYS      lookups per kind in row 5 (default 200; quick 50)
 //	BENCH_DHT_RESOLVE_TIMEOUT  row-5 peerd nodes' --resolve-timeout (default the daemon's 20ms)
 //	BENCH_DHT_PER_PROCESS  most row-5 nodes in one process (default 100, 25 above 100 nodes); the rest run in child processes
+//	BENCH_DHT_LOG       row-5 nodes log at this level (debug, info, warn) to stderr; child processes to <work>/dht-*.log
 //	BENCH_STREAMS       concurrent range streams in row 6 (default 100)
 //	BENCH_ONLY          comma-separated rows to run: hit,fuse,peer,miss,dht,mem,cluster
 //	BENCH_CLUSTER=1     also run the e2e cluster scenarios (root; slow)
