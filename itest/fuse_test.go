@@ -333,6 +333,14 @@ func TestFUSEReadFailsWhenPeerStops(t *testing.T) {
 	select {
 	case err := <-errc:
 		if !errors.Is(err, syscall.EIO) {
+			// Where did B get those bytes? (Seen once under heavy load.)
+			_, _, body := Get(t, "GET", b.URL("/metrics/prometheus"), nil)
+			for _, l := range strings.Split(string(body), "\n") {
+				if strings.HasPrefix(l, "peerd_cache") || strings.HasPrefix(l, "peerd_fuse") || strings.HasPrefix(l, "peerd_p2p") {
+					t.Log("B: " + l)
+				}
+			}
+			t.Logf("the bytes read are the blob's: %v", bytes.Equal(buf, data[far:far+len(buf)]))
 			t.Fatalf("B: read while the only peer is frozen: %v, want EIO", err)
 		}
 	case <-time.After(time.Minute):

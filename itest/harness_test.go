@@ -55,15 +55,30 @@ func NextIP() string {
 	return fmt.Sprintf("127.0.%d.%d", 10+n/250, 1+n%250)
 }
 
-// FreePort returns a TCP port free on ip right now.
+var (
+	portsMu sync.Mutex
+	given   = map[string]bool{} // ip:port handed out by FreePort
+)
+
+// FreePort returns a TCP port free on ip right now and never handed out
+// before in this run: the kernel may offer a port it just freed again, and
+// a node given the same port for two of its listeners fails to start.
 func FreePort(t testing.TB, ip string) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
-	if err != nil {
-		t.Fatalf("free port on %s: %v", ip, err)
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	for try := 0; ; try++ {
+		ln, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
+		if err != nil {
+			t.Fatalf("free port on %s: %v", ip, err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		if !given[addr] || try == 100 {
+			given[addr] = true
+			return ln.Addr().(*net.TCPAddr).Port
+		}
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
 }
 
 // NodeOpts describe one peerd process.
