@@ -3,6 +3,7 @@ package itest
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -316,10 +317,27 @@ func TestFUSEReadFailsWhenPeerStops(t *testing.T) {
 	if _, err := f.ReadAt(buf, 0); err != nil || !bytes.Equal(buf, data[:len(buf)]) {
 		t.Fatalf("B: first read: %v", err)
 	}
+	// Let the first read's read-ahead finish, so that what B holds when A
+	// stops is known: far must be a chunk B never fetched.
+	var held, same float64
+	for deadline := time.Now().Add(10 * time.Second); same < 3 && time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if v := b.Metric(t, "peerd_fetched_bytes_total", "source=peer"); v == held {
+			same++
+		} else {
+			held, same = v, 0
+		}
+	}
+	if held >= far {
+		t.Fatalf("B fetched %.0f bytes from A after reading 64 KiB at 0; the frozen read at %d would find them", held, far)
+	}
 
 	if err := syscall.Kill(a.PID(), syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
+	// kill returns once the signal is queued: A's other threads go on
+	// serving until the one that takes it stops them all (milliseconds on
+	// a loaded machine, enough to serve the next read).
+	waitStopped(t, a.PID())
 	resumed := false
 	resume := func() {
 		if !resumed {
@@ -359,5 +377,30 @@ func TestFUSEReadFailsWhenPeerStops(t *testing.T) {
 	}
 	if last != nil || !bytes.Equal(buf, data[far:far+len(buf)]) {
 		t.Fatalf("B: read after A resumed: %v", last)
+	}
+}
+
+// waitStopped waits until every thread of process pid is stopped.
+func waitStopped(t *testing.T, pid int) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		stopped := 0
+		for _, task := range tasks {
+			stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, task.Name()))
+			// The state follows the command name in parentheses.
+			if i := bytes.LastIndexByte(stat, ')'); err == nil && i > 0 && i+2 < len(stat) && stat[i+2] == 'T' {
+				stopped++
+			}
+		}
+		if stopped == len(tasks) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("process %d: %d of %d threads stopped 10 s after SIGSTOP", pid, stopped, len(tasks))
+		}
 	}
 }
