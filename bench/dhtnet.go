@@ -25,6 +25,7 @@ import (
 	"github.com/libp2p/go-libp2p"
 	dht "github.com/libp2p/go-libp2p-kad-dht"
 	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
@@ -109,6 +110,22 @@ func nodeLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
 }
 
+// waitJoined waits until n is connected to the peer at addr (5 min at most).
+func waitJoined(ctx context.Context, n *p2p.Node, addr string) error {
+	bi, err := peer.AddrInfoFromString(addr)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer cancel()
+	for n.Host().Network().Connectedness(bi.ID) != network.Connected {
+		if err := sleep(ctx, 100*time.Millisecond); err != nil {
+			return fmt.Errorf("not connected to %s: %w", bi.ID, err)
+		}
+	}
+	return nil
+}
+
 func (s *nodeSet) start(ctx context.Context, kind string, ips []string, boot string, resolve time.Duration) ([]string, error) {
 	s.kind = kind
 	var addrs []string
@@ -136,6 +153,15 @@ func (s *nodeSet) start(ctx context.Context, kind string, ips []string, boot str
 			}
 			s.pn = append(s.pn, &peerdNode{n: n, reg: reg, store: st})
 			addr = fmt.Sprintf("%s/p2p/%s", n.Addrs()[0], n.ID())
+			if i == 0 && boot != "" {
+				// As for kad-dht below: the part's first node has joined
+				// before the others join through it. The daemon dials on
+				// its own, with backoff; the network's bootstrap node
+				// refuses handshakes while at its inbound limit.
+				if err := waitJoined(ctx, n, boot); err != nil {
+					return nil, fmt.Errorf("peerd node %s: %w", ip, err)
+				}
+			}
 		case "kad":
 			h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/"+ip+"/tcp/0"), libp2p.Transport(tcp.NewTCPTransport),
 				libp2p.DisableRelay(), libp2p.UserAgent("kad-bench"))
@@ -183,9 +209,9 @@ func (s *nodeSet) start(ctx context.Context, kind string, ips []string, boot str
 			return nil, fmt.Errorf("unknown node kind %q", kind)
 		}
 		addrs = append(addrs, addr)
-		// The part's later nodes join through its first: hundreds of
-		// nodes dialling one bootstrap node at once are refused by its
-		// resource manager.
+		// The part's later nodes join through its first, once it has
+		// joined: hundreds of nodes dialling one bootstrap node at once
+		// are refused by its resource manager.
 		if i == 0 {
 			boot = addr
 		}

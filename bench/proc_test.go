@@ -34,16 +34,20 @@ func TestProcReaders(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Busy until the counter moves: on a loaded machine 50 ms of wall time
+	// may hold less than the 10 ms of CPU that one tick is.
 	x := 0
-	for start := time.Now(); time.Since(start) < 50*time.Millisecond; {
-		x++
-	}
-	c1, err := cpuSeconds(os.Getpid())
-	if err != nil {
-		t.Fatal(err)
+	c1 := c0
+	for start := time.Now(); c1 == c0 && time.Since(start) < 10*time.Second; {
+		for range 1 << 20 {
+			x++
+		}
+		if c1, err = cpuSeconds(os.Getpid()); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if c1 <= c0 || c1-c0 > 5 {
-		t.Errorf("CPU seconds went from %v to %v over a 50 ms busy loop (x=%d)", c0, c1, x)
+		t.Errorf("CPU seconds went from %v to %v over a busy loop of up to 10 s (x=%d)", c0, c1, x)
 	}
 	rss, err := rssMiB(os.Getpid(), "VmRSS")
 	if err != nil || rss < 1 || rss > 4096 {
