@@ -1047,7 +1047,7 @@ func (c *cluster) egress() int64 {
 // metric sums every sample of a metric family (all label sets) on a node;
 // labelFilter, if set, must appear in the sample's labels.
 func (c *cluster) metric(n *node, name, labelFilter string) (float64, error) {
-	out, err := sh(context.Background(), nsExec(n.ns, c.bin.client, "get", "-out", "-", "-timeout", "20s", "-url", "http://"+peerdHTTP+"/metrics/prometheus")...)
+	out, err := c.metricsText(n)
 	if err != nil {
 		return 0, err
 	}
@@ -1069,6 +1069,11 @@ func (c *cluster) metric(n *node, name, labelFilter string) (float64, error) {
 		}
 	}
 	return sum, nil
+}
+
+// metricsText is n's peerd's Prometheus page.
+func (c *cluster) metricsText(n *node) (string, error) {
+	return sh(context.Background(), nsExec(n.ns, c.bin.client, "get", "-out", "-", "-timeout", "20s", "-url", "http://"+peerdHTTP+"/metrics/prometheus")...)
 }
 
 // peerServed sums the bytes every running node served to peers.
@@ -1268,4 +1273,25 @@ func (c *cluster) logUpstream(t *testing.T, before map[int]float64) {
 		}
 	}
 	t.Logf("bytes each peerd fetched from the origin itself: %s", strings.Join(parts, " "))
+	if !t.Failed() {
+		return
+	}
+	// What each node's provider lookups answered (counts since it started):
+	// an origin fetch by a node that should have found a peer starts here.
+	for _, n := range c.nodes {
+		if n.peerd == nil || !n.peerd.running() {
+			continue
+		}
+		out, err := c.metricsText(n)
+		if err != nil {
+			continue
+		}
+		var lines []string
+		for _, line := range strings.Split(out, "\n") {
+			if strings.HasPrefix(line, "peerd_p2p_lookup_cache_total") || strings.HasPrefix(line, "peerd_p2p_lookup_seconds_count") || strings.HasPrefix(line, "peerd_p2p_swarm") {
+				lines = append(lines, line)
+			}
+		}
+		t.Logf("%s lookups: %s", n.name(), strings.Join(lines, "; "))
+	}
 }
