@@ -65,13 +65,6 @@ type Config struct {
 	ResolveRetries int
 	// ReprovideInterval is how often every held blob is advertised again.
 	ReprovideInterval time.Duration
-	// RoutingRefresh is how often each bucket of the routing table not used
-	// by a lookup since is looked up afresh; default 2 minutes (kad-dht's
-	// own default, 10, suits a public network of millions). It bounds how
-	// long nodes that joined only through each other (an island: their way
-	// in was refused during a join storm) stay apart from the rest once
-	// one of them reached it.
-	RoutingRefresh time.Duration
 	// Stores are the local stores served to peers, asked in order.
 	Stores     []LocalStore
 	Registerer prometheus.Registerer
@@ -179,9 +172,6 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 	if cfg.ResolveRetries < 0 {
 		cfg.ResolveRetries = 0
 	}
-	if cfg.RoutingRefresh <= 0 {
-		cfg.RoutingRefresh = 2 * time.Minute
-	}
 	if cfg.ReprovideInterval <= 0 {
 		cfg.ReprovideInterval = time.Hour
 	}
@@ -272,7 +262,6 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 		dht.ProtocolPrefix(ProtocolPrefix),
 		dht.DisableValues(),
 		dht.BootstrapPeersFunc(n.bootstrapPeers),
-		dht.RoutingTableRefreshPeriod(cfg.RoutingRefresh),
 		// Provider records outlive a missed reprovide or two, and no more:
 		// a node that stopped holding a blob drops out of lookups soon.
 		dht.ProviderManagerOpts(records.ProvideValidity(validity), records.ProviderAddrTTL(validity)),

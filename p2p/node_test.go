@@ -66,13 +66,6 @@ type testNode struct {
 
 func startNode(t testing.TB, psk pnet.PSK, boot ...*testNode) *testNode {
 	t.Helper()
-	return startNodeWith(t, Config{SwarmKey: psk}, boot...)
-}
-
-// startNodeWith starts a node with cfg's SwarmKey and RoutingRefresh and
-// the tests' usual rest.
-func startNodeWith(t testing.TB, cfg Config, boot ...*testNode) *testNode {
-	t.Helper()
 	key, _, err := crypto.GenerateEd25519Key(rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -89,8 +82,7 @@ func startNodeWith(t testing.TB, cfg Config, boot ...*testNode) *testNode {
 		Key:               key,
 		ListenAddr:        "/ip4/127.0.0.1/tcp/0",
 		Bootstrap:         bs,
-		SwarmKey:          cfg.SwarmKey,
-		RoutingRefresh:    cfg.RoutingRefresh,
+		SwarmKey:          psk,
 		ResolveTimeout:    time.Second,
 		ReprovideInterval: time.Hour,
 		Stores:            []LocalStore{st},
@@ -341,23 +333,6 @@ func TestConnectedNodeStillDialsItsBootstrapPeers(t *testing.T) {
 	waitFor(t, "seed in island's routing table", func() bool {
 		return island.dht.RoutingTable().Find(seed.ID()) != ""
 	})
-}
-
-// The routing table's buckets are refreshed every RoutingRefresh, so the
-// members of an island learn the rest of the network from the one that
-// reached it within that time.
-func TestRoutingTableIsRefreshedEveryRoutingRefresh(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts libp2p hosts")
-	}
-	seed := startNode(t, nil)
-	n := startNodeWith(t, Config{RoutingRefresh: time.Second}, seed)
-	waitFor(t, "seed in the node's routing table", func() bool { return n.RoutingTableSize() > 0 })
-	rt := n.dht.RoutingTable()
-	waitFor(t, "the first bucket refreshed once", func() bool { return !rt.GetTrackedCplsForRefresh()[0].IsZero() })
-	time.Sleep(2 * time.Second) // past the refreshes that follow joining
-	since := time.Now()
-	waitFor(t, "the first bucket refreshed again", func() bool { return rt.GetTrackedCplsForRefresh()[0].After(since) })
 }
 
 // Reaching a bootstrap peer refreshes every bucket of the routing table at
