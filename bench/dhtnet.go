@@ -89,7 +89,6 @@ type nodeSet struct {
 	errMu    sync.Mutex
 	firstErr error
 	stop     context.CancelFunc
-	queue    []provideItem // peerd's advertisements not handed out yet (errMu)
 }
 
 func newNodeSet() *nodeSet {
@@ -264,46 +263,10 @@ func (s *nodeSet) provide(ctx context.Context, items []provideItem, workers int)
 		}
 	}
 	if s.kind == "peerd" {
-		// Paced as kad-dht's are: at most workers advertisements under way
-		// in this part (16 in the network). All 500 nodes advertising at
-		// once ran thousands of provide lookups together on two cores;
-		// some ran past their 30 s and backed off for minutes. In a
-		// cluster every node has its own CPUs for its own.
-		s.errMu.Lock()
-		s.queue = append(s.queue, items...)
-		s.errMu.Unlock()
-		s.once.Do(func() {
-			var wctx context.Context
-			wctx, s.stop = context.WithCancel(context.Background())
-			s.wg.Add(1)
-			go func() {
-				defer s.wg.Done()
-				// An advertisement is under way until its node's count of
-				// finished ones (ok or failed) passes what it was when
-				// the key was handed over.
-				type inFlight struct{ node, before int }
-				var busy []inFlight
-				for {
-					busy = slices.DeleteFunc(busy, func(f inFlight) bool { return s.provideAttempts(f.node) > f.before })
-					s.errMu.Lock()
-					var it provideItem
-					next := len(s.queue) > 0 && len(busy) < max(1, workers)
-					if next {
-						it, s.queue = s.queue[0], s.queue[1:]
-					}
-					s.errMu.Unlock()
-					if !next {
-						if sleep(wctx, 5*time.Millisecond) != nil {
-							return
-						}
-						continue
-					}
-					busy = append(busy, inFlight{it.Node, s.provideAttempts(it.Node)})
-					s.pn[it.Node].store.add(it.Key)
-					s.pn[it.Node].n.BlobAdded(it.Key)
-				}
-			}()
-		})
+		for _, it := range items {
+			s.pn[it.Node].store.add(it.Key)
+			s.pn[it.Node].n.BlobAdded(it.Key)
+		}
 		return nil
 	}
 	s.once.Do(func() {
@@ -367,18 +330,9 @@ func (s *nodeSet) memory(context.Context) (float64, int, error) {
 	return processRSS() - s.rss0, len(fds), err
 }
 
-// provideAttempts counts peerd node i's finished advertisements, failed
-// ones included (they are retried later).
-func (s *nodeSet) provideAttempts(i int) int {
-	reg := s.pn[i].reg
-	return int(counterSum(reg, "peerd_p2p_provides_total", "result", "ok") + counterSum(reg, "peerd_p2p_provides_total", "result", "error"))
-}
-
 func (s *nodeSet) close() {
 	if s.work != nil {
 		close(s.work)
-	}
-	if s.stop != nil {
 		s.stop()
 		s.wg.Wait()
 	}
