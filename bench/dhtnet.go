@@ -184,17 +184,18 @@ func (s *nodeSet) start(ctx context.Context, kind string, ips []string, boot str
 			}
 			s.kn = append(s.kn, &kadNode{h: h, d: d})
 			addr = fmt.Sprintf("%s/p2p/%s", h.Addrs()[0], h.ID())
-			// A few tries: the network's bootstrap node, known to every
-			// node, refuses handshakes beyond its resource manager's
-			// limit on connections being set up.
-			for try := 0; bi != nil; try++ {
+			// Tries for up to 5 minutes: the network's bootstrap node,
+			// known to every node, refuses handshakes while it sits at its
+			// resource manager's inbound limit with connections too young
+			// to trim (ten tries a second apart once ran out at 500 nodes).
+			for deadline := time.Now().Add(5 * time.Minute); bi != nil; {
 				cctx, ccancel := context.WithTimeout(ctx, 30*time.Second)
 				err = h.Connect(cctx, *bi)
 				ccancel()
 				if err == nil {
 					break
 				}
-				if try == 9 {
+				if time.Now().After(deadline) {
 					return nil, fmt.Errorf("kad node %s: connect: %w", ip, err)
 				}
 				if err := sleep(ctx, time.Second); err != nil {
