@@ -275,8 +275,24 @@ func (e *entry) speculate(ctx context.Context, i int, srcs []blob.Source, ny *bl
 	n, src, origin, err := e.fetch(octx, i, srcs[1:], buf, nil)
 	close(finished)
 	<-decided
-	if !yielded || err == nil {
-		return n, src, origin, err
+	if err == nil {
+		return n, src, origin, nil
+	}
+	if !yielded {
+		// The origin failed before the peer source could tell who pulls
+		// the blob (a registry that is down refuses at once): wait for its
+		// answer and ask the peers, or a pull with the registry down
+		// would fail although a peer holds the chunk.
+		select {
+		case <-ny.Ready:
+		case <-ctx.Done():
+			return n, src, origin, err
+		}
+		pn, psrc, porigin, perr := e.fetch(ctx, i, srcs[:1], buf, nil)
+		if perr != nil {
+			return 0, nil, "", errors.Join(err, perr)
+		}
+		return pn, psrc, porigin, nil
 	}
 	e.c.log.Debug("first chunk yielded to the node that owns it", "key", e.key, "chunk", i)
 	// Through the peer source again, now with the whole swarm in view; the

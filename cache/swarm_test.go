@@ -355,3 +355,36 @@ func TestSpeculativeFirstChunkNeedsNoDecisionWhenTheOriginIsFast(t *testing.T) {
 		t.Fatalf("peer served chunk 0 %d times, want 0 (the origin's copy landed first)", n)
 	}
 }
+
+func TestSpeculativeFirstChunkTurnsToThePeersWhenTheOriginFails(t *testing.T) {
+	// The registry is down and refuses at once, before the peer source can
+	// tell who pulls the blob: the chunk comes from the peers once they
+	// answer instead of failing (a mirror that fails answers 404, and
+	// containerd's next host is that registry).
+	c := openNoReadAhead(t, nil)
+	data, k := randBlob(t, 2*cs)
+	peer := &notYetPeer{fakeSource: newFake("peer", false), ready: make(chan struct{})}
+	peer.blobs[k] = data
+	origin := newFake("upstream", true)
+	origin.blobs[k] = data
+	origin.fail = errors.New("connection refused")
+	h := c.Open(k, peer, origin)
+	defer h.Close()
+	got := make(chan error, 1)
+	buf := make([]byte, cs)
+	go func() {
+		_, err := h.ReadAt(context.Background(), buf, 0)
+		got <- err
+	}()
+	waitFor(t, "the origin's refusal", func() bool { return origin.count(0) >= 1 })
+	close(peer.ready)
+	if err := <-got; err != nil {
+		t.Fatalf("read with the origin down and a peer holding the chunk: %v", err)
+	}
+	if !bytes.Equal(buf, data[:cs]) {
+		t.Fatal("bytes differ")
+	}
+	if n := peer.count(0); n != 1 {
+		t.Fatalf("peer served chunk 0 %d times, want 1", n)
+	}
+}
