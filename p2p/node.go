@@ -357,7 +357,7 @@ func (n *Node) Connect(ctx context.Context, ai peer.AddrInfo) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	was := n.host.Network().Connectedness(ai.ID) == network.Connected
+	was := n.connected(ai.ID)
 	if err := n.host.Connect(ctx, ai); err != nil {
 		return fmt.Errorf("connect to peer %s: %w", ai.ID, err)
 	}
@@ -659,7 +659,7 @@ func connWatermarks(l rcmgr.ConcreteLimitConfig) (low, high int) {
 // connectedToAny reports whether the node has a connection to one of ais.
 func (n *Node) connectedToAny(ais []peer.AddrInfo) bool {
 	for _, ai := range ais {
-		if n.host.Network().Connectedness(ai.ID) == network.Connected {
+		if n.connected(ai.ID) {
 			return true
 		}
 	}
