@@ -234,7 +234,7 @@ func missTTFB(ctx context.Context, c *config, t *table, o *origin, n *node, wher
 	}
 	lookups, _ := n.metric(ctx, "peerd_p2p_lookup_seconds_count")
 	hedged, _ := n.metric(ctx, "peerd_p2p_lookup_cache_total", "result=hedged")
-	t.note("row 4 (%s): %.0f DHT lookups for %d blobs; %.0f first chunks started from the origin before their lookup answered (missHedge)", where, lookups-lookups0, count, hedged-hedged0)
+	t.note("row 4 (%s): %.0f DHT lookups for %d blobs; %.0f first chunks started from the origin before their lookup answered (--miss-hedge)", where, lookups-lookups0, count, hedged-hedged0)
 	for _, q := range []struct {
 		name string
 		p    float64

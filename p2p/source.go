@@ -60,9 +60,10 @@ const (
 	// already reading from the first provider. See dhtFinder.
 	providerGrace = 2 * time.Millisecond
 	providerGap   = 200 * time.Microsecond
-	// missHedge is how long a swarm pull's first chunk waits for the first
-	// lookup before it starts from the origin anyway (firstSwarmLookup).
-	missHedge = 10 * time.Millisecond
+	// defaultMissHedge is how long a swarm pull's first chunk waits for the
+	// first lookup before it starts from the origin anyway (firstSwarmLookup;
+	// SetMissHedge).
+	defaultMissHedge = 10 * time.Millisecond
 )
 
 // Source reads blob bytes from the peers that hold them. It implements
@@ -77,6 +78,7 @@ type Source struct {
 	timeout time.Duration
 	retries int
 	gather  time.Duration // see SetSwarmGather
+	hedge   time.Duration // see SetMissHedge
 	now     func() time.Time
 	after   func(time.Duration) <-chan time.Time // the gather window's end (tests end it by hand)
 	bg      context.Context                      // bounds background refreshes (the node's lifetime)
@@ -113,7 +115,7 @@ func newSource(self peer.ID, f providerFinder, g rangeGetter, m *metrics, log *s
 		log = slog.Default()
 	}
 	return &Source{self: self, finder: f, getter: g, m: m, log: log, timeout: timeout, retries: retries,
-		gather: swarmGather, now: time.Now, after: time.After, bg: context.Background(), swarmChunks: newSwarmChunks(), provs: map[blob.Key]*provEntry{}, avoid: map[peer.ID]avoidEntry{}}
+		gather: swarmGather, hedge: defaultMissHedge, now: time.Now, after: time.After, bg: context.Background(), swarmChunks: newSwarmChunks(), provs: map[blob.Key]*provEntry{}, avoid: map[peer.ID]avoidEntry{}}
 }
 
 // Name labels the source in metrics and logs.
@@ -260,7 +262,7 @@ func (s *Source) peersWhen(ctx context.Context, ch <-chan struct{}, e *provEntry
 // cache's speculate). When nodes are already pulling, the caller waits for
 // the window like every other chunk: they are fetching the blob already.
 //
-// A lookup still running after missHedge counts as empty for its caller (a
+// A lookup still running after s.hedge counts as empty for its caller (a
 // slow DHT, or a large one answering "nobody" late, must not hold a cold
 // miss's first byte): the chunk starts from the origin, and the lookup's
 // answer and the second one decide as above whether it is kept.
@@ -290,7 +292,7 @@ func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry)
 	}()
 	var hedge <-chan time.Time
 	if g != nil {
-		t := time.NewTimer(missHedge)
+		t := time.NewTimer(s.hedge)
 		defer t.Stop()
 		hedge = t.C
 	}
@@ -427,6 +429,18 @@ func (s *Source) lookLaterLocked(k blob.Key, e *provEntry, late bool) {
 // pull's other chunks look again for nodes that started at the same moment
 // (default 250 ms; 0: never, they use the empty answer). Call before use.
 func (s *Source) SetSwarmGather(d time.Duration) { s.gather = max(d, 0) }
+
+// SetMissHedge sets how long a swarm pull's first chunk waits for the
+// blob's first lookup before it starts from the origin anyway (default
+// 10 ms; the lookup's answer may still hand the chunk to a peer). A longer
+// hedge saves origin bytes when the DHT is slow, at the price of a cold
+// miss's first byte; d <= 0 restores the default. Call before use.
+func (s *Source) SetMissHedge(d time.Duration) {
+	if d <= 0 {
+		d = defaultMissHedge
+	}
+	s.hedge = d
+}
 
 func (s *Source) pruneLocked() {
 	now := s.now()

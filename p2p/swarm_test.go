@@ -268,7 +268,47 @@ func waitForCalls(t *testing.T, f *fakeFinder, n int32) {
 	}
 }
 
-// A first lookup slower than missHedge does not hold the cold pull's first
+// With a longer miss hedge (--miss-hedge) the first chunk waits for a slow
+// first lookup, and comes from the peer it finds instead of the origin.
+func TestLongMissHedgeWaitsForASlowLookup(t *testing.T) {
+	s, _, g := swarmFixture(t, 0)
+	s.timeout = time.Hour
+	s.SetMissHedge(time.Hour)
+	f := s.finder.(*fakeFinder)
+	windowEnd := make(chan time.Time)
+	s.after = func(time.Duration) <-chan time.Time { return windowEnd }
+	release := make(chan struct{})
+	holder := peer.AddrInfo{ID: newPeerID(t)}
+	g.behave[holder.ID] = "ok"
+	f.peers, f.block = []peer.AddrInfo{holder}, release // the lookup finds the holder when released
+	k := testKey()
+	done := fetchBackedAsync(s, k, 0)
+	// Twenty default hedges later the chunk still waits for the lookup.
+	select {
+	case err := <-done:
+		close(release)
+		t.Fatalf("the first chunk went ahead of the lookup (err %v) with a 1h hedge", err)
+	case <-time.After(20 * defaultMissHedge):
+	}
+	close(release)
+	close(windowEnd)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("first chunk after the lookup found a holder: %v", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the first chunk never answered")
+	}
+	if calls := g.calls(); len(calls) != 1 || calls[0].p != holder.ID {
+		t.Fatalf("peer reads %+v, want one from the holder", calls)
+	}
+	if got := testutil.ToFloat64(s.m.lookupCache.WithLabelValues("hedged")); got != 0 {
+		t.Fatalf("hedged lookups %v, want 0", got)
+	}
+}
+
+// A first lookup slower than the miss hedge does not hold the cold pull's first
 // chunk: it starts from the origin while the lookup runs, and is left to
 // its owner when the lookup and the window show one.
 func TestSlowFirstSwarmLookupDoesNotHoldTheFirstChunk(t *testing.T) {
