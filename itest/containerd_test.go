@@ -274,14 +274,16 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 		os.RemoveAll(dir)
 	})
 
-	n.peerd = startP2PNode(t, append([]string{
+	// Patient lookups: B's pull asserts the registry served (almost)
+	// nothing while A holds the image, whatever the machine's load.
+	n.peerd = startP2PNode(t, append(patient(
 		"--containerd-socket", n.sock,
 		"--containerd-namespace", ctrdNS,
 		"--containerd-hosts-dir", n.hostsDir,
 		"--containerd-config", n.config,
 		"--containerd-resync", "2s",
 		"--registries", registryHost,
-	}, extra...)...)
+	), extra...)...)
 	// The real subcommand writes the hosts.toml containerd reads.
 	out, err := exec.Command(peerdBin, "containerd-config", "--hosts-dir", n.hostsDir,
 		"--registries", "http://"+registryHost, "--mirror", "http://"+n.peerd.HTTPAddr).CombinedOutput()

@@ -61,6 +61,18 @@ func startP2PNode(t testing.TB, extra ...string) *p2pNode {
 		PeerAddr: fmt.Sprintf("%s:%d", ip, peerPort)}
 }
 
+// patient returns args after flags that let a node wait for its DHT
+// lookups, and a cold read's first chunk for the first of them, instead of
+// going to the origin after the defaults' 20 ms (--resolve-timeout) and
+// 10 ms (--miss-hedge). Tests
+// that assert a node takes nothing from the origin while a peer holds the
+// blob use it: on a loaded machine a lookup in a three-node network can take
+// longer than the defaults, and then the first chunk legitimately comes from
+// the origin. The hedge itself is unit-tested in p2p (swarm_test.go).
+func patient(args ...string) []string {
+	return append([]string{"--resolve-timeout=5s", "--miss-hedge=5s"}, args...)
+}
+
 func waitReady(t testing.TB, n *Node) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
@@ -105,9 +117,9 @@ func TestP2PThreeNodesShareABlob(t *testing.T) {
 	data, dg := RandomBlob(t, size)
 	url := origin.Put(storagePath(dg), data)
 
-	a := startP2PNode(t, allow)
-	b := startP2PNode(t, allow, "--bootstrap", a.P2PAddr)
-	c := startP2PNode(t, allow, "--bootstrap", a.P2PAddr)
+	a := startP2PNode(t, patient(allow)...)
+	b := startP2PNode(t, patient(allow, "--bootstrap", a.P2PAddr)...)
+	c := startP2PNode(t, patient(allow, "--bootstrap", a.P2PAddr)...)
 	for _, n := range []*p2pNode{a, b, c} {
 		waitReady(t, n.Node)
 	}
@@ -261,7 +273,7 @@ func TestP2PSwarmKeyKeepsOutsiders(t *testing.T) {
 	}
 	k1, k2 := key("k1"), key("k2")
 	a := startP2PNode(t, allow, "--swarm-key-file", k1)
-	b := startP2PNode(t, allow, "--swarm-key-file", k1, "--bootstrap", a.P2PAddr)
+	b := startP2PNode(t, patient(allow, "--swarm-key-file", k1, "--bootstrap", a.P2PAddr)...)
 	outsider := startP2PNode(t, allow, "--swarm-key-file", k2, "--bootstrap", a.P2PAddr)
 	waitReady(t, b.Node)
 
@@ -468,7 +480,7 @@ func TestP2PRestartReadvertises(t *testing.T) {
 	}
 	waitMetric(t, a.Node, "peerd_cache_verifications_total", 1, "result=ok")
 	a.Restart()
-	b := startP2PNode(t, allow, "--bootstrap", a.P2PAddr)
+	b := startP2PNode(t, patient(allow, "--bootstrap", a.P2PAddr)...)
 	waitReady(t, b.Node)
 	waitMetric(t, a.Node, "peerd_p2p_provides_total", 1, "result=ok")
 	if got := a.Metric(t, "peerd_p2p_advertised_keys"); got != 1 {
