@@ -216,6 +216,7 @@ func TestHelmChart(t *testing.T) {
 			}
 			objs := renderChart(t, values)
 			t.Logf("rendered %v", kinds(objs))
+			checkPeerdArgs(t, objs)
 			for _, o := range objs {
 				gvk := o.u.GroupVersionKind()
 				m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
@@ -252,10 +253,56 @@ func TestHelmChart(t *testing.T) {
 	}
 }
 
+// checkPeerdArgs checks that every container of the rendered chart that
+// runs peerd (its first argument is one of peerd's subcommands) passes only
+// flags the binary under test knows: one it lacks would crash-loop the pods
+// on every node. It returns how many containers it checked.
+func checkPeerdArgs(t *testing.T, objs []rendered) int {
+	t.Helper()
+	checked := 0
+	for _, o := range objs {
+		for _, field := range []string{"containers", "initContainers"} {
+			ctrs, _, _ := unstructured.NestedSlice(o.u.Object, "spec", "template", "spec", field)
+			for _, c := range ctrs {
+				raw, _ := c.(map[string]any)["args"].([]any)
+				if len(raw) == 0 {
+					continue
+				}
+				sub, _ := raw[0].(string)
+				if sub == "" || strings.HasPrefix(sub, "-") {
+					continue // not peerd (the cleanup hook's pause container)
+				}
+				help, _ := exec.Command(peerdBin, sub, "--help").CombinedOutput()
+				if !strings.Contains(string(help), "usage: peerd "+sub) {
+					t.Errorf("%s: container args start with %q, which peerd does not know:\n%s", o.source, sub, help)
+					continue
+				}
+				checked++
+				for _, a := range raw[1:] {
+					arg, _ := a.(string)
+					name, _, _ := strings.Cut(strings.TrimLeft(arg, "-"), "=")
+					if !strings.HasPrefix(arg, "-") || !(strings.Contains(string(help), "  -"+name+" ") || strings.Contains(string(help), "  -"+name+"\n")) {
+						t.Errorf("%s: peerd %s is passed %q, not a flag it knows", o.source, sub, arg)
+					}
+				}
+			}
+		}
+	}
+	if checked == 0 {
+		t.Error("no container of the chart runs peerd")
+	}
+	return checked
+}
+
 // TestHelmChartShape checks what the chart must say, not merely that it renders.
 func TestHelmChartShape(t *testing.T) {
 	objs := renderChart(t, "")
 	checkDefaultDaemonSet(t, find(t, objs, "DaemonSet", "peerd"))
+	// The default chart runs peerd in four containers: the daemon, its
+	// containerd-config init container, and the uninstall hook's two.
+	if n := checkPeerdArgs(t, objs); n < 4 {
+		t.Errorf("checked the args of %d peerd containers, want 4", n)
+	}
 
 	// RBAC: exactly what peerd uses, nothing cluster-wide beyond events and nodes.
 	role := find(t, objs, "Role", "peerd").u
