@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/pprof"
+	"strings"
 	"sync"
 	"time"
 
@@ -536,7 +537,8 @@ func peerdAtScale(ctx context.Context, c *config, t *table, pn []*peerdNode, siz
 		return err
 	}
 	defer o.fs.Stop()
-	n, err := startNode(ctx, c, filepath.Join(c.work, "dht-peerd"), nodeOpts{args: []string{"--bootstrap", boot, "--upstream-allow", o.host()}})
+	args := append([]string{"--bootstrap", boot, "--upstream-allow", o.host()}, strings.Fields(os.Getenv("BENCH_PEER_ARGS"))...)
+	n, err := startNode(ctx, c, filepath.Join(c.work, "dht-peerd"), nodeOpts{args: args})
 	if err != nil {
 		return err
 	}
