@@ -168,18 +168,31 @@ func contains(args []string, flag string) bool {
 }
 
 var (
-	helpOnce sync.Once
-	helpText string
+	helpMu   sync.Mutex
+	helpText = map[string]string{} // `peerd <sub> --help` by subcommand
 )
 
-// hasFlag reports whether `peerd run` knows --name (parts land over time).
-func hasFlag(name string) bool {
-	helpOnce.Do(func() {
-		out, _ := exec.Command(peerdBin, "run", "--help").CombinedOutput()
-		helpText = string(out)
-	})
-	return strings.Contains(helpText, "  -"+name+" ") || strings.Contains(helpText, "  -"+name+"\n")
+// subHelp returns what `peerd <sub> --help` prints.
+func subHelp(sub string) string {
+	helpMu.Lock()
+	defer helpMu.Unlock()
+	h, ok := helpText[sub]
+	if !ok {
+		out, _ := exec.Command(peerdBin, sub, "--help").CombinedOutput()
+		h = string(out)
+		helpText[sub] = h
+	}
+	return h
 }
+
+// subHasFlag reports whether `peerd <sub>` knows --name.
+func subHasFlag(sub, name string) bool {
+	h := subHelp(sub)
+	return strings.Contains(h, "  -"+name+" ") || strings.Contains(h, "  -"+name+"\n")
+}
+
+// hasFlag reports whether `peerd run` knows --name (parts land over time).
+func hasFlag(name string) bool { return subHasFlag("run", name) }
 
 func (n *Node) start() {
 	n.t.Helper()

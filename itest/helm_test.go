@@ -272,8 +272,7 @@ func checkPeerdArgs(t *testing.T, objs []rendered) int {
 				if sub == "" || strings.HasPrefix(sub, "-") {
 					continue // not peerd (the cleanup hook's pause container)
 				}
-				help, _ := exec.Command(peerdBin, sub, "--help").CombinedOutput()
-				if !strings.Contains(string(help), "usage: peerd "+sub) {
+				if help := subHelp(sub); !strings.Contains(help, "usage: peerd "+sub) {
 					t.Errorf("%s: container args start with %q, which peerd does not know:\n%s", o.source, sub, help)
 					continue
 				}
@@ -281,7 +280,7 @@ func checkPeerdArgs(t *testing.T, objs []rendered) int {
 				for _, a := range raw[1:] {
 					arg, _ := a.(string)
 					name, _, _ := strings.Cut(strings.TrimLeft(arg, "-"), "=")
-					if !strings.HasPrefix(arg, "-") || !(strings.Contains(string(help), "  -"+name+" ") || strings.Contains(string(help), "  -"+name+"\n")) {
+					if !strings.HasPrefix(arg, "-") || !subHasFlag(sub, name) {
 						t.Errorf("%s: peerd %s is passed %q, not a flag it knows", o.source, sub, arg)
 					}
 				}

@@ -64,11 +64,11 @@ func startP2PNode(t testing.TB, extra ...string) *p2pNode {
 // patient returns args after flags that let a node wait for its DHT
 // lookups, and a cold read's first chunk for the first of them, instead of
 // going to the origin after the defaults' 20 ms (--resolve-timeout) and
-// 10 ms (--miss-hedge). Tests
-// that assert a node takes nothing from the origin while a peer holds the
-// blob use it: on a loaded machine a lookup in a three-node network can take
-// longer than the defaults, and then the first chunk legitimately comes from
-// the origin. The hedge itself is unit-tested in p2p (swarm_test.go).
+// 10 ms (--miss-hedge). Tests that assert a node takes nothing from the
+// origin while a peer holds the blob use it: on a loaded machine a lookup
+// in a three-node network can take longer than the defaults, and then the
+// first chunk rightly comes from the origin. The hedge itself is
+// unit-tested in p2p (swarm_test.go).
 func patient(args ...string) []string {
 	return append([]string{"--resolve-timeout=5s", "--miss-hedge=5s"}, args...)
 }
