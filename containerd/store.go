@@ -15,6 +15,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
@@ -235,8 +236,27 @@ type Blob struct {
 	once      sync.Once
 }
 
+// readTimeout bounds one read from containerd's content store (one gRPC
+// stream of at most ReadSize bytes). A containerd that keeps its socket open
+// but stops answering (stuck on its disk) must not hold a cache fill, a
+// peer's request or a mirror response forever: the blob's reader is then
+// cancelled, and this and every later read of it fail.
+var readTimeout = 30 * time.Second
+
 // ReadAt reads from containerd's content store.
-func (b *Blob) ReadAt(p []byte, off int64) (int, error) { return b.ra.ReadAt(p, off) }
+func (b *Blob) ReadAt(p []byte, off int64) (int, error) {
+	var expired atomic.Bool
+	t := time.AfterFunc(readTimeout, func() {
+		expired.Store(true)
+		b.cancel()
+	})
+	n, err := b.ra.ReadAt(p, off)
+	t.Stop()
+	if err != nil && expired.Load() {
+		err = fmt.Errorf("containerd: read of %d bytes at %d gave nothing in %v: %w", len(p), off, readTimeout, err)
+	}
+	return n, err
+}
 
 // Size is the blob's size.
 func (b *Blob) Size() int64 { return b.ra.Size() }
@@ -330,10 +350,16 @@ const ReadSize = 1 << 20
 
 type readCloser struct {
 	io.Reader
-	c io.Closer
+	c    io.Closer
+	stop func() bool // releases a context.AfterFunc; may be nil
 }
 
-func (r *readCloser) Close() error { return r.c.Close() }
+func (r *readCloser) Close() error {
+	if r.stop != nil {
+		r.stop()
+	}
+	return r.c.Close()
+}
 
 // Resolve returns the descriptor an image name ("<registry>/<repo>:<tag>")
 // points to in containerd's image store. Unknown names wrap blob.ErrNotFound.
@@ -460,5 +486,8 @@ func (src source) Fetch(ctx context.Context, k blob.Key, off, n int64) (io.ReadC
 	if n < 0 || off+n > size {
 		n = size - off
 	}
-	return &readCloser{Reader: bufio.NewReaderSize(io.NewSectionReader(b, off, n), ReadSize), c: b}, size, nil
+	// The reads end with the caller's context (a cache fill's deadline),
+	// not only at Close.
+	stop := context.AfterFunc(ctx, b.cancel)
+	return &readCloser{Reader: bufio.NewReaderSize(io.NewSectionReader(b, off, n), ReadSize), c: b, stop: stop}, size, nil
 }

@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -31,6 +32,7 @@ type fakeContent struct {
 	blobs  map[digest.Digest][]byte
 	labels map[digest.Digest]map[string]string
 	reads  int
+	stall  bool // readers never answer until their context ends (a stuck containerd)
 }
 
 func newFakeContent() *fakeContent {
@@ -74,8 +76,25 @@ func (f *fakeContent) ReaderAt(ctx context.Context, desc ocispec.Descriptor) (co
 		return nil, fmt.Errorf("content %s: %w", desc.Digest, errdefs.ErrNotFound)
 	}
 	f.reads++
+	if f.stall {
+		return stalledReaderAt{ctx: ctx, size: int64(len(b))}, nil
+	}
 	return bytesReaderAt{bytes.NewReader(b)}, nil
 }
+
+// stalledReaderAt is containerd's proxy reader when containerd stops
+// answering: each read waits on the context the reader was opened with.
+type stalledReaderAt struct {
+	ctx  context.Context
+	size int64
+}
+
+func (r stalledReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	<-r.ctx.Done()
+	return 0, r.ctx.Err()
+}
+func (r stalledReaderAt) Size() int64  { return r.size }
+func (r stalledReaderAt) Close() error { return nil }
 
 func (f *fakeContent) Walk(ctx context.Context, fn content.WalkFunc, filters ...string) error {
 	f.mu.Lock()
@@ -572,5 +591,67 @@ func TestAbsentContainerdLoggedOnce(t *testing.T) {
 	logs.mu.Unlock()
 	if warns != 1 {
 		t.Fatalf("%d warnings for one absent containerd, want 1", warns)
+	}
+}
+
+// A containerd that stops answering mid-read does not hold a reader
+// forever: one read gives up after readTimeout, and a cache fill's reads end
+// with the fill's context.
+func TestStalledContainerdReadsEnd(t *testing.T) {
+	fx := newFixture(t)
+	layer := bytes.Repeat([]byte("abcdefgh"), 1000)
+	_, ds := fx.image("registry.example/team/app:v1", layer)
+	fx.start(t)
+	<-fx.synced
+	k := blob.Key(ds[2])
+	fx.content.mu.Lock()
+	fx.content.stall = true
+	fx.content.mu.Unlock()
+	readAll := func(rc io.ReadCloser) <-chan error {
+		done := make(chan error, 1)
+		go func() {
+			_, err := io.ReadAll(rc)
+			rc.Close()
+			done <- err
+		}()
+		return done
+	}
+	wait := func(what string, done <-chan error) error {
+		t.Helper()
+		select {
+		case err := <-done:
+			if err == nil {
+				t.Fatalf("%s: a stalled read returned no error", what)
+			}
+			return err
+		case <-time.After(time.Minute):
+			t.Fatalf("%s: the read still hangs after a minute", what)
+			return nil
+		}
+	}
+
+	// A peer's request (OpenLocal): bounded by readTimeout.
+	old := readTimeout
+	readTimeout = 50 * time.Millisecond
+	t.Cleanup(func() { readTimeout = old })
+	rc, _, err := fx.store.OpenLocal(k, 0, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := wait("OpenLocal", readAll(rc)); !strings.Contains(err.Error(), "gave nothing in") {
+		t.Fatalf("OpenLocal: %v, want the read timeout named", err)
+	}
+
+	// A cache fill (Source().Fetch): its context ends the read first.
+	readTimeout = time.Hour
+	ctx, cancel := context.WithCancel(context.Background())
+	rc, _, err = fx.store.Source().Fetch(ctx, k, 0, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := readAll(rc)
+	cancel()
+	if err := wait("Fetch", done); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Fetch after its context ended: %v", err)
 	}
 }
