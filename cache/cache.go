@@ -7,6 +7,7 @@ package cache
 
 import (
 	"container/list"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -71,6 +72,10 @@ type Cache struct {
 	stop    chan struct{}
 	stopped chan struct{}
 	wg      sync.WaitGroup // background goroutines that touch entries
+	// life bounds every fill and prefetch: Close ends it, so a source that
+	// stopped answering cannot hold shutdown until the fill's deadline.
+	life    context.Context
+	endLife context.CancelFunc
 }
 
 // Info describes what the cache holds of one blob.
@@ -122,6 +127,7 @@ func Open(opts Options) (*Cache, error) {
 		stop:     make(chan struct{}),
 		stopped:  make(chan struct{}),
 	}
+	c.life, c.endLife = context.WithCancel(context.Background())
 	c.m = newMetrics(c, opts.Registerer)
 	for _, alg := range []string{blob.AlgSHA256, blob.AlgURL} {
 		if err := os.MkdirAll(filepath.Join(opts.Dir, "blobs", alg), 0o700); err != nil {
@@ -299,6 +305,7 @@ func (c *Cache) Close() error {
 	default:
 	}
 	close(c.stop)
+	c.endLife()
 	<-c.stopped
 	c.wg.Wait()
 	c.flushAll()

@@ -659,3 +659,41 @@ func TestContextCancelDoesNotFailOthers(t *testing.T) {
 		t.Fatal("wrong bytes")
 	}
 }
+
+// Close ends the fills in flight (their sources' reads) instead of waiting
+// out their deadline: a source that stopped answering cannot hold shutdown.
+func TestCloseEndsFillsInFlight(t *testing.T) {
+	c, err := Open(Options{Dir: t.TempDir(), ChunkSize: cs, FillTimeout: time.Hour, FlushInterval: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := newFake("origin", true)
+	data, k := randBlob(t, 3*cs)
+	src.blobs[k] = data
+	src.block[0] = make(chan struct{}) // never answers
+	h := c.Open(k, src)
+	sized := make(chan error, 1)
+	go func() {
+		_, err := h.Size(context.Background())
+		sized <- err
+	}()
+	waitFor(t, "the fill to ask the source", func() bool { return src.count(0) == 1 })
+	closed := make(chan error, 1)
+	go func() { closed <- c.Close() }()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatalf("Close: %v", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("Close still waits for a fill whose source never answers")
+	}
+	select {
+	case err := <-sized:
+		if err == nil {
+			t.Fatal("the reader of the ended fill got no error")
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the reader of the ended fill still waits")
+	}
+}

@@ -285,7 +285,7 @@ func (e *entry) background(j int, srcs []blob.Source) bool {
 		defer e.c.wg.Done()
 		defer e.c.unref(e)
 		defer func() { <-e.c.bg }()
-		ctx, cancel := context.WithTimeout(context.Background(), e.c.opts.FillTimeout)
+		ctx, cancel := context.WithTimeout(e.c.life, e.c.opts.FillTimeout)
 		defer cancel()
 		e.ensure(ctx, j, srcs, true)
 	}()
@@ -305,7 +305,7 @@ func chunkBuf(cs int64) *[]byte {
 
 // fill fetches chunk i (or, with the size unknown, chunk 0 and the size).
 func (e *entry) fill(i int, srcs []blob.Source, call *fillCall) {
-	ctx, cancel := context.WithTimeout(context.Background(), e.c.opts.FillTimeout)
+	ctx, cancel := context.WithTimeout(e.c.life, e.c.opts.FillTimeout)
 	defer cancel()
 	start := time.Now()
 	bp := chunkBuf(e.c.opts.ChunkSize)

@@ -226,15 +226,8 @@ func (h *Handle) Prefetch(workers int) {
 	go func() {
 		defer h.c.wg.Done()
 		defer h.c.unref(e)
-		ctx, cancel := context.WithCancel(context.Background())
+		ctx, cancel := context.WithCancel(h.c.life)
 		defer cancel()
-		go func() {
-			select {
-			case <-h.c.stop:
-				cancel()
-			case <-ctx.Done():
-			}
-		}()
 		next := make(chan int)
 		var failed error
 		var mu sync.Mutex
