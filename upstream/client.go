@@ -91,6 +91,10 @@ func NewClient(opts Options) *Client {
 		ResponseHeaderTimeout: opts.ResponseHeaderTimeout,
 		ExpectContinueTimeout: time.Second,
 		DisableCompression:    true, // byte ranges must be of the stored bytes
+		// An HTTP/2 connection that went silently dead would stay pooled
+		// (a response-header timeout resets one stream, not the
+		// connection): ping one that has been quiet, close it unanswered.
+		HTTP2: &http.HTTP2Config{SendPingTimeout: 15 * time.Second, PingTimeout: 10 * time.Second, WriteByteTimeout: 30 * time.Second},
 	}
 	return &Client{
 		hc: &http.Client{
