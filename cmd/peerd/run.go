@@ -312,8 +312,14 @@ func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
-	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
-		log.Warn("http shutdown", "err", err)
+	if err := srv.Shutdown(sctx); err != nil {
+		if !errors.Is(err, context.DeadlineExceeded) {
+			log.Warn("http shutdown", "err", err)
+		}
+		// Responses still running after --shutdown-timeout (a client that
+		// stopped reading) are cut, so that nothing writes into the cache
+		// or its files while they close.
+		srv.Close()
 	}
 	return nil
 }
