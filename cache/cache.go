@@ -251,8 +251,8 @@ func (c *Cache) loadEntry(k blob.Key, dir string) (*entry, error) {
 	}
 	e := newEntry(c, k, dir)
 	e.created = m.Created
-	if m.Size < 0 {
-		return nil, errors.New("negative size")
+	if err := c.checkSize(m.Size); err != nil {
+		return nil, fmt.Errorf("meta: %w", err)
 	}
 	f, err := os.OpenFile(filepath.Join(dir, "data"), os.O_RDWR, 0)
 	if err != nil {

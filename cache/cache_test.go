@@ -9,8 +9,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -695,5 +697,33 @@ func TestCloseEndsFillsInFlight(t *testing.T) {
 		}
 	case <-time.After(time.Minute):
 		t.Fatal("the reader of the ended fill still waits")
+	}
+}
+
+// sizeLiar answers every fetch with n zero bytes and claims the blob is
+// size bytes long.
+type sizeLiar struct{ size int64 }
+
+func (sizeLiar) Name() string { return "liar" }
+func (l sizeLiar) Fetch(ctx context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+	return io.NopCloser(bytes.NewReader(make([]byte, n))), l.size, nil
+}
+
+// A size no chunk map can hold (a hostile peer, a damaged source) fails the
+// read with a reason; it neither panics nor allocates it.
+func TestHugeSizeFromASourceIsRefused(t *testing.T) {
+	c := open(t, t.TempDir(), 1<<30, nil, nil)
+	defer c.Close()
+	for _, size := range []int64{math.MaxInt64, 1 << 62, maxChunks*cs + 1} {
+		_, k := randBlob(t, 10)
+		_, err := c.Open(k, sizeLiar{size}).Size(context.Background())
+		if err == nil || !strings.Contains(err.Error(), "chunks") {
+			t.Errorf("size %d: %v, want a refusal naming the chunk bound", size, err)
+		}
+	}
+	// The largest size allowed is learned (its chunk map is 16 MiB).
+	_, k := randBlob(t, 10)
+	if got, err := c.Open(k, sizeLiar{maxChunks * cs}).Size(context.Background()); err != nil || got != maxChunks*cs {
+		t.Fatalf("size at the bound: %d, %v", got, err)
 	}
 }

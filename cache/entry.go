@@ -434,8 +434,8 @@ func (e *entry) learnSize(size int64) error {
 		}
 		return nil
 	}
-	if size < 0 {
-		return fmt.Errorf("negative size %d", size)
+	if err := e.c.checkSize(size); err != nil {
+		return err
 	}
 	e.setSize(size)
 	return nil

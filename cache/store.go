@@ -102,6 +102,22 @@ func fdatasync(f *os.File) error {
 	}
 }
 
+// maxChunks bounds the chunks of one blob (16 TiB at 1 MiB chunks): a size
+// a source or a damaged meta file reports beyond it is refused, not
+// allocated (a chunk map of that many bytes) or overflowed.
+const maxChunks = 1 << 24
+
+// checkSize refuses a blob size the cache cannot hold a chunk map for.
+func (c *Cache) checkSize(size int64) error {
+	if size < 0 {
+		return fmt.Errorf("negative size %d", size)
+	}
+	if size > maxChunks*c.opts.ChunkSize {
+		return fmt.Errorf("size %d is more than the %d chunks of %d bytes a blob may have", size, maxChunks, c.opts.ChunkSize)
+	}
+	return nil
+}
+
 func numChunks(size, chunk int64) int {
 	if size <= 0 {
 		return 0
