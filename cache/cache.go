@@ -11,9 +11,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -72,6 +74,7 @@ type Cache struct {
 	stop    chan struct{}
 	stopped chan struct{}
 	wg      sync.WaitGroup // background goroutines that touch entries
+	retired atomic.Uint64  // names retired folders (retireLocked)
 	// life bounds every fill and prefetch: Close ends it, so a source that
 	// stopped answering cannot hold shutdown until the fill's deadline.
 	life    context.Context
@@ -185,6 +188,10 @@ func (c *Cache) load() error {
 		}
 		for _, de := range des {
 			dir := filepath.Join(root, de.Name())
+			if strings.Contains(de.Name(), retiredSuffix) {
+				os.RemoveAll(dir) // evicted; its delete did not finish before a crash
+				continue
+			}
 			k, err := blob.ParseKey(alg + ":" + de.Name())
 			if err != nil || !de.IsDir() {
 				c.log.Warn("removing unexpected entry in cache", "path", dir)
@@ -395,11 +402,7 @@ func (c *Cache) evictLocked(n int64, self *entry) []*entry {
 		e := el.Value.(*entry)
 		prev := el.Prev()
 		if e.refs == 0 && e != self {
-			delete(c.blobs, e.key)
-			c.lru.Remove(el)
-			e.mu.Lock()
-			c.used.Add(-e.present)
-			e.mu.Unlock()
+			c.retireLocked(e)
 			victims = append(victims, e)
 		}
 		el = prev
@@ -408,6 +411,31 @@ func (c *Cache) evictLocked(n int64, self *entry) []*entry {
 }
 
 // destroy deletes evicted blobs' files (outside c.mu) and tells the listener.
+// retireLocked takes e out of the index and moves its folder aside at once
+// (c.mu held). A new entry for the same key, which getEntry may create as
+// soon as c.mu is free, then lays out a fresh folder instead of opening the
+// files that e's last flush and destroy still use: it would have shared
+// (and truncated) them, and lost them to destroy's delete. destroy deletes
+// the moved folder; a crash before that leaves a name load removes.
+func (c *Cache) retireLocked(e *entry) {
+	delete(c.blobs, e.key)
+	c.lru.Remove(e.elem)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	c.used.Add(-e.present)
+	gone := fmt.Sprintf("%s%s%d", e.dir, retiredSuffix, c.retired.Add(1))
+	switch err := os.Rename(e.dir, gone); {
+	case err == nil:
+		e.dir = gone
+	case !errors.Is(err, fs.ErrNotExist): // no folder yet: nothing to move
+		c.log.Warn("cannot move an evicted blob's folder aside; deleting it now", "key", e.key, "err", err)
+		os.RemoveAll(e.dir)
+	}
+}
+
+// retiredSuffix marks a retired entry's folder (see retireLocked).
+const retiredSuffix = ".retired-"
+
 func (c *Cache) destroy(victims []*entry) {
 	for _, e := range victims {
 		had := e.destroy()
@@ -456,11 +484,7 @@ func (c *Cache) Remove(k blob.Key) bool {
 		c.mu.Unlock()
 		return false
 	}
-	delete(c.blobs, k)
-	c.lru.Remove(e.elem)
-	e.mu.Lock()
-	c.used.Add(-e.present)
-	e.mu.Unlock()
+	c.retireLocked(e)
 	c.mu.Unlock()
 	if e.destroy() && k.Verifiable() {
 		c.notify(k, false)

@@ -727,3 +727,60 @@ func TestHugeSizeFromASourceIsRefused(t *testing.T) {
 		t.Fatalf("size at the bound: %d, %v", got, err)
 	}
 }
+
+// An evicted blob's folder is moved aside when the blob leaves the index:
+// a new entry for the same key, created before the eviction's delete runs,
+// gets fresh files that the delete does not take.
+func TestEvictionDoesNotTakeTheNextEntrysFiles(t *testing.T) {
+	dir := t.TempDir()
+	c := open(t, dir, 1<<20, nil, nil)
+	src := newFake("origin", true)
+	data, k := randBlob(t, 3*cs+5)
+	src.blobs[k] = data
+	h := c.Open(k, src)
+	if got := readAll(t, h); !bytes.Equal(got, data) {
+		t.Fatal("first read: wrong bytes")
+	}
+	h.Close()
+	waitFor(t, "verified", func() bool { i, _ := c.Stat(k); return i.Verified })
+	waitFor(t, "no user of the blob", func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.blobs[k].refs == 0
+	})
+	// Evict it, as Open does when over the limit; its delete runs later.
+	c.mu.Lock()
+	victims := c.evictLocked(c.opts.MaxBytes, nil)
+	c.mu.Unlock()
+	if len(victims) != 1 {
+		t.Fatalf("%d victims, want 1", len(victims))
+	}
+	// Meanwhile a reader brings the blob back.
+	h = c.Open(k, src)
+	if got := readAll(t, h); !bytes.Equal(got, data) {
+		t.Fatal("second read: wrong bytes")
+	}
+	h.Close()
+	waitFor(t, "verified again", func() bool { i, _ := c.Stat(k); return i.Verified })
+	c.destroy(victims)
+	// The new copy survives the old one's delete, on disk and across a restart.
+	rc, _, err := c.OpenLocal(k, 0, -1)
+	if err != nil {
+		t.Fatalf("after the old copy's delete: %v", err)
+	}
+	got, err := io.ReadAll(rc)
+	rc.Close()
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("after the old copy's delete: %v, equal %v", err, bytes.Equal(got, data))
+	}
+	c.Close()
+	c = open(t, dir, 1<<20, nil, nil)
+	defer c.Close()
+	if i, ok := c.Stat(k); !ok || !i.Verified {
+		t.Fatalf("after a restart: %+v, %v; want the verified blob", i, ok)
+	}
+	before := src.total()
+	if got := readAll(t, c.Open(k, src)); !bytes.Equal(got, data) || src.total() != before {
+		t.Fatalf("after a restart: equal %v, %d new fetches", bytes.Equal(got, data), src.total()-before)
+	}
+}
