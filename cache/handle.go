@@ -144,7 +144,7 @@ func (h *Handle) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int
 	if err != nil {
 		return 0, err
 	}
-	if off < 0 || n < 0 || off+n > size {
+	if off < 0 || n < 0 || off > size || n > size-off {
 		return 0, fmt.Errorf("range %d+%d outside %d-byte blob", off, n, size)
 	}
 	if f, ok, err := h.completeFile(off); ok {
@@ -316,7 +316,7 @@ func (c *Cache) OpenLocal(k blob.Key, off, n int64) (*LocalReader, int64, error)
 		release()
 		return nil, -1, fmt.Errorf("%s: %w", k, blob.ErrNotFound)
 	}
-	if n < 0 || off+n > size {
+	if n < 0 || n > size-off {
 		n = size - off
 	}
 	if off < 0 || n < 0 {

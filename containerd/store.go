@@ -332,7 +332,7 @@ func (s *Store) OpenLocal(k blob.Key, off, n int64) (io.ReadCloser, int64, error
 		return nil, -1, err
 	}
 	size := b.Size()
-	if n < 0 || off+n > size {
+	if n < 0 || n > size-off {
 		n = size - off
 	}
 	if off < 0 || off > size || n < 0 {
@@ -483,7 +483,7 @@ func (src source) Fetch(ctx context.Context, k blob.Key, off, n int64) (io.ReadC
 		b.Close()
 		return nil, size, fmt.Errorf("containerd: offset %d outside %d-byte blob %s: %w", off, size, k, blob.ErrNotFound)
 	}
-	if n < 0 || off+n > size {
+	if n < 0 || n > size-off {
 		n = size - off
 	}
 	// The reads end with the caller's context (a cache fill's deadline),

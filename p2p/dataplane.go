@@ -286,7 +286,7 @@ func (s *dataServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 func (s *dataServer) send(w http.ResponseWriter, r *http.Request, rc io.ReadCloser, k blob.Key, from peer.ID, off, n, size int64, bc *batchConn) {
 	defer rc.Close()
-	if n < 0 || off+n > size {
+	if n < 0 || n > size-off {
 		n = size - off
 	}
 	h := w.Header()
@@ -473,7 +473,7 @@ func parsePeerRange(h string) (off, n int64, err error) {
 		return off, -1, nil
 	}
 	end, err := strconv.ParseInt(b, 10, 64)
-	if err != nil || end < off {
+	if err != nil || end < off || end-off+1 <= 0 { // the last: a length past int64
 		return 0, 0, fmt.Errorf("bad range %q", h)
 	}
 	return off, end - off + 1, nil

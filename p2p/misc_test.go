@@ -3,6 +3,7 @@ package p2p
 import (
 	"context"
 	"errors"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -87,6 +88,8 @@ func TestParseRanges(t *testing.T) {
 	}{
 		{"", 0, -1, true}, {"bytes=0-0", 0, 1, true}, {"bytes=5-", 5, -1, true}, {"bytes=10-19", 10, 10, true},
 		{"bytes=5-4", 0, 0, false}, {"bytes=-5", 0, 0, false}, {"bytes=0-1,3-4", 0, 0, false}, {"items=0-1", 0, 0, false},
+		{"bytes=0-9223372036854775807", 0, 0, false}, // a length past int64
+		{"bytes=1-9223372036854775807", 1, math.MaxInt64, true},
 	} {
 		off, n, err := parsePeerRange(c.h)
 		if (err == nil) != c.ok || (c.ok && (off != c.off || n != c.n)) {

@@ -553,7 +553,7 @@ func (s *Source) Fetch(ctx context.Context, k blob.Key, off, n int64) (io.ReadCl
 		return nil, -1, err
 	}
 	want := n
-	if n < 0 || off+n > res.total {
+	if n < 0 || n > res.total-off {
 		want = res.total - off
 	}
 	return &peerReader{s: s, ctx: ctx, k: k, off: off, want: want, total: res.total,
