@@ -444,6 +444,10 @@ func TestPeerBytesNotReservedBeforeVerification(t *testing.T) {
 	if _, _, err := c.OpenLocal(k, 0, 10); !errors.Is(err, blob.ErrNotFound) {
 		t.Fatalf("OpenLocal of unverified peer bytes: %v, want ErrNotFound", err)
 	}
+	// A length so long that off+n overflows does not skip the check.
+	if _, _, err := c.OpenLocal(k, 1, math.MaxInt64); !errors.Is(err, blob.ErrNotFound) {
+		t.Fatalf("OpenLocal(1, MaxInt64) of unverified peer bytes: %v, want ErrNotFound", err)
+	}
 	// Bytes from the origin may be passed on at once.
 	origin.blobs[k] = data
 	h2 := c.Open(k, origin)
@@ -783,4 +787,33 @@ func TestEvictionDoesNotTakeTheNextEntrysFiles(t *testing.T) {
 	if got := readAll(t, c.Open(k, src)); !bytes.Equal(got, data) || src.total() != before {
 		t.Fatalf("after a restart: equal %v, %d new fetches", bytes.Equal(got, data), src.total()-before)
 	}
+}
+
+// A caller that saw an empty blob's size as unknown, and asks for chunk 0
+// after a concurrent fill learned the size 0, gets "nothing to fill"; it
+// used to index past the empty chunk map while holding the entry's lock
+// (a panic that left every later user of the cache waiting).
+func TestEnsureOfAnEmptyBlobsChunkZero(t *testing.T) {
+	// No deferred clean-up: after such a panic the entry's lock stays held.
+	c := open(t, t.TempDir(), 1<<20, nil, nil)
+	_, k := randBlob(t, 0)
+	e := c.getEntry(k)
+	e.mu.Lock()
+	e.setSize(0) // what the concurrent fill did
+	e.mu.Unlock()
+	var pass []byte
+	err := func() (err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				err = fmt.Errorf("panicked: %v", r)
+			}
+		}()
+		pass, err = e.ensure(context.Background(), 0, nil, true)
+		return err
+	}()
+	if pass != nil || err != nil {
+		t.Fatalf("ensure(0) of an empty blob: %v, %v", pass, err)
+	}
+	c.unref(e)
+	c.Close()
 }

@@ -215,7 +215,9 @@ func (e *entry) flush() error {
 // its bytes are handed over directly.
 func (e *entry) ensure(ctx context.Context, i int, srcs []blob.Source, background bool) (pass []byte, err error) {
 	e.mu.Lock()
-	if e.size >= 0 && e.states[i] != stateAbsent {
+	// i past the chunks: an empty blob, whose size a concurrent fill learned
+	// after the caller looked (nothing to fill).
+	if e.size >= 0 && (i >= len(e.states) || e.states[i] != stateAbsent) {
 		e.mu.Unlock()
 		if !background {
 			e.readAhead(i, srcs) // keep the window ahead of a sequential reader full
