@@ -542,6 +542,9 @@ func (s storeReader) Prefetch(int)                        {}
 const storeReadSize = 1 << 20
 
 func (s storeReader) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int64, error) {
+	if n <= 0 {
+		return 0, nil // an empty blob (CopyBuffer refuses an empty buffer)
+	}
 	buf := make([]byte, min(n, storeReadSize))
 	return io.CopyBuffer(struct{ io.Writer }{w}, struct{ io.Reader }{io.NewSectionReader(ctxReaderAt{ctx, s.b}, off, n)}, buf)
 }

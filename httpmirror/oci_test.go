@@ -223,6 +223,17 @@ func TestOCIBlobFromContainerd(t *testing.T) {
 	}
 }
 
+// An empty blob containerd holds is served as one: 200, no bytes.
+func TestOCIEmptyBlobFromContainerd(t *testing.T) {
+	fx := newOCIFixture(t)
+	k := keyOf(nil)
+	fx.store.blobs[k] = []byte{}
+	resp, body := fx.do(t, "GET", "/v2/team/app/blobs/"+string(k)+"?ns=registry.example")
+	if resp.StatusCode != 200 || len(body) != 0 || resp.Header.Get("Content-Length") != "0" {
+		t.Fatalf("GET of an empty blob: %d, %d bytes, Content-Length %q", resp.StatusCode, len(body), resp.Header.Get("Content-Length"))
+	}
+}
+
 func TestOCIBlobFromPeersAndLocalOnly(t *testing.T) {
 	fx := newOCIFixture(t)
 	layer := bytes.Repeat([]byte("peer layer "), 50_000)
