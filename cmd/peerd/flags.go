@@ -90,7 +90,7 @@ func parseBytes(v string) (int64, error) {
 		}
 	}
 	f, err := strconv.ParseFloat(s, 64)
-	if err != nil || f < 0 || f*mult > 1<<62 {
+	if err != nil || !(f >= 0) || f*mult > 1<<62 { // !(f >= 0) also refuses NaN
 		return 0, fmt.Errorf("bad size %q (want e.g. 512, 64KiB, 1MiB, 20GiB)", v)
 	}
 	return int64(f * mult), nil

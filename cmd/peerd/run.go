@@ -80,6 +80,9 @@ func (c *runConfig) validate() error {
 	if c.CacheSize < c.ChunkSize {
 		errs = append(errs, fmt.Errorf("--cache-size %s is smaller than one chunk", c.CacheSize.String()))
 	}
+	if c.ShutdownTimeout <= 0 || c.ShutdownTimeout > 10*time.Minute {
+		errs = append(errs, fmt.Errorf("--shutdown-timeout %v: want more than 0 and at most 10m", c.ShutdownTimeout))
+	}
 	if c.PrefetchWorkers < 1 || c.PrefetchWorkers > 64 {
 		errs = append(errs, fmt.Errorf("--prefetch-workers %d: want 1 to 64", c.PrefetchWorkers))
 	}
