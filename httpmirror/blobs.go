@@ -19,7 +19,7 @@ var (
 	// Registry storage layout: .../blobs/sha256/<2 hex>/<64 hex>/data
 	storagePathRE = regexp.MustCompile(`/sha256/([0-9a-f]{2})/([0-9a-f]{64})(/|$)`)
 	// A digest anywhere in the path: .../blobs/sha256:<64 hex>
-	digestInPathRE = regexp.MustCompile(`sha256:([0-9a-f]{64})(?:[/?]|$)`)
+	digestInPathRE = regexp.MustCompile(`(?:^|/)sha256:([0-9a-f]{64})(?:[/?]|$)`)
 )
 
 // ParseBlobURL parses the upstream URL of a /blobs/ request from the raw
@@ -59,6 +59,15 @@ func ParseBlobURL(requestURI string) (*url.URL, blob.Key, error) {
 		}
 	}
 	path := u.EscapedPath()
+	// A dot segment would let the origin resolve the path to a file other
+	// than the one whose digest the path names (the key), so refuse it.
+	if unescaped, err := url.PathUnescape(path); err == nil {
+		for _, seg := range strings.Split(unescaped, "/") {
+			if seg == "." || seg == ".." {
+				return nil, "", fmt.Errorf("upstream URL %q: dot segment in the path", truncate(raw))
+			}
+		}
+	}
 	if m := storagePathRE.FindStringSubmatch(path); m != nil && m[2][:2] == m[1] {
 		return u, blob.Key("sha256:" + m[2]), nil
 	}

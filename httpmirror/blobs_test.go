@@ -55,6 +55,12 @@ func TestParseBlobURL(t *testing.T) {
 		{"/blobs/http://127.0.0.1:8080/files/model.bin?token=1", "http://127.0.0.1:8080/files/model.bin?token=1", "", true},
 		// storage path whose 2-hex folder does not match the digest: not a digest
 		{"/blobs/https://s.example.net/sha256/cd/" + hex + "/data", "https://s.example.net/sha256/cd/" + hex + "/data", "", true},
+		// a digest inside another path segment names nothing
+		{"/blobs/https://registry.example.com/v2/x/blobs/xsha256:" + hex, "https://registry.example.com/v2/x/blobs/xsha256:" + hex, "", true},
+		// dot segments could make the origin serve another file under the digest's key
+		{"/blobs/https://s.example.net/sha256/ab/" + hex + "/data/../../../../other", "", "", false},
+		{"/blobs/https://s.example.net/a/%2e%2e/sha256/ab/" + hex + "/data", "", "", false},
+		{"/blobs/https://s.example.net/./x", "", "", false},
 		{"/blobs/ftp://example.com/x", "", "", false},
 		{"/blobs/example.com/x", "", "", false},
 		{"/blobs/https:///x", "", "", false},
