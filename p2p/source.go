@@ -323,9 +323,26 @@ func (s *Source) gatherLookup(k blob.Key, e *provEntry, at time.Time) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.bg.Err() == nil {
-		s.setLocked(e, found)
+		// The second look adds the nodes that started with this one; it
+		// must not drop those the first one found. An answer can be partial
+		// (a lookup stops 2 ms after its first provider, and this node's own
+		// records of the nodes pulling with it come first), and a holder
+		// missing from the list would make this node fetch the chunks it
+		// then "owns" from the origin.
+		s.setLocked(e, unionPeers(e.peers, found))
 	}
 	close(e.gathering)
+}
+
+// unionPeers returns a followed by the peers of b that a lacks.
+func unionPeers(a, b []peer.AddrInfo) []peer.AddrInfo {
+	out := slices.Clone(a)
+	for _, p := range b {
+		if !slices.ContainsFunc(out, func(q peer.AddrInfo) bool { return q.ID == p.ID }) {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 func hitLabel(peers []peer.AddrInfo) string {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"slices"
 	"testing"
 	"time"
 
@@ -187,6 +188,49 @@ func TestColdSwarmPullFirstChunkGoesToOriginAtOnceTheRestWaitForTheGather(t *tes
 	}
 	if calls := g.calls(); len(calls) == 0 || calls[0].p != other.ID {
 		t.Fatalf("asked %v, want the owner %s first", calls, other.ID)
+	}
+}
+
+// The gather window's second lookup adds the nodes that started with this
+// one and keeps those the first lookup found, even when its own answer is
+// partial: a holder dropped from the list would leave the chunks this node
+// then owns to the origin.
+func TestGatherLookupKeepsTheProvidersTheFirstFound(t *testing.T) {
+	s, _, g := swarmFixture(t, 0)
+	f := s.finder.(*fakeFinder)
+	windowEnd := make(chan time.Time)
+	s.after = func(time.Duration) <-chan time.Time { return windowEnd }
+	k := testKey()
+	holder := peer.AddrInfo{ID: newPeerID(t)}  // holds the whole blob
+	partner := peer.AddrInfo{ID: newPeerID(t)} // started with us, holds nothing yet
+	g.behave[holder.ID] = "ok"
+	g.behave[partner.ID] = "notfound"
+	f.peers = []peer.AddrInfo{holder}
+	// A chunk this node owns once the partner is known: asked of the
+	// providers, only the holder has it.
+	all := []peer.AddrInfo{holder, partner}
+	var off int64 = -1
+	for c := int64(0); c < 256; c++ {
+		if s.owner(k, c<<20, all) == s.self {
+			off = c << 20
+			break
+		}
+	}
+	if off < 0 {
+		t.Fatal("no chunk owned by this node")
+	}
+	got := fetchBackedAsync(s, k, off)
+	waitForCalls(t, f, 1)
+	// The second lookup's answer names only the partner.
+	f.mu.Lock()
+	f.peers = []peer.AddrInfo{partner}
+	f.mu.Unlock()
+	close(windowEnd)
+	if err := <-got; err != nil {
+		t.Fatalf("chunk this node owns, with the holder found by the first lookup: %v", err)
+	}
+	if calls := g.calls(); !slices.ContainsFunc(calls, func(c call) bool { return c.p == holder.ID }) {
+		t.Fatalf("asked %v, never the holder", calls)
 	}
 }
 
