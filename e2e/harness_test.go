@@ -1288,10 +1288,14 @@ func (c *cluster) logUpstream(t *testing.T, before map[int]float64) {
 		}
 		var lines []string
 		for _, line := range strings.Split(out, "\n") {
-			if strings.HasPrefix(line, "peerd_p2p_lookup_cache_total") || strings.HasPrefix(line, "peerd_p2p_lookup_seconds_count") || strings.HasPrefix(line, "peerd_p2p_swarm") {
-				lines = append(lines, line)
+			for _, p := range []string{"peerd_p2p_lookup_cache_total", "peerd_p2p_lookup_seconds_count", "peerd_p2p_swarm", "peerd_p2p_peer_errors_total",
+				"peerd_p2p_serve_requests_total", "peerd_p2p_hedged_requests_total", "peerd_p2p_resumed_transfers_total", "peerd_source_errors_total"} {
+				if strings.HasPrefix(line, p) {
+					lines = append(lines, line)
+					break
+				}
 			}
 		}
-		t.Logf("%s lookups: %s", n.name(), strings.Join(lines, "; "))
+		t.Logf("%s lookups and peer reads: %s", n.name(), strings.Join(lines, "; "))
 	}
 }
