@@ -95,16 +95,7 @@ func TestFetchBackedAsksTheOwnerFirst(t *testing.T) {
 func TestFetchBackedOwnChunkGoesToOriginUnlessAPeerHoldsIt(t *testing.T) {
 	s, ps, g := swarmFixture(t, 3)
 	k := testKey()
-	var off int64 = -1
-	for c := int64(0); c < 256; c++ {
-		if s.owner(k, c<<20, ps) == s.self {
-			off = c << 20
-			break
-		}
-	}
-	if off < 0 {
-		t.Fatal("self owns none of 256 chunks")
-	}
+	off := chunkOwnedAmong(t, s, k, ps, s.self)
 	// Cold: nobody holds it, everybody says so at once.
 	for _, p := range ps {
 		g.behave[p.ID] = "notfound"
@@ -208,17 +199,7 @@ func TestGatherLookupKeepsTheProvidersTheFirstFound(t *testing.T) {
 	f.peers = []peer.AddrInfo{holder}
 	// A chunk this node owns once the partner is known: asked of the
 	// providers, only the holder has it.
-	all := []peer.AddrInfo{holder, partner}
-	var off int64 = -1
-	for c := int64(0); c < 256; c++ {
-		if s.owner(k, c<<20, all) == s.self {
-			off = c << 20
-			break
-		}
-	}
-	if off < 0 {
-		t.Fatal("no chunk owned by this node")
-	}
+	off := chunkOwnedAmong(t, s, k, []peer.AddrInfo{holder, partner}, s.self)
 	got := fetchBackedAsync(s, k, off)
 	waitForCalls(t, f, 1)
 	// The second lookup's answer names only the partner.
@@ -284,6 +265,19 @@ func chunkOwnedBy(t *testing.T, s *Source, k blob.Key, from int64, other peer.Ad
 		}
 	}
 	t.Fatal("no chunk owned by the other node")
+	return -1
+}
+
+// chunkOwnedAmong returns the offset of the first 1 MiB chunk of k that
+// who owns among ps (and this node).
+func chunkOwnedAmong(t *testing.T, s *Source, k blob.Key, ps []peer.AddrInfo, who peer.ID) int64 {
+	t.Helper()
+	for c := int64(0); c < 256; c++ {
+		if s.owner(k, c<<20, ps) == who {
+			return c << 20
+		}
+	}
+	t.Fatalf("%s owns none of 256 chunks", who)
 	return -1
 }
 
