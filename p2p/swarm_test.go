@@ -148,8 +148,7 @@ func TestOwnsUsesTheCachedListAndNeverLooksUp(t *testing.T) {
 func TestColdSwarmPullFirstChunkGoesToOriginAtOnceTheRestWaitForTheGather(t *testing.T) {
 	s, _, g := swarmFixture(t, 0)
 	f := s.finder.(*fakeFinder)
-	windowEnd := make(chan time.Time)
-	s.after = func(time.Duration) <-chan time.Time { return windowEnd } // ended by hand below
+	windowEnd := windowByHand(s) // closing it ends the gather window
 	k := testKey()
 	// Nobody advertises the blob yet: the chunk the reader waits for goes to
 	// the origin without waiting for the gather window.
@@ -189,8 +188,7 @@ func TestColdSwarmPullFirstChunkGoesToOriginAtOnceTheRestWaitForTheGather(t *tes
 func TestGatherLookupKeepsTheProvidersTheFirstFound(t *testing.T) {
 	s, _, g := swarmFixture(t, 0)
 	f := s.finder.(*fakeFinder)
-	windowEnd := make(chan time.Time)
-	s.after = func(time.Duration) <-chan time.Time { return windowEnd }
+	windowEnd := windowByHand(s) // closing it ends the gather window
 	k := testKey()
 	holder := peer.AddrInfo{ID: newPeerID(t)}  // holds the whole blob
 	partner := peer.AddrInfo{ID: newPeerID(t)} // started with us, holds nothing yet
@@ -218,8 +216,7 @@ func TestGatherLookupKeepsTheProvidersTheFirstFound(t *testing.T) {
 func TestSwarmPullSplitsItsChunksOverTheNodesThatStartedWithIt(t *testing.T) {
 	s, ps, g := swarmFixture(t, 1)
 	f := s.finder.(*fakeFinder)
-	windowEnd := make(chan time.Time)
-	s.after = func(time.Duration) <-chan time.Time { return windowEnd }
+	windowEnd := windowByHand(s) // closing it ends the gather window
 	k := testKey()
 	early := ps[0] // started a moment before us: the first lookup sees it
 	g.behave[early.ID] = "ok"
@@ -268,6 +265,14 @@ func chunkOwnedBy(t *testing.T, s *Source, k blob.Key, from int64, other peer.Ad
 	return -1
 }
 
+// windowByHand makes s's gather windows end when the returned channel is
+// closed instead of after s.gather.
+func windowByHand(s *Source) chan time.Time {
+	end := make(chan time.Time)
+	s.after = func(time.Duration) <-chan time.Time { return end }
+	return end
+}
+
 // chunkOwnedAmong returns the offset of the first 1 MiB chunk of k that
 // who owns among ps (and this node).
 func chunkOwnedAmong(t *testing.T, s *Source, k blob.Key, ps []peer.AddrInfo, who peer.ID) int64 {
@@ -313,8 +318,7 @@ func TestLongMissHedgeWaitsForASlowLookup(t *testing.T) {
 	s.timeout = time.Hour
 	s.SetMissHedge(time.Hour)
 	f := s.finder.(*fakeFinder)
-	windowEnd := make(chan time.Time)
-	s.after = func(time.Duration) <-chan time.Time { return windowEnd }
+	windowEnd := windowByHand(s) // closing it ends the gather window
 	release := make(chan struct{})
 	holder := peer.AddrInfo{ID: newPeerID(t)}
 	g.behave[holder.ID] = "ok"
@@ -352,8 +356,7 @@ func TestLongMissHedgeWaitsForASlowLookup(t *testing.T) {
 func TestSlowFirstSwarmLookupDoesNotHoldTheFirstChunk(t *testing.T) {
 	s, _, g := swarmFixture(t, 0)
 	f := s.finder.(*fakeFinder)
-	windowEnd := make(chan time.Time)
-	s.after = func(time.Duration) <-chan time.Time { return windowEnd }
+	windowEnd := windowByHand(s) // closing it ends the gather window
 	release := make(chan struct{})
 	f.block = release // the DHT is slow: the lookup answers only when released
 	k := testKey()
