@@ -131,7 +131,7 @@ func StartNode(t testing.TB, o NodeOpts) *Node {
 		"--data-dir", o.DataDir,
 		"--http-addr", n.HTTPAddr,
 		"--log-level", "debug",
-	}, defaultArgs(o)...)
+	}, defaultArgs(t, o)...)
 	n.args = append(n.args, o.Args...)
 	n.start()
 	t.Cleanup(func() {
@@ -144,7 +144,10 @@ func StartNode(t testing.TB, o NodeOpts) *Node {
 }
 
 // defaultArgs adds the flags that keep a test node local to the machine.
-func defaultArgs(o NodeOpts) []string {
+// Its listeners get ports from FreePort too: a port the kernel picks for a
+// :0 listener can be the one FreePort just handed to --http-addr (seen once:
+// the peer data plane took the HTTP port).
+func defaultArgs(t testing.TB, o NodeOpts) []string {
 	var a []string
 	if hasFlag("mount") {
 		a = append(a, "--mount="+o.Mount)
@@ -153,7 +156,10 @@ func defaultArgs(o NodeOpts) []string {
 		a = append(a, "--containerd-socket=/nonexistent/containerd.sock")
 	}
 	if hasFlag("p2p-addr") && !contains(o.Args, "--p2p-addr") {
-		a = append(a, "--p2p-addr=/ip4/"+o.IP+"/tcp/0")
+		a = append(a, fmt.Sprintf("--p2p-addr=/ip4/%s/tcp/%d", o.IP, FreePort(t, o.IP)))
+	}
+	if hasFlag("peer-addr") && !contains(o.Args, "--peer-addr") {
+		a = append(a, fmt.Sprintf("--peer-addr=%s:%d", o.IP, FreePort(t, o.IP)))
 	}
 	return a
 }
