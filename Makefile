@@ -15,7 +15,9 @@ RUN_ALLOW ?= 127.0.0.1,localhost
 RUN_MOUNT ?= $(if $(filter 0,$(shell id -u)),$(RUN_DATA)/blobs,)
 RUN_FLAGS ?=
 
-.PHONY: help build run test test-unit e2e bench lint tidy clean
+.PHONY: help build run test test-unit e2e bench lint tidy clean reliability
+# Tests that prove a row of the README's Reliability table append it here (internal/reliability).
+RELIABILITY_ROWS ?= $(CURDIR)/bin/reliability.jsonl
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -28,18 +30,22 @@ run: build ## run one node on 127.0.0.1:30000 with its data under ./.peerd-data
 		--upstream-allow '$(RUN_ALLOW)' --mount='$(RUN_MOUNT)' $(RUN_FLAGS)
 
 test: lint ## run every test (unit + integration with real processes); needs root for FUSE/containerd parts
-	$(GO) test -count=1 -timeout 30m ./...
+	mkdir -p bin && rm -f $(RELIABILITY_ROWS)
+	PEERD_RELIABILITY_OUT=$(RELIABILITY_ROWS) $(GO) test -count=1 -timeout 30m ./...
 	$(GO) test -count=1 -race -timeout 15m ./blob/ ./cache/ ./upstream/ ./httpmirror/ ./fusefs/ ./containerd/ ./p2p/ ./k8s/
 
 test-unit: ## fast unit tests only
 	$(GO) test -count=1 -short ./...
 
 e2e: build ## multi-node scenarios in network namespaces (root); knobs in e2e/README.md (E2E_SIZE=large: 8 nodes, 1 GiB)
-	E2E=1 E2E_PEERD=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 60m -v ./e2e/...
+	mkdir -p bin && PEERD_RELIABILITY_OUT=$(RELIABILITY_ROWS) E2E=1 E2E_PEERD=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 60m -v ./e2e/...
 
 bench: build ## one table of speed, cost and scale next to same-run baselines (BENCH_QUICK=1, BENCH_CLUSTER=1; bench/README.md)
 	$(GO) build -o bin/peerd-bench ./bench
 	PEERD_BIN=$(CURDIR)/$(BIN) bin/peerd-bench
+
+reliability: ## rewrite the README's Reliability table from the rows the last make test / make e2e recorded
+	$(GO) run ./internal/reliability/cmd/reliability-table -rows $(RELIABILITY_ROWS) -readme README.md
 
 lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
