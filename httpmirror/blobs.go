@@ -95,6 +95,12 @@ func (s *Server) serveBlobs(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "only GET and HEAD", http.StatusMethodNotAllowed)
 		return
 	}
+	if r.Header.Get(upstream.LoopHeader) != "" {
+		// An origin fetch of peerd's own led here (a redirect back to a
+		// /blobs/ face): serving it would wait on the fill it is part of.
+		http.Error(w, "redirect loop: an origin redirected peerd back to a peerd /blobs/ URL", http.StatusLoopDetected)
+		return
+	}
 	u, key, err := ParseBlobURL(r.RequestURI)
 	if err != nil {
 		s.log.Info("bad /blobs/ request", "err", err)
@@ -102,7 +108,7 @@ func (s *Server) serveBlobs(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if err := s.cfg.Allow.Check(u); err != nil {
-		s.log.Warn("refused upstream", "host", u.Host, "err", err)
+		s.log.Warn("refused upstream", "host", upstream.Bound(u.Host), "err", err)
 		http.Error(w, err.Error(), http.StatusForbidden)
 		return
 	}
@@ -115,7 +121,7 @@ func (s *Server) serveBlobs(w http.ResponseWriter, r *http.Request) {
 	if key.Verifiable() && s.cfg.Peers != nil {
 		srcs = append(srcs, s.cfg.Peers(key)...)
 	}
-	origin := s.cfg.Upstream.Source(u, hdr)
+	origin := s.cfg.Upstream.Source(u, hdr, s.cfg.Allow)
 	srcs = append(srcs, origin)
 	if key.Verifiable() && s.cfg.Learn != nil {
 		s.cfg.Learn(key, origin)

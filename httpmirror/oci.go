@@ -207,6 +207,11 @@ func (h *ociHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.bad(w, r, "", "NAME_INVALID", "escaped characters in path")
 		return
 	}
+	if r.Header.Get(upstream.LoopHeader) != "" {
+		// A pull-through registry redirected peerd back to a peerd mirror.
+		ociError(w, http.StatusLoopDetected, "UNSUPPORTED", "redirect loop: a registry redirected peerd back to a peerd mirror")
+		return
+	}
 	req, code, msg := parseOCIPath(r.URL.Path)
 	if code != "" {
 		h.bad(w, r, req.kind, code, msg)
@@ -279,7 +284,9 @@ func (h *ociHandler) origin(r *http.Request, k blob.Key, kind string, hdr http.H
 		}
 		hdr.Set("Authorization", a)
 	}
-	return h.cfg.Upstream.Source(u, hdr)
+	// Registries redirect to storage hosts nobody lists: a redirect is held
+	// to the forbidden-address, loop and hop rules only.
+	return h.cfg.Upstream.Source(u, hdr, nil)
 }
 
 // missOrChallenge relays a registry's 401 and its WWW-Authenticate

@@ -92,7 +92,7 @@ func (a *AllowList) Check(u *url.URL) error {
 		}
 	}
 	if ip, err := netip.ParseAddr(host); err == nil && Forbidden(ip) {
-		return fmt.Errorf("%w: %s is a link-local or metadata address", ErrNotAllowed, host)
+		return fmt.Errorf("%w: %s is a link-local or metadata address", ErrNotAllowed, Bound(host))
 	}
 	for _, p := range a.patterns {
 		if p.port != "" && p.port != port {
@@ -106,7 +106,7 @@ func (a *AllowList) Check(u *url.URL) error {
 			return nil
 		}
 	}
-	return fmt.Errorf("%w: %s matches no --upstream-allow pattern", ErrNotAllowed, u.Host)
+	return fmt.Errorf("%w: %s matches no --upstream-allow pattern", ErrNotAllowed, Bound(u.Host))
 }
 
 var ec2MetadataV6 = netip.MustParseAddr("fd00:ec2::254")

@@ -98,26 +98,54 @@ func NewClient(opts Options) *Client {
 	}
 	return &Client{
 		hc: &http.Client{
-			Transport: tr,
-			// An origin may redirect (registry → storage); only follow to allowed places is the
-			// caller's decision at request time, so redirects are re-checked in checkRedirect.
-			CheckRedirect: func(req *http.Request, via []*http.Request) error {
-				if len(via) >= 5 {
-					return errors.New("too many redirects")
-				}
-				if ip, err := netip.ParseAddr(req.URL.Hostname()); err == nil && Forbidden(ip) {
-					return fmt.Errorf("%w: redirect to %s", ErrNotAllowed, req.URL.Host)
-				}
-				// Credentials go to the origin the client named, never to a redirect target on another host.
-				if req.URL.Host != via[0].URL.Host {
-					req.Header.Del("Authorization")
-				}
-				return nil
-			},
+			Transport:     tr,
+			CheckRedirect: checkRedirect,
 		},
 		opts: opts,
 		log:  opts.Logger.With("component", "upstream"),
 	}
+}
+
+// maxRedirects bounds a redirect chain (registry → storage needs one or two).
+const maxRedirects = 5
+
+// LoopHeader marks a request peerd sends an origin. It travels along every
+// redirect, so a chain that leads back to a peerd /blobs/ or /v2/ face (this
+// node's or another's) is refused there at once instead of the request
+// waiting on the fill it is part of.
+const LoopHeader = "X-Peerd-Origin-Fetch"
+
+type allowKey struct{}
+
+// checkRedirect holds every hop to the rules of the first URL: the allow-list
+// the source was opened with, the forbidden addresses, no loop, a hop limit;
+// and keeps credentials for the host the client named.
+func checkRedirect(req *http.Request, via []*http.Request) error {
+	if len(via) >= maxRedirects {
+		return fmt.Errorf("%w: more than %d redirects", ErrNotAllowed, maxRedirects)
+	}
+	host := Bound(req.URL.Host)
+	if ip, err := netip.ParseAddr(strings.Trim(req.URL.Hostname(), "[]")); err == nil && Forbidden(ip) {
+		return fmt.Errorf("%w: redirect to %s", ErrNotAllowed, host)
+	}
+	if req.URL.Scheme != "http" && req.URL.Scheme != "https" {
+		return fmt.Errorf("%w: redirect to a %s URL", ErrNotAllowed, Bound(req.URL.Scheme))
+	}
+	if a, _ := req.Context().Value(allowKey{}).(*AllowList); a != nil {
+		if err := a.Check(req.URL); err != nil {
+			return fmt.Errorf("redirect: %w", err)
+		}
+	}
+	for _, v := range via {
+		if v.URL.String() == req.URL.String() {
+			return fmt.Errorf("%w: redirect loop back to %s", ErrNotAllowed, host)
+		}
+	}
+	// Credentials go to the origin the client named, never to a redirect target on another host.
+	if req.URL.Host != via[0].URL.Host {
+		req.Header.Del("Authorization")
+	}
+	return nil
 }
 
 // HTTPClient exposes the underlying client for callers (the OCI mirror's
@@ -125,9 +153,10 @@ func NewClient(opts Options) *Client {
 func (c *Client) HTTPClient() *http.Client { return c.hc }
 
 // Source returns a blob.Source reading from u. header holds what the origin
-// alone may see (Authorization); it never reaches peers or logs.
-func (c *Client) Source(u *url.URL, header http.Header) blob.Source {
-	return &origin{c: c, url: u.String(), redacted: redact(u), header: header}
+// alone may see (Authorization); it never reaches peers or logs. When allow
+// is not nil, every redirect target must pass it too, as u did.
+func (c *Client) Source(u *url.URL, header http.Header, allow *AllowList) blob.Source {
+	return &origin{c: c, url: u.String(), redacted: redact(u), header: header, allow: allow}
 }
 
 func redact(u *url.URL) string {
@@ -142,6 +171,7 @@ type origin struct {
 	url      string
 	redacted string
 	header   http.Header
+	allow    *AllowList
 }
 
 func (o *origin) Name() string      { return "upstream" }
@@ -177,7 +207,8 @@ func (o *origin) Fetch(ctx context.Context, _ blob.Key, off, n int64) (io.ReadCl
 func retryable(err error) bool {
 	var se *StatusError
 	if errors.As(err, &se) {
-		return se.Code >= 500 || se.Code == http.StatusTooManyRequests
+		// 508 is a peerd face refusing a loop: asking again loops again.
+		return (se.Code >= 500 && se.Code != http.StatusLoopDetected) || se.Code == http.StatusTooManyRequests
 	}
 	if errors.Is(err, blob.ErrNotFound) || errors.Is(err, ErrNotAllowed) || errors.Is(err, errBadResponse) {
 		return false
@@ -188,6 +219,9 @@ func retryable(err error) bool {
 var errBadResponse = errors.New("bad origin response")
 
 func (o *origin) fetchOnce(ctx context.Context, off, n int64) (io.ReadCloser, int64, error) {
+	if o.allow != nil {
+		ctx = context.WithValue(ctx, allowKey{}, o.allow)
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, o.url, nil)
 	if err != nil {
 		return nil, -1, err
@@ -196,6 +230,7 @@ func (o *origin) fetchOnce(ctx context.Context, off, n int64) (io.ReadCloser, in
 		req.Header[k] = vs
 	}
 	req.Header.Set("User-Agent", o.c.opts.UserAgent)
+	req.Header.Set(LoopHeader, "1")
 	if n > 0 {
 		req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", off, off+n-1))
 	}

@@ -116,7 +116,7 @@ func TestFetchRangesAndFallbacks(t *testing.T) {
 	}))
 	defer srv.Close()
 	c := NewClient(Options{})
-	src := c.Source(mustURL(srv.URL+"/f"), http.Header{"Authorization": {"Bearer t"}})
+	src := c.Source(mustURL(srv.URL+"/f"), http.Header{"Authorization": {"Bearer t"}}, nil)
 	if src.Name() != "upstream" || blob.TrustOf(src) != blob.Trusted {
 		t.Fatal("origin must be a trusted source named upstream")
 	}
@@ -148,7 +148,7 @@ func TestFetchRetriesThenSucceeds(t *testing.T) {
 	}))
 	defer srv.Close()
 	c := NewClient(Options{Backoff: time.Millisecond})
-	b, size, err := fetchAll(t, c.Source(mustURL(srv.URL), nil), 6, 5)
+	b, size, err := fetchAll(t, c.Source(mustURL(srv.URL), nil, nil), 6, 5)
 	if err != nil || string(b) != "world" || size != 11 {
 		t.Fatalf("got %q size %d err %v", b, size, err)
 	}
@@ -173,12 +173,12 @@ func TestFetchErrorsAreClear(t *testing.T) {
 	}))
 	defer srv.Close()
 	c := NewClient(Options{Backoff: time.Millisecond, Attempts: 3})
-	_, _, err := fetchAll(t, c.Source(mustURL(srv.URL+"/missing"), nil), 0, 10)
+	_, _, err := fetchAll(t, c.Source(mustURL(srv.URL+"/missing"), nil, nil), 0, 10)
 	if !errors.Is(err, blob.ErrNotFound) {
 		t.Fatalf("404: %v", err)
 	}
 	calls.Store(0)
-	_, _, err = fetchAll(t, c.Source(mustURL(srv.URL+"/auth"), nil), 0, 10)
+	_, _, err = fetchAll(t, c.Source(mustURL(srv.URL+"/auth"), nil, nil), 0, 10)
 	var se *StatusError
 	if !errors.As(err, &se) || se.Code != 401 || se.Header.Get("Www-Authenticate") == "" {
 		t.Fatalf("401: %v", err)
@@ -187,7 +187,7 @@ func TestFetchErrorsAreClear(t *testing.T) {
 		t.Fatalf("401 retried %d times", calls.Load())
 	}
 	calls.Store(0)
-	_, _, err = fetchAll(t, c.Source(mustURL(srv.URL+"/down?sig=SECRET"), nil), 0, 10)
+	_, _, err = fetchAll(t, c.Source(mustURL(srv.URL+"/down?sig=SECRET"), nil, nil), 0, 10)
 	if err == nil || calls.Load() != 3 {
 		t.Fatalf("502: err %v after %d calls, want an error after 3", err, calls.Load())
 	}
@@ -198,7 +198,7 @@ func TestFetchErrorsAreClear(t *testing.T) {
 
 func TestDialRefusesForbiddenAddresses(t *testing.T) {
 	c := NewClient(Options{DialTimeout: time.Second, Attempts: 1})
-	_, _, err := fetchAll(t, c.Source(mustURL("http://169.254.169.254/latest"), nil), 0, 1)
+	_, _, err := fetchAll(t, c.Source(mustURL("http://169.254.169.254/latest"), nil, nil), 0, 1)
 	if !errors.Is(err, ErrNotAllowed) {
 		t.Fatalf("dial to link-local: %v, want ErrNotAllowed", err)
 	}
@@ -212,13 +212,13 @@ func TestLearnedOrigins(t *testing.T) {
 	k1 := blob.Key("sha256:" + strings.Repeat("1", 64))
 	k2 := blob.Key("sha256:" + strings.Repeat("2", 64))
 	k3 := blob.Key("sha256:" + strings.Repeat("3", 64))
-	l.Learn(k1, c.Source(mustURL("http://o/1"), nil))
-	l.Learn(k2, c.Source(mustURL("http://o/2"), nil))
-	l.Learn(blob.Key("url:"+strings.Repeat("4", 64)), c.Source(mustURL("http://o/4"), nil))
+	l.Learn(k1, c.Source(mustURL("http://o/1"), nil, nil))
+	l.Learn(k2, c.Source(mustURL("http://o/2"), nil, nil))
+	l.Learn(blob.Key("url:"+strings.Repeat("4", 64)), c.Source(mustURL("http://o/4"), nil, nil))
 	if len(l.Sources(k1)) != 1 || len(l.Sources(k2)) != 1 {
 		t.Fatal("learned origins not returned")
 	}
-	l.Learn(k3, c.Source(mustURL("http://o/3"), nil)) // evicts the least recently learned: k1
+	l.Learn(k3, c.Source(mustURL("http://o/3"), nil, nil)) // evicts the least recently learned: k1
 	if len(l.Sources(k1)) != 0 || len(l.Sources(k3)) != 1 {
 		t.Fatal("bound not kept")
 	}
