@@ -31,7 +31,7 @@ func ParseBlobURL(requestURI string) (*url.URL, blob.Key, error) {
 		// absolute-form request target: keep path and query only
 		u, err := url.Parse(raw)
 		if err != nil {
-			return nil, "", fmt.Errorf("bad request target: %v", err)
+			return nil, "", fmt.Errorf("bad request target: %v", parseReason(err))
 		}
 		raw = u.RequestURI()
 	}
@@ -41,7 +41,7 @@ func ParseBlobURL(requestURI string) (*url.URL, blob.Key, error) {
 	}
 	u, err := url.Parse(raw)
 	if err != nil {
-		return nil, "", fmt.Errorf("upstream URL: %v", err)
+		return nil, "", fmt.Errorf("upstream URL %q: %v", truncate(raw), parseReason(err))
 	}
 	switch {
 	case u.Scheme != "http" && u.Scheme != "https":
@@ -79,14 +79,17 @@ func ParseBlobURL(requestURI string) (*url.URL, blob.Key, error) {
 	return u, blob.FromURL(u), nil
 }
 
-func truncate(s string) string {
-	if i := strings.IndexByte(s, '?'); i >= 0 {
-		s = s[:i] // never echo signatures
+// truncate is the form a client's URL is echoed in: no query (signatures),
+// no userinfo, bounded.
+func truncate(s string) string { return upstream.RedactURL(s) }
+
+// parseReason is url.Parse's reason without the URL it quotes whole.
+func parseReason(err error) string {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return upstream.Bound(ue.Err.Error())
 	}
-	if len(s) > 200 {
-		s = s[:200] + "..."
-	}
-	return s
+	return upstream.Bound(upstream.RedactText(err.Error()))
 }
 
 func (s *Server) serveBlobs(w http.ResponseWriter, r *http.Request) {

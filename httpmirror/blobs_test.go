@@ -88,6 +88,13 @@ func TestParseBlobURL(t *testing.T) {
 			t.Errorf("ParseBlobURL(%q) key = %s, want a url key", tc.uri, key)
 		}
 	}
+	// A refusal never echoes the query string (a signature) or credentials.
+	for _, uri := range []string{"/blobs/http://h/%zz?sig=SECRET", "/blobs/ftp://u:SECRET@h/x?sig=SECRET", "/blobs/http://h/a/../b?sig=SECRET",
+		"/blobs/http://h/x?sig=SECRET#SECRET"} {
+		if _, _, err := ParseBlobURL(uri); err == nil || strings.Contains(err.Error(), "SECRET") {
+			t.Errorf("ParseBlobURL(%q) = %v, want an error without the secret", uri, err)
+		}
+	}
 	// The query is not part of a url key.
 	_, k1, _ := ParseBlobURL("/blobs/http://h/f?sig=1")
 	_, k2, _ := ParseBlobURL("/blobs/http://h/f?sig=2")

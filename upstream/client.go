@@ -43,7 +43,7 @@ type StatusError struct {
 	Header http.Header
 }
 
-func (e *StatusError) Error() string { return "origin answered " + e.Status }
+func (e *StatusError) Error() string { return "origin answered " + Bound(RedactText(e.Status)) }
 
 // NewClient builds a client whose dialer refuses forbidden addresses even
 // when a name resolves to one.
@@ -156,7 +156,7 @@ func (c *Client) HTTPClient() *http.Client { return c.hc }
 // alone may see (Authorization); it never reaches peers or logs. When allow
 // is not nil, every redirect target must pass it too, as u did.
 func (c *Client) Source(u *url.URL, header http.Header, allow *AllowList) blob.Source {
-	return &origin{c: c, url: u.String(), redacted: redact(u), header: header, allow: allow}
+	return &origin{c: c, url: u.String(), redacted: Bound(redact(u)), header: header, allow: allow}
 }
 
 func redact(u *url.URL) string {
@@ -236,14 +236,14 @@ func (o *origin) fetchOnce(ctx context.Context, off, n int64) (io.ReadCloser, in
 	}
 	resp, err := o.c.hc.Do(req)
 	if err != nil {
-		return nil, -1, err
+		return nil, -1, redactErr(err)
 	}
 	switch resp.StatusCode {
 	case http.StatusPartialContent:
 		start, size, err := parseContentRange(resp.Header.Get("Content-Range"))
 		if err != nil || start != off {
 			resp.Body.Close()
-			return nil, -1, fmt.Errorf("%w: Content-Range %q for offset %d", errBadResponse, resp.Header.Get("Content-Range"), off)
+			return nil, -1, fmt.Errorf("%w: Content-Range %q for offset %d", errBadResponse, Bound(resp.Header.Get("Content-Range")), off)
 		}
 		return limitBody(resp.Body, n), size, nil
 	case http.StatusOK:
@@ -252,7 +252,7 @@ func (o *origin) fetchOnce(ctx context.Context, off, n int64) (io.ReadCloser, in
 		if off > 0 {
 			if _, err := io.CopyN(io.Discard, resp.Body, off); err != nil {
 				resp.Body.Close()
-				return nil, -1, fmt.Errorf("skip to %d in full body: %w", off, err)
+				return nil, -1, fmt.Errorf("skip to %d in full body: %w", off, redactErr(err))
 			}
 		}
 		return limitBody(resp.Body, n), size, nil
