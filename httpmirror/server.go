@@ -46,6 +46,11 @@ type Config struct {
 	Logger   *slog.Logger
 }
 
+// MaxRequestURI bounds the request target of every route. A signed storage
+// URL with a session token fits in a few KiB; a longer one would only be
+// echoed back and logged at its full length.
+const MaxRequestURI = 8 << 10
+
 // Server is the node's HTTP face.
 type Server struct {
 	cfg     Config
@@ -94,6 +99,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rw := &statusWriter{ResponseWriter: w}
 	route := "other"
 	switch {
+	case len(r.RequestURI) > MaxRequestURI:
+		s.log.Info("request URI too long", "bytes", len(r.RequestURI), "limit", MaxRequestURI)
+		http.Error(rw, fmt.Sprintf("request URI of %d bytes is longer than the limit of %d", len(r.RequestURI), MaxRequestURI), http.StatusRequestURITooLong)
 	case strings.HasPrefix(path, "/blobs/"):
 		route = "blobs"
 		s.serveBlobs(rw, r)
