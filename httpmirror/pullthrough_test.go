@@ -271,3 +271,30 @@ func TestPullThroughManifestByDigest(t *testing.T) {
 		t.Fatalf("registry got Accept %q", fx.reg.accepts)
 	}
 }
+
+// An unlisted registry is never contacted, even when ?ns= names a real,
+// reachable server, while a listed one serves the same blob.
+func TestPullThroughNeverContactsUnlistedRegistry(t *testing.T) {
+	fx := newPTFixture(t)
+	data := randBytes(t, 10<<10)
+	k := keyOf(data)
+	fx.reg.blobs["lib/app/blobs/"+string(k)] = data
+	unlisted := newFakeRegistry(t) // holds the blob too, and counts every request
+	unlisted.blobs["lib/app/blobs/"+string(k)] = data
+	unlistedHost := strings.TrimPrefix(unlisted.srv.URL, "http://")
+	for _, ns := range []string{unlistedHost, "localhost:" + unlistedHost[strings.LastIndexByte(unlistedHost, ':')+1:], unlisted.srv.URL} {
+		resp, body := fx.get(t, "/v2/lib/app/blobs/"+string(k)+"?ns="+ns)
+		if resp.StatusCode != http.StatusNotFound {
+			t.Fatalf("ns=%q: status %d (%s), want 404", ns, resp.StatusCode, body)
+		}
+	}
+	resp, body := fx.get(t, "/v2/lib/app/blobs/"+string(k)+"?ns=registry.example")
+	if resp.StatusCode != http.StatusOK || !bytes.Equal(body, data) {
+		t.Fatalf("listed registry: status %d", resp.StatusCode)
+	}
+	unlisted.mu.Lock()
+	defer unlisted.mu.Unlock()
+	if n := len(unlisted.auths); n != 0 {
+		t.Fatalf("the unlisted registry got %d requests", n)
+	}
+}

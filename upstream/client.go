@@ -26,6 +26,9 @@ type Options struct {
 	Backoff               time.Duration // first retry delay, doubled each time; default 100ms
 	UserAgent             string
 	Logger                *slog.Logger
+	// Resolver looks origin names up; nil is the system's. The forbidden
+	// addresses are refused after the lookup, whatever it returns.
+	Resolver *net.Resolver
 }
 
 // Client fetches ranges from origins. It is safe for concurrent use and
@@ -69,6 +72,7 @@ func NewClient(opts Options) *Client {
 	d := &net.Dialer{
 		Timeout:   opts.DialTimeout,
 		KeepAlive: 30 * time.Second,
+		Resolver:  opts.Resolver,
 		Control: func(network, address string, _ syscall.RawConn) error {
 			host, _, err := net.SplitHostPort(address)
 			if err != nil {
