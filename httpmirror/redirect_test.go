@@ -149,6 +149,12 @@ func TestBlobsRedirectLoopToItself(t *testing.T) {
 	if !strings.Contains(string(body), "508") {
 		t.Fatalf("reason %q does not name the loop (508)", body)
 	}
+	// A /blobs/ URL that names the node's own /blobs/ face (same digest) as
+	// its origin ends the same way.
+	resp, body, _ = getWithin(t, node+"/blobs/"+node+"/blobs/"+originURL+digestPath, 20*time.Second)
+	if resp.StatusCode < 400 || !strings.Contains(string(body), "508") {
+		t.Fatalf("origin naming the node itself: %s (%s), want an error naming the 508", resp.Status, body)
+	}
 	reliability.Record(t, reliability.Row{Area: "probe",
 		Case:    "origin redirects /blobs/ back to the node's own /blobs/ URL (a loop)",
 		Outcome: fmt.Sprintf("%d naming the 508 the redirected request got; no wait on its own fill", resp.StatusCode),
