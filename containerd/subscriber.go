@@ -227,7 +227,9 @@ func (s *Store) resync(ctx context.Context, be *Backend) (err error) {
 	}
 	s.mu.Unlock()
 	s.withdraw(removed...)
-	s.advertise(added...)
+	// What is advertised is advertised after the image walk, so that a peer asking for it at once
+	// gets its media type.
+	defer func() { s.advertise(added...) }()
 
 	lctx, lcancel := context.WithTimeout(ctx, rpcTimeout)
 	imgs, err := be.Images.List(lctx)
