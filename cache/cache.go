@@ -289,6 +289,8 @@ func (c *Cache) loadEntry(k blob.Key, dir string) (*entry, error) {
 		case stateAbsent:
 		case stateTrusted, stateUntrusted:
 			e.states[i] = s
+			// A trusted chunk was stored only after its source's size matched.
+			e.sizeTrusted = e.sizeTrusted || s == stateTrusted
 			e.nPresent++
 			e.present += e.chunkLen(i)
 		default:
@@ -298,6 +300,7 @@ func (c *Cache) loadEntry(k blob.Key, dir string) (*entry, error) {
 		}
 	}
 	e.verified = m.Verified && e.complete()
+	e.sizeTrusted = e.sizeTrusted || e.verified
 	e.announced = e.present > 0 // the p2p layer advertises everything List returns at start
 	e.lastUse = st.ModTime()
 	return e, nil

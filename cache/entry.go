@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/peerd-project/peerd/blob"
@@ -31,25 +32,30 @@ type entry struct {
 	flushMu sync.Mutex // serialises flush against reset/destroy
 	writeMu sync.Mutex // serialises writes into the data file (writer.go)
 
-	mu        sync.Mutex
-	size      int64 // -1 until learned
-	states    []byte
-	nPresent  int
-	present   int64
-	verified  bool
-	gen       uint64 // bumped on reset, so stale flushes are dropped
-	f, bm     *os.File
-	inflight  map[int]*fillCall
-	dirtyIdx  []int
-	origins   map[int]string // chunk -> peer that served it (untrusted chunks)
-	blamers   map[string]blob.Blamer
-	created   time.Time
-	gone      bool
-	prefetchd bool
-	failedAt  time.Time     // last fill failure, to keep read-ahead from hammering a dead source
-	announced bool          // the listener was told BlobAdded and not yet BlobRemoved
-	pulls     int           // open handles that may fill from an origin after peers (swarm pulls)
-	pullSrcs  []blob.Source // the sources of the latest such handle, for fills peers ask for
+	mu       sync.Mutex
+	size     int64 // -1 until learned
+	states   []byte
+	nPresent int
+	present  int64
+	verified bool
+	gen      uint64 // bumped on reset, so stale fills are dropped and readers of discarded chunks retry
+	// trustedGen is bumped when a reset discards trusted chunks, the only
+	// ones OpenLocal's readers copy; read without e.mu on their hot path.
+	trustedGen atomic.Uint64
+	// sizeTrusted: a trusted source reported (or confirmed) size.
+	sizeTrusted bool
+	f, bm       *os.File
+	inflight    map[int]*fillCall
+	dirtyIdx    []int
+	origins     map[int]string // chunk -> peer that served it (untrusted chunks)
+	blamers     map[string]blob.Blamer
+	created     time.Time
+	gone        bool
+	prefetchd   bool
+	failedAt    time.Time     // last fill failure, to keep read-ahead from hammering a dead source
+	announced   bool          // the listener was told BlobAdded and not yet BlobRemoved
+	pulls       int           // open handles that may fill from an origin after peers (swarm pulls)
+	pullSrcs    []blob.Source // the sources of the latest such handle, for fills peers ask for
 
 	hashMu  sync.Mutex // guards hasher, hashed
 	hasher  hash.Hash
@@ -271,7 +277,7 @@ func (e *entry) readAhead(i int, srcs []blob.Source) {
 // background fills chunk j if a background slot is free; it never blocks.
 func (e *entry) background(j int, srcs []blob.Source) bool {
 	e.mu.Lock()
-	busy := e.states[j] != stateAbsent || e.inflight[j] != nil
+	busy := j >= len(e.states) || e.states[j] != stateAbsent || e.inflight[j] != nil
 	e.mu.Unlock()
 	if busy {
 		return true
@@ -418,6 +424,13 @@ func (e *entry) fetch(ctx context.Context, i int, srcs []blob.Source, buf []byte
 			e.blamers[s.Name()] = b
 			e.mu.Unlock()
 		}
+		if blob.TrustOf(s) == blob.Trusted && total >= 0 {
+			e.mu.Lock()
+			if e.size == total {
+				e.sizeTrusted = true
+			}
+			e.mu.Unlock()
+		}
 		e.c.m.fetched.WithLabelValues(s.Name()).Add(float64(n))
 		return n, s, origin, nil
 	}
@@ -454,7 +467,9 @@ func (e *entry) store(i int, gen uint64, data []byte, src blob.Source, origin st
 		return append([]byte(nil), data...), nil
 	}
 	e.mu.Lock()
-	if e.gone {
+	if e.gone || e.gen != gen || i >= len(e.states) {
+		// Evicted or reset since the fetch began: the waiting readers get
+		// the bytes; a reset's readers retry (ReadAt) on their own.
 		e.mu.Unlock()
 		e.c.used.Add(-int64(len(data)))
 		return append([]byte(nil), data...), nil
@@ -475,7 +490,12 @@ func (e *entry) store(i int, gen uint64, data []byte, src blob.Source, origin st
 		state = stateTrusted
 	}
 	e.mu.Lock()
-	if e.gone || e.gen != gen || e.states[i] != stateAbsent {
+	if e.gone || e.gen != gen || i >= len(e.states) {
+		e.mu.Unlock()
+		e.c.used.Add(-int64(len(data)))
+		return append([]byte(nil), data...), nil
+	}
+	if e.states[i] != stateAbsent {
 		e.mu.Unlock()
 		e.c.used.Add(-int64(len(data)))
 		return nil, nil
@@ -617,40 +637,77 @@ func (e *entry) finishVerify() error {
 		return writeMeta(dir, m)
 	}
 	e.c.log.Error("cached blob failed verification; discarding", "key", e.key, "got", "sha256:"+sum)
-	e.reset(true)
+	e.reset()
 	e.c.m.verify.WithLabelValues("mismatch").Inc()
 	return nil
 }
 
-// reset discards every chunk of the blob (it failed verification).
-func (e *entry) reset(blame bool) {
+// reset discards the chunks that may have made the blob fail verification.
+// When peers served some of it, only their (untrusted) chunks go: the bytes
+// from the origin or containerd are not the suspects, and keeping them means
+// a reader copying one of them (a handle, a peer's or a face's sendfile)
+// keeps reading the bytes it was told are present. When every chunk came
+// from trusted sources, all go. The data file is never truncated: a
+// discarded chunk's bytes stay until a refill overwrites them, and the
+// readers that copy chunks a reset may discard notice it (gen, trustedGen)
+// and retry or fail instead of passing on what a refill wrote under them.
+// A size that no trusted source confirmed came from a peer and is forgotten
+// with its chunks, so the origin's size is not refused against it.
+func (e *entry) reset() {
 	e.flushMu.Lock()
 	e.mu.Lock()
 	origins, blamers := e.origins, e.blamers
-	freed := e.present
 	announced := e.announced
 	e.announced = false
 	e.origins = nil
 	e.gen++
-	for i := range e.states {
-		e.states[i] = stateAbsent
+	untrusted := false
+	for _, s := range e.states {
+		if s == stateUntrusted {
+			untrusted = true
+			break
+		}
 	}
-	e.nPresent, e.present, e.verified, e.dirtyIdx = 0, 0, false, nil
-	if e.bm != nil {
-		zero := make([]byte, len(e.states))
-		e.bm.WriteAt(zero, 0)
+	forget := !e.sizeTrusted
+	if forget || !untrusted {
+		e.trustedGen.Add(1)
+	}
+	var freed int64
+	for i, s := range e.states {
+		if s == stateAbsent || (s == stateTrusted && untrusted && !forget) {
+			continue
+		}
+		e.states[i] = stateAbsent
+		e.nPresent--
+		freed += e.chunkLen(i)
+	}
+	e.present -= freed
+	e.verified = false
+	if forget {
+		// Nothing on disk is worth keeping under a size nobody vouched for;
+		// the next fill lays out fresh files (new inodes: readers that have
+		// the old data file open keep its bytes).
+		if e.f != nil {
+			e.f.Close()
+			e.bm.Close()
+			e.f, e.bm = nil, nil
+		}
+		for _, name := range []string{"meta", "chunks", "data"} {
+			os.Remove(filepath.Join(e.dir, name))
+		}
+		e.size, e.states, e.nPresent, e.present, e.dirtyIdx = -1, nil, 0, 0, nil
+	} else if e.bm != nil {
+		// The kept chunks' bytes must be durable before the map names them.
+		fdatasync(e.f)
+		e.bm.WriteAt(e.states, 0)
 		fdatasync(e.bm)
-		e.f.Truncate(0)
-		e.f.Truncate(e.size)
+		e.dirtyIdx = nil
 	}
 	e.mu.Unlock()
 	e.flushMu.Unlock()
 	e.c.used.Add(-freed)
 	if announced && e.key.Verifiable() {
 		e.c.notify(e.key, false)
-	}
-	if !blame {
-		return
 	}
 	seen := map[string]bool{}
 	for _, so := range origins {

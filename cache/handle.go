@@ -86,10 +86,11 @@ func (h *Handle) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	}
 	end := min(off+int64(len(p)), size)
 	cs := h.c.opts.ChunkSize
-	for pos := off; pos < end; {
+	for pos, tries := off, 0; pos < end; {
 		i := int(pos / cs)
 		cend := min(int64(i+1)*cs, end)
 		hit := h.e.hasChunk(i)
+		gen := h.e.genNow()
 		pass, err := h.e.ensure(ctx, i, h.srcs, false)
 		if err != nil {
 			return int(pos - off), err
@@ -97,8 +98,19 @@ func (h *Handle) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 		dst := p[pos-off : cend-off]
 		if pass != nil {
 			copy(dst, pass[pos-int64(i)*cs:])
-		} else if err := h.e.readFile(dst, pos); err != nil {
-			return int(pos - off), err
+		} else {
+			err := h.e.readFile(dst, pos)
+			if h.e.genNow() != gen {
+				// A reset may have discarded the chunk while it was read, and
+				// a refill overwritten it: read it again.
+				if tries++; tries > maxResetRetries {
+					return int(pos - off), fmt.Errorf("%s: reset %d times while being read", h.e.key, tries-1)
+				}
+				continue
+			}
+			if err != nil {
+				return int(pos - off), err
+			}
 		}
 		h.c.m.count(hit, cend-pos)
 		pos = cend
@@ -116,6 +128,20 @@ func (m *metrics) count(hit bool, n int64) {
 	} else {
 		m.readBytes.WithLabelValues("miss").Add(float64(n))
 	}
+}
+
+// maxResetRetries bounds how often a read starts a chunk over because the
+// blob was reset under it (each reset needs a fill to fail verification).
+const maxResetRetries = 3
+
+// errReset ends a copy straight from the data file that a reset of the blob
+// overlapped: the bytes already sent may include chunks a refill rewrote.
+var errReset = errors.New("blob was reset after a failed verification while being read")
+
+func (e *entry) genNow() uint64 {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.gen
 }
 
 func (e *entry) hasChunk(i int) bool {
@@ -147,11 +173,16 @@ func (h *Handle) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int
 	if off < 0 || n < 0 || off > size || n > size-off {
 		return 0, fmt.Errorf("range %d+%d outside %d-byte blob", off, n, size)
 	}
+	gen := h.e.genNow()
 	if f, ok, err := h.completeFile(off); ok {
 		if err != nil {
 			return 0, err
 		}
-		return h.writeComplete(w, f, n)
+		written, err := h.writeComplete(w, f, n)
+		if err == nil && h.e.genNow() != gen {
+			err = fmt.Errorf("%s: %w", h.e.key, errReset)
+		}
+		return written, err
 	}
 	var rf *os.File
 	defer func() {
@@ -165,6 +196,7 @@ func (h *Handle) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int
 	for pos := off; pos < end; {
 		i := int(pos / cs)
 		hit := h.e.hasChunk(i)
+		gen := h.e.genNow()
 		pass, err := h.e.ensure(ctx, i, h.srcs, false)
 		if err != nil {
 			return written, err
@@ -199,6 +231,9 @@ func (h *Handle) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int
 		h.c.m.count(hit, m)
 		if err != nil {
 			return written, err
+		}
+		if h.e.genNow() != gen {
+			return written, fmt.Errorf("%s: %w", h.e.key, errReset)
 		}
 		pos = cend
 	}
@@ -273,11 +308,21 @@ func (h *Handle) Prefetch(workers int) {
 type LocalReader struct {
 	f       *os.File
 	r       io.LimitedReader
+	e       *entry
+	gen     uint64 // e.trustedGen at open
 	release func()
 	once    sync.Once
 }
 
-func (l *LocalReader) Read(p []byte) (int, error) { return l.r.Read(p) }
+// Read fails once a reset discarded trusted chunks (they may be rewritten
+// under the reader), so a peer or a face never passes on such bytes.
+func (l *LocalReader) Read(p []byte) (int, error) {
+	n, err := l.r.Read(p)
+	if l.e.trustedGen.Load() != l.gen {
+		return n, fmt.Errorf("%s: %w", l.e.key, errReset)
+	}
+	return n, err
+}
 
 // File is the cache's backing file of the blob, open read-only, for callers
 // that hand it to the kernel (FUSE passthrough, splice). It stays valid until
@@ -286,7 +331,11 @@ func (l *LocalReader) File() *os.File { return l.f }
 
 // WriteTo lets io.Copy hand the *os.File to the writer (sendfile).
 func (l *LocalReader) WriteTo(w io.Writer) (int64, error) {
-	return io.Copy(w, &l.r)
+	n, err := io.Copy(w, &l.r)
+	if err == nil && l.e.trustedGen.Load() != l.gen {
+		err = fmt.Errorf("%s: %w", l.e.key, errReset)
+	}
+	return n, err
 }
 
 func (l *LocalReader) Close() error {
@@ -333,6 +382,7 @@ func (c *Cache) OpenLocal(k blob.Key, off, n int64) (*LocalReader, int64, error)
 			return nil, size, fmt.Errorf("%s chunk %d: %w", k, i, blob.ErrNotFound)
 		}
 	}
+	gen := e.trustedGen.Load() // under e.mu: a reset after this is seen by the reader
 	e.mu.Unlock()
 	f, err := openForSendfile(filepath.Join(e.dir, "data"))
 	if err != nil {
@@ -347,5 +397,5 @@ func (c *Cache) OpenLocal(k blob.Key, off, n int64) (*LocalReader, int64, error)
 	c.mu.Lock()
 	c.lru.MoveToFront(e.elem)
 	c.mu.Unlock()
-	return &LocalReader{f: f, r: io.LimitedReader{R: f, N: n}, release: release}, size, nil
+	return &LocalReader{f: f, r: io.LimitedReader{R: f, N: n}, e: e, gen: gen, release: release}, size, nil
 }
