@@ -75,6 +75,12 @@ type Cache struct {
 	stopped chan struct{}
 	wg      sync.WaitGroup // background goroutines that touch entries
 	retired atomic.Uint64  // names retired folders (retireLocked)
+	// diskFullLog is when the last disk-full warning was logged (UnixNano).
+	diskFullLog atomic.Int64
+	// spaceMu serialises evictions for a full disk; spaceEpoch counts them,
+	// so a write that failed before one finished is tried again.
+	spaceMu    sync.Mutex
+	spaceEpoch atomic.Uint64
 	// life bounds every fill and prefetch: Close ends it, so a source that
 	// stopped answering cannot hold shutdown until the fill's deadline.
 	life    context.Context
@@ -397,6 +403,59 @@ func (c *Cache) reserve(n int64, self *entry) bool {
 	return ok
 }
 
+// makeSpace answers a write of n bytes the filesystem refused at space
+// epoch epoch: it reports true when the write may be tried again, because
+// blobs were evicted since (by this call or a concurrent one, which it waits
+// for).
+func (c *Cache) makeSpace(n int64, self *entry, epoch uint64) bool {
+	c.spaceMu.Lock()
+	defer c.spaceMu.Unlock()
+	if c.spaceEpoch.Load() != epoch {
+		return true
+	}
+	if !c.evictForSpace(n, self) {
+		return false
+	}
+	c.spaceEpoch.Add(1)
+	return true
+}
+
+// evictForSpace evicts least recently used blobs that nobody reads, other
+// than self, until they held at least 2n bytes (the filesystem refused a
+// write of n bytes). It reports whether it evicted anything.
+func (c *Cache) evictForSpace(n int64, self *entry) bool {
+	c.mu.Lock()
+	var victims []*entry
+	var freed int64
+	for el := c.lru.Back(); el != nil && freed < 2*n; {
+		e := el.Value.(*entry)
+		prev := el.Prev()
+		if e.refs == 0 && e != self {
+			e.mu.Lock()
+			freed += e.present
+			e.mu.Unlock()
+			c.retireLocked(e)
+			victims = append(victims, e)
+		}
+		el = prev
+	}
+	c.mu.Unlock()
+	c.destroy(victims)
+	return len(victims) > 0
+}
+
+// diskFull counts a write the filesystem refused for want of space and
+// says so in the log, at most once a minute.
+func (c *Cache) diskFull(err error) {
+	c.m.diskFull.Inc()
+	now := time.Now().UnixNano()
+	last := c.diskFullLog.Load()
+	if now-last < int64(time.Minute) || !c.diskFullLog.CompareAndSwap(last, now) {
+		return
+	}
+	c.log.Warn("cache disk is full: evicting blobs nobody reads, else serving without storing", "dir", c.opts.Dir, "used", c.used.Load(), "limit", c.opts.MaxBytes, "err", err)
+}
+
 // evictLocked takes least recently used, unreferenced blobs out of the index
 // until n more bytes fit, and returns them for destroy. c.mu is held.
 func (c *Cache) evictLocked(n int64, self *entry) []*entry {
@@ -521,7 +580,9 @@ func (c *Cache) flushAll() {
 	c.dirty = map[*entry]struct{}{}
 	c.dirtyMu.Unlock()
 	for e := range es {
-		if err := e.flush(); err != nil {
+		if err := e.flush(); isDiskFull(err) {
+			c.diskFull(err)
+		} else if err != nil {
 			c.log.Error("flush cache chunk map", "key", e.key, "err", err)
 		}
 	}

@@ -125,6 +125,16 @@ func (e *entry) createFilesLocked() error {
 	if e.f != nil {
 		return nil
 	}
+	if err := e.layOutLocked(); err != nil {
+		// A half-made folder (the disk filled up) holds no chunk: remove it
+		// so it takes no space and load finds nothing to drop.
+		os.RemoveAll(e.dir)
+		return err
+	}
+	return nil
+}
+
+func (e *entry) layOutLocked() error {
 	if err := os.MkdirAll(e.dir, 0o700); err != nil {
 		return err
 	}
@@ -141,7 +151,9 @@ func (e *entry) createFilesLocked() error {
 		f.Close()
 		return err
 	}
-	if err := bm.Truncate(int64(len(e.states))); err != nil {
+	// The chunk map's blocks are allocated now, so a flush never needs
+	// space the data filled.
+	if err := allocate(bm, int64(len(e.states))); err != nil {
 		f.Close()
 		bm.Close()
 		return err
@@ -462,6 +474,25 @@ func (e *entry) store(i int, gen uint64, data []byte, src blob.Source, origin st
 	if len(data) == 0 {
 		return nil, nil // an empty blob has no chunks
 	}
+	for try := 0; try < 3; try++ {
+		epoch := e.c.spaceEpoch.Load()
+		pass, err := e.storeOnce(i, gen, data, src, origin)
+		if !isDiskFull(err) {
+			return pass, err
+		}
+		// The filesystem is fuller than --cache-size assumed (other files,
+		// a smaller disk): like reaching the bound, make room from blobs
+		// nobody reads, else hand the bytes over without storing them.
+		e.c.diskFull(err)
+		if !e.c.makeSpace(int64(len(data)), e, epoch) {
+			break
+		}
+	}
+	e.c.m.passthrough.Inc()
+	return append([]byte(nil), data...), nil
+}
+
+func (e *entry) storeOnce(i int, gen uint64, data []byte, src blob.Source, origin string) ([]byte, error) {
 	if !e.c.reserve(int64(len(data)), e) {
 		e.c.m.passthrough.Inc()
 		return append([]byte(nil), data...), nil
@@ -482,6 +513,9 @@ func (e *entry) store(i int, gen uint64, data []byte, src blob.Source, origin st
 	f := e.f
 	e.mu.Unlock()
 	if err := e.writeAt(f, data, int64(i)*e.c.opts.ChunkSize); err != nil {
+		// Give back what the partial write took: the chunk is absent, so
+		// no reader is told its bytes are there.
+		punchHole(f, int64(i)*e.c.opts.ChunkSize, int64(len(data)))
 		e.c.used.Add(-int64(len(data)))
 		return nil, fmt.Errorf("write %s chunk %d: %w", e.key, i, err)
 	}
@@ -631,10 +665,16 @@ func (e *entry) finishVerify() error {
 		e.mu.Unlock()
 		e.c.m.verify.WithLabelValues("ok").Inc()
 		// Chunks must be durable before the blob is called verified on disk.
-		if err := e.flush(); err != nil {
-			return err
+		err := e.flush()
+		if err == nil {
+			err = writeMeta(dir, m)
 		}
-		return writeMeta(dir, m)
+		if isDiskFull(err) {
+			// Verified in memory; a restart verifies it again.
+			e.c.diskFull(err)
+			return nil
+		}
+		return err
 	}
 	e.c.log.Error("cached blob failed verification; discarding", "key", e.key, "got", "sha256:"+sum)
 	e.reset()

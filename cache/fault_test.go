@@ -5,6 +5,13 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"time"
+
+	"github.com/peerd-project/peerd/blob"
+	"github.com/prometheus/client_golang/prometheus"
 	"testing"
 
 	"github.com/peerd-project/peerd/internal/reliability"
@@ -99,4 +106,92 @@ func fillInBackground(t testing.TB, h *Handle) {
 		t.Fatal(err)
 	}
 	h.Prefetch(1)
+}
+
+// hashCheck compares what is written to it with want, from the start.
+type hashCheck struct {
+	want []byte
+	n    int64
+	bad  int64 // bytes that differed
+}
+
+func (w *hashCheck) Write(p []byte) (int, error) {
+	for i := range p {
+		if w.n+int64(i) >= int64(len(w.want)) || p[i] != w.want[w.n+int64(i)] {
+			w.bad++
+		}
+	}
+	w.n += int64(len(p))
+	return len(p), nil
+}
+
+// tmpfsDir mounts a tmpfs of the given size (a filesystem that really
+// returns ENOSPC) in a temporary folder, or skips when not root.
+func tmpfsDir(t *testing.T, size string) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a small tmpfs needs root")
+	}
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount tmpfs: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	return dir
+}
+
+// A cache on a filesystem smaller than --cache-size serves a blob bigger
+// than the filesystem completely, evicts for the next blob, and works again
+// after a restart.
+func TestDiskFullServesCompleteAndRecovers(t *testing.T) {
+	if testing.Short() {
+		t.Skip("writes 256 MiB")
+	}
+	root := tmpfsDir(t, "64m")
+	const mib = 1 << 20
+	reg := prometheus.NewRegistry()
+	opts := Options{Dir: filepath.Join(root, "cache"), ChunkSize: mib, Registerer: reg, FlushInterval: 10 * time.Millisecond}
+	c := Must(Open(opts))
+	origin := newFake("upstream", true)
+	big, kBig := randBlob(t, 256*mib)
+	small, kSmall := randBlob(t, 24*mib)
+	third, kThird := randBlob(t, 24*mib)
+	origin.blobs[kBig], origin.blobs[kSmall], origin.blobs[kThird] = big, small, third
+	ctx := context.Background()
+	read := func(c *Cache, k blob.Key, want []byte) *hashCheck {
+		t.Helper()
+		h := c.Open(k, origin)
+		defer h.Close()
+		w := &hashCheck{want: want}
+		n, err := h.WriteRange(ctx, w, 0, int64(len(want)))
+		if err != nil || n != int64(len(want)) || w.n != n || w.bad != 0 {
+			t.Fatalf("read %s: %d of %d bytes, %d wrong, err %v", k, n, len(want), w.bad, err)
+		}
+		return w
+	}
+	w := read(c, kBig, big)
+	full := testutil.ToFloat64(c.m.diskFull)
+	if full == 0 {
+		t.Fatal("the 64 MiB filesystem never reported full")
+	}
+	stored := c.Used()
+	read(c, kSmall, small)
+	evicted := testutil.ToFloat64(c.m.evictions)
+	if evicted == 0 {
+		t.Fatal("nothing evicted for the second blob")
+	}
+	if i, _ := c.Stat(kSmall); i.Present != int64(len(small)) {
+		t.Fatalf("second blob: %d of %d bytes stored", i.Present, len(small))
+	}
+	c.Close()
+	c2 := Must(Open(Options{Dir: opts.Dir, ChunkSize: mib, FlushInterval: 10 * time.Millisecond}))
+	defer c2.Close()
+	read(c2, kSmall, small)
+	read(c2, kThird, third)
+	read(c2, kBig, big)
+	reliability.Record(t, reliability.Row{Area: "probe",
+		Case:    "cache disk full (64 MiB tmpfs, default --cache-size) during a 256 MiB read",
+		Outcome: "the read completes with the right bytes (what does not fit is served without being stored); the next blob evicts it and is stored; after a restart new and old blobs read correctly",
+		Figure: fmt.Sprintf("%d of %d bytes correct, %d MiB stored; %.0f disk-full writes, %.0f evictions",
+			w.n-w.bad, len(big), stored/mib, full, evicted)})
 }

@@ -12,6 +12,7 @@ type metrics struct {
 	passthrough  prometheus.Counter
 	readBytes    *prometheus.CounterVec
 	swarmFills   prometheus.Counter
+	diskFull     prometheus.Counter
 }
 
 func newMetrics(c *Cache, reg prometheus.Registerer) *metrics {
@@ -44,11 +45,14 @@ func newMetrics(c *Cache, reg prometheus.Registerer) *metrics {
 		readBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "peerd_cache_read_bytes_total", Help: "Bytes read through the cache, by whether the chunk was already present (hit) or had to be filled (miss).",
 		}, []string{"result"}),
+		diskFull: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "peerd_cache_disk_full_total", Help: "Cache writes the filesystem refused for want of space or quota; the cache then evicts blobs nobody reads or serves the bytes without storing them.",
+		}),
 		swarmFills: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "peerd_cache_swarm_origin_fills_total", Help: "Chunks a peer asked for that the rendezvous assigns to this node, fetched from the origin on its request.",
 		}),
 	}
-	reg.MustRegister(m.swarmFills, m.evictions, m.verify, m.fetched, m.sourceErrors, m.fillSeconds, m.fillErrors, m.passthrough, m.readBytes,
+	reg.MustRegister(m.diskFull, m.swarmFills, m.evictions, m.verify, m.fetched, m.sourceErrors, m.fillSeconds, m.fillErrors, m.passthrough, m.readBytes,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "peerd_cache_size_bytes", Help: "Bytes held by the cache."},
 			func() float64 { return float64(c.used.Load()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "peerd_cache_limit_bytes", Help: "The cache's size bound."},

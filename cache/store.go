@@ -124,3 +124,31 @@ func numChunks(size, chunk int64) int {
 	}
 	return int((size + chunk - 1) / chunk)
 }
+
+// isDiskFull reports whether err is the filesystem refusing a write for want
+// of space or quota.
+func isDiskFull(err error) bool {
+	return err != nil && (errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.EDQUOT))
+}
+
+// allocate sizes f to n bytes with its blocks reserved, so later writes in
+// that range cannot fail for want of space; a filesystem without fallocate
+// gets a plain (sparse) truncate.
+func allocate(f *os.File, n int64) error {
+	if n > 0 {
+		err := unix.Fallocate(int(f.Fd()), 0, 0, n)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
+			return err
+		}
+	}
+	return f.Truncate(n)
+}
+
+// punchHole frees the blocks of [off, off+n) in f, keeping its size; it is
+// best effort (a filesystem without hole punching keeps them).
+func punchHole(f *os.File, off, n int64) {
+	unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+}
