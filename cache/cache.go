@@ -305,7 +305,14 @@ func (c *Cache) loadEntry(k blob.Key, dir string) (*entry, error) {
 			return nil, fmt.Errorf("chunk map: bad state %d", s)
 		}
 	}
-	e.verified = m.Verified && e.complete()
+	if m.Verified && e.complete() {
+		if sums, err := readSums(dir, n); err == nil {
+			// Checked chunk by chunk on first read (check.go).
+			e.verified, e.sums, e.checked, e.unchecked = true, sums, make([]bool, n), n
+		} else {
+			c.log.Info("verified blob has no chunk sums; verifying it again", "key", k, "err", err)
+		}
+	}
 	e.sizeTrusted = e.sizeTrusted || e.verified
 	e.announced = e.present > 0 // the p2p layer advertises everything List returns at start
 	e.lastUse = st.ModTime()

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"hash"
+	"hash/crc32"
 	"io"
 	"os"
 	"path/filepath"
@@ -57,7 +58,15 @@ type entry struct {
 	pulls       int           // open handles that may fill from an origin after peers (swarm pulls)
 	pullSrcs    []blob.Source // the sources of the latest such handle, for fills peers ask for
 
-	hashMu  sync.Mutex // guards hasher, hashed
+	// sums are the chunks' CRC-32Cs recorded when the blob verified (nil
+	// before); checked marks the chunks checked against them since the
+	// start, unchecked counts the others (check.go).
+	sums      []uint32
+	checked   []bool
+	unchecked int
+
+	hashMu  sync.Mutex // guards hasher, hashed, newSums
+	newSums []uint32   // the sums of the chunks hashed so far
 	hasher  hash.Hash
 	hashed  int64
 	hashGen uint64
@@ -233,6 +242,13 @@ func (e *entry) flush() error {
 // its bytes are handed over directly.
 func (e *entry) ensure(ctx context.Context, i int, srcs []blob.Source, background bool) (pass []byte, err error) {
 	e.mu.Lock()
+	if e.size >= 0 && i < len(e.states) && e.needsCheckLocked(i) {
+		// First read of a verified chunk since the start: check it (a
+		// chunk that fails is discarded, and filled below).
+		e.mu.Unlock()
+		e.checkChunk(i)
+		e.mu.Lock()
+	}
 	// i past the chunks: an empty blob, whose size a concurrent fill learned
 	// after the caller looked (nothing to fill).
 	if e.size >= 0 && (i >= len(e.states) || e.states[i] != stateAbsent) {
@@ -537,6 +553,7 @@ func (e *entry) storeOnce(i int, gen uint64, data []byte, src blob.Source, origi
 	first := !e.announced
 	e.announced = true
 	e.states[i] = state
+	e.markCheckedLocked(i) // bytes written this run
 	e.nPresent++
 	e.present += int64(len(data))
 	e.dirtyIdx = append(e.dirtyIdx, i)
@@ -568,13 +585,14 @@ func (c *Cache) advanceHash(e *entry, off int64, gen uint64, data []byte) {
 		}
 		if data != nil {
 			e.mu.Lock()
-			cur := e.gen
+			cur, nChunks := e.gen, len(e.states)
 			e.mu.Unlock()
 			if e.hasher == nil || e.hashGen != cur {
 				e.hasher, e.hashed, e.hashGen = sha256.New(), 0, cur
 			}
 			if cur == gen && e.hashed == off {
 				e.hasher.Write(data)
+				e.noteSumLocked(int(off/c.opts.ChunkSize), nChunks, chunkSum(data))
 				e.hashed += int64(len(data))
 			}
 			data = nil
@@ -632,7 +650,7 @@ func (e *entry) hashLocked(scratch []byte) (bool, error) {
 			e.mu.Unlock()
 			return false, nil
 		}
-		f, off, n := e.f, e.hashed, e.chunkLen(i)
+		f, off, n, nChunks := e.f, e.hashed, e.chunkLen(i), len(e.states)
 		e.mu.Unlock()
 		if int64(cap(scratch)) >= n {
 			b := scratch[:n]
@@ -640,13 +658,16 @@ func (e *entry) hashLocked(scratch []byte) (bool, error) {
 				return false, err
 			}
 			e.hasher.Write(b)
+			e.noteSumLocked(i, nChunks, chunkSum(b))
 		} else {
 			if small == nil {
 				small = make([]byte, 64<<10)
 			}
-			if _, err := io.CopyBuffer(e.hasher, io.NewSectionReader(f, off, n), small); err != nil {
+			crc := crc32.New(castagnoli)
+			if _, err := io.CopyBuffer(io.MultiWriter(e.hasher, crc), io.NewSectionReader(f, off, n), small); err != nil {
 				return false, err
 			}
+			e.noteSumLocked(i, nChunks, crc.Sum32())
 		}
 		e.hashed += n
 	}
@@ -658,14 +679,28 @@ func (e *entry) finishVerify() error {
 	sum := hex.EncodeToString(e.hasher.Sum(nil))
 	if sum == e.key.Hex() {
 		e.mu.Lock()
+		sums := e.newSums
+		if len(sums) != len(e.states) {
+			sums = make([]uint32, len(e.states)) // only an empty blob has no sums noted
+		}
+		e.newSums = nil
 		e.verified = true
 		e.origins = nil
+		// Every chunk was just hashed from the bytes written this run.
+		e.sums, e.checked, e.unchecked = sums, make([]bool, len(sums)), 0
+		for i := range e.checked {
+			e.checked[i] = true
+		}
 		m := meta{Key: e.key, Size: e.size, ChunkSize: e.c.opts.ChunkSize, Verified: true, Created: e.created}
 		dir := e.dir
 		e.mu.Unlock()
 		e.c.m.verify.WithLabelValues("ok").Inc()
-		// Chunks must be durable before the blob is called verified on disk.
+		// Chunks and their sums must be durable before the blob is called
+		// verified on disk.
 		err := e.flush()
+		if err == nil {
+			err = writeSums(dir, sums)
+		}
 		if err == nil {
 			err = writeMeta(dir, m)
 		}
@@ -736,6 +771,7 @@ func (e *entry) reset() {
 			os.Remove(filepath.Join(e.dir, name))
 		}
 		e.size, e.states, e.nPresent, e.present, e.dirtyIdx = -1, nil, 0, 0, nil
+		e.sums, e.checked, e.unchecked = nil, nil, 0
 	} else if e.bm != nil {
 		// The kept chunks' bytes must be durable before the map names them.
 		fdatasync(e.f)

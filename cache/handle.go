@@ -150,6 +150,13 @@ func (e *entry) hasChunk(i int) bool {
 	return e.size >= 0 && i < len(e.states) && e.states[i] != stateAbsent
 }
 
+// hasCheckedChunk: chunk i is present and may be served without a check.
+func (e *entry) hasCheckedChunk(i int) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.size >= 0 && i < len(e.states) && e.states[i] != stateAbsent && !e.needsCheckLocked(i)
+}
+
 func (e *entry) readFile(p []byte, off int64) error {
 	e.mu.Lock()
 	f := e.f
@@ -214,7 +221,7 @@ func (h *Handle) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int
 		}
 		// Extend over the chunks that are already present.
 		j := i + 1
-		for int64(j)*cs < end && h.e.hasChunk(j) {
+		for int64(j)*cs < end && h.e.hasCheckedChunk(j) {
 			j++
 		}
 		cend := min(int64(j)*cs, end)
@@ -374,6 +381,7 @@ func (c *Cache) OpenLocal(k blob.Key, off, n int64) (*LocalReader, int64, error)
 		return nil, size, fmt.Errorf("range %d+%d outside %d-byte blob", off, n, size)
 	}
 	cs := c.opts.ChunkSize
+	var check []int
 	for i := int(off / cs); int64(i)*cs < off+n; i++ {
 		s := e.states[i]
 		if s == stateAbsent || (s == stateUntrusted && !e.verified) {
@@ -381,9 +389,20 @@ func (c *Cache) OpenLocal(k blob.Key, off, n int64) (*LocalReader, int64, error)
 			release()
 			return nil, size, fmt.Errorf("%s chunk %d: %w", k, i, blob.ErrNotFound)
 		}
+		if e.needsCheckLocked(i) {
+			check = append(check, i)
+		}
 	}
 	gen := e.trustedGen.Load() // under e.mu: a reset after this is seen by the reader
 	e.mu.Unlock()
+	// Every chunk is checked before the file is handed out (FUSE
+	// passthrough gives it to the kernel whole).
+	for _, i := range check {
+		if !e.checkChunk(i) {
+			release()
+			return nil, size, fmt.Errorf("%s chunk %d failed its check: %w", k, i, blob.ErrNotFound)
+		}
+	}
 	f, err := openForSendfile(filepath.Join(e.dir, "data"))
 	if err != nil {
 		release()

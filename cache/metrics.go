@@ -13,6 +13,7 @@ type metrics struct {
 	readBytes    *prometheus.CounterVec
 	swarmFills   prometheus.Counter
 	diskFull     prometheus.Counter
+	corrupt      prometheus.Counter
 }
 
 func newMetrics(c *Cache, reg prometheus.Registerer) *metrics {
@@ -48,11 +49,14 @@ func newMetrics(c *Cache, reg prometheus.Registerer) *metrics {
 		diskFull: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "peerd_cache_disk_full_total", Help: "Cache writes the filesystem refused for want of space or quota; the cache then evicts blobs nobody reads or serves the bytes without storing them.",
 		}),
+		corrupt: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "peerd_cache_corrupt_chunks_total", Help: "Chunks of verified blobs that failed their check on first read after a start; each is discarded and fetched again.",
+		}),
 		swarmFills: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "peerd_cache_swarm_origin_fills_total", Help: "Chunks a peer asked for that the rendezvous assigns to this node, fetched from the origin on its request.",
 		}),
 	}
-	reg.MustRegister(m.diskFull, m.swarmFills, m.evictions, m.verify, m.fetched, m.sourceErrors, m.fillSeconds, m.fillErrors, m.passthrough, m.readBytes,
+	reg.MustRegister(m.corrupt, m.diskFull, m.swarmFills, m.evictions, m.verify, m.fetched, m.sourceErrors, m.fillSeconds, m.fillErrors, m.passthrough, m.readBytes,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "peerd_cache_size_bytes", Help: "Bytes held by the cache."},
 			func() float64 { return float64(c.used.Load()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "peerd_cache_limit_bytes", Help: "The cache's size bound."},
