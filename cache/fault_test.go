@@ -3,6 +3,7 @@ package cache
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -303,7 +304,45 @@ func TestVerifiedBlobWithoutSumsIsVerifiedAgain(t *testing.T) {
 	c = Must(Open(opts))
 	defer c.Close()
 	waitFor(t, "verified again", func() bool { i, _ := c.Stat(k); return i.Verified })
-	if got, err := readSums(blobDir(dir, k), 4); err != nil || len(got) != 4 {
-		t.Fatalf("sums after verifying again: %v, %v", got, err)
+	// The sums, then meta, are written after the blob is verified in memory.
+	waitFor(t, "sums and meta written", func() bool {
+		got, err := readSums(blobDir(dir, k), 4)
+		m, merr := readMeta(blobDir(dir, k))
+		return err == nil && len(got) == 4 && merr == nil && m.Verified
+	})
+}
+
+// When every chunk came from trusted sources and the blob still fails
+// verification, all are discarded: a reader that opened one before fails
+// instead of passing on what a refill may write under it (never zeros).
+func TestResetOfTrustedChunksFailsTheirReaders(t *testing.T) {
+	c := Must(Open(Options{Dir: t.TempDir(), ChunkSize: cs, ReadAhead: -1}))
+	defer c.Close()
+	data, k := randBlob(t, 3*cs)
+	bad := append([]byte(nil), data...)
+	bad[cs+1] ^= 0xff
+	origin := newFake("upstream", true)
+	origin.blobs[k] = bad
+	h := c.Open(k, origin)
+	defer h.Close()
+	if _, err := h.ReadAt(context.Background(), make([]byte, cs), 0); err != nil {
+		t.Fatal(err)
+	}
+	lr, _, err := c.OpenLocal(k, 0, cs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lr.Close()
+	fillInBackground(t, h)
+	waitFor(t, "mismatch", func() bool {
+		return testutil.ToFloat64(c.m.verify.WithLabelValues("mismatch")) == 1
+	})
+	got, err := io.ReadAll(lr)
+	if !errors.Is(err, errReset) {
+		t.Fatalf("reader of a discarded trusted chunk: %d bytes (zeros: %v), err %v; want errReset",
+			len(got), len(got) > 0 && bytes.Count(got, []byte{0}) == len(got), err)
+	}
+	if i := h.Info(); i.Present != 0 {
+		t.Fatalf("%d bytes present after the reset, want none", i.Present)
 	}
 }
