@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -214,22 +216,85 @@ func TestBlobsProxyPrefetch(t *testing.T) {
 	}
 }
 
+// TestBlobsProxyCrashMidFill kills peerd (kill -9) mid-fill after at least
+// one flush: the chunks that flush marked present must survive the restart
+// and be served without the origin, and the rest fills again.
 func TestBlobsProxyCrashMidFill(t *testing.T) {
+	const chunk = 256 << 10
 	origin := NewOrigin(t, "")
 	data, dg := RandomBlob(t, 16<<20)
 	origin.Put(storagePath(dg), data)
-	origin.Delay.Store(int64(5 * time.Millisecond))
-	n := StartNode(t, NodeOpts{Args: []string{"--upstream-allow", origin.Host, "--prefetch", "--prefetch-workers", "2"}})
+	// Throttled so the fill of 64 chunks lasts several flush periods.
+	origin.Delay.Store(int64(100 * time.Millisecond))
+	n := StartNode(t, NodeOpts{Args: []string{"--upstream-allow", origin.Host, "--chunk-size", "256KiB", "--prefetch", "--prefetch-workers", "2"}})
 	u := n.URL("/blobs/" + origin.URL + storagePath(dg))
 	Get(t, "GET", u, map[string]string{"Range": "bytes=0-0"})
-	time.Sleep(30 * time.Millisecond)
+	// The chunk map on disk is written only by a flush: wait for one.
+	var flushed []int
+	deadline := time.Now().Add(30 * time.Second)
+	for len(flushed) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("no chunk flushed within 30s")
+		}
+		time.Sleep(20 * time.Millisecond)
+		flushed = flushedChunks(t, n.DataDir)
+	}
 	n.Kill()
+	flushed = flushedChunks(t, n.DataDir) // a flush may have landed before the kill
+	if len(flushed) == len(data)/chunk {
+		t.Fatalf("all %d chunks flushed before the kill: not mid-fill", len(flushed))
+	}
+	// The origin's answers to the killed process, delayed, still count
+	// their bytes: let them finish before counting what the restart fetches.
+	for prev := int64(-1); origin.Sent.Load() != prev; {
+		prev = origin.Sent.Load()
+		time.Sleep(300 * time.Millisecond)
+	}
 	origin.Delay.Store(0)
+	origin.Fail.Store(true)
 	n.start()
+	if got := n.Metric(t, "peerd_cache_size_bytes"); got < float64(len(flushed)*chunk) {
+		t.Fatalf("after kill -9: cache holds %v bytes, %d chunks of %d bytes were flushed", got, len(flushed), chunk)
+	}
+	// The flushed chunks are served from the cache (the origin fails).
+	for _, i := range flushed {
+		from, to := i*chunk, (i+1)*chunk
+		code, _, body := Get(t, "GET", u, map[string]string{"Range": fmt.Sprintf("bytes=%d-%d", from, to-1)})
+		if code != 206 || !bytes.Equal(body, data[from:to]) {
+			t.Fatalf("flushed chunk %d after kill -9: status %d, bytes equal %v", i, code, bytes.Equal(body, data[from:to]))
+		}
+	}
+	origin.Fail.Store(false)
+	sent := origin.Sent.Load()
 	if code, _, body := Get(t, "GET", u, nil); code != 200 || !bytes.Equal(body, data) {
 		t.Fatalf("after kill -9 mid-fill: status %d, bytes equal %v", code, bytes.Equal(body, data))
 	}
 	waitMetric(t, n, "peerd_cache_verifications_total", 1, "result=ok")
+	if refetched := origin.Sent.Load() - sent; refetched > int64(len(data)-len(flushed)*chunk) {
+		t.Fatalf("after the restart the origin sent %d bytes; only %d were not flushed", refetched, len(data)-len(flushed)*chunk)
+	}
+	t.Logf("%d of %d chunks flushed before kill -9 and kept", len(flushed), len(data)/chunk)
+}
+
+// flushedChunks returns the chunks the on-disk chunk map of the one blob in
+// peerd's data folder marks present.
+func flushedChunks(t *testing.T, dataDir string) []int {
+	t.Helper()
+	maps, _ := filepath.Glob(filepath.Join(dataDir, "cache", "blobs", "*", "*", "chunks"))
+	if len(maps) != 1 {
+		return nil
+	}
+	states, err := os.ReadFile(maps[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []int
+	for i, s := range states {
+		if s != 0 {
+			out = append(out, i)
+		}
+	}
+	return out
 }
 
 func TestHealthReadyMetrics(t *testing.T) {
