@@ -22,6 +22,7 @@ type metrics struct {
 	dials         prometheus.Counter
 	records       prometheus.Gauge
 	refused       prometheus.Counter
+	handshakes    *prometheus.CounterVec // reason: no_certificate, bad_certificate, not_member, not_tls, timeout, closed, other
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -76,6 +77,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "peerd_p2p_provider_records",
 			Help: "Provider records this node stores for the DHT (other nodes' advertisements of blobs near its ID), once flushed: the DHT buffers up to 256 new ones.",
 		}),
+		handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "peerd_p2p_tls_handshake_failures_total",
+			Help: "Failed TLS handshakes on the peer data-plane port, by reason (no_certificate, bad_certificate, not_member, not_tls, timeout, closed, other).",
+		}, []string{"reason"}),
 		refused: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "peerd_p2p_provider_records_refused_total",
 			Help: fmt.Sprintf("Provider records refused because the store holds its maximum (%d); they are dropped until expired records make room.", maxProviderRecords),
@@ -83,7 +88,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	if reg != nil {
 		reg.MustRegister(m.lookupSeconds, m.lookupCache, m.receivedBytes, m.servedBytes, m.serveRequests,
-			m.peerErrors, m.hedges, m.resumes, m.blames, m.provides, m.provideSecs, m.advertised, m.dials, m.records, m.refused)
+			m.peerErrors, m.hedges, m.resumes, m.blames, m.provides, m.provideSecs, m.advertised, m.dials, m.records, m.refused, m.handshakes)
 	}
 	return m
 }

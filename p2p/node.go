@@ -14,7 +14,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log"
 	"log/slog"
 	"net"
 	"slices"
@@ -632,10 +631,6 @@ func (n *Node) Close() error {
 // connected reports whether p has an open libp2p connection to us.
 func (n *Node) connected(p peer.ID) bool {
 	return n.host.Network().Connectedness(p) == network.Connected
-}
-
-func newStdLogger(l *slog.Logger) *log.Logger {
-	return slog.NewLogLogger(l.Handler(), slog.LevelWarn)
 }
 
 // connWatermarks are the connection manager's low and high water marks:
