@@ -597,3 +597,47 @@ func TestSourceLookupThatRanOutOfTimeIsFollowedByALongerOne(t *testing.T) {
 		t.Errorf("late lookups counted after an answer of nobody: %v", got)
 	}
 }
+
+// TestSourceBlameAvoidsThePeerForItsWindow checks the blame's promise: a
+// peer whose bytes failed verification is not asked again for blameAvoid
+// (not even after a good answer from another peer, nor after the provider
+// list is looked up again), and is asked once the window is over.
+func TestSourceBlameAvoidsThePeerForItsWindow(t *testing.T) {
+	s, _, g, ids := setup(t, "ok", "ok")
+	var nowMu sync.Mutex
+	now := time.Now()
+	s.now = func() time.Time { nowMu.Lock(); defer nowMu.Unlock(); return now }
+	advance := func(d time.Duration) { nowMu.Lock(); now = now.Add(d); nowMu.Unlock() }
+
+	s.Blame(testKey(), ids[0].String())
+	var waited time.Duration
+	for i, step := range []time.Duration{0, time.Minute, 4 * time.Minute, blameAvoid - 5*time.Minute - time.Second} {
+		advance(step)
+		waited += step
+		before := len(g.calls())
+		off := i << 18
+		b, origin, err := readAll(t, s, int64(off), 10)
+		if err != nil || origin != ids[1].String() || !bytes.Equal(b, g.data[off:off+10]) {
+			t.Fatalf("%v after the blame: origin %s, err %v", waited, origin, err)
+		}
+		for _, c := range g.calls()[before:] {
+			if c.p == ids[0] {
+				t.Fatalf("asked the blamed peer %v after the blame, within its %v window", waited, blameAvoid)
+			}
+		}
+	}
+	// The window ends: the peer is asked again (it is first in the DHT's order).
+	advance(2 * time.Second)
+	waited += 2 * time.Second
+	before := len(g.calls())
+	if _, origin, err := readAll(t, s, 2<<20, 10); err != nil || origin != ids[0].String() {
+		t.Fatalf("%v after the blame (window %v): origin %s, err %v; want the once-blamed peer", waited, blameAvoid, origin, err)
+	}
+	asked := false
+	for _, c := range g.calls()[before:] {
+		asked = asked || c.p == ids[0]
+	}
+	if !asked {
+		t.Fatalf("the blamed peer was not asked %v after the blame", waited)
+	}
+}
