@@ -305,12 +305,18 @@ func parseContentRange(s string) (start, size int64, err error) {
 	if rng == "*" {
 		return 0, size, nil
 	}
-	a, _, ok := strings.Cut(rng, "-")
+	a, b, ok := strings.Cut(rng, "-")
 	if !ok {
 		return 0, -1, fmt.Errorf("bad range %q", rng)
 	}
 	if start, err = strconv.ParseInt(a, 10, 64); err != nil {
 		return 0, -1, err
+	}
+	// The range must lie inside the blob: an answer that contradicts its
+	// own size is not one the cache can place.
+	end, err := strconv.ParseInt(b, 10, 64)
+	if err != nil || start < 0 || end < start || (size >= 0 && end >= size) {
+		return 0, -1, fmt.Errorf("bad range %q for size %d", rng, size)
 	}
 	return start, size, nil
 }
