@@ -81,6 +81,15 @@ func (a *AllowList) Len() int { return len(a.patterns) }
 
 // Check reports why u may not be fetched, or nil if it may.
 func (a *AllowList) Check(u *url.URL) error {
+	// The HTTP client dials a non-ASCII name by its IDNA form, which may
+	// differ from what strings.ToLower makes of it ("İ" lowers to "i" but
+	// becomes "xn--…"): only ASCII names are compared, so the host checked
+	// is the host dialed.
+	for i := 0; i < len(u.Hostname()); i++ {
+		if u.Hostname()[i] >= 0x80 {
+			return fmt.Errorf("%w: non-ASCII host %q (use its xn-- form)", ErrNotAllowed, u.Hostname())
+		}
+	}
 	host := strings.ToLower(u.Hostname())
 	port := u.Port()
 	if port == "" {
