@@ -5,6 +5,7 @@
 package httpmirror
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -166,7 +167,14 @@ func (s *Server) serveReady(w http.ResponseWriter) {
 func ociError(w http.ResponseWriter, code int, errCode, msg string) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)
-	fmt.Fprintf(w, `{"errors":[{"code":%q,"message":%q}]}`+"\n", errCode, msg)
+	// encoding/json, not %q: Go quoting (\x7f, \a) is not JSON.
+	type ociErr struct {
+		Code    string `json:"code"`
+		Message string `json:"message"`
+	}
+	json.NewEncoder(w).Encode(struct {
+		Errors []ociErr `json:"errors"`
+	}{[]ociErr{{errCode, msg}}})
 }
 
 // statusWriter records the status and body size, and keeps ReadFrom so that
