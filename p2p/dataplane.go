@@ -785,9 +785,11 @@ func parseContentRange(h string) (total, start int64, err error) {
 	if rng == "*" {
 		return total, 0, nil
 	}
-	a, _, _ := strings.Cut(rng, "-")
+	// The range must lie inside the blob the peer states the size of.
+	a, b, ok := strings.Cut(rng, "-")
 	start, err = strconv.ParseInt(a, 10, 64)
-	if err != nil {
+	end, err2 := strconv.ParseInt(b, 10, 64)
+	if !ok || err != nil || err2 != nil || start < 0 || end < start || end >= total {
 		return -1, -1, fmt.Errorf("bad Content-Range %q", h)
 	}
 	return total, start, nil
