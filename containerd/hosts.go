@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/pelletier/go-toml/v2"
 )
 
 // hosts.toml handling. peerd owns one marked block in each file; everything
@@ -142,6 +144,9 @@ func WriteHosts(c HostsConfig) ([]string, error) {
 			}
 		}
 		next, err := render(stripBlock(old), reg, c.Mirror, c.DialTimeout)
+		if err == nil {
+			err = checkMerged(stripBlock(old), next, c.Mirror)
+		}
 		if err != nil {
 			return changed, fmt.Errorf("%s: %w", path, err)
 		}
@@ -291,6 +296,27 @@ func render(base []byte, reg Registry, mirror string, dial time.Duration) ([]byt
 		}
 	}
 	return []byte(b.String()), nil
+}
+
+// checkMerged makes sure containerd reads the mirror from a merge of an
+// operator's valid file: render works line by line, and a multi-line
+// string or an inline host table can defeat it (containerd ignores a file
+// it cannot decode, the operator's hosts with it).
+func checkMerged(base, merged []byte, mirror string) error {
+	var before map[string]any
+	if toml.Unmarshal(base, &before) != nil {
+		return nil // containerd cannot read it now either
+	}
+	var after struct {
+		Host map[string]any `toml:"host"`
+	}
+	if err := toml.Unmarshal(merged, &after); err != nil {
+		return fmt.Errorf("peerd's block cannot be merged into this file (%v); add the mirror by hand", err)
+	}
+	if _, ok := after.Host[mirror]; !ok {
+		return errors.New("peerd's block cannot be merged into this file (a multi-line string?); add the mirror by hand")
+	}
+	return nil
 }
 
 // stripComment drops a trailing # comment outside quotes.
