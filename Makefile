@@ -15,7 +15,7 @@ RUN_ALLOW ?= 127.0.0.1,localhost
 RUN_MOUNT ?= $(if $(filter 0,$(shell id -u)),$(RUN_DATA)/blobs,)
 RUN_FLAGS ?=
 
-.PHONY: help build run test test-unit e2e bench lint tidy clean reliability
+.PHONY: help build run test test-unit fuzz e2e bench lint tidy clean reliability
 # Tests that prove a row of the README's Reliability table append it here (internal/reliability).
 RELIABILITY_ROWS ?= $(CURDIR)/bin/reliability.jsonl
 
@@ -36,6 +36,22 @@ test: lint ## run every test (unit + integration with real processes); needs roo
 
 test-unit: ## fast unit tests only
 	$(GO) test -count=1 -short ./...
+
+# make fuzz: every Fuzz target of the tree (the *fuzz_test.go files), FUZZTIME each, one after another
+# (go test -fuzz takes one target per run). Their seed corpora (testdata/fuzz/) already run under make test.
+FUZZTIME ?= 30s
+fuzz: ## run every fuzz target for FUZZTIME each (default 30s); logs and a summary in bin/fuzz/
+	@mkdir -p bin/fuzz; rm -f bin/fuzz/summary.txt; failed=""; \
+	for f in $$(find . -name '*fuzz_test.go' -not -path './.git/*' | sort); do \
+	  dir=$$(dirname $$f); \
+	  for t in $$(sed -n 's/^func \(Fuzz[A-Za-z0-9_]*\)(.*/\1/p' $$f); do \
+	    log=bin/fuzz/$$(basename $$dir)-$$t.log; echo "== $$dir $$t ($(FUZZTIME))"; \
+	    if $(GO) test -run '^$$' -fuzz "^$${t}\$$" -fuzztime $(FUZZTIME) $$dir/ >$$log 2>&1; then r=ok; else r=FAIL; failed="$$failed $$dir:$$t"; fi; \
+	    echo "$$r $$dir $$t: $$(grep -E '^fuzz: elapsed' $$log | tail -1 | sed 's/^fuzz: //')" | tee -a bin/fuzz/summary.txt; \
+	    [ $$r = ok ] || grep -vE '^fuzz: elapsed' $$log | tail -20; \
+	  done; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz failures:$$failed (the failing input is under <pkg>/testdata/fuzz/)"; exit 1; fi
 
 e2e: build ## multi-node scenarios in network namespaces (root); knobs in e2e/README.md (E2E_SIZE=large: 8 nodes, 1 GiB)
 	mkdir -p bin && PEERD_RELIABILITY_OUT=$(RELIABILITY_ROWS) E2E=1 E2E_PEERD=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 60m -v ./e2e/...
