@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"golang.org/x/net/idna"
+	"sync/atomic"
 )
 
 // effectivePort is the port a URL is dialed on.
@@ -105,7 +106,10 @@ func FuzzAllowList(f *testing.F) {
 	} {
 		f.Add(s[0], s[1])
 	}
+	var replayed atomic.Int64
+	recordFuzzRow(f, &replayed, "FuzzAllowList", "found a non-ASCII host (U+0130) admitted by an ASCII pattern but dialed by its xn-- form elsewhere; non-ASCII hosts now refused (403)")
 	f.Fuzz(func(t *testing.T, patterns, raw string) {
+		replayed.Add(1)
 		a, err := ParseAllowList([]string{patterns})
 		if err != nil {
 			return
