@@ -72,6 +72,12 @@ func parsePattern(raw string) (pattern, error) {
 	if host == "" || strings.Contains(host, "*") {
 		return p, fmt.Errorf("allow pattern %q: a wildcard may only lead as \"*.\"", raw)
 	}
+	// Check refuses every non-ASCII host, so such a pattern could never match: say so at start.
+	for i := 0; i < len(host); i++ {
+		if host[i] >= 0x80 {
+			return p, fmt.Errorf("allow pattern %q: write an international domain name in its ASCII (xn--) form", raw)
+		}
+	}
 	p.host = host
 	return p, nil
 }
