@@ -288,7 +288,10 @@ func (c *Cache) loadEntry(k blob.Key, dir string) (*entry, error) {
 		bm.Close()
 		return nil, fmt.Errorf("chunk map: %w", err)
 	}
-	e.f, e.bm = f, bm
+	// The files are closed again: an entry opens them on first use.
+	f.Close()
+	bm.Close()
+	e.onDisk = true
 	e.setSize(m.Size)
 	for i, s := range states {
 		switch s {
@@ -300,8 +303,6 @@ func (c *Cache) loadEntry(k blob.Key, dir string) (*entry, error) {
 			e.nPresent++
 			e.present += e.chunkLen(i)
 		default:
-			f.Close()
-			bm.Close()
 			return nil, fmt.Errorf("chunk map: bad state %d", s)
 		}
 	}

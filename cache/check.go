@@ -87,16 +87,22 @@ func (e *entry) markCheckedLocked(i int) {
 // false when the chunk failed and was discarded.
 func (e *entry) checkChunk(i int) bool {
 	e.mu.Lock()
-	if !e.needsCheckLocked(i) || e.f == nil {
+	if !e.needsCheckLocked(i) {
 		e.mu.Unlock()
 		return true
 	}
-	f, off, n, want := e.f, int64(i)*e.c.opts.ChunkSize, e.chunkLen(i), e.sums[i]
+	f, err := e.filesLocked()
+	if err != nil {
+		// The read that follows fails on the same files; nothing is served.
+		e.mu.Unlock()
+		return true
+	}
+	off, n, want := int64(i)*e.c.opts.ChunkSize, e.chunkLen(i), e.sums[i]
 	e.mu.Unlock()
 	bp := chunkBuf(e.c.opts.ChunkSize)
 	defer bufPool.Put(bp)
 	b := (*bp)[:n]
-	_, err := f.ReadAt(b, off)
+	_, err = f.ReadAt(b, off)
 	got := chunkSum(b)
 	if err == nil && got == want {
 		e.mu.Lock()
@@ -131,7 +137,7 @@ func (e *entry) discardCorrupt(i int, readErr error, got, want uint32) {
 	e.announced = false
 	m := meta{Key: e.key, Size: e.size, ChunkSize: e.c.opts.ChunkSize, Created: e.created}
 	dir := e.dir
-	if e.bm != nil {
+	if _, err := e.filesLocked(); err == nil {
 		e.bm.WriteAt([]byte{stateAbsent}, int64(i))
 		fdatasync(e.bm)
 	}

@@ -45,7 +45,8 @@ type entry struct {
 	trustedGen atomic.Uint64
 	// sizeTrusted: a trusted source reported (or confirmed) size.
 	sizeTrusted bool
-	f, bm       *os.File
+	f, bm       *os.File // the blob's files, opened on first use (filesLocked)
+	onDisk      bool     // the blob's files exist, open or not
 	inflight    map[int]*fillCall
 	dirtyIdx    []int
 	origins     map[int]string // chunk -> peer that served it (untrusted chunks)
@@ -119,7 +120,31 @@ func (e *entry) complete() bool { return e.size >= 0 && e.nPresent == len(e.stat
 func (e *entry) hasFiles() bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return e.f != nil
+	return e.onDisk
+}
+
+// filesLocked returns the blob's data file, opening its files if they exist
+// and are not open yet: blobs loaded at start keep no file open until used,
+// so a cache of many blobs does not cost two descriptors per blob. e.mu is
+// held.
+func (e *entry) filesLocked() (*os.File, error) {
+	if e.f != nil {
+		return e.f, nil
+	}
+	if !e.onDisk || e.gone {
+		return nil, fmt.Errorf("%s: cache file closed", e.key)
+	}
+	f, err := os.OpenFile(filepath.Join(e.dir, "data"), os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	bm, err := os.OpenFile(filepath.Join(e.dir, "chunks"), os.O_RDWR, 0)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	e.f, e.bm = f, bm
+	return f, nil
 }
 
 func (e *entry) info() Info {
@@ -131,8 +156,9 @@ func (e *entry) info() Info {
 
 // createFiles lays out the blob's folder once its size is known. e.mu is held.
 func (e *entry) createFilesLocked() error {
-	if e.f != nil {
-		return nil
+	if e.onDisk {
+		_, err := e.filesLocked()
+		return err
 	}
 	if err := e.layOutLocked(); err != nil {
 		// A half-made folder (the disk filled up) holds no chunk: remove it
@@ -172,7 +198,7 @@ func (e *entry) layOutLocked() error {
 		bm.Close()
 		return err
 	}
-	e.f, e.bm = f, bm
+	e.f, e.bm, e.onDisk = f, bm, true
 	return nil
 }
 
@@ -195,6 +221,7 @@ func (e *entry) destroy() bool {
 	had := e.present > 0 || e.announced
 	e.announced = false
 	e.gone = true
+	e.onDisk = false
 	if e.f != nil {
 		e.f.Close()
 		e.bm.Close()
@@ -650,8 +677,12 @@ func (e *entry) hashLocked(scratch []byte) (bool, error) {
 			e.mu.Unlock()
 			return false, nil
 		}
-		f, off, n, nChunks := e.f, e.hashed, e.chunkLen(i), len(e.states)
+		f, err := e.filesLocked()
+		off, n, nChunks := e.hashed, e.chunkLen(i), len(e.states)
 		e.mu.Unlock()
+		if err != nil {
+			return false, err
+		}
 		if int64(cap(scratch)) >= n {
 			b := scratch[:n]
 			if _, err := f.ReadAt(b, off); err != nil {
@@ -767,12 +798,13 @@ func (e *entry) reset() {
 			e.bm.Close()
 			e.f, e.bm = nil, nil
 		}
+		e.onDisk = false
 		for _, name := range []string{"meta", "chunks", "data"} {
 			os.Remove(filepath.Join(e.dir, name))
 		}
 		e.size, e.states, e.nPresent, e.present, e.dirtyIdx = -1, nil, 0, 0, nil
 		e.sums, e.checked, e.unchecked = nil, nil, 0
-	} else if e.bm != nil {
+	} else if _, err := e.filesLocked(); err == nil {
 		// The kept chunks' bytes must be durable before the map names them.
 		fdatasync(e.f)
 		e.bm.WriteAt(e.states, 0)

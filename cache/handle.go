@@ -159,12 +159,12 @@ func (e *entry) hasCheckedChunk(i int) bool {
 
 func (e *entry) readFile(p []byte, off int64) error {
 	e.mu.Lock()
-	f := e.f
+	f, err := e.filesLocked()
 	e.mu.Unlock()
-	if f == nil {
-		return fmt.Errorf("%s: cache file closed", e.key)
+	if err != nil {
+		return err
 	}
-	_, err := f.ReadAt(p, off)
+	_, err = f.ReadAt(p, off)
 	return err
 }
 
@@ -367,7 +367,7 @@ func (c *Cache) OpenLocal(k blob.Key, off, n int64) (*LocalReader, int64, error)
 	release := func() { c.unref(e) }
 	e.mu.Lock()
 	size := e.size
-	if size < 0 || e.f == nil {
+	if size < 0 || !e.onDisk {
 		e.mu.Unlock()
 		release()
 		return nil, -1, fmt.Errorf("%s: %w", k, blob.ErrNotFound)
