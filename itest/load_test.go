@@ -3,12 +3,15 @@ package itest
 import (
 	"bytes"
 	"context"
+	crand "crypto/rand"
 	"fmt"
 	"io"
+	"log/slog"
 	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,7 +20,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/peerd-project/peerd/blob"
+	"github.com/peerd-project/peerd/cache"
 	"github.com/peerd-project/peerd/internal/reliability"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Load tests: many clients, many idle connections, many cached blobs, each
@@ -124,6 +130,25 @@ func parseLimit(s string) uint64 {
 	}
 	v, _ := strconv.ParseUint(s, 10, 64)
 	return v
+}
+
+// startNodeNoFile starts a node with RLIMIT_NOFILE soft and hard at limit,
+// through a shell that sets it and execs peerd (same PID).
+func startNodeNoFile(t *testing.T, o NodeOpts, limit uint64) *Node {
+	t.Helper()
+	wrapper := filepath.Join(t.TempDir(), "peerd-nofile")
+	script := fmt.Sprintf("#!/bin/sh\nulimit -n %d || exit 111\nexec %s \"$@\"\n", limit, peerdBin)
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	real := peerdBin
+	peerdBin = wrapper
+	defer func() { peerdBin = real }()
+	n := StartNode(t, o)
+	if soft, hard := nofileLimits(t, n.PID()); parseLimit(hard) != limit {
+		t.Fatalf("peerd runs with RLIMIT_NOFILE %s/%s, want %d", soft, hard, limit)
+	}
+	return n
 }
 
 // loadClient is an HTTP client that opens as many connections as it has
@@ -616,4 +641,193 @@ func TestLoadIdleConnectionFlood(t *testing.T) {
 		Case:    "slowloris: half a request header on the HTTP face; half a TLS ClientHello on the peer port",
 		Outcome: "both connections closed by the server",
 		Figure:  fmt.Sprintf("HTTP closed after %s; peer port after %s", httpSlow.Round(10*time.Millisecond), peerSlow.Round(10*time.Millisecond))})
+}
+
+// bytesSource serves blobs from memory to a cache, as the origin would.
+type bytesSource struct{ blobs map[blob.Key][]byte }
+
+func (bytesSource) Name() string      { return "test" }
+func (bytesSource) Trust() blob.Trust { return blob.Trusted }
+func (s bytesSource) Fetch(_ context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+	b, ok := s.blobs[k]
+	if !ok {
+		return nil, -1, blob.ErrNotFound
+	}
+	end := min(off+n, int64(len(b)))
+	return io.NopCloser(bytes.NewReader(b[off:end])), int64(len(b)), nil
+}
+
+// fillCache creates a cache under dataDir (where `peerd run --data-dir`
+// keeps it) holding count small random blobs, each read through the cache
+// API from an in-memory source; it returns the blobs by digest. The cache
+// API keeps two files open per blob it filled until it is closed, so the
+// blobs are filled in batches, each into a cache of its own whose blob
+// folders are then moved into the one cache.
+func fillCache(t *testing.T, dataDir string, count int, chunkSize int64) map[string][]byte {
+	t.Helper()
+	const batch = 2000
+	byDigest := map[string][]byte{}
+	final := filepath.Join(dataDir, "cache", "blobs", blob.AlgSHA256)
+	if err := os.MkdirAll(final, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for done := 0; done < count; done += batch {
+		src := bytesSource{blobs: map[blob.Key][]byte{}}
+		for i := done; i < min(done+batch, count); i++ {
+			b := make([]byte, 1024+i%4096)
+			crand.Read(b)
+			dg := Digest(b)
+			k, err := blob.ParseDigest(dg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			src.blobs[k] = b
+			byDigest[dg] = b
+		}
+		dir := t.TempDir()
+		c, err := cache.Open(cache.Options{Dir: dir, ChunkSize: chunkSize,
+			Logger: slog.New(slog.DiscardHandler), Registerer: prometheus.NewRegistry()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		keys := make(chan blob.Key)
+		var wg sync.WaitGroup
+		var failed atomic.Int64
+		for range 32 {
+			wg.Go(func() {
+				for k := range keys {
+					h := c.Open(k, src)
+					p := make([]byte, len(src.blobs[k]))
+					n, err := h.ReadAt(context.Background(), p, 0)
+					h.Close()
+					if (err != nil && err != io.EOF) || n != len(p) || !bytes.Equal(p, src.blobs[k]) {
+						if failed.Add(1) <= 3 {
+							t.Logf("fill %s: %d of %d bytes: %v", k, n, len(p), err)
+						}
+					}
+				}
+			})
+		}
+		for k := range src.blobs {
+			keys <- k
+		}
+		close(keys)
+		wg.Wait()
+		if err := c.Close(); err != nil {
+			t.Fatalf("close the filled cache: %v", err)
+		}
+		if failed.Load() > 0 {
+			t.Fatalf("%d blobs failed to fill", failed.Load())
+		}
+		for k := range src.blobs {
+			if err := os.Rename(filepath.Join(dir, "blobs", blob.AlgSHA256, k.Hex()), filepath.Join(final, k.Hex())); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	return byDigest
+}
+
+// TestLoadTenThousandBlobs: peerd starts on a cache of 10,000 small blobs;
+// the start time to /healthz and /readyz, its RSS, and (as root with
+// /dev/fuse) the time to list the mount's sha256/ folder are measured, and
+// every blob is listed and a sample read back.
+func TestLoadTenThousandBlobs(t *testing.T) {
+	loadSkipShort(t)
+	const (
+		count = 10000
+		// nofile is the fd limit peerd runs with: below two files per
+		// cached blob, so a node that opened each blob at start would
+		// run out.
+		nofile = 16384
+	)
+	dataDir := t.TempDir()
+	t0 := time.Now()
+	blobs := fillCache(t, dataDir, count, 1<<20)
+	fill := time.Since(t0)
+
+	origin := NewOrigin(t, "") // allowed, holds nothing: reads must be hits
+	o := NodeOpts{DataDir: dataDir, Args: []string{"--upstream-allow", origin.Host, "--chunk-size", "1MiB"}}
+	mount := ""
+	if _, err := os.Stat("/dev/fuse"); err == nil && os.Geteuid() == 0 {
+		mount = fuseMountDir(t)
+		o.Mount = mount
+	} else {
+		t.Logf("not listing the FUSE mount: needs root and /dev/fuse (euid %d, /dev/fuse: %v)", os.Geteuid(), err)
+	}
+	t0 = time.Now()
+	n := startNodeNoFile(t, o, nofile) // returns once /healthz answers 200
+	healthy := time.Since(t0)
+	waitReady(t, n)
+	ready := time.Since(t0)
+	rss := procStatusKiB(t, n.PID(), "VmRSS")
+
+	// Every blob is in the cache's list (the metric), and a sample reads
+	// back through /blobs/ without asking the origin.
+	if got := n.Metric(t, "peerd_cache_blobs"); got != count {
+		t.Errorf("peerd_cache_blobs = %v, want %d", got, count)
+	}
+	sample := 0
+	for dg, b := range blobs {
+		if sample == 50 {
+			break
+		}
+		sample++
+		code, _, body := Get(t, "GET", n.URL("/blobs/"+origin.URL+storagePath(dg)), nil)
+		if code != 200 || !bytes.Equal(body, b) {
+			t.Fatalf("GET %s: status %d, %d bytes of %d", dg, code, len(body), len(b))
+		}
+	}
+	if origin.Requests.Load() != 0 {
+		t.Errorf("reading cached blobs sent %d requests to the origin", origin.Requests.Load())
+	}
+
+	lsFig := "FUSE listing skipped (needs root and /dev/fuse)"
+	if mount != "" {
+		fuseWaitMounted(t, mount)
+		t0 = time.Now()
+		des, err := os.ReadDir(filepath.Join(mount, "sha256"))
+		ls := time.Since(t0)
+		if err != nil {
+			t.Fatalf("list the mount: %v", err)
+		}
+		listed := map[string]bool{}
+		for _, de := range des {
+			listed["sha256:"+de.Name()] = true
+		}
+		for dg := range blobs {
+			if !listed[dg] {
+				t.Fatalf("%s missing from the mount's listing (%d entries)", dg, len(des))
+			}
+		}
+		t0 = time.Now()
+		des, err = os.ReadDir(filepath.Join(mount, "sha256"))
+		ls2 := time.Since(t0)
+		if err != nil || len(des) < count {
+			t.Fatalf("second listing: %d entries, %v", len(des), err)
+		}
+		sample = 0
+		for dg, b := range blobs {
+			if sample == 50 {
+				break
+			}
+			sample++
+			got, err := os.ReadFile(fuseBlobPath(mount, dg))
+			if err != nil || !bytes.Equal(got, b) {
+				t.Fatalf("read %s under the mount: %v, %d bytes of %d", dg, err, len(got), len(b))
+			}
+		}
+		lsFig = fmt.Sprintf("readdir of the mount's sha256/ %s (%d entries; again %s)", ms(ls), len(des), ms(ls2))
+	}
+	rssAfter := procStatusKiB(t, n.PID(), "VmRSS")
+	t.Logf("filled %d blobs in %s; start to /healthz %s, to /readyz %s; RSS %d MiB after start, %d MiB after the reads; %s",
+		count, fill.Round(time.Millisecond), ms(healthy), ms(ready), rss>>10, rssAfter>>10, lsFig)
+	if t.Failed() {
+		return
+	}
+	reliability.Record(t, reliability.Row{Area: "load",
+		Case:    fmt.Sprintf("peerd starts on a cache of %d small blobs", count),
+		Outcome: "all listed, a sample reads back with no origin request",
+		Figure: fmt.Sprintf("start to /healthz %s, to /readyz %s; RSS %d MiB; %s",
+			ms(healthy), ms(ready), rss>>10, lsFig)})
 }
