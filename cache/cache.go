@@ -379,6 +379,9 @@ func (c *Cache) unref(e *entry) {
 	e.refs--
 	drop := e.refs == 0 && !e.hasFiles() && c.blobs[e.key] == e
 	withdraw := false
+	if e.refs == 0 && !drop {
+		e.closeIdleFiles()
+	}
 	if drop {
 		// Nothing was ever stored: forget the empty entry.
 		delete(c.blobs, e.key)
@@ -593,5 +596,11 @@ func (c *Cache) flushAll() {
 		} else if err != nil {
 			c.log.Error("flush cache chunk map", "key", e.key, "err", err)
 		}
+		// Its last user may have left while chunks were still to flush.
+		c.mu.Lock()
+		if e.refs == 0 {
+			e.closeIdleFiles()
+		}
+		c.mu.Unlock()
 	}
 }

@@ -202,6 +202,24 @@ func (e *entry) layOutLocked() error {
 	return nil
 }
 
+// closeIdleFiles closes the files of an entry nobody uses (Cache.mu held,
+// refs 0), so that descriptors follow the blobs in use, not the blobs
+// cached. Files with chunks still to flush stay open for the flusher, as do
+// those of an entry being flushed right now.
+func (e *entry) closeIdleFiles() {
+	if !e.flushMu.TryLock() {
+		return
+	}
+	defer e.flushMu.Unlock()
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.f != nil && len(e.dirtyIdx) == 0 {
+		e.f.Close()
+		e.bm.Close()
+		e.f, e.bm = nil, nil
+	}
+}
+
 func (e *entry) closeFiles() {
 	e.mu.Lock()
 	defer e.mu.Unlock()

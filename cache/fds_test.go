@@ -105,3 +105,37 @@ func TestLoadedPartialBlobKeepsItsChunks(t *testing.T) {
 		t.Fatalf("after the second restart: equal %v, %d fetches", bytes.Equal(got, data), src.total()-before)
 	}
 }
+
+// Filling many blobs leaves no file open per blob once their readers are
+// gone: descriptors follow the blobs in use, not the blobs cached.
+func TestFilledBlobsCloseTheirFiles(t *testing.T) {
+	const blobs = 300
+	c := open(t, t.TempDir(), 1<<30, nil, nil)
+	defer c.Close()
+	src := newFake("upstream", true)
+	before := openFDs(t)
+	var keys []blob.Key
+	for range blobs {
+		data, k := randBlob(t, 3*cs+5)
+		src.blobs[k] = data
+		keys = append(keys, k)
+		h := c.Open(k, src)
+		if got := readAll(t, h); !bytes.Equal(got, data) {
+			t.Fatal("wrong bytes")
+		}
+		h.Close()
+	}
+	// Once flushed and verified, idle blobs hold no files.
+	waitFor(t, "files closed", func() bool { return openFDs(t)-before <= 20 })
+	fetches := src.total()
+	for _, k := range keys[:10] {
+		h := c.Open(k, src)
+		if got := readAll(t, h); !bytes.Equal(got, src.blobs[k]) {
+			t.Fatalf("%s: wrong bytes read again", k)
+		}
+		h.Close()
+	}
+	if src.total() != fetches {
+		t.Fatalf("reading filled blobs again cost %d fetches", src.total()-fetches)
+	}
+}
