@@ -659,10 +659,10 @@ func (s bytesSource) Fetch(_ context.Context, k blob.Key, off, n int64) (io.Read
 
 // fillCache creates a cache under dataDir (where `peerd run --data-dir`
 // keeps it) holding count small random blobs, each read through the cache
-// API from an in-memory source; it returns the blobs by digest. The cache
-// API keeps two files open per blob it filled until it is closed, so the
-// blobs are filled in batches, each into a cache of its own whose blob
-// folders are then moved into the one cache.
+// API from an in-memory source; it returns the blobs by digest. The blobs
+// are filled in batches, each into a cache of its own whose blob folders
+// are then moved into the one cache, so that the files of blobs waiting for
+// their flush never add up to this process's descriptor limit.
 func fillCache(t *testing.T, dataDir string, count int, chunkSize int64) map[string][]byte {
 	t.Helper()
 	const batch = 2000
