@@ -826,7 +826,7 @@ func TestLoadTenThousandBlobs(t *testing.T) {
 		return
 	}
 	reliability.Record(t, reliability.Row{Area: "load",
-		Case:    fmt.Sprintf("peerd starts on a cache of %d small blobs", count),
+		Case:    fmt.Sprintf("peerd starts on a cache of %d small blobs, RLIMIT_NOFILE %d", count, nofile),
 		Outcome: "all listed, a sample reads back with no origin request",
 		Figure: fmt.Sprintf("start to /healthz %s, to /readyz %s; RSS %d MiB; %s",
 			ms(healthy), ms(ready), rss>>10, lsFig)})
