@@ -62,9 +62,6 @@ func swarmRound(t *testing.T, n int, size int, extra ...string) (sent int64, ser
 // fetched from the origin by its rendezvous owner and read from it by the
 // others, so the origin sends the file about once, not N times.
 func TestSwarmColdBurstCostsTheOriginAboutOneCopy(t *testing.T) {
-	if !hasFlag("swarm-wait") {
-		t.Skip("this peerd build has no --swarm-wait")
-	}
 	const n, size = 4, 40<<20 + 4321
 	// The same burst with the waiting turned off, for comparison: owners
 	// answer "don't have" for chunks still on their way.
