@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/crypto"
@@ -455,36 +456,48 @@ func TestFirstLookupAnswersAtTheFirstProviderAndKeepsCollecting(t *testing.T) {
 // DHT answer carries all its peer knows) and stops at the first pause
 // instead of running the query on for later answers.
 func TestCollectProvidersStopsAtTheFirstPause(t *testing.T) {
-	ch := make(chan peer.AddrInfo)
-	var ids []peer.ID
-	for range 4 {
-		ids = append(ids, newPeerID(t))
-	}
-	var firstSeen []peer.AddrInfo
-	done := make(chan []peer.AddrInfo, 1)
-	go func() {
-		done <- collectProviders(context.Background(), ch, func(ps []peer.AddrInfo) { firstSeen = slices.Clone(ps) }, time.Hour, 300*time.Millisecond)
-	}()
-	for _, id := range ids[:3] {
-		ch <- peer.AddrInfo{ID: id}
-	}
-	var got []peer.AddrInfo
-	select {
-	case got = <-done: // the pause: nobody sends the fourth
-	case <-time.After(time.Minute):
-		t.Fatal("the lookup did not stop at the pause")
-	}
-	if len(got) != 3 || got[0].ID != ids[0] || got[2].ID != ids[2] {
-		t.Fatalf("collected %v, want the three sent back to back", got)
-	}
-	if len(firstSeen) != 1 || firstSeen[0].ID != ids[0] {
-		t.Fatalf("first called with %v, want only the first provider", firstSeen)
-	}
-	select {
-	case ch <- peer.AddrInfo{ID: ids[3]}:
-		t.Fatal("a provider was read after the lookup returned")
-	default:
-	}
+	// In a synctest bubble the clock moves only when every goroutine of the
+	// test is blocked, so the 300 ms pause is the test's own, never a
+	// scheduling delay between two sends on a loaded machine (which would
+	// end the collection early and leave the next send blocked forever).
+	synctest.Test(t, func(t *testing.T) {
+		ch := make(chan peer.AddrInfo)
+		var ids []peer.ID
+		for range 4 {
+			ids = append(ids, newPeerID(t))
+		}
+		var firstSeen []peer.AddrInfo
+		done := make(chan []peer.AddrInfo, 1)
+		go func() {
+			done <- collectProviders(context.Background(), ch, func(ps []peer.AddrInfo) { firstSeen = slices.Clone(ps) }, time.Hour, 300*time.Millisecond)
+		}()
+		for _, id := range ids[:3] {
+			select {
+			case ch <- peer.AddrInfo{ID: id}:
+			case got := <-done:
+				t.Fatalf("the lookup returned %v before the pause", got)
+			}
+		}
+		// The pause: nobody sends the fourth. On the bubble's clock the
+		// lookup ends exactly one gap after the last provider, not at the
+		// hour of grace.
+		last := time.Now()
+		got := <-done
+		if waited := time.Since(last); waited != 300*time.Millisecond {
+			t.Fatalf("the lookup ended %v after the last provider, want at the 300 ms pause", waited)
+		}
+		if len(got) != 3 || got[0].ID != ids[0] || got[2].ID != ids[2] {
+			t.Fatalf("collected %v, want the three sent back to back", got)
+		}
+		if len(firstSeen) != 1 || firstSeen[0].ID != ids[0] {
+			t.Fatalf("first called with %v, want only the first provider", firstSeen)
+		}
+		select {
+		case ch <- peer.AddrInfo{ID: ids[3]}:
+			t.Fatal("a provider was read after the lookup returned")
+		default:
+		}
+	})
 }
 
 // Providers that keep trickling in do not hold a lookup past its grace.
@@ -555,47 +568,52 @@ func (f *slowFinder) FindProviders(ctx context.Context, k blob.Key, _ func([]pee
 // instead of "nobody" for the negative TTL. A lookup that ended with no
 // provider is an answer and is not followed.
 func TestSourceLookupThatRanOutOfTimeIsFollowedByALongerOne(t *testing.T) {
-	p := peer.AddrInfo{ID: newPeerID(t)}
-	// Slower than both 20 ms tries, well inside the late lookup's bound.
-	f := &slowFinder{delay: 100 * time.Millisecond, peers: []peer.AddrInfo{p}}
-	s := newSource(newPeerID(t), f, &fakeGetter{}, nil, nil, 20*time.Millisecond, 1)
-	k := testKey()
-	if ps := s.Providers(context.Background(), k); len(ps) != 0 {
-		t.Fatalf("first lookup found %v before its deadline", ps)
-	}
-	// Only the late lookup can find p: a refresh after the negative TTL is
-	// bounded by the same 20 ms and would time out again.
-	deadline := time.Now().Add(negativeTTL - time.Second)
-	for {
-		ps := s.Providers(context.Background(), k)
-		if len(ps) == 1 && ps[0].ID == p.ID {
-			break
+	// In a synctest bubble the finders' delays and the 20 ms bound are read
+	// on the bubble's clock, which moves only when every goroutine waits: a
+	// 1 ms finder always beats the 20 ms bound, however loaded the machine.
+	synctest.Test(t, func(t *testing.T) {
+		p := peer.AddrInfo{ID: newPeerID(t)}
+		// Slower than both 20 ms tries, well inside the late lookup's bound.
+		f := &slowFinder{delay: 100 * time.Millisecond, peers: []peer.AddrInfo{p}}
+		s := newSource(newPeerID(t), f, &fakeGetter{}, nil, nil, 20*time.Millisecond, 1)
+		k := testKey()
+		if ps := s.Providers(context.Background(), k); len(ps) != 0 {
+			t.Fatalf("first lookup found %v before its deadline", ps)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("providers %v before the negative answer expired; want the late lookup's %s", ps, p.ID)
+		// Only the late lookup can find p: a refresh after the negative TTL is
+		// bounded by the same 20 ms and would time out again.
+		deadline := time.Now().Add(negativeTTL - time.Second)
+		for {
+			ps := s.Providers(context.Background(), k)
+			if len(ps) == 1 && ps[0].ID == p.ID {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("providers %v before the negative answer expired; want the late lookup's %s", ps, p.ID)
+			}
+			time.Sleep(10 * time.Millisecond)
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if got := testutil.ToFloat64(s.m.lookupCache.WithLabelValues("late")); got != 1 {
-		t.Errorf("late lookups counted: %v, want 1", got)
-	}
-	if got := f.calls.Load(); got != 3 {
-		t.Errorf("finder calls: %d, want 3 (two tries, one late lookup)", got)
-	}
+		if got := testutil.ToFloat64(s.m.lookupCache.WithLabelValues("late")); got != 1 {
+			t.Errorf("late lookups counted: %v, want 1", got)
+		}
+		if got := f.calls.Load(); got != 3 {
+			t.Errorf("finder calls: %d, want 3 (two tries, one late lookup)", got)
+		}
 
-	// A query that ran to its end and found nobody is not followed.
-	done := &slowFinder{delay: time.Millisecond}
-	s2 := newSource(newPeerID(t), done, &fakeGetter{}, nil, nil, 20*time.Millisecond, 1)
-	if ps := s2.Providers(context.Background(), k); len(ps) != 0 {
-		t.Fatalf("providers %v from a finder that has none", ps)
-	}
-	time.Sleep(50 * time.Millisecond)
-	if got := done.calls.Load(); got != 1 {
-		t.Errorf("finder calls after an answer of nobody: %d, want 1", got)
-	}
-	if got := testutil.ToFloat64(s2.m.lookupCache.WithLabelValues("late")); got != 0 {
-		t.Errorf("late lookups counted after an answer of nobody: %v", got)
-	}
+		// A query that ran to its end and found nobody is not followed.
+		done := &slowFinder{delay: time.Millisecond}
+		s2 := newSource(newPeerID(t), done, &fakeGetter{}, nil, nil, 20*time.Millisecond, 1)
+		if ps := s2.Providers(context.Background(), k); len(ps) != 0 {
+			t.Fatalf("providers %v from a finder that has none", ps)
+		}
+		time.Sleep(time.Second) // on the bubble's clock: a late lookup, had one started, has ended
+		if got := done.calls.Load(); got != 1 {
+			t.Errorf("finder calls after an answer of nobody: %d, want 1", got)
+		}
+		if got := testutil.ToFloat64(s2.m.lookupCache.WithLabelValues("late")); got != 0 {
+			t.Errorf("late lookups counted after an answer of nobody: %v", got)
+		}
+	})
 }
 
 // TestSourceBlameAvoidsThePeerForItsWindow checks the blame's promise: a
