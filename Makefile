@@ -29,10 +29,19 @@ run: build ## run one node on 127.0.0.1:30000 with its data under ./.peerd-data
 	$(BIN) run --data-dir $(RUN_DATA)/data --http-addr 127.0.0.1:30000 --p2p-addr /ip4/127.0.0.1/tcp/30001 \
 		--upstream-allow '$(RUN_ALLOW)' --mount='$(RUN_MOUNT)' $(RUN_FLAGS)
 
-test: lint ## run every test (unit + integration with real processes); needs root for FUSE/containerd parts
+# make test: tools/test-setup.sh first (as root it installs the Debian packages and builds the
+# cached tools the integration tests need), then go test -json through testsummary, which prints
+# go test's usual output and ends with a summary listing every skipped test and its reason. The
+# exit status is go test's; under CI=true a skip for a missing environment fails the run too.
+test: lint ## run every test (unit + integration with real processes), after tools/test-setup.sh; as root nothing is skipped
+	bash tools/test-setup.sh
 	mkdir -p bin && rm -f $(RELIABILITY_ROWS)
-	PEERD_RELIABILITY_OUT=$(RELIABILITY_ROWS) $(GO) test -count=1 -timeout 30m ./...
-	$(GO) test -count=1 -race -timeout 15m ./blob/ ./cache/ ./upstream/ ./httpmirror/ ./fusefs/ ./containerd/ ./p2p/ ./k8s/
+	$(GO) build -o bin/testsummary ./internal/testsummary/cmd/testsummary
+	set -o pipefail; st=0; \
+	PEERD_RELIABILITY_OUT=$(RELIABILITY_ROWS) $(GO) test -json -count=1 -timeout 30m ./... 2>&1 | bin/testsummary -save bin/test.json || st=$$?; \
+	$(GO) test -json -count=1 -race -timeout 15m ./blob/ ./cache/ ./upstream/ ./httpmirror/ ./fusefs/ ./containerd/ ./p2p/ ./k8s/ 2>&1 | bin/testsummary -save bin/test-race.json || st=$$?; \
+	bin/testsummary -report bin/test.json bin/test-race.json || st=$$((st ? st : 1)); \
+	exit $$st
 
 test-unit: ## fast unit tests only
 	$(GO) test -count=1 -short ./...

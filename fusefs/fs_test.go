@@ -24,6 +24,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/cache"
+	"github.com/peerd-project/peerd/internal/testenv"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -180,9 +181,7 @@ func kernelGrantsPassthrough(f *FS) (bool, string) {
 
 func needFUSE(t testing.TB) {
 	t.Helper()
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skipf("skipping: FUSE tests need /dev/fuse (%v); CI runs them as root with fuse3 installed", err)
-	}
+	testenv.NeedFile(t, "/dev/fuse", "modprobe fuse and apt-get install fuse3; tools/test-setup.sh does as root")
 }
 
 type testMount struct {

@@ -23,6 +23,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/peerd-project/peerd/internal/testenv"
 )
 
 // The containerd mirror against the real thing: containerd daemons (Debian's
@@ -34,14 +36,20 @@ const ctrdNS = "k8s.io"
 
 type ctrdBuild struct {
 	name, daemon, ctr string
+	missing, how      string // why daemon is empty, and how to get it
 }
 
 func containerdBuilds(t *testing.T) []ctrdBuild {
+	// Both builds are always listed: a missing one is a loud skip (a
+	// failure under CI=true), never a subtest that silently disappears.
 	var out []ctrdBuild
-	if d, err := exec.LookPath("containerd"); err == nil {
-		if c, err := exec.LookPath("ctr"); err == nil {
-			out = append(out, ctrdBuild{"containerd-1.x", d, c})
-		}
+	d, derr := exec.LookPath("containerd")
+	c, cerr := exec.LookPath("ctr")
+	if derr == nil && cerr == nil {
+		out = append(out, ctrdBuild{name: "containerd-1.x", daemon: d, ctr: c})
+	} else {
+		out = append(out, ctrdBuild{name: "containerd-1.x", missing: "containerd 1.x (containerd, ctr) not installed",
+			how: "apt-get install containerd runc; tools/test-setup.sh does as root"})
 	}
 	cache := os.Getenv("TOOLS_CACHE")
 	if cache == "" {
@@ -52,9 +60,10 @@ func containerdBuilds(t *testing.T) []ctrdBuild {
 	sort.Strings(dirs)
 	if len(dirs) > 0 {
 		d := dirs[len(dirs)-1]
-		out = append(out, ctrdBuild{"containerd-2.x", filepath.Join(d, "containerd"), filepath.Join(d, "ctr")})
+		out = append(out, ctrdBuild{name: "containerd-2.x", daemon: filepath.Join(d, "containerd"), ctr: filepath.Join(d, "ctr")})
 	} else {
-		out = append(out, ctrdBuild{name: "containerd-2.x"})
+		out = append(out, ctrdBuild{name: "containerd-2.x", missing: "containerd 2.x not built in " + cache,
+			how: "bash tools/containerd2.sh; tools/test-setup.sh does"})
 	}
 	return out
 }
@@ -63,18 +72,13 @@ func TestContainerdMirror(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts containerd daemons and a registry")
 	}
-	if os.Geteuid() != 0 {
-		t.Skip("containerd needs root; CI (.ci/run) runs this as root")
-	}
-	reg, err := exec.LookPath("docker-registry")
-	if err != nil {
-		t.Skip("docker-registry not installed (.ci/run installs it)")
-	}
+	testenv.NeedRoot(t, "containerd")
+	reg := testenv.LookPath(t, "docker-registry", "docker-registry")
 	for _, b := range containerdBuilds(t) {
 		b := b
 		t.Run(b.name, func(t *testing.T) {
 			if b.daemon == "" {
-				t.Skip("containerd 2.x not built: run 'bash tools/containerd2.sh' (.ci/run does)")
+				testenv.Missing(t, b.missing, b.how)
 			}
 			testContainerdMirror(t, b, reg)
 		})

@@ -12,13 +12,13 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/peerd-project/peerd/internal/testenv"
 )
 
 func fuseNeedDevice(t *testing.T) {
 	t.Helper()
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skipf("skipping: FUSE tests need /dev/fuse (%v); CI runs them as root with fuse3 installed", err)
-	}
+	testenv.NeedFile(t, "/dev/fuse", "modprobe fuse and apt-get install fuse3; tools/test-setup.sh does as root")
 }
 
 // fuseMounted reports whether a peerd FUSE filesystem is mounted at mp.

@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/peerd-project/peerd/internal/testenv"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 )
@@ -84,10 +85,7 @@ var kubeUsers = []struct{ name, groups string }{
 
 func startKubeAPI(t testing.TB) *kubeAPI {
 	t.Helper()
-	etcdBin, err := exec.LookPath("etcd")
-	if err != nil {
-		t.Skip("etcd not installed (apt-get install etcd-server; .ci/run does)")
-	}
+	etcdBin := testenv.LookPath(t, "etcd", "etcd-server")
 	tools := k8sTools(t)
 	dir, err := os.MkdirTemp("", "peerd-kubeapi-")
 	if err != nil {

@@ -5,12 +5,12 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
-	"os"
-	"os/exec"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/peerd-project/peerd/internal/testenv"
 )
 
 // --resolve-tags against the real thing: containerd daemons, Debian's
@@ -22,18 +22,13 @@ func TestContainerdTagsFromPeers(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts containerd daemons and a registry")
 	}
-	if os.Geteuid() != 0 {
-		t.Skip("containerd needs root; CI (.ci/run) runs this as root")
-	}
-	reg, err := exec.LookPath("docker-registry")
-	if err != nil {
-		t.Skip("docker-registry not installed (.ci/run installs it)")
-	}
+	testenv.NeedRoot(t, "containerd")
+	reg := testenv.LookPath(t, "docker-registry", "docker-registry")
 	for _, b := range containerdBuilds(t) {
 		b := b
 		t.Run(b.name, func(t *testing.T) {
 			if b.daemon == "" {
-				t.Skip("containerd 2.x not built: run 'bash tools/containerd2.sh' (.ci/run does)")
+				testenv.Missing(t, b.missing, b.how)
 			}
 			testContainerdTags(t, b, reg)
 		})
