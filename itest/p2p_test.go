@@ -178,6 +178,20 @@ func TestP2PThreeNodesShareABlob(t *testing.T) {
 	fromOrigin = origin.Sent.Load()
 	recvB0, recvC0 := b.Metric(t, "peerd_p2p_received_bytes_total"), c.Metric(t, "peerd_p2p_received_bytes_total")
 	servB0, servC0 := b.Metric(t, "peerd_p2p_served_bytes_total"), c.Metric(t, "peerd_p2p_served_bytes_total")
+	// How B and C noticed A's loss: a dial or read of A that failed or
+	// stalled, or a transfer resumed from another provider. (Hedges and
+	// not_found answers happen without any loss, so they do not count.)
+	lossSignals := func() float64 {
+		sum := 0.0
+		for _, n := range []*p2pNode{b, c} {
+			for _, kind := range []string{"dial", "read", "timeout"} {
+				sum += n.Metric(t, "peerd_p2p_peer_errors_total", "kind="+kind)
+			}
+			sum += n.Metric(t, "peerd_p2p_resumed_transfers_total")
+		}
+		return sum
+	}
+	loss0 := lossSignals()
 	quarter := make(chan struct{}, 2)
 	type result struct {
 		name string
@@ -212,10 +226,29 @@ func TestP2PThreeNodesShareABlob(t *testing.T) {
 	// What each got from A: what it received minus what the other served.
 	fromAB := b.Metric(t, "peerd_p2p_received_bytes_total") - recvB0 - (c.Metric(t, "peerd_p2p_served_bytes_total") - servC0)
 	fromAC := c.Metric(t, "peerd_p2p_received_bytes_total") - recvC0 - (b.Metric(t, "peerd_p2p_served_bytes_total") - servB0)
-	if extra := origin.Sent.Load() - fromOrigin; float64(extra) < size-max(fromAB, fromAC)-(1<<20) {
+	// The bound below means something only if A died while both still
+	// needed it: each got from A between nothing and less than the blob
+	// (a chunk of slack). A count outside that is a broken measurement,
+	// and a bound at or below zero would pass whatever the origin sent.
+	for _, got := range []struct {
+		name string
+		n    float64
+	}{{b.Name, fromAB}, {c.Name, fromAC}} {
+		if got.n < 0 || got.n > size-(1<<20) {
+			t.Fatalf("%s got %.0f bytes of blob 2 from A, want 0..%d: A did not die mid-way, or the byte counts are wrong", got.name, got.n, size-(1<<20))
+		}
+	}
+	need := size - max(fromAB, fromAC) - (1 << 20)
+	if extra := origin.Sent.Load() - fromOrigin; float64(extra) < need {
 		t.Errorf("after A died the origin sent only %d bytes of blob 2, B got %.0f and C %.0f from A; who served the rest?", extra, fromAB, fromAC)
 	}
-	t.Logf("blob 2 after A died: origin sent %d bytes, B got %.0f and C %.0f from A", origin.Sent.Load()-fromOrigin, fromAB, fromAC)
+	// The readers noticed A's loss (a failed dial or read of A, or a
+	// resume) rather than, say, having had blob 2 whole before it died.
+	if n := lossSignals() - loss0; n < 1 {
+		t.Errorf("B and C finished blob 2 after A died without a failed dial or read of a peer, or a resume")
+	}
+	t.Logf("blob 2 after A died: origin sent %d bytes, B got %.0f and C %.0f from A; failed peer dials/reads + resumes on B and C: %.0f",
+		origin.Sent.Load()-fromOrigin, fromAB, fromAC, lossSignals()-loss0)
 
 	// C reads the first blob: A is dead, B holds it verified.
 	fromOrigin = origin.Sent.Load()
