@@ -187,25 +187,26 @@ func TestSourceNegativeResultIsCachedPerBlob(t *testing.T) {
 }
 
 func TestSourceRetriesOnlyALookupThatTimedOut(t *testing.T) {
-	s, f, _, _ := setup(t)
-	f.delay = 50 * time.Millisecond // longer than the 20ms resolve timeout
-	if _, _, err := readAll(t, s, 0, 1<<20); !errors.Is(err, blob.ErrNotFound) {
-		t.Fatalf("%v, want ErrNotFound", err)
-	}
-	// The lookup plus --resolve-retries (1) for the reader...
-	if n := f.calls.Load(); n < 2 {
-		t.Fatalf("%d lookups, want 2 (a timed-out lookup is tried again)", n)
-	}
-	// ...then, both tries having run out of time, one late lookup in the
-	// background, and no more.
-	deadline := time.Now().Add(5 * time.Second)
-	for f.calls.Load() < 3 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
-	time.Sleep(100 * time.Millisecond)
-	if n := f.calls.Load(); n != 3 {
-		t.Fatalf("%d lookups, want 3 (two tries, then one late lookup)", n)
-	}
+	// On a synctest clock the 50 ms finder always outlasts the 20 ms bound,
+	// however loaded the machine (on the wall clock a slow scheduler could
+	// make either side win).
+	synctest.Test(t, func(t *testing.T) {
+		s, f, _, _ := setup(t)
+		f.delay = 50 * time.Millisecond // longer than the 20ms resolve timeout
+		if _, _, err := readAll(t, s, 0, 1<<20); !errors.Is(err, blob.ErrNotFound) {
+			t.Fatalf("%v, want ErrNotFound", err)
+		}
+		// The lookup plus --resolve-retries (1) for the reader...
+		if n := f.calls.Load(); n < 2 {
+			t.Fatalf("%d lookups, want 2 (a timed-out lookup is tried again)", n)
+		}
+		// ...then, both tries having run out of time, one late lookup in the
+		// background, and no more.
+		time.Sleep(time.Minute) // on the bubble's clock: the late lookup has ended
+		if n := f.calls.Load(); n != 3 {
+			t.Fatalf("%d lookups, want 3 (two tries, then one late lookup)", n)
+		}
+	})
 }
 
 func TestSourceConcurrentCallersShareOneLookup(t *testing.T) {
