@@ -15,6 +15,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -23,6 +24,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/serializer/json"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
@@ -217,12 +219,14 @@ func TestHelmChart(t *testing.T) {
 			objs := renderChart(t, values)
 			t.Logf("rendered %v", kinds(objs))
 			checkPeerdArgs(t, objs)
+			checkMonitors(t, objs)
 			for _, o := range objs {
 				gvk := o.u.GroupVersionKind()
 				m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
 				if err != nil {
 					if gvk.Group == "monitoring.coreos.com" {
-						// No Prometheus Operator CRDs here: checked for shape above only.
+						// No Prometheus Operator CRDs on this API server:
+						// checkMonitors (below) checks these objects' shape.
 						continue
 					}
 					t.Fatalf("%s: the API server does not serve %s: %v", o.source, gvk, err)
@@ -328,6 +332,18 @@ func TestHelmChartShape(t *testing.T) {
 		t.Errorf("cleanup init container %v does not run containerd-config --remove", inits)
 	}
 	find(t, objs, "Job", "peerd-cleanup-wait")
+	if k := kinds(objs); k["ServiceMonitor"]+k["PodMonitor"] != 0 {
+		t.Errorf("the default chart renders Prometheus Operator objects: %v", k)
+	}
+
+	// With monitoring on, both monitors render and point at peerd's metrics.
+	mon := renderChart(t, "http: {bindAddress: 0.0.0.0}\nmonitoring: {serviceMonitor: {enabled: true, labels: {release: prom}}, podMonitor: {enabled: true}}\n")
+	if n := checkMonitors(t, mon); n != 2 {
+		t.Errorf("checked %d monitors, want a ServiceMonitor and a PodMonitor", n)
+	}
+	if l := find(t, mon, "ServiceMonitor", "peerd").u.GetLabels()["release"]; l != "prom" {
+		t.Errorf("ServiceMonitor label release=%q, want prom (from monitoring.serviceMonitor.labels)", l)
+	}
 
 	// Bad values fail to render, with a reason.
 	for values, want := range map[string]string{
@@ -350,6 +366,149 @@ func TestHelmChartShape(t *testing.T) {
 			t.Errorf("values %q: err %v, want a failure naming %q", values, err, want)
 		}
 	}
+}
+
+// The Prometheus Operator's monitoring.coreos.com/v1 fields the chart uses;
+// decoding rejects any other, as the operator's CRD schema would.
+type monitorSpec struct {
+	Selector          metav1.LabelSelector `json:"selector"`
+	NamespaceSelector struct {
+		Any        bool     `json:"any,omitempty"`
+		MatchNames []string `json:"matchNames,omitempty"`
+	} `json:"namespaceSelector"`
+	Endpoints           []monitorEndpoint `json:"endpoints,omitempty"`           // ServiceMonitor
+	PodMetricsEndpoints []monitorEndpoint `json:"podMetricsEndpoints,omitempty"` // PodMonitor
+}
+
+type monitorEndpoint struct {
+	Port     string `json:"port"`
+	Path     string `json:"path"`
+	Interval string `json:"interval,omitempty"`
+	Scheme   string `json:"scheme,omitempty"`
+}
+
+// checkMonitors checks every ServiceMonitor and PodMonitor in objs against
+// the objects they must select: the ServiceMonitor selects the peerd
+// Service in its namespace and scrapes a Service port that leads to the
+// container's HTTP port; the PodMonitor selects the DaemonSet's pods and
+// scrapes that container port; both scrape the path peerd serves metrics on
+// (asked of a running peerd). It returns how many monitors it checked.
+func checkMonitors(t *testing.T, objs []rendered) int {
+	t.Helper()
+	var monitors []rendered
+	for _, o := range objs {
+		if o.u.GroupVersionKind().Group == "monitoring.coreos.com" {
+			monitors = append(monitors, o)
+		}
+	}
+	if len(monitors) == 0 {
+		return 0
+	}
+	ds := find(t, objs, "DaemonSet", "peerd").obj.(*appsv1.DaemonSet)
+	var svc *corev1.Service
+	for _, o := range objs {
+		if s, ok := o.obj.(*corev1.Service); ok {
+			svc = s
+		}
+	}
+	if svc == nil {
+		t.Fatal("monitors rendered without a Service to select")
+	}
+	// The container's HTTP port is the one --http-addr listens on.
+	var httpPort corev1.ContainerPort
+	c := ds.Spec.Template.Spec.Containers[0]
+	for _, p := range c.Ports {
+		if slices.ContainsFunc(c.Args, func(a string) bool {
+			return strings.HasPrefix(a, "--http-addr=") && strings.HasSuffix(a, fmt.Sprintf(":%d", p.ContainerPort))
+		}) {
+			httpPort = p
+		}
+	}
+	if httpPort.Name == "" {
+		t.Fatalf("no named container port is peerd's --http-addr port (ports %v, args %v)", c.Ports, c.Args)
+	}
+	metricsPath := servedMetricsPath(t)
+	for _, o := range monitors {
+		if o.u.GroupVersionKind().Version != "v1" {
+			t.Errorf("%s: %s, want monitoring.coreos.com/v1", o.source, o.u.GetAPIVersion())
+		}
+		raw, _ := stdjson.Marshal(o.u.Object["spec"])
+		dec := stdjson.NewDecoder(bytes.NewReader(raw))
+		dec.DisallowUnknownFields()
+		var spec monitorSpec
+		if err := dec.Decode(&spec); err != nil {
+			t.Errorf("%s: %s spec has a field the operator does not know: %v", o.source, o.u.GetKind(), err)
+			continue
+		}
+		if o.u.GetNamespace() != "peerd" || !slices.Equal(spec.NamespaceSelector.MatchNames, []string{"peerd"}) {
+			t.Errorf("%s: namespace %q, namespaceSelector %v: want peerd", o.source, o.u.GetNamespace(), spec.NamespaceSelector.MatchNames)
+		}
+		sel, err := metav1.LabelSelectorAsSelector(&spec.Selector)
+		if err != nil || sel.Empty() {
+			t.Errorf("%s: selector %v: %v (an empty one selects everything)", o.source, spec.Selector, err)
+			continue
+		}
+		var eps []monitorEndpoint
+		switch o.u.GetKind() {
+		case "ServiceMonitor":
+			eps = spec.Endpoints
+			if !sel.Matches(labels.Set(svc.Labels)) {
+				t.Errorf("%s: selector %v does not select Service %s (labels %v)", o.source, spec.Selector, svc.Name, svc.Labels)
+			}
+			for _, ep := range eps {
+				i := slices.IndexFunc(svc.Spec.Ports, func(p corev1.ServicePort) bool { return p.Name == ep.Port })
+				if i < 0 {
+					t.Errorf("%s: endpoint port %q is not a port of Service %s", o.source, ep.Port, svc.Name)
+				} else if tp := svc.Spec.Ports[i].TargetPort.String(); tp != httpPort.Name && tp != fmt.Sprint(httpPort.ContainerPort) {
+					t.Errorf("%s: Service port %q leads to %s, not peerd's HTTP port %s", o.source, ep.Port, tp, httpPort.Name)
+				}
+			}
+		case "PodMonitor":
+			eps = spec.PodMetricsEndpoints
+			if !sel.Matches(labels.Set(ds.Spec.Template.Labels)) {
+				t.Errorf("%s: selector %v does not select the DaemonSet's pods (labels %v)", o.source, spec.Selector, ds.Spec.Template.Labels)
+			}
+			for _, ep := range eps {
+				if ep.Port != httpPort.Name {
+					t.Errorf("%s: endpoint port %q, want peerd's HTTP container port %q", o.source, ep.Port, httpPort.Name)
+				}
+			}
+		default:
+			t.Errorf("%s: unexpected %s", o.source, o.u.GetKind())
+		}
+		if len(eps) != 1 {
+			t.Errorf("%s: %d endpoints, want 1", o.source, len(eps))
+		}
+		for _, ep := range eps {
+			if ep.Path != metricsPath {
+				t.Errorf("%s: scrapes %q, peerd serves its metrics at %q", o.source, ep.Path, metricsPath)
+			}
+		}
+	}
+	return len(monitors)
+}
+
+var metricsPathOnce struct {
+	sync.Once
+	path string
+}
+
+// servedMetricsPath asks a running peerd where its Prometheus metrics are.
+func servedMetricsPath(t *testing.T) string {
+	t.Helper()
+	metricsPathOnce.Do(func() {
+		n := StartNode(t, NodeOpts{})
+		for _, p := range []string{"/metrics/prometheus", "/metrics"} {
+			if code, _, body := Get(t, "GET", n.URL(p), nil); code == 200 && bytes.Contains(body, []byte("# TYPE peerd_")) {
+				metricsPathOnce.path = p
+				return
+			}
+		}
+	})
+	if metricsPathOnce.path == "" {
+		t.Fatal("a running peerd serves no Prometheus text with peerd_ metrics at /metrics/prometheus or /metrics")
+	}
+	return metricsPathOnce.path
 }
 
 func checkDefaultDaemonSet(t *testing.T, d rendered) {
