@@ -181,7 +181,7 @@ func kernelGrantsPassthrough(f *FS) (bool, string) {
 
 func needFUSE(t testing.TB) {
 	t.Helper()
-	testenv.NeedFile(t, "/dev/fuse", "modprobe fuse and apt-get install fuse3; tools/test-setup.sh does as root")
+	testenv.NeedFUSE(t)
 }
 
 type testMount struct {

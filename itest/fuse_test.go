@@ -18,7 +18,7 @@ import (
 
 func fuseNeedDevice(t *testing.T) {
 	t.Helper()
-	testenv.NeedFile(t, "/dev/fuse", "modprobe fuse and apt-get install fuse3; tools/test-setup.sh does as root")
+	testenv.NeedFUSE(t)
 }
 
 // fuseMounted reports whether a peerd FUSE filesystem is mounted at mp.

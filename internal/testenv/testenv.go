@@ -62,3 +62,18 @@ func NeedFile(t testing.TB, path, how string) {
 		Missing(t, path+": "+err.Error(), how)
 	}
 }
+
+// NeedFUSE skips (or fails under CI) unless this process can mount a FUSE
+// filesystem: /dev/fuse opens for reading and writing, and a user other
+// than root has fusermount3 (fuse3) to mount with.
+func NeedFUSE(t testing.TB) {
+	t.Helper()
+	f, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0)
+	if err != nil {
+		Missing(t, "a usable /dev/fuse: "+err.Error(), "modprobe fuse and run as root; tools/test-setup.sh loads the module")
+	}
+	f.Close()
+	if os.Geteuid() != 0 {
+		LookPath(t, "fusermount3", "fuse3")
+	}
+}
