@@ -23,12 +23,12 @@ func TestE2E(t *testing.T) {
 	// loss last: the peers that saw node 1 die avoid it for a while after
 	// it restarts (p2p's failure penalty, up to 2 minutes), which would
 	// turn any later scenario seeded by node 1 into a test of that penalty.
-	t.Run("3-streaming", c.streaming)
-	t.Run("1-staggered", c.staggered)
-	t.Run("2-cold-burst", c.coldBurst)
-	t.Run("4-fuse", c.fuse)
-	t.Run("6-registry-down", c.registryDown)
-	t.Run("5-node-loss", c.nodeLoss)
+	c.run(t, "3-streaming", c.streaming)
+	c.run(t, "1-staggered", c.staggered)
+	c.run(t, "2-cold-burst", c.coldBurst)
+	c.run(t, "4-fuse", c.fuse)
+	c.run(t, "6-registry-down", c.registryDown)
+	c.run(t, "5-node-loss", c.nodeLoss)
 }
 
 func (c *cluster) need(t *testing.T, parts ...string) {
