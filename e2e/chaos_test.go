@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -307,14 +308,17 @@ func (c *cluster) registryFlap(t *testing.T) {
 	}
 	egress := c.egress() - e0
 	var retryMax time.Duration
-	for _, d := range rds {
-		retryMax = max(retryMax, d)
+	total := append([]time.Duration(nil), ds...)
+	for k, n := range failed {
+		retryMax = max(retryMax, rds[k])
+		total[n.i-1] += rds[k]
 	}
+	p50, mx := stats(total)
 	note := fmt.Sprintf("registry restarted %d times during the burst; %d of %d pulls failed then", flaps, len(failed), len(c.nodes))
 	if len(reasons) > 0 {
 		note += " (" + reasons[0] + ")"
 	}
-	c.report(row{scenario: "c3-registry-flap", nodes: len(c.nodes), size: im.size, egress: egress, note: note})
+	c.report(row{scenario: "c3-registry-flap", nodes: len(c.nodes), size: im.size, p50: p50, max: mx, egress: egress, note: note + "; p50/max: until each node held the image"})
 	reliability.Record(t, reliability.Row{Area: "chaos",
 		Case:    fmt.Sprintf("registry stopped and restarted %d times during a cold burst of %d nodes", flaps, len(c.nodes)),
 		Outcome: "each pull completed or failed with an error, none hung; all completed once it stayed up",
@@ -367,6 +371,7 @@ func (c *cluster) slowPeer(t *testing.T) {
 	readers := c.nodes[2:]
 	e0 := c.egress()
 	sv0, _ := c.metric(slow, "peerd_p2p_served_bytes_total", "")
+	w0 := txBytes(t, slow.ns)
 	h0 := c.sumMetric(readers, "peerd_p2p_hedged_requests_total", "")
 	r0 := c.sumMetric(readers, "peerd_p2p_resumed_transfers_total", "")
 	ds, err := c.readAll(ctx, readers, url, digest)
@@ -374,6 +379,7 @@ func (c *cluster) slowPeer(t *testing.T) {
 	if err != nil {
 		t.Fatalf("readers with %s answering at 1 KiB/s (it served %s meanwhile): %v", slow.name(), human(int64(sv1-sv0)), err)
 	}
+	wire := txBytes(t, slow.ns) - w0
 	hedges := c.sumMetric(readers, "peerd_p2p_hedged_requests_total", "") - h0
 	resumes := c.sumMetric(readers, "peerd_p2p_resumed_transfers_total", "") - r0
 	p50, mx := stats(ds)
@@ -384,8 +390,22 @@ func (c *cluster) slowPeer(t *testing.T) {
 	reliability.Record(t, reliability.Row{Area: "chaos",
 		Case:    fmt.Sprintf("one of 2 holders answers at 1 KiB/s while %d nodes read a %s file", len(readers), human(size)),
 		Outcome: "every read completed with the right bytes, hedged away from the slow peer",
-		Figure: fmt.Sprintf("slowest read %v; %s came from the slow node; %d hedged, %d resumed requests",
-			mx.Round(10*time.Millisecond), human(int64(sv1-sv0)), int(hedges), int(resumes))})
+		Figure: fmt.Sprintf("slowest read %v; the slow node sent %s on its link meanwhile; %d hedged, %d resumed requests",
+			mx.Round(10*time.Millisecond), human(wire), int(hedges), int(resumes))})
+}
+
+// txBytes is what a namespace's eth0 has sent, headers included.
+func txBytes(t *testing.T, ns string) int64 {
+	t.Helper()
+	out, err := sh(context.Background(), nsExec(ns, "cat", "/sys/class/net/eth0/statistics/tx_bytes")...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := strconv.ParseInt(strings.TrimSpace(out), 10, 64)
+	if err != nil {
+		t.Fatalf("tx_bytes of %s: %q: %v", ns, out, err)
+	}
+	return v
 }
 
 // restartPeerd stops a node's peerd, runs between (with peerd stopped), and
@@ -447,7 +467,7 @@ func (c *cluster) diskFull(t *testing.T) {
 	ds, perr := c.pullAll(ctx, []*node{x}, im.ref)
 	rd, rerr := c.readChecked(ctx, x, url, digest)
 	if err := errors.Join(perr, rerr); err != nil {
-		t.Fatalf("%s with a %s cache file system: %v\n%s's log:\n%s", x.name(), human(small), err, x.name(), grepLog(x.peerd.log, "space", 10))
+		t.Fatalf("%s with a %s cache file system: pull: %v; /blobs/ read: %v\n%s's log:\n%s", x.name(), human(small), errText(perr), errText(rerr), x.name(), grepLog(x.peerd.log, "space", 10))
 	}
 	egress := c.egress() - e0
 	c.report(row{scenario: "c5-disk-full", nodes: 2, size: im.size, p50: ds[0], max: rd, egress: egress,
@@ -456,6 +476,13 @@ func (c *cluster) diskFull(t *testing.T) {
 		Case:    fmt.Sprintf("a node's cache disk (%s) fills mid-pull", human(small)),
 		Outcome: "the pull and a /blobs/ read larger than the disk completed with the right bytes",
 		Figure:  fmt.Sprintf("pulled %s in %v, read %s in %v", human(im.size), ds[0].Round(10*time.Millisecond), human(c.cfg.ImageSize), rd.Round(10*time.Millisecond))})
+}
+
+func errText(err error) string {
+	if err == nil {
+		return "ok"
+	}
+	return err.Error()
 }
 
 // grepLog is the last max lines of a log that contain substr.
@@ -519,7 +546,7 @@ func (c *cluster) bitFlip(t *testing.T) {
 		took = append(took, d)
 	}
 	if err := errors.Join(errs...); err != nil {
-		t.Fatalf("after flipping byte %d of %s's cached copy: %v", off, x.name(), err)
+		t.Fatalf("after flipping byte %d of %s's cached copy: %s's read: %s; %s's read: %s", off, x.name(), x.name(), errText(errs[0]), other.name(), errText(errs[1]))
 	}
 	c.report(row{scenario: "c6-bit-flip", nodes: 2, size: size, p50: took[0], max: took[1],
 		note: fmt.Sprintf("byte %d of %s's cached copy flipped while stopped; %s (p50) and %s (max) read it right", off, x.name(), x.name(), other.name())})

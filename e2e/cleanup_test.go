@@ -18,11 +18,30 @@ import (
 // earlier scenarios fill the disk of a large run.
 func (c *cluster) run(t *testing.T, name string, f func(*testing.T)) {
 	t.Helper()
+	// The peak matters, not the end: a scenario removes its own images.
+	stop, peakc := make(chan struct{}), make(chan diskUsage, 1)
+	go func() {
+		var peak diskUsage
+		for {
+			if d := c.diskUse(); d.total() > peak.total() {
+				peak = d
+			}
+			select {
+			case <-stop:
+				peakc <- peak
+				return
+			case <-time.After(500 * time.Millisecond):
+			}
+		}
+	}()
 	t.Run(name, f)
-	before := c.diskUse()
+	close(stop)
+	peak := <-peakc
+	end := c.diskUse()
 	c.resetImages()
 	after := c.diskUse()
-	fmt.Printf("e2e: disk after %s: %s; after cleanup: %s\n", name, before, after)
+	fmt.Printf("e2e: disk during %s: peak %s (%s); at its end %s (%s); after cleanup %s (%s)\n",
+		name, human(peak.total()), peak, human(end.total()), end, human(after.total()), after)
 }
 
 // resetImages removes every image, content blob and snapshot from each
@@ -81,6 +100,8 @@ type diskUsage struct {
 	registry, containerd, peerd, other, free int64
 	took                                     time.Duration
 }
+
+func (d diskUsage) total() int64 { return d.registry + d.containerd + d.peerd + d.other }
 
 func (d diskUsage) String() string {
 	return fmt.Sprintf("registry %s, containerd %s, peerd %s, other %s (free %s; measured in %v)",
