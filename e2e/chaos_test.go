@@ -385,8 +385,9 @@ func (c *cluster) slowPeer(t *testing.T) {
 	p50, mx := stats(ds)
 	egress := c.egress() - e0
 	c.report(row{scenario: "c4-slow-peer", nodes: len(c.nodes), size: size, p50: p50, max: mx, egress: egress,
-		peerServed: int64(sv1 - sv0),
-		note:       fmt.Sprintf("%s at 1 KiB/s served %s (peer-served); readers hedged %d, resumed %d requests", slow.name(), human(int64(sv1-sv0)), int(hedges), int(resumes))})
+		peerServed: wire,
+		note: fmt.Sprintf("%s at 1 KiB/s sent %s on its link (peer-served), after handing %s to its sockets; readers hedged %d, resumed %d requests",
+			slow.name(), human(wire), human(int64(sv1-sv0)), int(hedges), int(resumes))})
 	reliability.Record(t, reliability.Row{Area: "chaos",
 		Case:    fmt.Sprintf("one of 2 holders answers at 1 KiB/s while %d nodes read a %s file", len(readers), human(size)),
 		Outcome: "every read completed with the right bytes, hedged away from the slow peer",

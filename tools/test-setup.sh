@@ -21,7 +21,9 @@ packages=(
   "docker-registry:the registry of the containerd tests and e2e"
   "etcd-server:etcd under kube-apiserver (itest TestK8s*, TestHelmChart, TestHelmUninstallHookWait)"
   "iproute2:ip and tc for e2e's network namespaces"
-  "util-linux:nsenter for e2e"
+  "util-linux:nsenter for e2e, losetup for itest TestPowerCutMidFill"
+  "e2fsprogs:mkfs.ext4 for itest TestPowerCutMidFill"
+  "nftables:nft for e2e TestChaos (packet loss, partitions)"
   "make:the build"
   "git:the version stamp"
 )
