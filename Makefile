@@ -63,6 +63,7 @@ fuzz: ## run every fuzz target for FUZZTIME each (default 30s); logs and a summa
 	if [ -n "$$failed" ]; then echo "fuzz failures:$$failed (the failing input is under <pkg>/testdata/fuzz/)"; exit 1; fi
 
 e2e: build ## multi-node scenarios in network namespaces (root); knobs in e2e/README.md (E2E_SIZE=large: 8 nodes, 1 GiB)
+	bash tools/test-setup.sh
 	mkdir -p bin && PEERD_RELIABILITY_OUT=$(RELIABILITY_ROWS) E2E=1 E2E_PEERD=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 60m -v ./e2e/...
 
 bench: build ## one table of speed, cost and scale next to same-run baselines (BENCH_QUICK=1, BENCH_CLUSTER=1; bench/README.md)
