@@ -12,6 +12,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -51,7 +53,14 @@ const (
 	// maxServes bounds the transfers a node serves at once; past it askers
 	// get 503 at once and move on to another provider rather than queue.
 	maxServes = 128
+	// maxPeerHeaderBytes bounds a peer request's header block.
+	maxPeerHeaderBytes = 8 << 10
 )
+
+// ErrRangeNotSatisfiable is a peer's 416: the range starts at or past the
+// blob's end. Every provider would answer the same, so the asker stops
+// rather than trying (and blaming) the others.
+var ErrRangeNotSatisfiable = errors.New("range not satisfiable")
 
 var errNotMember = errors.New("peer is not a connected member of the cluster")
 
@@ -149,9 +158,13 @@ func newDataServer(n *Node, addr string, stores []LocalStore) (*dataServer, erro
 	s.srv = &http.Server{
 		Handler:           s,
 		ReadHeaderTimeout: 5 * time.Second,
-		WriteTimeout:      2 * time.Minute,
-		IdleTimeout:       2 * time.Minute,
-		TLSNextProto:      map[string]func(*http.Server, *tls.Conn, http.Handler){}, // HTTP/1.1 only
+		// Peers send a request line and four short headers; a larger
+		// header block gets 431 rather than a megabyte buffered per
+		// connection.
+		MaxHeaderBytes: maxPeerHeaderBytes,
+		WriteTimeout:   2 * time.Minute,
+		IdleTimeout:    2 * time.Minute,
+		TLSNextProto:   map[string]func(*http.Server, *tls.Conn, http.Handler){}, // HTTP/1.1 only
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			cp := &connPeer{}
 			if tc, ok := c.(*tls.Conn); ok {
@@ -296,6 +309,10 @@ func (s *dataServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, from, errNotMember)
 		return
 	}
+	// Header names only, never values: an operator (and a test) can see
+	// that nothing but the peer protocol's headers arrives.
+	s.n.log.Debug("peer data-plane request", "peer", from.String(), "method", r.Method,
+		"path", truncatePath(r.URL.Path), "headers", headerNames(r.Header))
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
 		s.n.m.serveRequests.WithLabelValues("bad_request").Inc()
@@ -347,6 +364,15 @@ func (s *dataServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			s.n.m.serveRequests.WithLabelValues("error").Inc()
 			s.n.log.Warn("open local blob for peer", "key", k, "peer", from.String(), "err", err)
 			http.Error(w, "local store error", http.StatusInternalServerError)
+			return
+		}
+		// A range starting at or past the end is unsatisfiable (RFC 9110
+		// 14.1.1); the one exception is the whole of an empty blob.
+		if off >= size && !(off == 0 && size == 0) {
+			rc.Close()
+			s.n.m.serveRequests.WithLabelValues("bad_request").Inc()
+			w.Header().Set("Content-Range", fmt.Sprintf("bytes */%d", size))
+			http.Error(w, "range not satisfiable", http.StatusRequestedRangeNotSatisfiable)
 			return
 		}
 		s.send(w, r, rc, k, from, off, n, size, cp.batch)
@@ -553,6 +579,16 @@ func parsePeerRange(h string) (off, n int64, err error) {
 	return off, end - off + 1, nil
 }
 
+// headerNames lists a request's header names, sorted, for the debug log.
+func headerNames(h http.Header) string {
+	names := make([]string, 0, len(h))
+	for name := range h {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	return strings.Join(names, ",")
+}
+
 func truncatePath(p string) string {
 	if len(p) > 120 {
 		return p[:120] + "..."
@@ -707,22 +743,50 @@ func (c *dataClient) askAddr(ctx context.Context, p peer.ID) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("read data-plane address: %w", err)
 	}
-	host, port, err := net.SplitHostPort(strings.TrimSpace(line))
-	if err != nil {
-		return "", fmt.Errorf("peer sent bad data-plane address %q", strings.TrimSpace(line))
+	var remote net.IP
+	if ip, err := manet.ToIP(st.Conn().RemoteMultiaddr()); err == nil {
+		remote = ip
 	}
-	if pn, err := strconv.Atoi(port); err != nil || pn < 1 || pn > 65535 {
+	return peerDataAddr(line, remote)
+}
+
+// peerDataAddr checks the data-plane address a peer sent ("ip:port", or
+// ":port" for the IP we reached it on, remote). Only a literal IP is taken:
+// a name would make this node resolve and dial whatever a peer says. Nor
+// are addresses no peer listens on taken (unspecified, multicast,
+// broadcast, link-local, which holds the cloud metadata services), so a
+// peer cannot point this node's requests at them.
+func peerDataAddr(line string, remote net.IP) (string, error) {
+	line = strings.TrimSpace(line)
+	host, port, err := net.SplitHostPort(line)
+	if err != nil {
+		return "", fmt.Errorf("peer sent bad data-plane address %q", line)
+	}
+	if pn, err := strconv.Atoi(port); err != nil || pn < 1 || pn > 65535 || strconv.Itoa(pn) != port {
 		return "", fmt.Errorf("peer sent bad data-plane port %q", port)
 	}
+	var ip netip.Addr
 	if host == "" {
-		ip, err := manet.ToIP(st.Conn().RemoteMultiaddr())
-		if err != nil {
-			return "", fmt.Errorf("peer data-plane address: %w", err)
+		a, ok := netip.AddrFromSlice(remote)
+		if !ok {
+			return "", errors.New("peer data-plane address: no IP for the peer's connection")
 		}
-		host = ip.String()
+		ip = a
+	} else if ip, err = netip.ParseAddr(host); err != nil || ip.Zone() != "" {
+		return "", fmt.Errorf("peer sent data-plane host %q: want an IP address", host)
 	}
-	return net.JoinHostPort(host, port), nil
+	ip = ip.Unmap()
+	if ip.IsUnspecified() || ip.IsMulticast() || ip.IsLinkLocalUnicast() ||
+		ip == netip.AddrFrom4([4]byte{255, 255, 255, 255}) ||
+		ip == awsMetadataV6 {
+		return "", fmt.Errorf("peer sent data-plane address %s: not an address a peer listens on", ip)
+	}
+	return net.JoinHostPort(ip.String(), port), nil
 }
+
+// awsMetadataV6 is a cloud metadata service's IPv6 address, which is not
+// link-local.
+var awsMetadataV6 = netip.MustParseAddr("fd00:ec2::254")
 
 // GetRange reads bytes [off, off+n) of k from peer ai. It returns the body
 // and the blob's total size; a peer that does not hold the bytes yields an
@@ -756,6 +820,11 @@ func (c *dataClient) GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key,
 		resp.Body.Close()
 		c.n.m.peerErrors.WithLabelValues("not_found").Inc()
 		return nil, -1, fmt.Errorf("peer %s does not hold %s: %w", ai.ID, k, blob.ErrNotFound)
+	case http.StatusRequestedRangeNotSatisfiable:
+		io.Copy(io.Discard, io.LimitReader(resp.Body, 4096))
+		resp.Body.Close()
+		c.n.m.peerErrors.WithLabelValues("status").Inc()
+		return nil, -1, fmt.Errorf("peer %s: %s offset %d (%s): %w", ai.ID, k, off, resp.Header.Get("Content-Range"), ErrRangeNotSatisfiable)
 	default:
 		io.Copy(io.Discard, io.LimitReader(resp.Body, 4096))
 		resp.Body.Close()

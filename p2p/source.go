@@ -650,6 +650,15 @@ func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, k blob.Key, 
 				return r, slices.Clone(ps[next:]), nil
 			}
 			r.cancel()
+			if errors.Is(r.err, ErrRangeNotSatisfiable) {
+				// The asker's range is past the end: no provider can
+				// serve it and this one is not at fault.
+				for _, c := range cancels {
+					c()
+				}
+				drain(inflight)
+				return nil, nil, fmt.Errorf("%s range %d+%d: %w", k, off, n, r.err)
+			}
 			if ctx.Err() == nil {
 				s.log.Debug("peer fetch failed; trying the next provider", "key", k, "peer", r.p.ID.String(), "off", off, "err", r.err)
 			}

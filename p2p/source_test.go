@@ -68,7 +68,8 @@ type fakeGetter struct {
 	data []byte
 	mu   sync.Mutex
 	log  []call
-	// behave decides per peer: "ok", "err", "notfound", "slow", "break" (half then error).
+	// behave decides per peer: "ok", "err", "notfound", "slow", "break"
+	// (half then error), "past-end" (416 for an offset at or past the end).
 	behave map[peer.ID]string
 	// cancelled records attempts whose context ended.
 	cancelled atomic.Int32
@@ -86,6 +87,10 @@ func (g *fakeGetter) GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key,
 		return nil, -1, errors.New("connection refused")
 	case "notfound":
 		return nil, -1, fmt.Errorf("not held: %w", blob.ErrNotFound)
+	case "past-end":
+		if off >= size {
+			return nil, -1, fmt.Errorf("peer %s: %w", ai.ID, ErrRangeNotSatisfiable)
+		}
 	case "slow":
 		select {
 		case <-ctx.Done():
