@@ -9,7 +9,9 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/peerd-project/peerd/blob"
@@ -223,4 +225,76 @@ func TestPeerDataAddrTakesOnlyUsableIPs(t *testing.T) {
 		Case:    "a peer answers its data-plane address with a host name, a metadata/link-local, unspecified or multicast IP",
 		Outcome: "refused before any lookup or connection; only literal unicast IP:port is dialled",
 		Figure:  fmt.Sprintf("%q; %q", err, err2)})
+}
+
+// blockingReader holds a transfer open until release is closed.
+type blockingReader struct{ release chan struct{} }
+
+func (r blockingReader) Read(p []byte) (int, error) {
+	<-r.release
+	return 0, io.EOF
+}
+
+// One peer asking for more transfers than the server has slots gets 503 +
+// Retry-After at once for the extra ones (never a queue or a hang), and the
+// slots come back when the transfers end.
+func TestPeerServerRefusesTransfersBeyondItsSlots(t *testing.T) {
+	a, _, pc := peerPair(t)
+	release := make(chan struct{})
+	var opened sync.WaitGroup
+	opened.Add(maxServes)
+	blocked := blob.Key("sha256:" + strings.Repeat("ab", 32))
+	a.AddStore(LocalStoreFunc(func(k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+		if k != blocked {
+			return nil, -1, blob.ErrNotFound
+		}
+		opened.Done()
+		return io.NopCloser(blockingReader{release}), 1 << 20, nil
+	}))
+	type result struct {
+		code int
+		err  error
+	}
+	results := make(chan result, maxServes)
+	for range maxServes {
+		go func() {
+			resp, err := pc.client.Get("https://" + pc.addr + "/blobs/" + string(blocked))
+			if err != nil {
+				results <- result{0, err}
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			results <- result{resp.StatusCode, nil}
+		}()
+	}
+	done := make(chan struct{})
+	go func() { opened.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		close(release)
+		t.Fatal("the server did not start maxServes transfers")
+	}
+	// Every slot is taken: one more gets 503 at once.
+	data := []byte("small blob")
+	k := a.store.put(data)
+	extra := peerGet(t, pc, "/blobs/"+string(k), map[string]string{"Range": "bytes=0-3"})
+	close(release)
+	if extra.code != http.StatusServiceUnavailable {
+		t.Fatalf("request %d with all slots busy: status %d, want 503", maxServes+1, extra.code)
+	}
+	for range maxServes {
+		select {
+		case r := <-results:
+			if r.err != nil || r.code != http.StatusPartialContent {
+				t.Fatalf("a blocked transfer ended with %d, %v", r.code, r.err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatal("blocked transfers did not end after release")
+		}
+	}
+	if got := peerGet(t, pc, "/blobs/"+string(k), map[string]string{"Range": "bytes=0-3"}); got.code != 206 || got.length != 4 {
+		t.Fatalf("after the transfers ended: %+v", got)
+	}
 }
