@@ -53,7 +53,9 @@ const (
 	// maxServes bounds the transfers a node serves at once; past it askers
 	// get 503 at once and move on to another provider rather than queue.
 	maxServes = 128
-	// maxPeerHeaderBytes bounds a peer request's header block.
+	// maxPeerHeaderBytes bounds a peer request's header block: peers send
+	// a request line and a few short headers, and a larger block gets 431
+	// rather than up to a megabyte buffered per connection.
 	maxPeerHeaderBytes = 8 << 10
 )
 
@@ -158,13 +160,10 @@ func newDataServer(n *Node, addr string, stores []LocalStore) (*dataServer, erro
 	s.srv = &http.Server{
 		Handler:           s,
 		ReadHeaderTimeout: 5 * time.Second,
-		// Peers send a request line and four short headers; a larger
-		// header block gets 431 rather than a megabyte buffered per
-		// connection.
-		MaxHeaderBytes: maxPeerHeaderBytes,
-		WriteTimeout:   2 * time.Minute,
-		IdleTimeout:    2 * time.Minute,
-		TLSNextProto:   map[string]func(*http.Server, *tls.Conn, http.Handler){}, // HTTP/1.1 only
+		MaxHeaderBytes:    maxPeerHeaderBytes,
+		WriteTimeout:      2 * time.Minute,
+		IdleTimeout:       2 * time.Minute,
+		TLSNextProto:      map[string]func(*http.Server, *tls.Conn, http.Handler){}, // HTTP/1.1 only
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			cp := &connPeer{}
 			if tc, ok := c.(*tls.Conn); ok {
