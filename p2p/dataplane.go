@@ -310,8 +310,10 @@ func (s *dataServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	// Header names only, never values: an operator (and a test) can see
 	// that nothing but the peer protocol's headers arrives.
-	s.n.log.Debug("peer data-plane request", "peer", from.String(), "method", r.Method,
-		"path", truncatePath(r.URL.Path), "headers", headerNames(r.Header))
+	if s.n.log.Enabled(r.Context(), slog.LevelDebug) {
+		s.n.log.Debug("peer data-plane request", "peer", from.String(), "method", r.Method,
+			"path", truncatePath(r.URL.Path), "headers", headerNames(r.Header))
+	}
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
 		s.n.m.serveRequests.WithLabelValues("bad_request").Inc()
