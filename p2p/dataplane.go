@@ -13,7 +13,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -308,12 +307,7 @@ func (s *dataServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, from, errNotMember)
 		return
 	}
-	// Header names only, never values: an operator (and a test) can see
-	// that nothing but the peer protocol's headers arrives.
-	if s.n.log.Enabled(r.Context(), slog.LevelDebug) {
-		s.n.log.Debug("peer data-plane request", "peer", from.String(), "method", r.Method,
-			"path", truncatePath(r.URL.Path), "headers", headerNames(r.Header))
-	}
+	s.logRequest(r, from)
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
 		s.n.m.serveRequests.WithLabelValues("bad_request").Inc()
@@ -578,16 +572,6 @@ func parsePeerRange(h string) (off, n int64, err error) {
 		return 0, 0, fmt.Errorf("bad range %q", h)
 	}
 	return off, end - off + 1, nil
-}
-
-// headerNames lists a request's header names, sorted, for the debug log.
-func headerNames(h http.Header) string {
-	names := make([]string, 0, len(h))
-	for name := range h {
-		names = append(names, name)
-	}
-	slices.Sort(names)
-	return strings.Join(names, ",")
 }
 
 func truncatePath(p string) string {
