@@ -38,6 +38,7 @@ type loopFS struct {
 	dir   string // mount point
 	opts  string
 	mount bool
+	dev   string // the loop device of the current mount
 }
 
 // needLoopFS skips the test when it cannot mount a loop device.
@@ -49,7 +50,7 @@ func needLoopFS(t *testing.T) {
 	if _, err := os.Stat("/dev/loop-control"); err != nil {
 		t.Skip("no loop device support: ", err)
 	}
-	for _, tool := range []string{"mkfs.ext4", "mount", "umount"} {
+	for _, tool := range []string{"mkfs.ext4", "mount", "umount", "losetup"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Skip(tool+" not installed: ", err)
 		}
@@ -82,20 +83,31 @@ func newLoopFS(t *testing.T, size int64, opts string) *loopFS {
 	return fs
 }
 
+// Mount attaches the image to a loop device of its own and mounts it. A
+// fresh device each time matters: a process that made a mount namespace
+// while the filesystem was mounted (ip netns exec, unshare) keeps a copy of
+// the mount, and with it the shut-down superblock; a remount through the same
+// device would get that superblock back and fail every read with EIO.
 func (fs *loopFS) Mount() error {
-	o := "loop"
-	if fs.opts != "" {
-		o += "," + fs.opts
-	}
-	out, err := exec.Command("mount", "-t", "ext4", "-o", o, fs.img, fs.dir).CombinedOutput()
+	out, err := exec.Command("losetup", "--find", "--show", fs.img).CombinedOutput()
 	if err != nil {
+		return fmt.Errorf("losetup: %v: %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	args := []string{"-t", "ext4"}
+	if fs.opts != "" {
+		args = append(args, "-o", fs.opts)
+	}
+	out, err = exec.Command("mount", append(args, dev, fs.dir)...).CombinedOutput()
+	if err != nil {
+		exec.Command("losetup", "-d", dev).Run()
 		return fmt.Errorf("mount: %v: %s", err, out)
 	}
-	fs.mount = true
+	fs.mount, fs.dev = true, dev
 	return nil
 }
 
-// Unmount unmounts (the loop device is freed with it: mount -o loop sets autoclear).
+// Unmount unmounts and detaches the loop device.
 func (fs *loopFS) Unmount() {
 	if !fs.mount {
 		return
@@ -105,6 +117,7 @@ func (fs *loopFS) Unmount() {
 	for try := 0; try < 50; try++ {
 		if out, err = exec.Command("umount", fs.dir).CombinedOutput(); err == nil {
 			fs.mount = false
+			exec.Command("losetup", "-d", fs.dev).Run()
 			return
 		}
 		time.Sleep(100 * time.Millisecond) // a killed process may still hold a file open for a moment
