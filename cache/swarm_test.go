@@ -225,6 +225,14 @@ func TestAwaitLocalAnyoneWaitsForAFillAtTheOrigin(t *testing.T) {
 		}
 		done <- err
 	}()
+	// The origin's chunk is held until the asker had the time to give up:
+	// an answer before it lands is wrong, whatever it says.
+	select {
+	case err := <-done:
+		close(gate)
+		t.Fatalf("answered before the chunk at the origin landed: %v", err)
+	case <-time.After(200 * time.Millisecond):
+	}
 	close(gate)
 	if err := <-done; err != nil {
 		t.Fatalf("waiting for a fill at the origin: %v", err)
