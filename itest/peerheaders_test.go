@@ -74,5 +74,5 @@ func TestP2PClientHeadersNeverReachAPeer(t *testing.T) {
 	reliability.Record(t, reliability.Row{Area: "probe",
 		Case:    "node B reads through /blobs/ with Authorization: Bearer, Cookie and X-Custom a blob node A holds",
 		Outcome: "A's peer server receives only Range and User-Agent; the token is in neither node's log",
-		Figure:  fmt.Sprintf("%d peer requests, %v bytes served by A, header names seen %v", requests, served, seen)})
+		Figure:  fmt.Sprintf("%d peer requests, %.0f bytes served by A, header names seen %v", requests, served, seen)})
 }
