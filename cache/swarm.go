@@ -46,8 +46,8 @@ func hasUntrusted(srcs []blob.Source) bool {
 // holds it). Two nodes that both believe they own the chunk (their provider
 // lists disagree for a moment) may each be waiting for the other's answer:
 // after this bound both answer "don't have" and both go to the origin. It
-// must cover a normal peer stage, which asks every provider in turn (a
-// shorter bound, 300ms, made a loaded 8-node burst fetch 1.7× the image).
+// must cover a normal peer stage, which asks every provider in turn: a bound
+// shorter than that sends loaded bursts to the origin for chunks peers hold.
 const peerStageWait = 2 * time.Second
 
 func hasTrusted(srcs []blob.Source) bool {

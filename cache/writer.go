@@ -7,13 +7,10 @@ import "os"
 // one 1 MiB pwrite asks for 1 MiB folios. On a VM whose balloon reports free
 // memory to the host (free page reporting, as on the Firecracker VMs peerd is
 // benchmarked on), free blocks that large are the ones the host has taken
-// back, and the first copy into them faults on the host for every page: a
-// sequential fill measured 3-5x the system time of the same bytes written in
-// 128 KiB pieces, and a peer transfer once the VM's page cache had grown
-// (bench row 3's counted rounds) ran at 280 MiB/s with 128 KiB pieces and
-// 385-389 with 32 KiB (A+B CPU 5.1-5.2 -> 3.6-4.0 s per GiB; 16 KiB: 305).
-// On other hosts the smaller writes cost 32 syscalls per MiB instead of one,
-// which is noise next to the copy.
+// back, and the first copy into them faults on the host for every page.
+// Writing in small pieces avoids most of that cost (bench/README.md has
+// the figures). On other hosts the smaller writes cost 32 syscalls per MiB
+// instead of one, which is noise next to the copy.
 const writePiece = 32 << 10
 
 // writeAt writes a fetched chunk's bytes at off in the blob's data file.

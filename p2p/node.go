@@ -466,9 +466,8 @@ func (n *Node) bootstrapLoop() {
 		// Connected to nobody: dial the bootstrap and remembered peers.
 		// Connected, but to none of the bootstrap peers: dial those. A node
 		// whose own dial failed while others joined through it otherwise
-		// stays, with them, an island the rest of the network never sees
-		// (in bench row 5's 500-node network, 6 groups of 25 nodes whose
-		// lookups and records reached only each other).
+		// stays, with them, an island the rest of the network never sees:
+		// their lookups and records reach only each other.
 		alone := n.ConnectedPeers() == 0
 		island := !alone && len(boot) > 0 && !n.connectedToAny(boot)
 		if island {
