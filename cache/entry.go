@@ -348,17 +348,17 @@ func (e *entry) readAhead(i int, srcs []blob.Source) {
 }
 
 // background fills chunk j if a background slot is free; it never blocks.
-func (e *entry) background(j int, srcs []blob.Source) bool {
+func (e *entry) background(j int, srcs []blob.Source) {
 	e.mu.Lock()
 	busy := j >= len(e.states) || e.states[j] != stateAbsent || e.inflight[j] != nil
 	e.mu.Unlock()
 	if busy {
-		return true
+		return
 	}
 	select {
 	case e.c.bg <- struct{}{}:
 	default:
-		return false
+		return
 	}
 	e.c.ref(e)
 	e.c.wg.Add(1)
@@ -370,7 +370,6 @@ func (e *entry) background(j int, srcs []blob.Source) bool {
 		defer cancel()
 		e.ensure(ctx, j, srcs, true)
 	}()
-	return true
 }
 
 var bufPool = sync.Pool{New: func() any { return new([]byte) }}

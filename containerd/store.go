@@ -13,7 +13,6 @@ import (
 	"io"
 	"log/slog"
 	"sort"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -67,13 +66,6 @@ type Backend struct {
 	Close func() error
 }
 
-// Origin is where a blob was pulled from, learned from containerd's
-// containerd.io/distribution.source.<registry>=<repo,...> labels.
-type Origin struct {
-	Registry string
-	Repo     string
-}
-
 // SourceLabelPrefix prefixes the content labels containerd sets on pull.
 const SourceLabelPrefix = "containerd.io/distribution.source."
 
@@ -110,7 +102,6 @@ type Options struct {
 type entry struct {
 	size      int64
 	mediaType string // "" until an image walk saw a descriptor for it
-	origins   []Origin
 }
 
 // Store tracks the blobs of one containerd namespace. It is safe for
@@ -205,17 +196,6 @@ func (s *Store) Version() string {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	return s.version
-}
-
-// Origins reports the registries and repositories k was pulled from, as
-// containerd labelled it. Empty when unknown.
-func (s *Store) Origins(k blob.Key) []Origin {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	if e, ok := s.blobs[digest.Digest(k)]; ok {
-		return append([]Origin(nil), e.origins...)
-	}
-	return nil
 }
 
 // MediaType reports the media type an image descriptor gave k, or "".
@@ -383,31 +363,8 @@ func (s *Store) Resolve(ctx context.Context, name string) (ocispec.Descriptor, e
 	return img.Target, nil
 }
 
-// originsFromLabels parses containerd.io/distribution.source.<registry>=<repo>[,<repo>...].
-func originsFromLabels(labels map[string]string) []Origin {
-	var out []Origin
-	for k, v := range labels {
-		reg, ok := strings.CutPrefix(k, SourceLabelPrefix)
-		if !ok || reg == "" {
-			continue
-		}
-		for _, repo := range strings.Split(v, ",") {
-			if repo = strings.TrimSpace(repo); repo != "" {
-				out = append(out, Origin{Registry: reg, Repo: repo})
-			}
-		}
-	}
-	sort.Slice(out, func(i, j int) bool {
-		if out[i].Registry != out[j].Registry {
-			return out[i].Registry < out[j].Registry
-		}
-		return out[i].Repo < out[j].Repo
-	})
-	return out
-}
-
 // put records a committed blob and reports whether it is new.
-func (s *Store) put(d digest.Digest, size int64, labels map[string]string) bool {
+func (s *Store) put(d digest.Digest, size int64) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e, ok := s.blobs[d]
@@ -416,7 +373,6 @@ func (s *Store) put(d digest.Digest, size int64, labels map[string]string) bool 
 		s.blobs[d] = e
 	}
 	e.size = size
-	e.origins = originsFromLabels(labels)
 	return !ok
 }
 

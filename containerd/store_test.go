@@ -329,7 +329,7 @@ func equal(a, b []string) bool {
 	return fmt.Sprint(a) == fmt.Sprint(b)
 }
 
-func TestResyncAdvertisesEveryBlobAndLearnsOrigins(t *testing.T) {
+func TestResyncAdvertisesEveryBlobAndLearnsMediaTypes(t *testing.T) {
 	fx := newFixture(t)
 	_, ds := fx.image("registry.example/team/app:v1", []byte("layer one"), []byte("layer two"))
 	fx.start(t)
@@ -337,10 +337,6 @@ func TestResyncAdvertisesEveryBlobAndLearnsOrigins(t *testing.T) {
 	waitFor(t, "advertised blobs", func() bool { return equal(fx.adv.keys(), want) })
 	if !fx.store.Connected() {
 		t.Fatal("store not connected after resync")
-	}
-	got := fx.store.Origins(blob.Key(ds[2]))
-	if len(got) != 1 || got[0] != (Origin{Registry: "registry.example", Repo: "team/app"}) {
-		t.Fatalf("origins of layer = %+v", got)
 	}
 	if mt := fx.store.MediaType(blob.Key(ds[0])); mt != ocispec.MediaTypeImageManifest {
 		t.Fatalf("manifest media type = %q", mt)
@@ -481,19 +477,6 @@ func TestResolve(t *testing.T) {
 	}
 	if _, err := fx.store.Resolve(context.Background(), "registry.example/team/app:v9"); !errors.Is(err, blob.ErrNotFound) {
 		t.Fatalf("unknown tag: %v", err)
-	}
-}
-
-func TestOriginsFromLabels(t *testing.T) {
-	got := originsFromLabels(map[string]string{
-		SourceLabelPrefix + "docker.io": "library/nginx,library/alpine",
-		SourceLabelPrefix + "ghcr.io":   "org/x",
-		"containerd.io/gc.ref.content":  "sha256:abc",
-		SourceLabelPrefix:               "bare",
-	})
-	want := []Origin{{"docker.io", "library/alpine"}, {"docker.io", "library/nginx"}, {"ghcr.io", "org/x"}}
-	if fmt.Sprint(got) != fmt.Sprint(want) {
-		t.Fatalf("got %v want %v", got, want)
 	}
 }
 

@@ -191,16 +191,12 @@ func (s *Store) resync(ctx context.Context, be *Backend) (err error) {
 		s.m.resyncs.WithLabelValues(res).Inc()
 		s.m.resyncSeconds.Observe(time.Since(start).Seconds())
 	}()
-	type seen struct {
-		size   int64
-		labels map[string]string
-	}
-	found := map[digest.Digest]seen{}
+	found := map[digest.Digest]int64{} // digest -> size
 	wctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	err = be.Content.Walk(wctx, func(i content.Info) error {
 		if _, perr := blob.ParseDigest(i.Digest.String()); perr == nil {
-			found[i.Digest] = seen{i.Size, i.Labels}
+			found[i.Digest] = i.Size
 		}
 		return nil
 	})
@@ -209,15 +205,14 @@ func (s *Store) resync(ctx context.Context, be *Backend) (err error) {
 	}
 	var added, removed []blob.Key
 	s.mu.Lock()
-	for d, v := range found {
+	for d, size := range found {
 		e, ok := s.blobs[d]
 		if !ok {
 			e = &entry{}
 			s.blobs[d] = e
 			added = append(added, blob.Key(d))
 		}
-		e.size = v.size
-		e.origins = originsFromLabels(v.labels)
+		e.size = size
 	}
 	for d := range s.blobs {
 		if _, ok := found[d]; !ok {
@@ -276,7 +271,7 @@ func (s *Store) walkImage(ctx context.Context, be *Backend, img images.Image) {
 			}
 			return nil, err
 		}
-		if s.put(desc.Digest, info.Size, info.Labels) {
+		if s.put(desc.Digest, info.Size) {
 			fresh = append(fresh, blob.Key(desc.Digest))
 		}
 		s.setMediaType(desc.Digest, desc.MediaType)
@@ -324,7 +319,7 @@ func (s *Store) handle(ctx context.Context, be *Backend, env *events.Envelope) b
 			s.log.Debug("info of created content", "digest", d, "err", err)
 			return false
 		}
-		if s.put(d, info.Size, info.Labels) {
+		if s.put(d, info.Size) {
 			s.advertise(blob.Key(d))
 		}
 	case *eventstypes.ContentDelete:

@@ -122,10 +122,6 @@ type app struct {
 	readyChecks []func() error
 	// oci is the /v2/ handler (set by the containerd part).
 	oci http.Handler
-	// blobOrigins reports the "<registry>/<repo>" a digest was pulled from,
-	// as containerd's distribution-source labels say (set by the containerd
-	// part; nil without containerd).
-	blobOrigins func(k blob.Key) []string
 	// extra HTTP routes.
 	extra map[string]http.Handler
 	// blobCatalogs list further blobs the FUSE mount shows (set by the containerd part).

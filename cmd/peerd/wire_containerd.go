@@ -193,13 +193,6 @@ func startContainerd(ctx context.Context, a *app) error {
 		}
 		return peers(k)
 	}
-	a.blobOrigins = func(k blob.Key) []string {
-		var out []string
-		for _, o := range store.Origins(k) {
-			out = append(out, o.Registry+"/"+o.Repo)
-		}
-		return out
-	}
 	oci.Local = ociStore{store}
 	if err := enableTagResolution(ctx, a, &oci, store); err != nil {
 		return err
