@@ -49,11 +49,11 @@ type entry struct {
 	onDisk      bool     // the blob's files exist, open or not
 	inflight    map[int]*fillCall
 	dirtyIdx    []int
-	origins     map[int]string // chunk -> peer that served it (untrusted chunks)
+	origins     map[int]servedBy // chunk -> the source and peer that served it (untrusted chunks)
 	blamers     map[string]blob.Blamer
 	created     time.Time
 	gone        bool
-	prefetchd   bool
+	prefetching bool          // a background fetch of the rest of the blob is running
 	failedAt    time.Time     // last fill failure, to keep read-ahead from hammering a dead source
 	announced   bool          // the listener was told BlobAdded and not yet BlobRemoved
 	pulls       int           // open handles that may fill from an origin after peers (swarm pulls)
@@ -154,7 +154,7 @@ func (e *entry) info() Info {
 	return i
 }
 
-// createFiles lays out the blob's folder once its size is known. e.mu is held.
+// createFilesLocked lays out the blob's folder once its size is known, or opens its files. e.mu is held.
 func (e *entry) createFilesLocked() error {
 	if e.onDisk {
 		_, err := e.filesLocked()
@@ -603,9 +603,9 @@ func (e *entry) storeOnce(i int, gen uint64, data []byte, src blob.Source, origi
 	e.dirtyIdx = append(e.dirtyIdx, i)
 	if origin != "" {
 		if e.origins == nil {
-			e.origins = map[int]string{}
+			e.origins = map[int]servedBy{}
 		}
-		e.origins[i] = src.Name() + "\x00" + origin
+		e.origins[i] = servedBy{source: src.Name(), peer: origin}
 	}
 	e.mu.Unlock()
 	e.c.markDirty(e)
@@ -834,24 +834,20 @@ func (e *entry) reset() {
 	if announced && e.key.Verifiable() {
 		e.c.notify(e.key, false)
 	}
-	seen := map[string]bool{}
-	for _, so := range origins {
-		if seen[so] {
+	seen := map[servedBy]bool{}
+	for _, sb := range origins {
+		if seen[sb] {
 			continue
 		}
-		seen[so] = true
-		name, origin, _ := cut0(so)
-		if b := blamers[name]; b != nil {
-			b.Blame(e.key, origin)
+		seen[sb] = true
+		if b := blamers[sb.source]; b != nil {
+			b.Blame(e.key, sb.peer)
 		}
 	}
 }
 
-func cut0(s string) (string, string, bool) {
-	for i := 0; i < len(s); i++ {
-		if s[i] == 0 {
-			return s[:i], s[i+1:], true
-		}
-	}
-	return s, "", false
+// servedBy names who served an untrusted chunk: the source (by Name) and the
+// peer within it, so a failed verification blames exactly those.
+type servedBy struct {
+	source, peer string
 }

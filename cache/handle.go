@@ -256,11 +256,11 @@ func (h *Handle) Prefetch(workers int) {
 	}
 	e := h.e
 	e.mu.Lock()
-	if e.prefetchd || e.size < 0 || e.complete() {
+	if e.prefetching || e.size < 0 || e.complete() {
 		e.mu.Unlock()
 		return
 	}
-	e.prefetchd = true
+	e.prefetching = true
 	n := len(e.states)
 	e.mu.Unlock()
 	h.c.ref(e)
@@ -302,7 +302,7 @@ func (h *Handle) Prefetch(workers int) {
 		close(next)
 		wg.Wait()
 		e.mu.Lock()
-		e.prefetchd = false
+		e.prefetching = false
 		e.mu.Unlock()
 		if failed != nil && !errors.Is(failed, context.Canceled) {
 			h.c.log.Warn("prefetch stopped", "key", e.key, "err", failed)
@@ -332,7 +332,7 @@ func (l *LocalReader) Read(p []byte) (int, error) {
 }
 
 // File is the cache's backing file of the blob, open read-only, for callers
-// that hand it to the kernel (FUSE passthrough, splice). It stays valid until
+// that hand it to the kernel (FUSE passthrough) or read it themselves. It stays valid until
 // Close; callers must use positioned reads and must not close it themselves.
 func (l *LocalReader) File() *os.File { return l.f }
 

@@ -5,8 +5,8 @@
 //
 // Fully cached, verified blobs are handed to the kernel: with FUSE passthrough
 // (Linux ≥ 6.9) reads go straight to the cache's backing file without a round
-// trip through this process; without it, reads are spliced from the backing
-// file and kept in the page cache across opens.
+// trip through this process; without it, this process answers reads with
+// positioned reads (pread) of the backing file, kept in the page cache across opens.
 package fusefs
 
 import (
@@ -24,7 +24,7 @@ import (
 	"syscall"
 	"time"
 
-	fusefs "github.com/hanwen/go-fuse/v2/fs"
+	gofs "github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/cache"
@@ -148,7 +148,7 @@ func Mount(opts Options) (*FS, error) {
 		flags |= syscall.MS_RDONLY
 		mopts = append(mopts, "ro")
 	}
-	fopts := &fusefs.Options{
+	fopts := &gofs.Options{
 		EntryTimeout:    &entryTTL,
 		AttrTimeout:     &attrTTL,
 		NegativeTimeout: &negTTL,
@@ -173,7 +173,7 @@ func Mount(opts Options) (*FS, error) {
 	}
 	root := &rootNode{f: f, readOnlyDir: readOnlyDir{readOnly{f}}}
 	f.root = root
-	server, err := fusefs.Mount(mp, root, fopts)
+	server, err := gofs.Mount(mp, root, fopts)
 	if err != nil {
 		f.cancel()
 		return nil, fmt.Errorf("fusefs: mount %s: %w", mp, err)

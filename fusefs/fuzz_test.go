@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	fusefs "github.com/hanwen/go-fuse/v2/fs"
+	gofs "github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/cache"
@@ -61,7 +61,7 @@ func FuzzLookup(f *testing.F) {
 	fs.ctx, fs.cancel = context.WithCancel(context.Background())
 	f.Cleanup(fs.cancel)
 	fs.root = &rootNode{f: fs, readOnlyDir: readOnlyDir{readOnly{fs}}}
-	raw := fusefs.NewNodeFS(fs.root, &fusefs.Options{})
+	raw := gofs.NewNodeFS(fs.root, &gofs.Options{})
 	var dir fuse.EntryOut
 	if st := raw.Lookup(nil, &fuse.InHeader{NodeId: fuse.FUSE_ROOT_ID}, dirName, &dir); st != fuse.OK {
 		f.Fatalf("lookup %s: %v", dirName, st)

@@ -22,7 +22,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}, []string{"result"}),
 		opens: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "peerd_fuse_opens_total",
-			Help: "Files opened, by read mode (passthrough: the kernel reads the cache file; local: spliced from it; lazy: through the cache, fetching on demand).",
+			Help: "Files opened, by read mode (passthrough: the kernel reads the cache file; local: read from it by this process; lazy: through the cache, fetching on demand).",
 		}, []string{"mode"}),
 		readBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "peerd_fuse_read_bytes_total",

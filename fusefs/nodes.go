@@ -11,7 +11,7 @@ import (
 	"syscall"
 	"time"
 
-	fusefs "github.com/hanwen/go-fuse/v2/fs"
+	gofs "github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/cache"
@@ -33,7 +33,7 @@ func (r readOnly) refuse(op string) syscall.Errno {
 	return syscall.EROFS
 }
 
-func (r readOnly) Setattr(context.Context, fusefs.FileHandle, *fuse.SetAttrIn, *fuse.AttrOut) syscall.Errno {
+func (r readOnly) Setattr(context.Context, gofs.FileHandle, *fuse.SetAttrIn, *fuse.AttrOut) syscall.Errno {
 	return r.refuse("setattr")
 }
 func (r readOnly) Setxattr(context.Context, string, []byte, uint32) syscall.Errno {
@@ -46,67 +46,67 @@ func (r readOnly) Removexattr(context.Context, string) syscall.Errno {
 // readOnlyDir refuses changes to a directory's entries.
 type readOnlyDir struct{ readOnly }
 
-func (r readOnlyDir) Create(context.Context, string, uint32, uint32, *fuse.EntryOut) (*fusefs.Inode, fusefs.FileHandle, uint32, syscall.Errno) {
+func (r readOnlyDir) Create(context.Context, string, uint32, uint32, *fuse.EntryOut) (*gofs.Inode, gofs.FileHandle, uint32, syscall.Errno) {
 	return nil, nil, 0, r.refuse("create")
 }
-func (r readOnlyDir) Mkdir(context.Context, string, uint32, *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
+func (r readOnlyDir) Mkdir(context.Context, string, uint32, *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
 	return nil, r.refuse("mkdir")
 }
-func (r readOnlyDir) Mknod(context.Context, string, uint32, uint32, *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
+func (r readOnlyDir) Mknod(context.Context, string, uint32, uint32, *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
 	return nil, r.refuse("mknod")
 }
-func (r readOnlyDir) Link(context.Context, fusefs.InodeEmbedder, string, *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
+func (r readOnlyDir) Link(context.Context, gofs.InodeEmbedder, string, *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
 	return nil, r.refuse("link")
 }
-func (r readOnlyDir) Symlink(context.Context, string, string, *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
+func (r readOnlyDir) Symlink(context.Context, string, string, *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
 	return nil, r.refuse("symlink")
 }
 func (r readOnlyDir) Unlink(context.Context, string) syscall.Errno { return r.refuse("unlink") }
 func (r readOnlyDir) Rmdir(context.Context, string) syscall.Errno  { return r.refuse("rmdir") }
-func (r readOnlyDir) Rename(context.Context, string, fusefs.InodeEmbedder, string, uint32) syscall.Errno {
+func (r readOnlyDir) Rename(context.Context, string, gofs.InodeEmbedder, string, uint32) syscall.Errno {
 	return r.refuse("rename")
 }
 
 var (
-	_ fusefs.NodeCreater         = (*rootNode)(nil)
-	_ fusefs.NodeMkdirer         = (*rootNode)(nil)
-	_ fusefs.NodeOnAdder         = (*rootNode)(nil)
-	_ fusefs.NodeGetattrer       = (*rootNode)(nil)
-	_ fusefs.NodeLookuper        = (*dirNode)(nil)
-	_ fusefs.NodeReaddirer       = (*dirNode)(nil)
-	_ fusefs.NodeCreater         = (*dirNode)(nil)
-	_ fusefs.NodeMkdirer         = (*dirNode)(nil)
-	_ fusefs.NodeMknoder         = (*dirNode)(nil)
-	_ fusefs.NodeLinker          = (*dirNode)(nil)
-	_ fusefs.NodeSymlinker       = (*dirNode)(nil)
-	_ fusefs.NodeUnlinker        = (*dirNode)(nil)
-	_ fusefs.NodeRmdirer         = (*dirNode)(nil)
-	_ fusefs.NodeRenamer         = (*dirNode)(nil)
-	_ fusefs.NodeSetattrer       = (*dirNode)(nil)
-	_ fusefs.NodeOpener          = (*blobNode)(nil)
-	_ fusefs.NodeGetattrer       = (*blobNode)(nil)
-	_ fusefs.NodeSetattrer       = (*blobNode)(nil)
-	_ fusefs.NodeSetxattrer      = (*blobNode)(nil)
-	_ fusefs.NodeRemovexattrer   = (*blobNode)(nil)
-	_ fusefs.FileReader          = (*lazyFile)(nil)
-	_ fusefs.FileReleaser        = (*lazyFile)(nil)
-	_ fusefs.FileReader          = (*localFile)(nil)
-	_ fusefs.FilePassthroughFder = (*passFile)(nil)
+	_ gofs.NodeCreater         = (*rootNode)(nil)
+	_ gofs.NodeMkdirer         = (*rootNode)(nil)
+	_ gofs.NodeOnAdder         = (*rootNode)(nil)
+	_ gofs.NodeGetattrer       = (*rootNode)(nil)
+	_ gofs.NodeLookuper        = (*dirNode)(nil)
+	_ gofs.NodeReaddirer       = (*dirNode)(nil)
+	_ gofs.NodeCreater         = (*dirNode)(nil)
+	_ gofs.NodeMkdirer         = (*dirNode)(nil)
+	_ gofs.NodeMknoder         = (*dirNode)(nil)
+	_ gofs.NodeLinker          = (*dirNode)(nil)
+	_ gofs.NodeSymlinker       = (*dirNode)(nil)
+	_ gofs.NodeUnlinker        = (*dirNode)(nil)
+	_ gofs.NodeRmdirer         = (*dirNode)(nil)
+	_ gofs.NodeRenamer         = (*dirNode)(nil)
+	_ gofs.NodeSetattrer       = (*dirNode)(nil)
+	_ gofs.NodeOpener          = (*blobNode)(nil)
+	_ gofs.NodeGetattrer       = (*blobNode)(nil)
+	_ gofs.NodeSetattrer       = (*blobNode)(nil)
+	_ gofs.NodeSetxattrer      = (*blobNode)(nil)
+	_ gofs.NodeRemovexattrer   = (*blobNode)(nil)
+	_ gofs.FileReader          = (*lazyFile)(nil)
+	_ gofs.FileReleaser        = (*lazyFile)(nil)
+	_ gofs.FileReader          = (*localFile)(nil)
+	_ gofs.FilePassthroughFder = (*passFile)(nil)
 )
 
 // rootNode is the mountpoint: it holds the one directory "sha256".
 type rootNode struct {
-	fusefs.Inode
+	gofs.Inode
 	readOnlyDir
 	f *FS
 }
 
 func (r *rootNode) OnAdd(ctx context.Context) {
 	d := &dirNode{f: r.f, readOnlyDir: readOnlyDir{readOnly{r.f}}}
-	r.AddChild(dirName, r.NewPersistentInode(ctx, d, fusefs.StableAttr{Mode: syscall.S_IFDIR, Ino: dirIno}), false)
+	r.AddChild(dirName, r.NewPersistentInode(ctx, d, gofs.StableAttr{Mode: syscall.S_IFDIR, Ino: dirIno}), false)
 }
 
-func (r *rootNode) Getattr(ctx context.Context, _ fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+func (r *rootNode) Getattr(ctx context.Context, _ gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	out.Mode = syscall.S_IFDIR | 0o555
 	out.Nlink = 3
 	out.SetTimes(&r.f.started, &r.f.started, &r.f.started)
@@ -115,12 +115,12 @@ func (r *rootNode) Getattr(ctx context.Context, _ fusefs.FileHandle, out *fuse.A
 
 // dirNode is <mountpoint>/sha256: one file per blob, named by hex digest.
 type dirNode struct {
-	fusefs.Inode
+	gofs.Inode
 	readOnlyDir
 	f *FS
 }
 
-func (d *dirNode) Getattr(ctx context.Context, _ fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+func (d *dirNode) Getattr(ctx context.Context, _ gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	out.Mode = syscall.S_IFDIR | 0o555
 	out.Nlink = 2
 	out.SetTimes(&d.f.started, &d.f.started, &d.f.started)
@@ -129,7 +129,7 @@ func (d *dirNode) Getattr(ctx context.Context, _ fusefs.FileHandle, out *fuse.At
 
 // Lookup finds a blob by digest alone: in the cache, in the catalogs, then
 // through the sources (peers), within the lookup timeout.
-func (d *dirNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
+func (d *dirNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
 	k, err := blob.FromHex(name)
 	if err != nil {
 		// Shells and file managers probe many names; not worth more than debug.
@@ -148,7 +148,7 @@ func (d *dirNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 	}
 	d.f.m.lookups.WithLabelValues(how).Inc()
 	n := &blobNode{f: d.f, readOnly: readOnly{d.f}, key: k, size: info.Size, mtime: info.ModTime}
-	ch := d.NewInode(ctx, n, fusefs.StableAttr{Mode: syscall.S_IFREG, Ino: inoOf(k)})
+	ch := d.NewInode(ctx, n, gofs.StableAttr{Mode: syscall.S_IFREG, Ino: inoOf(k)})
 	got, ok := ch.Operations().(*blobNode)
 	if !ok || got.key != k {
 		// Two digests share the 64 bits the inode number is made of. Serving
@@ -219,7 +219,7 @@ func inoOf(k blob.Key) uint64 {
 }
 
 // Readdir lists what the node holds or knows, sorted by name.
-func (d *dirNode) Readdir(ctx context.Context) (fusefs.DirStream, syscall.Errno) {
+func (d *dirNode) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
 	seen := map[blob.Key]bool{}
 	for _, i := range d.f.opts.Cache.List() {
 		if i.Key.Algorithm() == blob.AlgSHA256 && i.Size >= 0 {
@@ -251,12 +251,12 @@ func (d *dirNode) Readdir(ctx context.Context) (fusefs.DirStream, syscall.Errno)
 	for i, k := range keys {
 		ents[i] = fuse.DirEntry{Name: k.Hex(), Mode: syscall.S_IFREG, Ino: inoOf(k)}
 	}
-	return fusefs.NewListDirStream(ents), 0
+	return gofs.NewListDirStream(ents), 0
 }
 
 // blobNode is one blob. Its size never changes: the name is the content.
 type blobNode struct {
-	fusefs.Inode
+	gofs.Inode
 	readOnly
 	f     *FS
 	key   blob.Key
@@ -324,15 +324,15 @@ func (n *blobNode) fillAttr(a *fuse.Attr) {
 	a.SetTimes(&t, &t, &t)
 }
 
-func (n *blobNode) Getattr(ctx context.Context, _ fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+func (n *blobNode) Getattr(ctx context.Context, _ gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	n.fillAttr(&out.Attr)
 	return 0
 }
 
-// Open picks how the file is read: passthrough or a spliced read of the
-// backing file when the blob is cached and verified, otherwise lazily through
-// the cache.
-func (n *blobNode) Open(ctx context.Context, flags uint32) (fusefs.FileHandle, uint32, syscall.Errno) {
+// Open picks how the file is read: passthrough, or pread of the backing
+// file, when the blob is cached and verified; otherwise lazily through the
+// cache.
+func (n *blobNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
 	if flags&syscall.O_ACCMODE != syscall.O_RDONLY || flags&(syscall.O_TRUNC|syscall.O_APPEND|syscall.O_CREAT) != 0 {
 		return nil, 0, n.refuse("open-write")
 	}
@@ -379,7 +379,7 @@ func (n *blobNode) Open(ctx context.Context, flags uint32) (fusefs.FileHandle, u
 // Flush answers ENOSYS once, and the kernel stops sending FLUSH on close
 // for this mount: a read-only file has nothing to flush, and a close then
 // never waits on this process.
-func (n *blobNode) Flush(ctx context.Context, f fusefs.FileHandle) syscall.Errno {
+func (n *blobNode) Flush(ctx context.Context, f gofs.FileHandle) syscall.Errno {
 	return syscall.ENOSYS
 }
 
