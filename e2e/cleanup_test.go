@@ -69,7 +69,7 @@ func (c *cluster) resetImages() {
 		}
 		// A snapshot with children cannot go; remove leaves until none is left.
 		for range 16 {
-			out, err := ctr("snapshots", "--snapshotter", "native", "ls")
+			out, err := ctr("snapshots", "--snapshotter", c.cfg.Snapshotter, "ls")
 			if err != nil {
 				break
 			}
@@ -83,7 +83,7 @@ func (c *cluster) resetImages() {
 				break
 			}
 			for _, k := range keys {
-				ctr("snapshots", "--snapshotter", "native", "rm", k)
+				ctr("snapshots", "--snapshotter", c.cfg.Snapshotter, "rm", k)
 			}
 		}
 	}
@@ -93,6 +93,8 @@ func (c *cluster) resetImages() {
 	for _, d := range []string{"blobs", "repositories"} {
 		os.RemoveAll(filepath.Join(v2, d))
 	}
+	// The file origin's files likewise (each scenario writes its own).
+	os.RemoveAll(filepath.Join(c.dir, "origin", "storage"))
 }
 
 // diskUsage is the cluster's disk use, by part, and the free space left.

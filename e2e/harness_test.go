@@ -61,12 +61,15 @@ type config struct {
 	ChunkSize    string
 	Keep         bool   // keep the work folder after the run
 	LogLevel     string // peerd --log-level
+	Snapshotter  string // containerd snapshotter the nodes unpack into: native or overlayfs
 }
 
 func loadConfig() (config, error) {
-	c := config{Nodes: 4, ImageSize: 100 << 20, Layers: 4, Rate: "200mbit", Containerd16: 1, ChunkSize: "1MiB"}
+	c := config{Nodes: 4, ImageSize: 100 << 20, Layers: 4, Rate: "200mbit", Containerd16: 1, ChunkSize: "1MiB", Snapshotter: "native"}
 	if os.Getenv("E2E_SIZE") == "large" {
-		c.Nodes, c.ImageSize, c.Layers, c.Rate = 8, 1<<30, 8, "400mbit"
+		// overlayfs: a native snapshot copies all its parents, so 8 nodes
+		// holding a 1 GiB image in 8 layers would need 5.5 GiB each.
+		c.Nodes, c.ImageSize, c.Layers, c.Rate, c.Snapshotter = 8, 1<<30, 8, "400mbit", "overlayfs"
 	}
 	var errs []error
 	if v := os.Getenv("E2E_NODES"); v != "" {
@@ -108,6 +111,12 @@ func loadConfig() (config, error) {
 	}
 	if v := os.Getenv("E2E_CHUNK_SIZE"); v != "" {
 		c.ChunkSize = v
+	}
+	if v := os.Getenv("E2E_SNAPSHOTTER"); v != "" {
+		if v != "native" && v != "overlayfs" {
+			errs = append(errs, fmt.Errorf("E2E_SNAPSHOTTER=%q: want native or overlayfs", v))
+		}
+		c.Snapshotter = v
 	}
 	c.Keep = os.Getenv("E2E_KEEP") == "1"
 	c.LogLevel = "info"
@@ -591,6 +600,15 @@ func newCluster(t *testing.T) *cluster {
 		t.Fatal(err)
 	}
 	os.Chmod(dir, 0o755)
+	// Fail now rather than with ENOSPC half-way through the scenarios.
+	var sfs syscall.Statfs_t
+	if err := syscall.Statfs(dir, &sfs); err == nil {
+		if free, need := int64(sfs.Bavail)*sfs.Bsize, diskNeed(cfg); free < need {
+			os.RemoveAll(dir)
+			t.Fatalf("%s has %s free; %d nodes with a %s image in %d layers (%s snapshotter, peerd --cache-size %s) need about %s",
+				dir, human(free), cfg.Nodes, human(cfg.ImageSize), cfg.Layers, cfg.Snapshotter, human(peerdCacheSize(cfg)), human(need))
+		}
+	}
 	c := &cluster{t: t, cfg: cfg, dir: dir}
 	setActive(c)
 	t.Cleanup(func() {
@@ -873,8 +891,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 		conf += fmt.Sprintf(`[plugins."io.containerd.transfer.v1.local"]
   [[plugins."io.containerd.transfer.v1.local".unpack_config]]
     platform = "linux/%s"
-    snapshotter = "native"
-`, runtime.GOARCH)
+    snapshotter = %q
+`, runtime.GOARCH, c.cfg.Snapshotter)
 	}
 	cfgFile := filepath.Join(cd, "config.toml")
 	if err := os.WriteFile(cfgFile, []byte(conf), 0o644); err != nil {
@@ -897,8 +915,26 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 	}
 }
 
+// peerdCacheSize is every node's --cache-size: room for three images, so a
+// scenario's image and file fit next to the last scenario's.
+func peerdCacheSize(cfg config) int64 { return max(3*cfg.ImageSize, 512<<20) }
+
+// diskNeed is the disk a run needs at its peak: every node holding one
+// image in containerd (the content plus its snapshots) and a full peerd
+// cache, next to the registry's copy and an origin file. A native snapshot
+// of layer k is a copy of layers 1..k, so its layers take (L+1)/2 images; an
+// overlayfs snapshot holds only its own layer.
+func diskNeed(cfg config) int64 {
+	snapshots := cfg.ImageSize
+	if cfg.Snapshotter == "native" {
+		snapshots = cfg.ImageSize * int64(cfg.Layers+1) / 2
+	}
+	perNode := cfg.ImageSize + snapshots + peerdCacheSize(cfg)
+	return int64(cfg.Nodes)*perNode + 2*cfg.ImageSize
+}
+
 func (c *cluster) peerdArgs(n *node) []string {
-	cacheSize := max(3*c.cfg.ImageSize, 512<<20)
+	cacheSize := peerdCacheSize(c.cfg)
 	args := []string{c.bin.peerd, "run",
 		"--data-dir", filepath.Join(n.dir, "data"),
 		"--http-addr", peerdHTTP,
@@ -1099,7 +1135,7 @@ func (c *cluster) pull(ctx context.Context, n *node, ref string) (time.Duration,
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
 	defer cancel()
 	start := time.Now()
-	cmd := exec.CommandContext(ctx, "ip", nsExec(n.ns, n.ctr, "-a", n.sock, "-n", ctrdNS, "images", "pull", "--hosts-dir", n.hostsDir, "--snapshotter", "native", ref)[1:]...)
+	cmd := exec.CommandContext(ctx, "ip", nsExec(n.ns, n.ctr, "-a", n.sock, "-n", ctrdNS, "images", "pull", "--hosts-dir", n.hostsDir, "--snapshotter", c.cfg.Snapshotter, ref)[1:]...)
 	cmd.Env = cleanEnv()
 	out, err := cmd.CombinedOutput()
 	d := time.Since(start)

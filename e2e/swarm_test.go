@@ -74,7 +74,7 @@ func (c *cluster) directPull(ctx context.Context, n *node, ref string) (time.Dur
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
 	defer cancel()
 	start := time.Now()
-	cmd := exec.CommandContext(ctx, "ip", nsExec(n.ns, n.ctr, "-a", n.sock, "-n", ctrdNS, "images", "pull", "--plain-http", "--snapshotter", "native", ref)[1:]...)
+	cmd := exec.CommandContext(ctx, "ip", nsExec(n.ns, n.ctr, "-a", n.sock, "-n", ctrdNS, "images", "pull", "--plain-http", "--snapshotter", c.cfg.Snapshotter, ref)[1:]...)
 	cmd.Env = cleanEnv()
 	out, err := cmd.CombinedOutput()
 	d := time.Since(start)
