@@ -34,9 +34,13 @@ func (c *cluster) run(t *testing.T, name string, f func(*testing.T)) {
 			}
 		}
 	}()
-	t.Run(name, f)
+	ran := false
+	t.Run(name, func(t *testing.T) { ran = true; f(t) })
 	close(stop)
 	peak := <-peakc
+	if !ran { // filtered out by -run: nothing to report or clean
+		return
+	}
 	end := c.diskUse()
 	c.resetImages()
 	after := c.diskUse()

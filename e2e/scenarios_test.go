@@ -171,7 +171,8 @@ func (c *cluster) coldBurst(t *testing.T) {
 	ctx := context.Background()
 	im := c.pushImage(ctx, "s2", 2)
 	defer c.removeEverywhere(im)
-	e0, s0 := c.egress(), c.peerServed()
+	e0, s0, u0 := c.egress(), c.peerServed(), c.upstreamSnapshot()
+	defer c.logUpstream(t, u0)
 	ds, err := concurrently(c.nodes, func(n *node) (time.Duration, error) { return c.pull(ctx, n, im.ref) })
 	if err != nil {
 		t.Fatal(err)
