@@ -64,7 +64,12 @@ func parsePattern(raw string) (pattern, error) {
 	} else if strings.Count(s, ":") == 1 {
 		return p, fmt.Errorf("allow pattern %q: %v", raw, err)
 	}
-	host = strings.Trim(host, "[]")
+	if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
+		host = host[1 : len(host)-1]
+		if a, err := netip.ParseAddr(host); err != nil || !a.Is6() {
+			return p, fmt.Errorf("allow pattern %q: brackets hold an IPv6 address", raw)
+		}
+	}
 	if strings.HasPrefix(host, "*.") {
 		p.wildcard = true
 		host = host[2:]
@@ -78,8 +83,31 @@ func parsePattern(raw string) (pattern, error) {
 			return p, fmt.Errorf("allow pattern %q: write an international domain name in its ASCII (xn--) form", raw)
 		}
 	}
+	if _, err := netip.ParseAddr(host); err != nil && !hostName(host) {
+		return p, fmt.Errorf("allow pattern %q: want a host name (letters, digits, '-', '_', dots between labels) or an IP address", raw)
+	}
 	p.host = host
 	return p, nil
+}
+
+// hostName reports whether h is dot-separated non-empty labels of ASCII
+// letters, digits, '-' and '_' (or empty: the caller reports that).
+func hostName(h string) bool {
+	if h == "" {
+		return true
+	}
+	for _, label := range strings.Split(h, ".") {
+		if label == "" {
+			return false
+		}
+		for i := 0; i < len(label); i++ {
+			c := label[i]
+			if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // Len is the number of patterns.
@@ -97,6 +125,11 @@ func (a *AllowList) Check(u *url.URL) error {
 		}
 	}
 	host := strings.ToLower(u.Hostname())
+	// A name with an empty label (".net", "a..net", "a.net.") is no host a
+	// pattern names, though a suffix comparison would take ".net" for "*.net".
+	if host == "" || strings.HasPrefix(host, ".") || strings.HasSuffix(host, ".") || strings.Contains(host, "..") {
+		return fmt.Errorf("%w: %q is not a host name", ErrNotAllowed, Bound(host))
+	}
 	port := u.Port()
 	if port == "" {
 		switch strings.ToLower(u.Scheme) {

@@ -62,7 +62,7 @@ func TestAllowList(t *testing.T) {
 	if ll.Check(mustURL("http://169.254.169.254/")) == nil {
 		t.Error("link-local metadata address allowed by an explicit pattern")
 	}
-	for _, bad := range []string{"*", "a*.example.com", "http://x", "x:notaport", "x:0", "user@x", "*.bücher.example"} {
+	for _, bad := range []string{"*", "a*.example.com", "http://x", "x:notaport", "x:0", "user@x", "*.bücher.example", "]0", "[x]", "a..b", ".b", "a b"} {
 		if _, err := ParseAllowList([]string{bad}); err == nil {
 			t.Errorf("pattern %q accepted", bad)
 		}
