@@ -1,0 +1,377 @@
+package p2p
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/peerd-project/peerd/blob"
+)
+
+type provEntry struct {
+	done       chan struct{} // closed when the first lookup answered
+	gathering  chan struct{} // a swarm pull's second lookup (see firstSwarmLookup); closed when it answered
+	peers      []peer.AddrInfo
+	expires    time.Time
+	at         time.Time // when the answer was looked up
+	refreshing bool
+}
+
+// providers returns the peers advertising k: from the cache, or from one
+// lookup shared by every concurrent caller. An expired answer is still used
+// while a background lookup refreshes it, so only a blob's first chunk ever
+// waits for the DHT, and that wait ends with the first provider found (the
+// lookup goes on collecting the others for failover in the background).
+func (s *Source) providers(ctx context.Context, k blob.Key) []peer.AddrInfo {
+	return s.providersWithin(ctx, k, 0)
+}
+
+// Providers returns the peers known to advertise k, as Fetch finds them:
+// the cached answer, or a lookup that returns at its first provider.
+func (s *Source) Providers(ctx context.Context, k blob.Key) []peer.AddrInfo {
+	return s.providers(ctx, k)
+}
+
+// providersWithin is providers with a shorter freshness bound (0: the usual
+// TTLs). Swarm pulls use swarmRefresh: the set of nodes pulling a blob
+// changes by the second during a burst. A swarm pull's first lookup runs to
+// its end (owners are computed over the whole list); when it finds nobody,
+// its caller gets the empty list at once (the chunk it waits for comes from
+// the origin now) while everyone else waits for a second lookup made
+// s.gather after the first (see swarmGather).
+func (s *Source) providersWithin(ctx context.Context, k blob.Key, maxAge time.Duration) []peer.AddrInfo {
+	ps, _ := s.swarmProviders(ctx, k, maxAge)
+	return ps
+}
+
+// swarmProviders is providersWithin that also returns, to the caller whose
+// first swarm lookup found nobody, the channel closed when the second lookup
+// answered (nil otherwise).
+func (s *Source) swarmProviders(ctx context.Context, k blob.Key, maxAge time.Duration) ([]peer.AddrInfo, <-chan struct{}) {
+	s.mu.Lock()
+	e := s.provs[k]
+	if e == nil {
+		e = &provEntry{done: make(chan struct{})}
+		if len(s.provs) >= maxCachedKeys {
+			s.pruneLocked()
+		}
+		s.provs[k] = e
+		s.mu.Unlock()
+		s.m.lookupCache.WithLabelValues("miss").Inc()
+		if maxAge > 0 {
+			return s.firstSwarmLookup(ctx, k, e)
+		}
+		return s.firstLookup(ctx, k, e), nil
+	}
+	s.mu.Unlock()
+	// Another caller's first lookup may still be running: share it.
+	select {
+	case <-e.done:
+	case <-ctx.Done():
+		return nil, nil
+	}
+	if maxAge > 0 {
+		s.mu.Lock()
+		g := e.gathering
+		s.mu.Unlock()
+		if g != nil {
+			select {
+			case <-g:
+			case <-ctx.Done():
+				return nil, nil
+			}
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	peers := e.peers
+	fresh := s.now().Before(e.expires) && (maxAge <= 0 || s.now().Sub(e.at) < maxAge)
+	switch {
+	case fresh:
+		s.m.lookupCache.WithLabelValues(hitLabel(peers)).Inc()
+	case !e.refreshing:
+		e.refreshing = true
+		s.m.lookupCache.WithLabelValues("stale").Inc()
+		go s.refresh(k, e, s.timeout)
+	default:
+		s.m.lookupCache.WithLabelValues("stale").Inc()
+	}
+	return peers, nil
+}
+
+// firstLookup makes k's first lookup and returns as soon as it found one
+// provider (or ended). The lookup itself runs under the node's lifetime,
+// not the caller's: a caller that gives up must neither cut the list short
+// for the others nor make "nobody has it" stick.
+func (s *Source) firstLookup(ctx context.Context, k blob.Key, e *provEntry) []peer.AddrInfo {
+	go func() {
+		found, late := s.lookup(s.bg, k, s.timeout, func(first []peer.AddrInfo) {
+			s.mu.Lock()
+			s.setLocked(e, first)
+			close(e.done)
+			s.mu.Unlock()
+		})
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		select {
+		case <-e.done:
+			if len(found) == 0 {
+				return // the node is closing: keep what the first answer said
+			}
+		default:
+			defer close(e.done)
+		}
+		s.setLocked(e, found)
+		s.lookLaterLocked(k, e, late)
+	}()
+	return s.peersWhen(ctx, e.done, e)
+}
+
+// peersWhen returns e's providers once ch is closed, or nil when ctx ends
+// first.
+func (s *Source) peersWhen(ctx context.Context, ch <-chan struct{}, e *provEntry) []peer.AddrInfo {
+	select {
+	case <-ch:
+	case <-ctx.Done():
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return e.peers
+}
+
+// firstSwarmLookup is the first lookup of a blob this node starts pulling
+// with an origin behind the peers. Nodes that start a burst together
+// announce within milliseconds of each other, so a lookup now sees those
+// that started earlier but rarely those starting at the same moment; the
+// pull's chunks are split only over the answer of a second lookup s.gather
+// later, which sees everyone who started with us. Split over the first
+// answer, each node would own, and fetch from the origin, a share of its
+// first read-ahead window computed over too few nodes (all of it when the
+// answer is empty).
+//
+// When the first answer is empty (nobody else pulls the blob, or this node
+// is the first of a burst), its caller alone gets it at once together with
+// the window's channel: the chunk its reader waits for is fetched from the
+// origin now, so a cold miss costs no added latency, and is left to its
+// owner if the second answer shows one (FetchBacked's blob.NotYet, the
+// cache's speculate). When nodes are already pulling, the caller waits for
+// the window like every other chunk: they are fetching the blob already.
+//
+// A lookup still running after s.hedge counts as empty for its caller (a
+// slow DHT, or a large one answering "nobody" late, must not hold a cold
+// miss's first byte): the chunk starts from the origin, and the lookup's
+// answer and the second one decide as above whether it is kept.
+func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry) ([]peer.AddrInfo, <-chan struct{}) {
+	start := s.now()
+	var g chan struct{}
+	if s.gather > 0 {
+		g = make(chan struct{})
+		s.mu.Lock()
+		e.gathering = g
+		s.mu.Unlock()
+	}
+	// The lookup runs under the node's lifetime: a caller that gives up or
+	// goes ahead must neither cut it short nor make "nobody" stick.
+	result := make(chan []peer.AddrInfo, 1)
+	go func() {
+		found, late := s.lookup(s.bg, k, s.timeout, nil)
+		s.mu.Lock()
+		s.setLocked(e, found)
+		s.lookLaterLocked(k, e, late)
+		close(e.done)
+		s.mu.Unlock()
+		if g != nil {
+			go s.gatherLookup(k, e, start.Add(s.gather))
+		}
+		result <- found
+	}()
+	var hedge <-chan time.Time
+	if g != nil {
+		t := time.NewTimer(s.hedge)
+		defer t.Stop()
+		hedge = t.C
+	}
+	select {
+	case found := <-result:
+		if g == nil || len(found) == 0 {
+			return found, g
+		}
+	case <-hedge:
+		s.m.lookupCache.WithLabelValues("hedged").Inc()
+		return nil, g
+	case <-ctx.Done():
+		return nil, nil
+	}
+	return s.peersWhen(ctx, g, e), nil
+}
+
+// gatherLookup looks k up again at the end of its gather window.
+func (s *Source) gatherLookup(k blob.Key, e *provEntry, at time.Time) {
+	select {
+	case <-s.after(at.Sub(s.now())):
+	case <-s.bg.Done():
+	}
+	var found []peer.AddrInfo
+	if s.bg.Err() == nil {
+		found, _ = s.lookup(s.bg, k, s.timeout, nil)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.bg.Err() == nil {
+		// The second look adds the nodes that started with this one; it
+		// must not drop those the first one found. An answer can be partial
+		// (a lookup stops 2 ms after its first provider, and this node's own
+		// records of the nodes pulling with it come first), and a holder
+		// missing from the list would make this node fetch the chunks it
+		// then "owns" from the origin.
+		s.setLocked(e, unionPeers(e.peers, found))
+	}
+	close(e.gathering)
+}
+
+// unionPeers returns a followed by the peers of b that a lacks.
+func unionPeers(a, b []peer.AddrInfo) []peer.AddrInfo {
+	out := slices.Clone(a)
+	for _, p := range b {
+		if !slices.ContainsFunc(out, func(q peer.AddrInfo) bool { return q.ID == p.ID }) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func hitLabel(peers []peer.AddrInfo) string {
+	if len(peers) > 0 {
+		return "hit"
+	}
+	return "negative_hit"
+}
+
+func (s *Source) setLocked(e *provEntry, found []peer.AddrInfo) {
+	e.peers = found
+	e.at = s.now()
+	if len(found) > 0 {
+		e.expires = s.now().Add(positiveTTL)
+	} else {
+		e.expires = s.now().Add(negativeTTL)
+	}
+}
+
+// refresh looks k up again in the background, each try bounded by timeout;
+// it stops when the node closes.
+func (s *Source) refresh(k blob.Key, e *provEntry, timeout time.Duration) {
+	found, _ := s.lookup(s.bg, k, timeout, nil)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e.refreshing = false
+	if s.bg.Err() != nil {
+		return
+	}
+	s.setLocked(e, found)
+}
+
+// lookup asks the DHT, with --resolve-retries more tries when nobody answers,
+// each try bounded by timeout. early, when not nil, is called once with the
+// first providers found while the query goes on collecting more. late
+// reports that nobody was found because every try ran out of time (not
+// because the query ended).
+func (s *Source) lookup(ctx context.Context, k blob.Key, timeout time.Duration, early func([]peer.AddrInfo)) (found []peer.AddrInfo, late bool) {
+	others := func(ps []peer.AddrInfo) []peer.AddrInfo {
+		var out []peer.AddrInfo
+		for _, p := range ps {
+			if p.ID != s.self && !slices.ContainsFunc(out, func(q peer.AddrInfo) bool { return q.ID == p.ID }) {
+				out = append(out, p)
+			}
+		}
+		return out
+	}
+	var first func([]peer.AddrInfo)
+	if early != nil {
+		first = func(ps []peer.AddrInfo) {
+			if own := others(ps); len(own) > 0 && early != nil {
+				early(own)
+				early = nil
+			}
+		}
+	}
+	for attempt := 0; attempt <= s.retries && len(found) == 0 && ctx.Err() == nil; attempt++ {
+		start := s.now()
+		lctx, cancel := context.WithTimeout(ctx, timeout)
+		ps, err := s.finder.FindProviders(lctx, k, first)
+		// A query that ran to completion and found nobody is an answer, not a
+		// failure: only a deadline or an error is worth another try.
+		late = errors.Is(lctx.Err(), context.DeadlineExceeded)
+		retry := err != nil || late
+		cancel()
+		found = others(append(found, ps...))
+		result := "found"
+		if len(found) == 0 {
+			result = "not_found"
+		}
+		s.m.lookupSeconds.WithLabelValues(result).Observe(s.now().Sub(start).Seconds())
+		if err != nil {
+			s.log.Debug("provider lookup failed", "key", k, "err", err)
+		}
+		if !retry {
+			break
+		}
+	}
+	if first != nil {
+		first(found) // a finder that never reported early
+	}
+	return found, late && len(found) == 0
+}
+
+// lookLaterLocked follows a lookup that found nobody only because it ran
+// out of time (late) with one more, in the background and with a longer
+// bound (lateTimeout): on a slow network (a large DHT, busy nodes) the
+// reader who waited has gone to the origin, but the blob's next chunks and
+// readers should find the peers instead of the negative answer for
+// negativeTTL. Its answer replaces the entry's when it finds someone.
+func (s *Source) lookLaterLocked(k blob.Key, e *provEntry, late bool) {
+	if !late || e.refreshing || s.bg.Err() != nil {
+		return
+	}
+	e.refreshing = true
+	s.m.lookupCache.WithLabelValues("late").Inc()
+	go s.refresh(k, e, max(lateFactor*s.timeout, lateMin))
+}
+
+func (s *Source) pruneLocked() {
+	now := s.now()
+	for k, e := range s.provs {
+		select {
+		case <-e.done:
+			if now.After(e.expires) {
+				delete(s.provs, k)
+			}
+		default:
+		}
+	}
+	for len(s.provs) >= maxCachedKeys { // still full: drop arbitrary finished entries
+		for k, e := range s.provs {
+			select {
+			case <-e.done:
+				delete(s.provs, k)
+			default:
+			}
+			break
+		}
+	}
+}
+
+// forgetProviders drops k's cached provider list.
+func (s *Source) forgetProviders(k blob.Key) {
+	s.mu.Lock()
+	if e := s.provs[k]; e != nil {
+		select {
+		case <-e.done:
+			delete(s.provs, k)
+		default:
+		}
+	}
+	s.mu.Unlock()
+}

@@ -1,0 +1,124 @@
+package p2p
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/peerd-project/peerd/blob"
+)
+
+// peerReader delivers one range, resuming from the next provider at the byte
+// it stopped when a transfer breaks or stalls.
+type peerReader struct {
+	s                *Source
+	ctx              context.Context
+	k                blob.Key
+	off, want, total int64
+	pos              int64
+	cur              *attempt
+	rest             []peer.AddrInfo
+	origins          []string
+	closed           bool
+}
+
+// Origin names the peers the bytes came from (blob.Attributed).
+func (r *peerReader) Origin() string { return strings.Join(r.origins, ",") }
+
+func (r *peerReader) Read(p []byte) (int, error) {
+	for {
+		if r.pos >= r.want {
+			return 0, io.EOF
+		}
+		if r.cur == nil {
+			return 0, errors.New("peer reader closed")
+		}
+		if int64(len(p)) > r.want-r.pos {
+			p = p[:r.want-r.pos]
+		}
+		stall := time.AfterFunc(stallTimeout, r.cur.cancel)
+		m, err := r.cur.rc.Read(p)
+		stalled := !stall.Stop()
+		r.pos += int64(m)
+		if err == io.EOF && r.pos >= r.want {
+			return m, io.EOF
+		}
+		if err == nil {
+			return m, nil
+		}
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		if stalled {
+			err = fmt.Errorf("no progress for %v: %w", stallTimeout, err)
+			r.s.m.peerErrors.WithLabelValues("timeout").Inc()
+		} else {
+			r.s.m.peerErrors.WithLabelValues("read").Inc()
+		}
+		if rerr := r.resume(err); rerr != nil {
+			return m, rerr
+		}
+		if m > 0 {
+			return m, nil
+		}
+	}
+}
+
+// resume switches to the next provider for the bytes not yet delivered.
+func (r *peerReader) resume(cause error) error {
+	failed := r.cur
+	failed.rc.Close()
+	failed.cancel()
+	r.cur = nil
+	if r.ctx.Err() != nil {
+		return r.ctx.Err()
+	}
+	r.s.penalize(failed.p.ID, cause)
+	r.s.log.Info("peer transfer broke; resuming from the next provider", "key", r.k, "peer", failed.p.ID.String(),
+		"at", r.off+r.pos, "err", cause)
+	errs := []error{fmt.Errorf("peer %s: %w", failed.p.ID, cause)}
+	for len(r.rest) > 0 {
+		p := r.rest[0]
+		r.rest = r.rest[1:]
+		actx, cancel := context.WithCancel(r.ctx)
+		rc, total, err := r.s.getter.GetRange(actx, p, r.k, r.off+r.pos, r.want-r.pos)
+		if err == nil && total != r.total {
+			rc.Close()
+			err = fmt.Errorf("size %d, expected %d", total, r.total)
+			r.s.m.peerErrors.WithLabelValues("size").Inc()
+		}
+		if err != nil {
+			cancel()
+			errs = append(errs, fmt.Errorf("peer %s: %w", p.ID, err))
+			if !errors.Is(err, blob.ErrNotFound) && r.ctx.Err() == nil {
+				r.s.penalize(p.ID, err)
+			}
+			continue
+		}
+		r.s.m.resumes.Inc()
+		r.cur = &attempt{p: p, rc: rc, total: total, cancel: cancel}
+		if !slices.Contains(r.origins, p.ID.String()) {
+			r.origins = append(r.origins, p.ID.String())
+		}
+		return nil
+	}
+	return fmt.Errorf("%s at byte %d: %w", r.k, r.off+r.pos, errors.Join(errs...))
+}
+
+func (r *peerReader) Close() error {
+	if r.closed {
+		return nil
+	}
+	r.closed = true
+	if r.cur != nil {
+		r.cur.rc.Close()
+		r.cur.cancel()
+		r.cur = nil
+	}
+	return nil
+}
