@@ -3,136 +3,126 @@ package p2p
 import (
 	"context"
 	"errors"
-	"fmt"
-	"io"
-	"slices"
 	"time"
-
-	"github.com/libp2p/go-libp2p/core/peer"
-	"github.com/peerd-project/peerd/blob"
 )
 
-type attempt struct {
+// hedge runs up to n tries of one request, one after the other: the next
+// starts at once when a try fails, or after delay() when the tries in
+// flight are slow. The first success wins and every other try is cancelled,
+// so a slow provider costs a request at most the hedge delay and a failed
+// one nothing.
+type hedge[T any] struct {
+	// delay is how long the tries in flight may take before the next
+	// starts; it is asked again for every wait.
+	delay func() time.Duration
+	// hedged, when not nil, is called for each try started because the
+	// ones in flight were slow (not because one failed).
+	hedged func()
+	// drop, when not nil, releases what a try returned after it lost the
+	// race or the run ended without it (called in the background).
+	drop func(T)
+}
+
+// hedgeWin is the try that won: its index, its value, and the cancel
+// function of its context, which stays alive for the winner's use (reading a
+// body) until the caller cancels it.
+type hedgeWin[T any] struct {
 	idx    int
-	p      peer.AddrInfo
-	rc     io.ReadCloser
-	total  int64
+	v      T
 	cancel context.CancelFunc
+}
+
+// errTriesFailed is run's error when every try failed (and ctx did not end).
+var errTriesFailed = errors.New("every try failed")
+
+type hedgeResult[T any] struct {
+	idx    int
+	v      T
 	err    error
+	cancel context.CancelFunc
 }
 
-// hedged asks providers one after the other: the next on an error or "don't
-// have" at once, or after the hedge delay when the current one is slow. The
-// first answer wins; the others are cancelled. It also returns the providers
-// not yet asked, for resuming.
-func (s *Source) hedged(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off, n int64) (*attempt, []peer.AddrInfo, error) {
-	return s.hedgedOpt(ctx, ps, k, off, n, true)
-}
-
-// hedgedOpt is hedged; learn says whether first-byte times feed the hedge
-// delay (not for swarm requests, whose answers wait for in-flight chunks).
-func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off, n int64, learn bool) (*attempt, []peer.AddrInfo, error) {
-	results := make(chan *attempt, len(ps))
-	cancels := make([]context.CancelFunc, 0, len(ps))
-	launch := func(p peer.AddrInfo) {
+// run calls try(ctx, i) for i = 0, 1, ... < n as above, each in its own
+// goroutine under its own child of ctx. failed is called, in run's
+// goroutine, with each failed try; a non-nil return ends the run at once
+// with that error. run returns the winner and how many tries it started
+// (the caller's remaining candidates start there); errTriesFailed when
+// every try failed; ctx's error when ctx ended first.
+func (h hedge[T]) run(ctx context.Context, n int, try func(ctx context.Context, i int) (T, error), failed func(i int, err error) error) (hedgeWin[T], int, error) {
+	results := make(chan hedgeResult[T], n)
+	cancels := make([]context.CancelFunc, 0, n)
+	launch := func() {
 		actx, cancel := context.WithCancel(ctx)
 		idx := len(cancels)
 		cancels = append(cancels, cancel)
 		go func() {
-			start := s.now()
-			rc, total, err := s.getter.GetRange(actx, p, k, off, n)
-			if err == nil {
-				if learn {
-					s.lat.add(s.now().Sub(start))
-				}
-				s.succeeded(p.ID)
-			}
-			results <- &attempt{idx: idx, p: p, rc: rc, total: total, cancel: cancel, err: err}
+			v, err := try(actx, idx)
+			results <- hedgeResult[T]{idx: idx, v: v, err: err, cancel: cancel}
 		}()
 	}
-	next, inflight := 0, 0
-	launch(ps[next])
-	next, inflight = next+1, inflight+1
-	timer := time.NewTimer(s.lat.hedgeDelay())
-	defer timer.Stop()
-	var errs []error
-	allNotFound := true
-	// drain closes what the attempts still in flight return; they were
-	// cancelled, so they end soon.
-	drain := func(left int) {
-		if left == 0 {
-			return
+	// stop cancels every try but keep (-1: all) and releases, in the
+	// background, what those still in flight return; cancelled, they end
+	// soon.
+	inflight := 0
+	stop := func(keep int) {
+		for i, c := range cancels {
+			if i != keep {
+				c()
+			}
 		}
-		go func() {
-			for i := 0; i < left; i++ {
-				if r := <-results; r.rc != nil {
-					r.rc.Close()
+		if left := inflight; left > 0 {
+			go func() {
+				for range left {
+					if r := <-results; h.drop != nil {
+						h.drop(r.v)
+					}
 				}
-			}
-		}()
+			}()
+		}
 	}
+	var zero hedgeWin[T]
+	if n <= 0 {
+		return zero, 0, errTriesFailed
+	}
+	launch()
+	inflight++
+	timer := time.NewTimer(h.delay())
+	defer timer.Stop()
 	for {
 		select {
 		case r := <-results:
 			inflight--
 			if r.err == nil {
-				for i, c := range cancels {
-					if i != r.idx {
-						c()
-					}
-				}
-				drain(inflight)
-				return r, slices.Clone(ps[next:]), nil
+				stop(r.idx)
+				return hedgeWin[T]{idx: r.idx, v: r.v, cancel: r.cancel}, len(cancels), nil
 			}
 			r.cancel()
-			if errors.Is(r.err, ErrRangeNotSatisfiable) {
-				// The asker's range is past the end: no provider can
-				// serve it and this one is not at fault.
-				for _, c := range cancels {
-					c()
-				}
-				drain(inflight)
-				return nil, nil, fmt.Errorf("%s range %d+%d: %w", k, off, n, r.err)
+			if err := failed(r.idx, r.err); err != nil {
+				stop(-1)
+				return zero, 0, err
 			}
-			if ctx.Err() == nil {
-				s.log.Debug("peer fetch failed; trying the next provider", "key", k, "peer", r.p.ID.String(), "off", off, "err", r.err)
-			}
-			errs = append(errs, fmt.Errorf("peer %s: %w", r.p.ID, r.err))
-			if !errors.Is(r.err, blob.ErrNotFound) {
-				allNotFound = false
-				if ctx.Err() == nil {
-					s.penalize(r.p.ID, r.err)
-				}
-			}
-			if next < len(ps) {
-				launch(ps[next])
-				next, inflight = next+1, inflight+1
-				resetTimer(timer, s.lat.hedgeDelay())
+			if len(cancels) < n {
+				launch()
+				inflight++
+				resetTimer(timer, h.delay())
 			} else if inflight == 0 {
 				if err := ctx.Err(); err != nil {
-					return nil, nil, err
+					return zero, 0, err
 				}
-				err := errors.Join(errs...)
-				if allNotFound {
-					return nil, nil, fmt.Errorf("%s range %d+%d: %w (no provider holds it: %v)", k, off, n, blob.ErrNotFound, err)
-				}
-				// %v, not %w: a "don't have" among real failures must not
-				// make the whole answer look like a clean ErrNotFound.
-				return nil, nil, fmt.Errorf("%s range %d+%d from peers: %v", k, off, n, err)
+				return zero, 0, errTriesFailed
 			}
 		case <-timer.C:
-			if next < len(ps) {
-				s.m.hedges.Inc()
-				launch(ps[next])
-				next, inflight = next+1, inflight+1
-				timer.Reset(s.lat.hedgeDelay())
+			if len(cancels) < n {
+				if h.hedged != nil {
+					h.hedged()
+				}
+				launch()
+				inflight++
+				timer.Reset(h.delay())
 			}
 		case <-ctx.Done():
-			for _, c := range cancels {
-				c()
-			}
-			drain(inflight)
-			return nil, nil, ctx.Err()
+			stop(-1)
+			return zero, 0, ctx.Err()
 		}
 	}
 }

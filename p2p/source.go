@@ -2,9 +2,11 @@ package p2p
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -141,4 +143,85 @@ func (s *Source) Fetch(ctx context.Context, k blob.Key, off, n int64) (io.ReadCl
 	}
 	return &peerReader{s: s, ctx: ctx, k: k, off: off, want: want, total: res.total,
 		cur: res, rest: rest, origins: []string{res.p.ID.String()}}, res.total, nil
+}
+
+// attempt is one provider's answer to a range request: the body being read,
+// the blob's size, and the cancel function of the request's context.
+type attempt struct {
+	p      peer.AddrInfo
+	rc     io.ReadCloser
+	total  int64
+	cancel context.CancelFunc
+}
+
+// hedged asks providers one after the other: the next on an error or "don't
+// have" at once, or after the hedge delay when the current one is slow. The
+// first answer wins; the others are cancelled. It also returns the providers
+// not yet asked, for resuming.
+func (s *Source) hedged(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off, n int64) (*attempt, []peer.AddrInfo, error) {
+	return s.hedgedOpt(ctx, ps, k, off, n, true)
+}
+
+// hedgedOpt is hedged; learn says whether first-byte times feed the hedge
+// delay (not for swarm requests, whose answers wait for in-flight chunks).
+func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off, n int64, learn bool) (*attempt, []peer.AddrInfo, error) {
+	type body struct {
+		rc    io.ReadCloser
+		total int64
+	}
+	h := hedge[body]{
+		delay:  s.lat.hedgeDelay,
+		hedged: s.m.hedges.Inc,
+		drop: func(b body) {
+			if b.rc != nil {
+				b.rc.Close()
+			}
+		},
+	}
+	get := func(actx context.Context, i int) (body, error) {
+		start := s.now()
+		rc, total, err := s.getter.GetRange(actx, ps[i], k, off, n)
+		if err == nil {
+			if learn {
+				s.lat.add(s.now().Sub(start))
+			}
+			s.succeeded(ps[i].ID)
+		}
+		return body{rc, total}, err
+	}
+	var errs []error
+	allNotFound := true
+	failed := func(i int, err error) error {
+		p := ps[i]
+		if errors.Is(err, ErrRangeNotSatisfiable) {
+			// The asker's range is past the end: no provider can serve it
+			// and this one is not at fault.
+			return fmt.Errorf("%s range %d+%d: %w", k, off, n, err)
+		}
+		if ctx.Err() == nil {
+			s.log.Debug("peer fetch failed; trying the next provider", "key", k, "peer", p.ID.String(), "off", off, "err", err)
+		}
+		errs = append(errs, fmt.Errorf("peer %s: %w", p.ID, err))
+		if !errors.Is(err, blob.ErrNotFound) {
+			allNotFound = false
+			if ctx.Err() == nil {
+				s.penalize(p.ID, err)
+			}
+		}
+		return nil
+	}
+	win, asked, err := h.run(ctx, len(ps), get, failed)
+	switch {
+	case err == nil:
+		return &attempt{p: ps[win.idx], rc: win.v.rc, total: win.v.total, cancel: win.cancel}, slices.Clone(ps[asked:]), nil
+	case !errors.Is(err, errTriesFailed):
+		return nil, nil, err
+	}
+	err = errors.Join(errs...)
+	if allNotFound {
+		return nil, nil, fmt.Errorf("%s range %d+%d: %w (no provider holds it: %v)", k, off, n, blob.ErrNotFound, err)
+	}
+	// %v, not %w: a "don't have" among real failures must not make the
+	// whole answer look like a clean ErrNotFound.
+	return nil, nil, fmt.Errorf("%s range %d+%d from peers: %v", k, off, n, err)
 }
