@@ -32,7 +32,8 @@ func (f *dhtFinder) FindProviders(ctx context.Context, k blob.Key, first func([]
 
 // collectProviders reads a lookup's providers from ch until it closes, ctx
 // ends, no provider came for gap since the last one, or grace passed since
-// the first. first, when not nil, is called with the first provider.
+// the first (gap <= 0: no bound on pauses). first, when not nil, is called
+// with the first provider.
 func collectProviders(ctx context.Context, ch <-chan peer.AddrInfo, first func([]peer.AddrInfo), grace, gap time.Duration) []peer.AddrInfo {
 	var out []peer.AddrInfo
 	var graceC, gapC <-chan time.Time
@@ -44,7 +45,7 @@ func collectProviders(ctx context.Context, ch <-chan peer.AddrInfo, first func([
 				return out
 			}
 			out = append(out, ai)
-			if gapT == nil {
+			if graceC == nil {
 				if first != nil {
 					first(out)
 					// Let the caller that first woke run now: otherwise it
@@ -56,10 +57,12 @@ func collectProviders(ctx context.Context, ch <-chan peer.AddrInfo, first func([
 				t := time.NewTimer(grace)
 				defer t.Stop()
 				graceC = t.C
-				gapT = time.NewTimer(gap)
-				defer gapT.Stop()
-				gapC = gapT.C
-			} else {
+				if gap > 0 {
+					gapT = time.NewTimer(gap)
+					defer gapT.Stop()
+					gapC = gapT.C
+				}
+			} else if gapT != nil {
 				resetTimer(gapT, gap)
 			}
 		case <-gapC:

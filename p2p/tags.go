@@ -46,6 +46,10 @@ const (
 	// answer after the first did (a newer answer may be among them).
 	tagAskFanout = 3
 	tagAskGrace  = 100 * time.Millisecond
+	// A lookup collects providers for tagFindGrace after the first: a few
+	// more give the newest-answer choice and failover; the whole query is
+	// not worth waiting for.
+	tagFindGrace = 20 * time.Millisecond
 	// tagLocalTimeout bounds a lookup in the local image store for a peer.
 	tagLocalTimeout = 5 * time.Second
 	// maxTagAnswers bounds the peers' questions answered at once (each is
@@ -374,34 +378,12 @@ func (t *Tags) askSome(ctx context.Context, r TagRef, ps []peer.AddrInfo) (TagTa
 	return TagTarget{}, "", fmt.Errorf("tag %s: no provider holds it any more: %w", r, blob.ErrNotFound)
 }
 
-// findTagProviders looks the tag key up on the DHT until ctx ends or the
-// query is over.
+// findTagProviders looks the tag key up on the DHT until ctx ends, the
+// query is over, or tagFindGrace passed since the first provider.
 func (n *Node) findTagProviders(ctx context.Context, c cid.Cid) []peer.AddrInfo {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	var out []peer.AddrInfo
-	ch := n.dht.FindProvidersAsync(ctx, c, 2*tagAskFanout)
-	var grace <-chan time.Time
-	for {
-		select {
-		case ai, ok := <-ch:
-			if !ok {
-				return out
-			}
-			out = append(out, ai)
-			if grace == nil {
-				// A few more providers give the newest-answer choice and
-				// failover; the whole query is not worth waiting for.
-				tm := time.NewTimer(20 * time.Millisecond)
-				defer tm.Stop()
-				grace = tm.C
-			}
-		case <-grace:
-			return out
-		case <-ctx.Done():
-			return out
-		}
-	}
+	return collectProviders(ctx, n.dht.FindProvidersAsync(ctx, c, 2*tagAskFanout), nil, tagFindGrace, 0)
 }
 
 // askTag asks one peer's data plane what a tag points to.
