@@ -159,30 +159,9 @@ func ParseBootstrap(addrs []string) ([]peer.AddrInfo, error) {
 // New starts the host, the DHT, the data-plane server and the background
 // loops (bootstrap, advertising). Close stops them.
 func New(ctx context.Context, cfg Config) (*Node, error) {
-	if cfg.Key == nil {
-		return nil, errors.New("p2p: no identity key")
-	}
-	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
-	}
-	if cfg.ResolveTimeout <= 0 {
-		cfg.ResolveTimeout = 20 * time.Millisecond
-	}
-	if cfg.ResolveRetries < 0 {
-		cfg.ResolveRetries = 0
-	}
-	if cfg.ReprovideInterval <= 0 {
-		cfg.ReprovideInterval = time.Hour
-	}
-	if cfg.ListenAddr == "" {
-		cfg.ListenAddr = "/ip4/0.0.0.0/tcp/30001"
-	}
-	if cfg.PeerAddr == "" {
-		pa, err := DefaultPeerAddr(cfg.ListenAddr)
-		if err != nil {
-			return nil, err
-		}
-		cfg.PeerAddr = pa
+	cfg, err := withDefaults(cfg)
+	if err != nil {
+		return nil, err
 	}
 	boot, err := ParseBootstrap(cfg.Bootstrap)
 	if err != nil {
@@ -203,7 +182,62 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, err
 	}
+	if n.host, err = newHost(cfg, listen, reg); err != nil {
+		return nil, err
+	}
+	n.ctx, n.cancel = context.WithCancel(context.Background())
+	if n.dht, err = n.newDHT(); err != nil {
+		n.host.Close()
+		return nil, fmt.Errorf("start DHT: %w", err)
+	}
+	if err := n.startDataPlane(); err != nil {
+		n.dht.Close()
+		n.host.Close()
+		return nil, err
+	}
+	n.registerGauges(reg)
+	n.watchConnections()
+	n.AddBootstrap(boot...)
+	n.remembered = loadPeerBook(cfg.PeerBook)
+	n.startLoops()
+	n.log.Info("p2p node started", "peer-id", n.self.String(), "addrs", fmt.Sprint(n.Addrs()), "peer-addr", n.server.addr(),
+		"bootstrap", len(boot), "private-network", cfg.SwarmKey != nil)
+	return n, nil
+}
 
+// withDefaults checks cfg and fills in what it leaves unset.
+func withDefaults(cfg Config) (Config, error) {
+	if cfg.Key == nil {
+		return cfg, errors.New("p2p: no identity key")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.ResolveTimeout <= 0 {
+		cfg.ResolveTimeout = 20 * time.Millisecond
+	}
+	if cfg.ResolveRetries < 0 {
+		cfg.ResolveRetries = 0
+	}
+	if cfg.ReprovideInterval <= 0 {
+		cfg.ReprovideInterval = time.Hour
+	}
+	if cfg.ListenAddr == "" {
+		cfg.ListenAddr = "/ip4/0.0.0.0/tcp/30001"
+	}
+	if cfg.PeerAddr == "" {
+		pa, err := DefaultPeerAddr(cfg.ListenAddr)
+		if err != nil {
+			return cfg, err
+		}
+		cfg.PeerAddr = pa
+	}
+	return cfg, nil
+}
+
+// newHost starts the libp2p host: TCP only, limits scaled to the machine,
+// advertising exactly the listen address.
+func newHost(cfg Config, listen ma.Multiaddr, reg prometheus.Registerer) (host.Host, error) {
 	// Limits scaled to the machine (memory, file descriptors), with the
 	// defaults for libp2p's own services; the DHT and our small address
 	// protocol fit well inside the per-peer defaults.
@@ -249,14 +283,17 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start libp2p host on %s: %w", cfg.ListenAddr, err)
 	}
-	n.host = h
-	n.ctx, n.cancel = context.WithCancel(context.Background())
+	return h, nil
+}
 
-	validity := 3 * cfg.ReprovideInterval
+// newDHT starts the node's Kademlia DHT on its host: a server, on peerd's
+// own protocol prefix, carrying provider records only.
+func (n *Node) newDHT() (*dht.IpfsDHT, error) {
+	validity := 3 * n.cfg.ReprovideInterval
 	if validity < 10*time.Minute {
 		validity = 10 * time.Minute
 	}
-	n.dht, err = dht.New(h,
+	return dht.New(n.host,
 		dht.Mode(dht.ModeServer),
 		dht.ProtocolPrefix(ProtocolPrefix),
 		dht.DisableValues(),
@@ -268,32 +305,38 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 		// not a copy of every record stored (see recordStore).
 		dht.ProviderDatastore(newRecordStore(maxProviderRecords, func(c int) { n.m.records.Set(float64(c)) }, n.m.refused.Inc)),
 	)
-	if err != nil {
-		h.Close()
-		return nil, fmt.Errorf("start DHT: %w", err)
-	}
+}
 
+// startDataPlane makes the data-plane client and server, the peer source
+// reading through them, and the advertiser.
+func (n *Node) startDataPlane() error {
+	var err error
 	n.client = newDataClient(n)
-	n.server, err = newDataServer(n, cfg.PeerAddr, cfg.Stores)
+	n.server, err = newDataServer(n, n.cfg.PeerAddr, n.cfg.Stores)
 	if err != nil {
-		n.dht.Close()
-		h.Close()
-		return nil, err
+		return err
 	}
-	n.source = newSource(n.self, &dhtFinder{n: n}, n.client, n.m, n.log, cfg.ResolveTimeout, cfg.ResolveRetries)
+	n.source = newSource(n.self, &dhtFinder{n: n}, n.client, n.m, n.log, n.cfg.ResolveTimeout, n.cfg.ResolveRetries)
 	n.source.bg = n.ctx
-	n.adv = newBlobAdvertiser(n, cfg.ReprovideInterval)
+	n.adv = newBlobAdvertiser(n, n.cfg.ReprovideInterval)
+	return nil
+}
 
+// registerGauges registers the gauges read from the host and the DHT.
+func (n *Node) registerGauges(reg prometheus.Registerer) {
 	reg.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "peerd_p2p_connected_peers", Help: "Peers with an open libp2p connection."},
-			func() float64 { return float64(len(h.Network().Peers())) }),
+			func() float64 { return float64(len(n.host.Network().Peers())) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "peerd_p2p_routing_table_peers", Help: "Peers in the DHT routing table."},
 			func() float64 { return float64(n.RoutingTableSize()) }),
 	)
+}
 
-	// Losing the last peer restarts the bootstrap backoff at once instead of
-	// waiting out the connected-state poll interval.
-	h.Network().Notify(&network.NotifyBundle{
+// watchConnections reacts to peers connecting and disconnecting.
+func (n *Node) watchConnections() {
+	n.host.Network().Notify(&network.NotifyBundle{
+		// Losing the last peer restarts the bootstrap backoff at once
+		// instead of waiting out the connected-state poll interval.
 		DisconnectedF: func(nw network.Network, _ network.Conn) {
 			if len(nw.Peers()) == 0 {
 				n.kickBootstrap()
@@ -303,16 +346,16 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 		// its dial failures while it was down say nothing about it now.
 		ConnectedF: func(_ network.Network, c network.Conn) { n.source.succeeded(c.RemotePeer()) },
 	})
-	n.AddBootstrap(boot...)
-	n.remembered = loadPeerBook(cfg.PeerBook)
+}
+
+// startLoops starts the data-plane server and the background loops; Close
+// waits for them.
+func (n *Node) startLoops() {
 	n.wg.Add(4)
 	go func() { defer n.wg.Done(); n.server.serve() }()
 	go func() { defer n.wg.Done(); n.clientGC() }()
 	go func() { defer n.wg.Done(); n.bootstrapLoop() }()
 	go func() { defer n.wg.Done(); n.adv.run(n.ctx) }()
-	n.log.Info("p2p node started", "peer-id", n.self.String(), "addrs", fmt.Sprint(n.Addrs()), "peer-addr", n.server.addr(),
-		"bootstrap", len(boot), "private-network", cfg.SwarmKey != nil)
-	return n, nil
 }
 
 // listenOnly keeps the host's addresses on the IP we listen on (all of them
@@ -437,105 +480,146 @@ func (n *Node) Ready() error {
 	return errors.New("p2p: not connected to any peer yet (bootstrap peers unreachable)")
 }
 
+// The bootstrap loop's wait between rounds: it starts at bootMinWait and
+// doubles up to bootMaxWait while the node is cut off; a connected node
+// checks every bootMaxWait.
+const bootMinWait, bootMaxWait = 250 * time.Millisecond, 30 * time.Second
+
 // bootstrapLoop dials bootstrap peers until the node is connected, with
 // backoff, and again whenever it loses every connection or new bootstrap
 // peers are added.
 func (n *Node) bootstrapLoop() {
-	const minWait, maxWait = 250 * time.Millisecond, 30 * time.Second
-	wait := minWait
+	wait := bootMinWait
 	refreshed := false
 	lastSave := time.Now()
 	for {
-		boot := n.bootstrapPeers()
-		peers := slices.Clone(boot)
-		known := make(map[peer.ID]bool, len(peers))
-		for _, ai := range peers {
-			known[ai.ID] = true
-		}
-		for _, ai := range n.remembered {
-			if !known[ai.ID] && ai.ID != n.self {
-				peers = append(peers, ai)
-			}
-		}
+		boot, peers := n.dialCandidates()
 		if time.Since(lastSave) > time.Minute && n.ConnectedPeers() > 0 {
 			if err := savePeerBook(n.cfg.PeerBook, n.connectedAddrInfos()); err != nil {
 				n.log.Debug("save peer book", "err", err)
 			}
 			lastSave = time.Now()
 		}
-		// Connected to nobody: dial the bootstrap and remembered peers.
-		// Connected, but to none of the bootstrap peers: dial those. A node
-		// whose own dial failed while others joined through it otherwise
-		// stays, with them, an island the rest of the network never sees:
-		// their lookups and records reach only each other.
-		alone := n.ConnectedPeers() == 0
-		island := !alone && len(boot) > 0 && !n.connectedToAny(boot)
-		if island {
-			peers = boot
-		}
-		if len(peers) > 0 && (alone || island) {
-			ok := 0
-			var lastErr error
-			for _, ai := range peers {
-				// Our own backoff paces these dials; the swarm's per-peer dial
-				// backoff (5 s and growing) would hide a peer that came back.
-				if sw, ok := n.host.Network().(*swarm.Swarm); ok {
-					sw.Backoff().Clear(ai.ID)
-				}
-				if err := n.Connect(n.ctx, ai); err != nil {
-					n.log.Debug("bootstrap peer unreachable", "peer", ai.ID.String(), "err", err)
-					lastErr = err
-					continue
-				}
-				ok++
-			}
-			if ok > 0 {
-				n.log.Info("connected to bootstrap peers", "connected", ok, "of", len(peers))
-				wait = minWait
-			} else if island {
-				n.log.Warn("connected to peers but to no bootstrap peer, which are unreachable; retrying", "peers", len(peers), "retry-in", wait, "last-err", lastErr)
-			} else if len(n.bootstrapPeers()) > 0 {
-				n.log.Warn("no bootstrap peer reachable; retrying", "peers", len(peers), "retry-in", wait, "last-err", lastErr)
-			} else {
-				n.log.Debug("no remembered peer reachable; retrying", "peers", len(peers), "retry-in", wait)
-			}
+		if n.dialIfCutOff(boot, peers, wait) {
+			wait = bootMinWait
 		}
 		if n.joined.Swap(false) {
 			refreshed = false
 		}
 		if !refreshed && n.ConnectedPeers() > 0 {
-			// Fill the routing table beyond the bootstrap peers, every bucket
-			// of it: kad-dht refreshes a bucket at most every 10 minutes, and
-			// its walk towards the node's own ID alone may not leave a group
-			// of more than 20 nodes that joined through each other (an
-			// island) for the bootstrap peer just reached.
-			t := time.NewTimer(15 * time.Second)
-			select {
-			case <-n.dht.ForceRefresh():
-			case <-t.C:
-			case <-n.ctx.Done():
-				t.Stop()
+			if !n.refreshEveryBucket() {
 				return
 			}
-			t.Stop()
 			refreshed = true
-			n.adv.kick()
 		}
-		t := time.NewTimer(wait)
-		select {
-		case <-n.ctx.Done():
-			t.Stop()
+		var ok bool
+		if wait, ok = n.bootstrapPause(wait); !ok {
 			return
-		case <-n.bootKick:
-			t.Stop()
-			wait = minWait
-		case <-t.C:
-			if b := n.bootstrapPeers(); n.ConnectedPeers() == 0 || (len(b) > 0 && !n.connectedToAny(b)) {
-				wait = min(wait*2, maxWait)
-			} else {
-				wait = maxWait
-			}
 		}
+	}
+}
+
+// dialCandidates returns the bootstrap peers, and those followed by the
+// remembered peers that are not among them.
+func (n *Node) dialCandidates() (boot, peers []peer.AddrInfo) {
+	boot = n.bootstrapPeers()
+	peers = slices.Clone(boot)
+	known := make(map[peer.ID]bool, len(peers))
+	for _, ai := range peers {
+		known[ai.ID] = true
+	}
+	for _, ai := range n.remembered {
+		if !known[ai.ID] && ai.ID != n.self {
+			peers = append(peers, ai)
+		}
+	}
+	return boot, peers
+}
+
+// dialIfCutOff dials when the node is cut off, and reports whether it
+// reached anyone. Connected to nobody: it dials peers (the bootstrap and
+// remembered ones). Connected, but to none of the bootstrap peers: it dials
+// those. A node whose own dial failed while others joined through it
+// otherwise stays, with them, an island the rest of the network never sees:
+// their lookups and records reach only each other. wait is only logged.
+func (n *Node) dialIfCutOff(boot, peers []peer.AddrInfo, wait time.Duration) bool {
+	alone := n.ConnectedPeers() == 0
+	island := !alone && len(boot) > 0 && !n.connectedToAny(boot)
+	if island {
+		peers = boot
+	}
+	if len(peers) == 0 || !(alone || island) {
+		return false
+	}
+	ok, lastErr := n.dialAll(peers)
+	switch {
+	case ok > 0:
+		n.log.Info("connected to bootstrap peers", "connected", ok, "of", len(peers))
+		return true
+	case island:
+		n.log.Warn("connected to peers but to no bootstrap peer, which are unreachable; retrying", "peers", len(peers), "retry-in", wait, "last-err", lastErr)
+	case len(n.bootstrapPeers()) > 0:
+		n.log.Warn("no bootstrap peer reachable; retrying", "peers", len(peers), "retry-in", wait, "last-err", lastErr)
+	default:
+		n.log.Debug("no remembered peer reachable; retrying", "peers", len(peers), "retry-in", wait)
+	}
+	return false
+}
+
+// dialAll dials every peer of peers and returns how many it reached and the
+// last error.
+func (n *Node) dialAll(peers []peer.AddrInfo) (ok int, lastErr error) {
+	for _, ai := range peers {
+		// Our own backoff paces these dials; the swarm's per-peer dial
+		// backoff (5 s and growing) would hide a peer that came back.
+		if sw, isSwarm := n.host.Network().(*swarm.Swarm); isSwarm {
+			sw.Backoff().Clear(ai.ID)
+		}
+		if err := n.Connect(n.ctx, ai); err != nil {
+			n.log.Debug("bootstrap peer unreachable", "peer", ai.ID.String(), "err", err)
+			lastErr = err
+			continue
+		}
+		ok++
+	}
+	return ok, lastErr
+}
+
+// refreshEveryBucket fills the routing table beyond the bootstrap peers,
+// every bucket of it, then has every held blob advertised again: kad-dht
+// refreshes a bucket at most every 10 minutes, and its walk towards the
+// node's own ID alone may not leave a group of more than 20 nodes that
+// joined through each other (an island) for the bootstrap peer just
+// reached. It reports false when the node is closing.
+func (n *Node) refreshEveryBucket() bool {
+	t := time.NewTimer(15 * time.Second)
+	defer t.Stop()
+	select {
+	case <-n.dht.ForceRefresh():
+	case <-t.C:
+	case <-n.ctx.Done():
+		return false
+	}
+	n.adv.kick()
+	return true
+}
+
+// bootstrapPause waits out one round of the bootstrap loop: wait, or less
+// when kicked (then the next wait starts over). It returns the next wait,
+// and false when the node is closing.
+func (n *Node) bootstrapPause(wait time.Duration) (time.Duration, bool) {
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-n.ctx.Done():
+		return 0, false
+	case <-n.bootKick:
+		return bootMinWait, true
+	case <-t.C:
+		if b := n.bootstrapPeers(); n.ConnectedPeers() == 0 || (len(b) > 0 && !n.connectedToAny(b)) {
+			return min(wait*2, bootMaxWait), true
+		}
+		return bootMaxWait, true
 	}
 }
 
