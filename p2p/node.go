@@ -15,27 +15,17 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"slices"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/libp2p/go-libp2p"
 	dht "github.com/libp2p/go-libp2p-kad-dht"
-	"github.com/libp2p/go-libp2p-kad-dht/records"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/pnet"
-	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
-	"github.com/libp2p/go-libp2p/p2p/net/connmgr"
-	"github.com/libp2p/go-libp2p/p2p/net/swarm"
-	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
 	ma "github.com/multiformats/go-multiaddr"
-	manet "github.com/multiformats/go-multiaddr/net"
 	"github.com/peerd-project/peerd/blob"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -117,45 +107,6 @@ type Node struct {
 	lookups   atomic.Int64
 }
 
-// DefaultPeerAddr derives the data-plane address from the libp2p listen
-// multiaddr: same IP, port + 1 (0 stays 0).
-func DefaultPeerAddr(listen string) (string, error) {
-	m, err := ma.NewMultiaddr(listen)
-	if err != nil {
-		return "", fmt.Errorf("--p2p-addr %q: %w", listen, err)
-	}
-	na, err := manet.ToNetAddr(m)
-	if err != nil {
-		return "", fmt.Errorf("--p2p-addr %q: %w", listen, err)
-	}
-	ta, ok := na.(*net.TCPAddr)
-	if !ok {
-		return "", fmt.Errorf("--p2p-addr %q: want a /tcp address", listen)
-	}
-	port := 0
-	if ta.Port != 0 {
-		port = ta.Port + 1
-	}
-	return net.JoinHostPort(ta.IP.String(), strconv.Itoa(port)), nil
-}
-
-// ParseBootstrap parses multiaddrs ending in /p2p/<id>, merging addresses of
-// the same peer.
-func ParseBootstrap(addrs []string) ([]peer.AddrInfo, error) {
-	var mas []ma.Multiaddr
-	for _, s := range addrs {
-		m, err := ma.NewMultiaddr(s)
-		if err != nil {
-			return nil, fmt.Errorf("bootstrap address %q: %w", s, err)
-		}
-		if _, err := m.ValueForProtocol(ma.P_P2P); err != nil {
-			return nil, fmt.Errorf("bootstrap address %q: missing /p2p/<peer id>", s)
-		}
-		mas = append(mas, m)
-	}
-	return peer.AddrInfosFromP2pAddrs(mas...)
-}
-
 // New starts the host, the DHT, the data-plane server and the background
 // loops (bootstrap, advertising). Close stops them.
 func New(ctx context.Context, cfg Config) (*Node, error) {
@@ -235,78 +186,6 @@ func withDefaults(cfg Config) (Config, error) {
 	return cfg, nil
 }
 
-// newHost starts the libp2p host: TCP only, limits scaled to the machine,
-// advertising exactly the listen address.
-func newHost(cfg Config, listen ma.Multiaddr, reg prometheus.Registerer) (host.Host, error) {
-	// Limits scaled to the machine (memory, file descriptors), with the
-	// defaults for libp2p's own services; the DHT and our small address
-	// protocol fit well inside the per-peer defaults.
-	limits := rcmgr.DefaultLimits
-	libp2p.SetDefaultServiceLimits(&limits)
-	rcmgr.MustRegisterWith(reg)
-	str, err := rcmgr.NewStatsTraceReporter()
-	if err != nil {
-		return nil, err
-	}
-	scaled := limits.AutoScale()
-	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(scaled), rcmgr.WithTraceReporter(str))
-	if err != nil {
-		return nil, fmt.Errorf("p2p resource manager: %w", err)
-	}
-	low, high := connWatermarks(scaled)
-	cm, err := connmgr.NewConnManager(low, high, connmgr.WithGracePeriod(time.Minute))
-	if err != nil {
-		rm.Close()
-		return nil, err
-	}
-	opts := []libp2p.Option{
-		libp2p.Identity(cfg.Key),
-		libp2p.ListenAddrs(listen),
-		// TCP only: a private network key works with TCP, and a LAN needs
-		// neither QUIC's NAT traversal nor WebRTC/WebTransport.
-		libp2p.Transport(tcp.NewTCPTransport),
-		libp2p.ResourceManager(rm),
-		libp2p.ConnectionManager(cm),
-		libp2p.DisableRelay(),
-		libp2p.DisableIdentifyAddressDiscovery(),
-		libp2p.PrometheusRegisterer(reg),
-		libp2p.UserAgent(cfg.UserAgent),
-		libp2p.WithDialTimeout(5 * time.Second),
-		// Advertise exactly what we listen on: a node bound to 127.0.0.3
-		// must never be reached through another address of the machine.
-		libp2p.AddrsFactory(func(addrs []ma.Multiaddr) []ma.Multiaddr { return listenOnly(listen, addrs) }),
-	}
-	if cfg.SwarmKey != nil {
-		opts = append(opts, libp2p.PrivateNetwork(cfg.SwarmKey))
-	}
-	h, err := libp2p.New(opts...)
-	if err != nil {
-		return nil, fmt.Errorf("start libp2p host on %s: %w", cfg.ListenAddr, err)
-	}
-	return h, nil
-}
-
-// newDHT starts the node's Kademlia DHT on its host: a server, on peerd's
-// own protocol prefix, carrying provider records only.
-func (n *Node) newDHT() (*dht.IpfsDHT, error) {
-	validity := 3 * n.cfg.ReprovideInterval
-	if validity < 10*time.Minute {
-		validity = 10 * time.Minute
-	}
-	return dht.New(n.host,
-		dht.Mode(dht.ModeServer),
-		dht.ProtocolPrefix(ProtocolPrefix),
-		dht.DisableValues(),
-		dht.BootstrapPeersFunc(n.bootstrapPeers),
-		// Provider records outlive a missed reprovide or two, and no more:
-		// a node that stopped holding a blob drops out of lookups soon.
-		dht.ProviderManagerOpts(records.ProvideValidity(validity), records.ProviderAddrTTL(validity)),
-		// Indexed by blob: a provider query costs the records of that blob,
-		// not a copy of every record stored (see recordStore).
-		dht.ProviderDatastore(newRecordStore(maxProviderRecords, func(c int) { n.m.records.Set(float64(c)) }, n.m.refused.Inc)),
-	)
-}
-
 // startDataPlane makes the data-plane client and server, the peer source
 // reading through them, and the advertiser.
 func (n *Node) startDataPlane() error {
@@ -358,22 +237,6 @@ func (n *Node) startLoops() {
 	go func() { defer n.wg.Done(); n.adv.run(n.ctx) }()
 }
 
-// listenOnly keeps the host's addresses on the IP we listen on (all of them
-// when listening on an unspecified address).
-func listenOnly(listen ma.Multiaddr, addrs []ma.Multiaddr) []ma.Multiaddr {
-	ip, err := manet.ToIP(listen)
-	if err != nil || ip.IsUnspecified() {
-		return addrs
-	}
-	var out []ma.Multiaddr
-	for _, a := range addrs {
-		if aip, err := manet.ToIP(a); err == nil && aip.Equal(ip) {
-			out = append(out, a)
-		}
-	}
-	return out
-}
-
 // ID is the node's peer ID.
 func (n *Node) ID() peer.ID { return n.self }
 
@@ -410,45 +273,6 @@ func (n *Node) Connect(ctx context.Context, ai peer.AddrInfo) error {
 	return nil
 }
 
-// AddBootstrap adds bootstrap peers at runtime (static flags, a Kubernetes
-// Lease holder, ...); the bootstrap loop dials them until one answers.
-func (n *Node) AddBootstrap(ais ...peer.AddrInfo) {
-	n.bootMu.Lock()
-	added := 0
-	for _, ai := range ais {
-		if ai.ID == n.self || ai.ID == "" {
-			continue
-		}
-		old := n.bootstrap[ai.ID]
-		old.ID = ai.ID
-		old.Addrs = ma.Unique(append(old.Addrs, ai.Addrs...))
-		n.bootstrap[ai.ID] = old
-		n.host.ConnManager().Protect(ai.ID, "peerd-bootstrap")
-		added++
-	}
-	n.bootMu.Unlock()
-	if added > 0 {
-		n.kickBootstrap()
-	}
-}
-
-func (n *Node) kickBootstrap() {
-	select {
-	case n.bootKick <- struct{}{}:
-	default:
-	}
-}
-
-func (n *Node) bootstrapPeers() []peer.AddrInfo {
-	n.bootMu.Lock()
-	defer n.bootMu.Unlock()
-	out := make([]peer.AddrInfo, 0, len(n.bootstrap))
-	for _, ai := range n.bootstrap {
-		out = append(out, ai)
-	}
-	return out
-}
-
 // RoutingTableSize is the number of peers in the DHT routing table.
 func (n *Node) RoutingTableSize() int { return n.dht.RoutingTable().Size() }
 
@@ -478,149 +302,6 @@ func (n *Node) Ready() error {
 		return nil
 	}
 	return errors.New("p2p: not connected to any peer yet (bootstrap peers unreachable)")
-}
-
-// The bootstrap loop's wait between rounds: it starts at bootMinWait and
-// doubles up to bootMaxWait while the node is cut off; a connected node
-// checks every bootMaxWait.
-const bootMinWait, bootMaxWait = 250 * time.Millisecond, 30 * time.Second
-
-// bootstrapLoop dials bootstrap peers until the node is connected, with
-// backoff, and again whenever it loses every connection or new bootstrap
-// peers are added.
-func (n *Node) bootstrapLoop() {
-	wait := bootMinWait
-	refreshed := false
-	lastSave := time.Now()
-	for {
-		boot, peers := n.dialCandidates()
-		if time.Since(lastSave) > time.Minute && n.ConnectedPeers() > 0 {
-			if err := savePeerBook(n.cfg.PeerBook, n.connectedAddrInfos()); err != nil {
-				n.log.Debug("save peer book", "err", err)
-			}
-			lastSave = time.Now()
-		}
-		if n.dialIfCutOff(boot, peers, wait) {
-			wait = bootMinWait
-		}
-		if n.joined.Swap(false) {
-			refreshed = false
-		}
-		if !refreshed && n.ConnectedPeers() > 0 {
-			if !n.refreshEveryBucket() {
-				return
-			}
-			refreshed = true
-		}
-		var ok bool
-		if wait, ok = n.bootstrapPause(wait); !ok {
-			return
-		}
-	}
-}
-
-// dialCandidates returns the bootstrap peers, and those followed by the
-// remembered peers that are not among them.
-func (n *Node) dialCandidates() (boot, peers []peer.AddrInfo) {
-	boot = n.bootstrapPeers()
-	peers = slices.Clone(boot)
-	known := make(map[peer.ID]bool, len(peers))
-	for _, ai := range peers {
-		known[ai.ID] = true
-	}
-	for _, ai := range n.remembered {
-		if !known[ai.ID] && ai.ID != n.self {
-			peers = append(peers, ai)
-		}
-	}
-	return boot, peers
-}
-
-// dialIfCutOff dials when the node is cut off, and reports whether it
-// reached anyone. Connected to nobody: it dials peers (the bootstrap and
-// remembered ones). Connected, but to none of the bootstrap peers: it dials
-// those. A node whose own dial failed while others joined through it
-// otherwise stays, with them, an island the rest of the network never sees:
-// their lookups and records reach only each other. wait is only logged.
-func (n *Node) dialIfCutOff(boot, peers []peer.AddrInfo, wait time.Duration) bool {
-	alone := n.ConnectedPeers() == 0
-	island := !alone && len(boot) > 0 && !n.connectedToAny(boot)
-	if island {
-		peers = boot
-	}
-	if len(peers) == 0 || !(alone || island) {
-		return false
-	}
-	ok, lastErr := n.dialAll(peers)
-	switch {
-	case ok > 0:
-		n.log.Info("connected to bootstrap peers", "connected", ok, "of", len(peers))
-		return true
-	case island:
-		n.log.Warn("connected to peers but to no bootstrap peer, which are unreachable; retrying", "peers", len(peers), "retry-in", wait, "last-err", lastErr)
-	case len(n.bootstrapPeers()) > 0:
-		n.log.Warn("no bootstrap peer reachable; retrying", "peers", len(peers), "retry-in", wait, "last-err", lastErr)
-	default:
-		n.log.Debug("no remembered peer reachable; retrying", "peers", len(peers), "retry-in", wait)
-	}
-	return false
-}
-
-// dialAll dials every peer of peers and returns how many it reached and the
-// last error.
-func (n *Node) dialAll(peers []peer.AddrInfo) (ok int, lastErr error) {
-	for _, ai := range peers {
-		// Our own backoff paces these dials; the swarm's per-peer dial
-		// backoff (5 s and growing) would hide a peer that came back.
-		if sw, isSwarm := n.host.Network().(*swarm.Swarm); isSwarm {
-			sw.Backoff().Clear(ai.ID)
-		}
-		if err := n.Connect(n.ctx, ai); err != nil {
-			n.log.Debug("bootstrap peer unreachable", "peer", ai.ID.String(), "err", err)
-			lastErr = err
-			continue
-		}
-		ok++
-	}
-	return ok, lastErr
-}
-
-// refreshEveryBucket fills the routing table beyond the bootstrap peers,
-// every bucket of it, then has every held blob advertised again: kad-dht
-// refreshes a bucket at most every 10 minutes, and its walk towards the
-// node's own ID alone may not leave a group of more than 20 nodes that
-// joined through each other (an island) for the bootstrap peer just
-// reached. It reports false when the node is closing.
-func (n *Node) refreshEveryBucket() bool {
-	t := time.NewTimer(15 * time.Second)
-	defer t.Stop()
-	select {
-	case <-n.dht.ForceRefresh():
-	case <-t.C:
-	case <-n.ctx.Done():
-		return false
-	}
-	n.adv.kick()
-	return true
-}
-
-// bootstrapPause waits out one round of the bootstrap loop: wait, or less
-// when kicked (then the next wait starts over). It returns the next wait,
-// and false when the node is closing.
-func (n *Node) bootstrapPause(wait time.Duration) (time.Duration, bool) {
-	t := time.NewTimer(wait)
-	defer t.Stop()
-	select {
-	case <-n.ctx.Done():
-		return 0, false
-	case <-n.bootKick:
-		return bootMinWait, true
-	case <-t.C:
-		if b := n.bootstrapPeers(); n.ConnectedPeers() == 0 || (len(b) > 0 && !n.connectedToAny(b)) {
-			return min(wait*2, bootMaxWait), true
-		}
-		return bootMaxWait, true
-	}
 }
 
 // AddStore adds a local store served to peers after the configured ones
@@ -714,32 +395,4 @@ func (n *Node) Close() error {
 // connected reports whether p has an open libp2p connection to us.
 func (n *Node) connected(p peer.ID) bool {
 	return n.host.Network().Connectedness(p) == network.Connected
-}
-
-// connWatermarks are the connection manager's low and high water marks:
-// at most 400 connections, and below the resource manager's limit on
-// inbound connections (252 on a 24 GiB machine, 80 on 2 GiB). With the
-// high mark above that limit, a node many peers know (a bootstrap node,
-// one that served a popular blob) fills its inbound connections and
-// stays there: the connection manager never trims, because the total is
-// under its high mark, and the resource manager resets every new peer
-// during the handshake. In a 500-node network that refused the nodes that
-// tried to join through such a node, and lookups that needed to reach it.
-func connWatermarks(l rcmgr.ConcreteLimitConfig) (low, high int) {
-	high = 400
-	if in := int(l.ToPartialLimitConfig().System.ConnsInbound); in > 0 {
-		high = min(high, in*3/4)
-	}
-	high = max(high, 4)
-	return high / 2, high
-}
-
-// connectedToAny reports whether the node has a connection to one of ais.
-func (n *Node) connectedToAny(ais []peer.AddrInfo) bool {
-	for _, ai := range ais {
-		if n.connected(ai.ID) {
-			return true
-		}
-	}
-	return false
 }
