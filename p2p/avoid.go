@@ -8,6 +8,14 @@ import (
 	"github.com/peerd-project/peerd/blob"
 )
 
+const (
+	// A peer that failed is not asked for a while (doubling while it keeps
+	// failing); one whose bytes failed verification, for longer.
+	errorAvoid    = 5 * time.Second
+	maxErrorAvoid = 2 * time.Minute
+	blameAvoid    = 10 * time.Minute
+)
+
 type avoidEntry struct {
 	until  time.Time
 	blamed bool

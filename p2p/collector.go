@@ -9,6 +9,17 @@ import (
 	"github.com/peerd-project/peerd/blob"
 )
 
+const (
+	// After its first provider a lookup keeps collecting for providerGrace.
+	// One whose caller waits for that first provider stops sooner, at the
+	// first pause of providerGap (one answer carries every provider its peer
+	// knows): waiting for later answers costs the DHT query's work on this
+	// node (up to its concurrency of requests in flight) while the caller is
+	// already reading from the first provider. See dhtFinder.
+	providerGrace = 2 * time.Millisecond
+	providerGap   = 200 * time.Microsecond
+)
+
 // dhtFinder finds providers on the node's DHT.
 type dhtFinder struct{ n *Node }
 

@@ -6,6 +6,11 @@ import (
 	"time"
 )
 
+const (
+	// Hedge delay bounds; in between it follows the observed first-byte times.
+	minHedge, maxHedge, initialHedge = 5 * time.Millisecond, 500 * time.Millisecond, 50 * time.Millisecond
+)
+
 // latencies keeps recent first-byte times to set the hedge delay: about
 // twice the 90th percentile, so only a clearly slow provider is hedged.
 type latencies struct {

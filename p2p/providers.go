@@ -10,6 +10,25 @@ import (
 	"github.com/peerd-project/peerd/blob"
 )
 
+const (
+	// Provider lists are reused for a while so a blob costs one lookup, not
+	// one per chunk; an empty answer is remembered too, shorter, so a blob
+	// nobody has goes upstream at once and peers that start holding it are
+	// noticed soon.
+	positiveTTL = 30 * time.Second
+	negativeTTL = 5 * time.Second
+	// A lookup that ran out of time is followed by one bounded by
+	// lateFactor × --resolve-timeout, at least lateMin (see lookLaterLocked).
+	lateFactor = 10
+	lateMin    = 500 * time.Millisecond
+	// maxCachedKeys bounds how many blobs the provider cache holds.
+	maxCachedKeys = 8192
+	// defaultMissHedge is how long a swarm pull's first chunk waits for the
+	// first lookup before it starts from the origin anyway (firstSwarmLookup;
+	// SetMissHedge).
+	defaultMissHedge = 10 * time.Millisecond
+)
+
 type provEntry struct {
 	done       chan struct{} // closed when the first lookup answered
 	gathering  chan struct{} // a swarm pull's second lookup (see firstSwarmLookup); closed when it answered

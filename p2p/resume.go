@@ -13,6 +13,11 @@ import (
 	"github.com/peerd-project/peerd/blob"
 )
 
+const (
+	// A body that makes no progress this long is abandoned for the next provider.
+	stallTimeout = 5 * time.Second
+)
+
 // peerReader delivers one range, resuming from the next provider at the byte
 // it stopped when a transfer breaks or stalls.
 type peerReader struct {

@@ -29,41 +29,6 @@ type rangeGetter interface {
 	GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key, off, n int64) (io.ReadCloser, int64, error)
 }
 
-const (
-	// Provider lists are reused for a while so a blob costs one lookup, not
-	// one per chunk; an empty answer is remembered too, shorter, so a blob
-	// nobody has goes upstream at once and peers that start holding it are
-	// noticed soon.
-	positiveTTL = 30 * time.Second
-	negativeTTL = 5 * time.Second
-	// A lookup that ran out of time is followed by one bounded by
-	// lateFactor × --resolve-timeout, at least lateMin (see lookLaterLocked).
-	lateFactor = 10
-	lateMin    = 500 * time.Millisecond
-	// A peer that failed is not asked for a while (doubling while it keeps
-	// failing); one whose bytes failed verification, for longer.
-	errorAvoid    = 5 * time.Second
-	maxErrorAvoid = 2 * time.Minute
-	blameAvoid    = 10 * time.Minute
-	// A body that makes no progress this long is abandoned for the next provider.
-	stallTimeout = 5 * time.Second
-	// Hedge delay bounds; in between it follows the observed first-byte times.
-	minHedge, maxHedge, initialHedge = 5 * time.Millisecond, 500 * time.Millisecond, 50 * time.Millisecond
-	maxCachedKeys                    = 8192
-	// After its first provider a lookup keeps collecting for providerGrace.
-	// One whose caller waits for that first provider stops sooner, at the
-	// first pause of providerGap (one answer carries every provider its peer
-	// knows): waiting for later answers costs the DHT query's work on this
-	// node (up to its concurrency of requests in flight) while the caller is
-	// already reading from the first provider. See dhtFinder.
-	providerGrace = 2 * time.Millisecond
-	providerGap   = 200 * time.Microsecond
-	// defaultMissHedge is how long a swarm pull's first chunk waits for the
-	// first lookup before it starts from the origin anyway (firstSwarmLookup;
-	// SetMissHedge).
-	defaultMissHedge = 10 * time.Millisecond
-)
-
 // Source reads blob bytes from the peers that hold them. It implements
 // blob.Source (Name "peer") and blob.Blamer; its readers implement
 // blob.Attributed.
