@@ -170,6 +170,12 @@ func redact(u *url.URL) string {
 	return r.String()
 }
 
+// An origin is a source the cache fills from and trusts.
+var (
+	_ blob.Source  = (*origin)(nil)
+	_ blob.Truster = (*origin)(nil)
+)
+
 type origin struct {
 	c        *Client
 	url      string
