@@ -321,6 +321,13 @@ type LocalReader struct {
 	once    sync.Once
 }
 
+// A LocalReader is what local stores hand the peer server and the faces (an
+// io.ReadCloser), and io.Copy must find its WriteTo to use sendfile.
+var (
+	_ io.ReadCloser = (*LocalReader)(nil)
+	_ io.WriterTo   = (*LocalReader)(nil)
+)
+
 // Read fails once a reset discarded trusted chunks (they may be rewritten
 // under the reader), so a peer or a face never passes on such bytes.
 func (l *LocalReader) Read(p []byte) (int, error) {

@@ -88,7 +88,7 @@ func TestSourceConformance(t *testing.T) {
 }
 
 func TestLocalStoreConformance(t *testing.T) {
-	sourcetest.RunLocal(t, func(t *testing.T, blobs map[blob.Key][]byte) sourcetest.Local {
+	sourcetest.RunLocal(t, sourcetest.LocalOptions{}, func(t *testing.T, blobs map[blob.Key][]byte) sourcetest.Local {
 		return conformanceStore(t, blobs, "")
 	})
 }

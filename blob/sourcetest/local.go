@@ -18,11 +18,20 @@ type Local interface {
 	OpenLocal(k blob.Key, off, n int64) (io.ReadCloser, int64, error)
 }
 
+// LocalOptions declare the differences p2p.LocalStore's doc allows.
+type LocalOptions struct {
+	// NoEmptyBlobs: the store never holds a zero-byte blob (it keeps
+	// chunks, and such a blob has none), so OpenLocal of one answers
+	// blob.ErrNotFound like any blob it does not hold. Without it an empty
+	// blob given to the store must be served (size 0, no bytes).
+	NoEmptyBlobs bool
+}
+
 // RunLocal checks a local store against the contract of p2p.LocalStore:
 // OpenLocal returns bytes [off, off+n) (n < 0: to the end) and the blob's
 // size, or an error wrapping blob.ErrNotFound at once when it does not hold
 // them; it never fetches. newStore must hold exactly the blobs it is given.
-func RunLocal(t *testing.T, newStore func(t *testing.T, blobs map[blob.Key][]byte) Local) {
+func RunLocal(t *testing.T, opts LocalOptions, newStore func(t *testing.T, blobs map[blob.Key][]byte) Local) {
 	b := NewBlobs()
 	st := newStore(t, b.Data)
 
@@ -38,6 +47,16 @@ func RunLocal(t *testing.T, newStore func(t *testing.T, blobs map[blob.Key][]byt
 		data := b.Data[k]
 		size := int64(len(data))
 		f := open(t, k, off, n)
+		if size == 0 && opts.NoEmptyBlobs {
+			if !errors.Is(f.err, blob.ErrNotFound) {
+				t.Fatalf("OpenLocal(empty blob, %d, %d) of a store that holds no empty blob: err %v, want blob.ErrNotFound", off, n, f.err)
+			}
+			if f.rc != nil {
+				f.rc.Close()
+				t.Errorf("OpenLocal returned a reader with its error: callers never close it")
+			}
+			return
+		}
 		if f.err != nil {
 			t.Fatalf("OpenLocal(%d-byte blob, %d, %d): %v", size, off, n, f.err)
 		}

@@ -55,5 +55,5 @@ func TestReference(t *testing.T) {
 }
 
 func TestReferenceLocal(t *testing.T) {
-	RunLocal(t, func(t *testing.T, blobs map[blob.Key][]byte) Local { return memLocal(blobs) })
+	RunLocal(t, LocalOptions{}, func(t *testing.T, blobs map[blob.Key][]byte) Local { return memLocal(blobs) })
 }
