@@ -32,6 +32,10 @@ func (m mutant) Fetch(ctx context.Context, k blob.Key, off, n int64) (io.ReadClo
 		if _, ok := m.b.Data[k]; !ok && k != m.b.Slow {
 			return nil, -1, errors.New("no such blob")
 		}
+	case "does-not-hold-the-slow-blob":
+		if k == m.b.Slow {
+			return nil, -1, fmt.Errorf("%s: %w", k, blob.ErrNotFound)
+		}
 	case "no-short-read":
 		if data, ok := m.b.Data[k]; ok && off+n > int64(len(data)) {
 			return nil, -1, fmt.Errorf("range %d+%d past the end", off, n)
@@ -64,6 +68,9 @@ func TestSuiteCatchesBrokenSources(t *testing.T) {
 		"no-short-read":              "RangePastTheEnd",
 		"leaks-a-goroutine":          "NoGoroutineLeft",
 		"ignores-context":            "CancelWhileReading",
+		// A fixture whose slow blob is missing would pass the cancel
+		// check with its "not found": the suite refuses it.
+		"does-not-hold-the-slow-blob": "CancelWhileReading",
 	}
 	for mode, check := range cases {
 		t.Run(mode, func(t *testing.T) {

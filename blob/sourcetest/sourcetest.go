@@ -20,11 +20,15 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/peerd-project/peerd/blob"
 )
+
+// errEarly marks a slow fetch that failed before the suite cancelled it.
+var errEarly = errors.New("failed before its context was cancelled")
 
 // Guard bounds every wait of the suite. It only keeps a broken
 // implementation from hanging the test run; it is no timing assertion.
@@ -307,18 +311,24 @@ func Run(t *testing.T, opts Options, newFixture func(t *testing.T, b Blobs) Fixt
 		// with an error, however slow the backend is.
 		cctx, cancel := context.WithCancel(ctx)
 		defer cancel()
+		var cancelled atomic.Bool
 		started := make(chan struct{})
 		done := make(chan error, 1)
 		go func() {
 			rc, _, err := fx.Source(b.Slow).Fetch(cctx, b.Slow, 0, SlowSize)
 			close(started)
 			if err != nil {
+				if !cancelled.Load() {
+					err = fmt.Errorf("Fetch of the slow blob %w (the fixture must hold it): %w", errEarly, err)
+				}
 				done <- err
 				return
 			}
 			r := readAll(rc)
 			if r.err == nil {
 				r.err = fmt.Errorf("read all %d bytes of the slow blob, with no error", len(r.data))
+			} else if !cancelled.Load() {
+				r.err = fmt.Errorf("reading the slow blob %w, after %d bytes (it must be slow, never quiet long enough for a timeout): %w", errEarly, len(r.data), r.err)
 			}
 			done <- r.err
 		}()
@@ -328,11 +338,15 @@ func Run(t *testing.T, opts Options, newFixture func(t *testing.T, b Blobs) Fixt
 		case <-time.After(200 * time.Millisecond):
 		}
 		time.Sleep(50 * time.Millisecond)
+		cancelled.Store(true)
 		cancel()
 		select {
 		case err := <-done:
 			if err == nil {
 				t.Fatal("a cancelled read of the slow blob ended without an error")
+			}
+			if errors.Is(err, errEarly) {
+				t.Fatal(err)
 			}
 		case <-time.After(Guard):
 			t.Fatalf("a read of the slow blob went on for %v after its context was cancelled", Guard)
