@@ -33,6 +33,9 @@ type peerReader struct {
 }
 
 // Origin names the peers the bytes came from (blob.Attributed).
+// A peer read names the peers it read from, so a failed verification blames them.
+var _ blob.Attributed = (*peerReader)(nil)
+
 func (r *peerReader) Origin() string { return strings.Join(r.origins, ",") }
 
 func (r *peerReader) Read(p []byte) (int, error) {

@@ -29,6 +29,11 @@ type rangeGetter interface {
 	GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key, off, n int64) (io.ReadCloser, int64, error)
 }
 
+var (
+	_ blob.Source = (*Source)(nil)
+	_ blob.Blamer = (*Source)(nil)
+)
+
 // Source reads blob bytes from the peers that hold them. It implements
 // blob.Source (Name "peer") and blob.Blamer; its readers implement
 // blob.Attributed.

@@ -255,6 +255,8 @@ func (p p2pAdvertiser) Withdraw(keys ...blob.Key) {
 
 // cacheListener forwards the cache's adds and removes to the p2p node, but
 // keeps advertising a blob containerd still holds.
+var _ cache.Listener = cacheListener{}
+
 type cacheListener struct {
 	node  *p2p.Node
 	store *ctrd.Store
