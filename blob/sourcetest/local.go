@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sync"
 	"testing"
 
 	"github.com/peerd-project/peerd/blob"
@@ -127,30 +126,10 @@ func RunLocal(t *testing.T, opts LocalOptions, newStore func(t *testing.T, blobs
 	t.Run("ConcurrentOpens", func(t *testing.T) {
 		// The peer server serves many transfers at once.
 		k := b.sorted()[len(b.Data)-1]
-		size := int64(len(b.Data[k]))
-		const piece = 256 << 10
-		var wg sync.WaitGroup
-		errs := make(chan error, size/piece+1)
-		for off := int64(0); off < size; off += piece {
-			wg.Go(func() {
-				rc, _, err := st.OpenLocal(k, off, piece)
-				if err != nil {
-					errs <- fmt.Errorf("at %d: %w", off, err)
-					return
-				}
-				r := readAll(rc)
-				if r.err != nil {
-					errs <- fmt.Errorf("reading at %d: %w", off, r.err)
-				} else if !bytes.Equal(r.data, b.Data[k][off:min(off+piece, size)]) {
-					errs <- fmt.Errorf("at %d: wrong bytes (%d)", off, len(r.data))
-				}
-			})
-		}
-		within(t, "concurrent opens", func() bool { wg.Wait(); return true })
-		close(errs)
-		for err := range errs {
-			t.Error(err)
-		}
+		readPiecesAtOnce(t, "concurrent opens", b.Data[k], func(off, n int64) (io.ReadCloser, error) {
+			rc, _, err := st.OpenLocal(k, off, n)
+			return rc, err
+		})
 	})
 
 	t.Run("NoGoroutineLeft", func(t *testing.T) {

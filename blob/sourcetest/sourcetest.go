@@ -279,30 +279,10 @@ func Run(t *testing.T, opts Options, newFixture func(t *testing.T, b Blobs) Fixt
 		// The cache fills several chunks of one blob at once (read-ahead)
 		// from the same source.
 		k := b.sorted()[len(b.Data)-1]
-		size := int64(len(b.Data[k]))
-		const piece = 256 << 10
-		var wg sync.WaitGroup
-		errs := make(chan error, size/piece+1)
-		for off := int64(0); off < size; off += piece {
-			wg.Go(func() {
-				rc, _, err := fx.Source(k).Fetch(ctx, k, off, piece)
-				if err != nil {
-					errs <- fmt.Errorf("at %d: %w", off, err)
-					return
-				}
-				r := readAll(rc)
-				if r.err != nil {
-					errs <- fmt.Errorf("reading at %d: %w", off, r.err)
-				} else if !bytes.Equal(r.data, b.Data[k][off:min(off+piece, size)]) {
-					errs <- fmt.Errorf("at %d: wrong bytes (%d)", off, len(r.data))
-				}
-			})
-		}
-		within(t, "concurrent fetches", func() bool { wg.Wait(); return true })
-		close(errs)
-		for err := range errs {
-			t.Error(err)
-		}
+		readPiecesAtOnce(t, "concurrent fetches", b.Data[k], func(off, n int64) (io.ReadCloser, error) {
+			rc, _, err := fx.Source(k).Fetch(ctx, k, off, n)
+			return rc, err
+		})
 	})
 
 	t.Run("CancelWhileReading", func(t *testing.T) {
@@ -439,4 +419,34 @@ func commonPrefix(a, b []byte) int {
 		i++
 	}
 	return i
+}
+
+// readPiecesAtOnce reads data in 256 KiB pieces, all at once, through open
+// and reports every piece that fails or differs.
+func readPiecesAtOnce(t *testing.T, what string, data []byte, open func(off, n int64) (io.ReadCloser, error)) {
+	t.Helper()
+	size := int64(len(data))
+	const piece = 256 << 10
+	var wg sync.WaitGroup
+	errs := make(chan error, size/piece+1)
+	for off := int64(0); off < size; off += piece {
+		wg.Go(func() {
+			rc, err := open(off, piece)
+			if err != nil {
+				errs <- fmt.Errorf("at %d: %w", off, err)
+				return
+			}
+			r := readAll(rc)
+			if r.err != nil {
+				errs <- fmt.Errorf("reading at %d: %w", off, r.err)
+			} else if !bytes.Equal(r.data, data[off:min(off+piece, size)]) {
+				errs <- fmt.Errorf("at %d: wrong bytes (%d)", off, len(r.data))
+			}
+		})
+	}
+	within(t, what, func() bool { wg.Wait(); return true })
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
 }
