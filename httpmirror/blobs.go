@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/peerd-project/peerd/blob"
+	"github.com/peerd-project/peerd/internal/httprange"
 	"github.com/peerd-project/peerd/upstream"
 )
 
@@ -251,51 +252,16 @@ func (l *lazyHeader) ReadFrom(r io.Reader) (int64, error) {
 	return io.Copy(struct{ io.Writer }{l.w}, r)
 }
 
-// parseRange parses a single-range "bytes=" header against size. With no
-// header it returns the whole blob and partial=false.
+// parseRange places a client's Range header in a blob of size bytes; no
+// header means the whole blob. An error is answered 416.
 func parseRange(h string, size int64) (off, n int64, partial bool, err error) {
 	if h == "" {
 		return 0, size, false, nil
 	}
-	spec, ok := strings.CutPrefix(strings.TrimSpace(h), "bytes=")
-	if !ok {
-		return 0, 0, false, fmt.Errorf("range %q: only bytes ranges are supported", h)
+	spec, err := httprange.Parse(h)
+	if err != nil {
+		return 0, 0, false, err
 	}
-	if strings.Contains(spec, ",") {
-		return 0, 0, false, fmt.Errorf("range %q: multiple ranges are not supported", h)
-	}
-	a, b, ok := strings.Cut(strings.TrimSpace(spec), "-")
-	if !ok {
-		return 0, 0, false, fmt.Errorf("range %q: malformed", h)
-	}
-	a, b = strings.TrimSpace(a), strings.TrimSpace(b)
-	switch {
-	case a == "" && b == "":
-		return 0, 0, false, fmt.Errorf("range %q: malformed", h)
-	case a == "": // suffix: last b bytes
-		last, err := strconv.ParseInt(b, 10, 64)
-		if err != nil || last < 0 {
-			return 0, 0, false, fmt.Errorf("range %q: malformed", h)
-		}
-		if last == 0 || size == 0 {
-			return 0, 0, false, fmt.Errorf("range %q not satisfiable for size %d", h, size)
-		}
-		last = min(last, size)
-		return size - last, last, true, nil
-	}
-	start, err := strconv.ParseInt(a, 10, 64)
-	if err != nil || start < 0 {
-		return 0, 0, false, fmt.Errorf("range %q: malformed", h)
-	}
-	end := size - 1
-	if b != "" {
-		if end, err = strconv.ParseInt(b, 10, 64); err != nil || end < start {
-			return 0, 0, false, fmt.Errorf("range %q: malformed", h)
-		}
-		end = min(end, size-1)
-	}
-	if start >= size {
-		return 0, 0, false, fmt.Errorf("range %q not satisfiable for size %d", h, size)
-	}
-	return start, end - start + 1, true, nil
+	off, n, err = spec.Resolve(size)
+	return off, n, err == nil, err
 }

@@ -2,55 +2,38 @@ package p2p
 
 import (
 	"fmt"
-	"strconv"
-	"strings"
+
+	"github.com/peerd-project/peerd/internal/httprange"
 )
 
 // parsePeerRange parses "bytes=a-b" or "bytes=a-" (the only forms peers
-// send); no header means the whole blob.
+// send); no header means the whole blob. n is -1 for "to the end".
 func parsePeerRange(h string) (off, n int64, err error) {
 	if h == "" {
 		return 0, -1, nil
 	}
-	spec, ok := strings.CutPrefix(h, "bytes=")
-	a, b, ok2 := strings.Cut(spec, "-")
-	if !ok || !ok2 || strings.Contains(spec, ",") {
+	spec, err := httprange.Parse(h)
+	if err != nil || spec.Suffix >= 0 {
 		return 0, 0, fmt.Errorf("bad range %q", h)
 	}
-	off, err = strconv.ParseInt(a, 10, 64)
-	if err != nil || off < 0 {
+	if spec.Last < 0 {
+		return spec.First, -1, nil
+	}
+	if n = spec.Last - spec.First + 1; n <= 0 { // a length past int64
 		return 0, 0, fmt.Errorf("bad range %q", h)
 	}
-	if b == "" {
-		return off, -1, nil
-	}
-	end, err := strconv.ParseInt(b, 10, 64)
-	if err != nil || end < off || end-off+1 <= 0 { // the last: a length past int64
-		return 0, 0, fmt.Errorf("bad range %q", h)
-	}
-	return off, end - off + 1, nil
+	return spec.First, n, nil
 }
 
-// parseContentRange parses "bytes a-b/total" (or "bytes */total").
+// parseContentRange parses a peer's "bytes a-b/total" (or "bytes */total");
+// a peer always states the total.
 func parseContentRange(h string) (total, start int64, err error) {
-	spec, ok := strings.CutPrefix(h, "bytes ")
-	rng, tot, ok2 := strings.Cut(spec, "/")
-	if !ok || !ok2 {
-		return -1, -1, fmt.Errorf("bad Content-Range %q", h)
+	c, err := httprange.ParseContent(h)
+	if err != nil {
+		return -1, -1, err
 	}
-	total, err = strconv.ParseInt(tot, 10, 64)
-	if err != nil || total < 0 {
-		return -1, -1, fmt.Errorf("bad Content-Range %q", h)
+	if c.Total < 0 {
+		return -1, -1, fmt.Errorf("bad Content-Range %q: no size", h)
 	}
-	if rng == "*" {
-		return total, 0, nil
-	}
-	// The range must lie inside the blob the peer states the size of.
-	a, b, ok := strings.Cut(rng, "-")
-	start, err = strconv.ParseInt(a, 10, 64)
-	end, err2 := strconv.ParseInt(b, 10, 64)
-	if !ok || err != nil || err2 != nil || start < 0 || end < start || end >= total {
-		return -1, -1, fmt.Errorf("bad Content-Range %q", h)
-	}
-	return total, start, nil
+	return c.Total, max(c.First, 0), nil
 }

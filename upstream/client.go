@@ -10,12 +10,12 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/peerd-project/peerd/blob"
+	"github.com/peerd-project/peerd/internal/httprange"
 )
 
 // Options configure a Client.
@@ -292,37 +292,12 @@ func limitBody(rc io.ReadCloser, n int64) io.ReadCloser {
 	return limitedBody{Reader: io.LimitReader(rc, n), Closer: rc}
 }
 
-// parseContentRange parses "bytes a-b/size" (size may be "*": -1).
+// parseContentRange reads an origin's Content-Range: the first byte of the
+// range and the blob's size (-1 when the origin does not say).
 func parseContentRange(s string) (start, size int64, err error) {
-	rest, ok := strings.CutPrefix(s, "bytes ")
-	if !ok {
-		return 0, -1, fmt.Errorf("no bytes unit")
-	}
-	rng, total, ok := strings.Cut(rest, "/")
-	if !ok {
-		return 0, -1, fmt.Errorf("no size")
-	}
-	size = -1
-	if total != "*" {
-		if size, err = strconv.ParseInt(total, 10, 64); err != nil || size < 0 {
-			return 0, -1, fmt.Errorf("bad size %q", total)
-		}
-	}
-	if rng == "*" {
-		return 0, size, nil
-	}
-	a, b, ok := strings.Cut(rng, "-")
-	if !ok {
-		return 0, -1, fmt.Errorf("bad range %q", rng)
-	}
-	if start, err = strconv.ParseInt(a, 10, 64); err != nil {
+	c, err := httprange.ParseContent(s)
+	if err != nil {
 		return 0, -1, err
 	}
-	// The range must lie inside the blob: an answer that contradicts its
-	// own size is not one the cache can place.
-	end, err := strconv.ParseInt(b, 10, 64)
-	if err != nil || start < 0 || end < start || (size >= 0 && end >= size) {
-		return 0, -1, fmt.Errorf("bad range %q for size %d", rng, size)
-	}
-	return start, size, nil
+	return max(c.First, 0), c.Total, nil
 }
