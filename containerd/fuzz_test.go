@@ -12,12 +12,12 @@ import (
 	"sync/atomic"
 	"testing"
 
-	"flag"
 	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/containerd/containerd/v2/core/remotes/docker/config"
 	"github.com/containerd/log"
-	"github.com/peerd-project/peerd/internal/reliability"
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/peerd-project/peerd/internal/reliability"
 )
 
 func parsesAsTOML(b []byte) bool {
@@ -81,7 +81,7 @@ func FuzzHostsMerge(f *testing.F) {
 	var seq atomic.Int64
 	const mirror = "http://127.0.0.1:30000"
 	var replayed atomic.Int64
-	recordFuzzRow(f, &replayed, "FuzzHostsMerge", "found valid operator files (inline host table, multi-line string) whose merge containerd would not read; the write is now refused and the file left alone")
+	reliability.RecordFuzz(f, &replayed, "FuzzHostsMerge", "found valid operator files (inline host table, multi-line string) whose merge containerd would not read; the write is now refused and the file left alone")
 	f.Fuzz(func(t *testing.T, existing, registry string) {
 		replayed.Add(1)
 		reg, err := ParseRegistry(registry)
@@ -145,18 +145,5 @@ func FuzzHostsMerge(f *testing.F) {
 		if !strings.Contains(existing, blockBegin) && (err != nil || !bytes.Equal(back, []byte(existing))) {
 			t.Fatalf("remove gave back %q (%v), want the operator's %q", back, err, existing)
 		}
-	})
-}
-
-// recordFuzzRow records the Reliability row of a fuzz target that found a
-// bug, from a plain test run that replayed its corpus (the found inputs
-// among it) without a failure; fuzzing runs (make fuzz) record nothing.
-func recordFuzzRow(f *testing.F, n *atomic.Int64, target, outcome string) {
-	f.Cleanup(func() {
-		if fl := flag.Lookup("test.fuzz"); f.Failed() || n.Load() == 0 || fl != nil && fl.Value.String() != "" {
-			return
-		}
-		reliability.Record(f, reliability.Row{Area: "probe", Case: "fuzzing " + target + " for 30 s", Outcome: outcome,
-			Figure: fmt.Sprintf("%d seed and corpus inputs replayed, 0 failures", n.Load())})
 	})
 }

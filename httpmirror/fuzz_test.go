@@ -14,11 +14,11 @@ import (
 	"strings"
 	"testing"
 
-	"flag"
+	"sync/atomic"
+
 	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/internal/reliability"
 	"github.com/peerd-project/peerd/upstream"
-	"sync/atomic"
 )
 
 // The distribution spec's grammar, written out from the spec's text.
@@ -255,7 +255,7 @@ func FuzzOCIRequest(f *testing.F) {
 		f.Add(s[0], s[1], s[2])
 	}
 	var replayed atomic.Int64
-	recordFuzzRow(f, &replayed, "FuzzOCIRequest", "found 404 bodies that were not JSON (Go %q escapes for a control character in ?ns=); every 4xx now carries a JSON OCI error")
+	reliability.RecordFuzz(f, &replayed, "FuzzOCIRequest", "found 404 bodies that were not JSON (Go %q escapes for a control character in ?ns=); every 4xx now carries a JSON OCI error")
 	f.Fuzz(func(t *testing.T, path, query, rng string) {
 		replayed.Add(1)
 		u := &url.URL{Path: path, RawQuery: query}
@@ -315,17 +315,4 @@ func FuzzOCIRequest(f *testing.F) {
 func cl(res *http.Response) int64 {
 	n, _ := strconv.ParseInt(res.Header.Get("Content-Length"), 10, 64)
 	return n
-}
-
-// recordFuzzRow records the Reliability row of a fuzz target that found a
-// bug, from a plain test run that replayed its corpus (the found inputs
-// among it) without a failure; fuzzing runs (make fuzz) record nothing.
-func recordFuzzRow(f *testing.F, n *atomic.Int64, target, outcome string) {
-	f.Cleanup(func() {
-		if fl := flag.Lookup("test.fuzz"); f.Failed() || n.Load() == 0 || fl != nil && fl.Value.String() != "" {
-			return
-		}
-		reliability.Record(f, reliability.Row{Area: "probe", Case: "fuzzing " + target + " for 30 s", Outcome: outcome,
-			Figure: fmt.Sprintf("%d seed and corpus inputs replayed, 0 failures", n.Load())})
-	})
 }

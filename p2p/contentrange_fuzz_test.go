@@ -1,13 +1,13 @@
 package p2p
 
 import (
-	"flag"
 	"fmt"
-	"github.com/peerd-project/peerd/internal/reliability"
 	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
+
+	"github.com/peerd-project/peerd/internal/reliability"
 )
 
 // FuzzParsePeerContentRange checks the Content-Range of a peer's answer:
@@ -22,7 +22,7 @@ func FuzzParsePeerContentRange(f *testing.F) {
 		f.Add(s)
 	}
 	var replayed atomic.Int64
-	recordFuzzRow(f, &replayed, "FuzzParsePeerContentRange", "found a peer's Content-Range accepted without an end or outside the size it states; now refused")
+	reliability.RecordFuzz(f, &replayed, "FuzzParsePeerContentRange", "found a peer's Content-Range accepted without an end or outside the size it states; now refused")
 	f.Fuzz(func(t *testing.T, h string) {
 		replayed.Add(1)
 		total, start, err := parseContentRange(h)
@@ -48,18 +48,5 @@ func FuzzParsePeerContentRange(f *testing.F) {
 		if t2, s2, err := parseContentRange(canon); err != nil || t2 != total || s2 != start {
 			t.Fatalf("round trip %q: %d %d %v", canon, t2, s2, err)
 		}
-	})
-}
-
-// recordFuzzRow records the Reliability row of a fuzz target that found a
-// bug, from a plain test run that replayed its corpus (the found inputs
-// among it) without a failure; fuzzing runs (make fuzz) record nothing.
-func recordFuzzRow(f *testing.F, n *atomic.Int64, target, outcome string) {
-	f.Cleanup(func() {
-		if fl := flag.Lookup("test.fuzz"); f.Failed() || n.Load() == 0 || fl != nil && fl.Value.String() != "" {
-			return
-		}
-		reliability.Record(f, reliability.Row{Area: "probe", Case: "fuzzing " + target + " for 30 s", Outcome: outcome,
-			Figure: fmt.Sprintf("%d seed and corpus inputs replayed, 0 failures", n.Load())})
 	})
 }

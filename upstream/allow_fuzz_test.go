@@ -4,10 +4,12 @@ import (
 	"net/netip"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"golang.org/x/net/idna"
-	"sync/atomic"
+
+	"github.com/peerd-project/peerd/internal/reliability"
 )
 
 // effectivePort is the port a URL is dialed on.
@@ -107,7 +109,7 @@ func FuzzAllowList(f *testing.F) {
 		f.Add(s[0], s[1])
 	}
 	var replayed atomic.Int64
-	recordFuzzRow(f, &replayed, "FuzzAllowList", "found a non-ASCII host (U+0130) admitted by an ASCII pattern but dialed by its xn-- form elsewhere; non-ASCII hosts now refused (403)")
+	reliability.RecordFuzz(f, &replayed, "FuzzAllowList", "found a non-ASCII host (U+0130) admitted by an ASCII pattern but dialed by its xn-- form elsewhere; non-ASCII hosts now refused (403)")
 	f.Fuzz(func(t *testing.T, patterns, raw string) {
 		replayed.Add(1)
 		a, err := ParseAllowList([]string{patterns})

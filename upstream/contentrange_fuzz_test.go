@@ -1,13 +1,13 @@
 package upstream
 
 import (
-	"flag"
 	"fmt"
-	"github.com/peerd-project/peerd/internal/reliability"
 	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
+
+	"github.com/peerd-project/peerd/internal/reliability"
 )
 
 // FuzzParseContentRange checks an accepted Content-Range of an origin's
@@ -22,7 +22,7 @@ func FuzzParseContentRange(f *testing.F) {
 		f.Add(s)
 	}
 	var replayed atomic.Int64
-	recordFuzzRow(f, &replayed, "FuzzParseContentRange", "found 206 answers whose range lies outside the size they state (bytes 100-199/50, 5-4/100); now refused as a bad origin response")
+	reliability.RecordFuzz(f, &replayed, "FuzzParseContentRange", "found 206 answers whose range lies outside the size they state (bytes 100-199/50, 5-4/100); now refused as a bad origin response")
 	f.Fuzz(func(t *testing.T, s string) {
 		replayed.Add(1)
 		start, size, err := parseContentRange(s)
@@ -52,18 +52,5 @@ func FuzzParseContentRange(f *testing.F) {
 		if s2, z2, err := parseContentRange(canon); err != nil || s2 != start || z2 != size {
 			t.Fatalf("round trip %q: %d %d %v", canon, s2, z2, err)
 		}
-	})
-}
-
-// recordFuzzRow records the Reliability row of a fuzz target that found a
-// bug, from a plain test run that replayed its corpus (the found inputs
-// among it) without a failure; fuzzing runs (make fuzz) record nothing.
-func recordFuzzRow(f *testing.F, n *atomic.Int64, target, outcome string) {
-	f.Cleanup(func() {
-		if fl := flag.Lookup("test.fuzz"); f.Failed() || n.Load() == 0 || fl != nil && fl.Value.String() != "" {
-			return
-		}
-		reliability.Record(f, reliability.Row{Area: "probe", Case: "fuzzing " + target + " for 30 s", Outcome: outcome,
-			Figure: fmt.Sprintf("%d seed and corpus inputs replayed, 0 failures", n.Load())})
 	})
 }
