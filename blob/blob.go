@@ -110,44 +110,32 @@ type Blamer interface {
 	Blame(k Key, origin string)
 }
 
-// Trust says how far bytes may be passed on before the blob is verified.
-type Trust uint8
-
-const (
-	// Untrusted bytes (from a peer) are re-served only after the whole blob
-	// verified against its digest.
-	Untrusted Trust = iota
-	// Trusted bytes (from the origin or a local store) may be re-served at once.
-	Trusted
-)
-
-// Truster is implemented by sources whose bytes may be re-served to peers
-// before verification (the origin). Sources that don't implement it are
-// untrusted.
-type Truster interface {
-	Trust() Trust
+// Swarm is a peer source that splits the chunks of a blob several nodes pull
+// from the same origin at once between those nodes (p2p.Source). The cache
+// asks it with FetchShared, instead of Fetch, when the read's plan has an
+// origin behind the peers.
+type Swarm interface {
+	Source
+	// FetchShared answers for the chunk [off, off+n) of k in one of three
+	// ways: a Share with a Body (a peer serves the chunk); an error wrapping
+	// ErrNotFound (this node fetches the chunk from the origin; cheap to
+	// answer); or a Share with Gathering set (see Share).
+	FetchShared(ctx context.Context, k Key, off, n int64) (Share, error)
+	// Yields reports, once a Share's Gathering channel closed, whether
+	// another node owns the chunk at off, so this node's origin fetch of it
+	// should stop and the chunk be read from the swarm.
+	Yields(k Key, off int64) bool
 }
 
-// TrustOf reports the trust level of a source.
-func TrustOf(s Source) Trust {
-	if t, ok := s.(Truster); ok {
-		return t.Trust()
-	}
-	return Untrusted
+// Share is a Swarm's answer for one chunk.
+type Share struct {
+	// Body reads the chunk from a peer; Size is the blob's total size.
+	Body io.ReadCloser
+	Size int64
+	// Gathering, with Body nil, says nobody was seen pulling the blob yet,
+	// but nodes that started at the same moment may still show up. The
+	// caller fetches the chunk from the origin at once, so a lone cold read
+	// waits for nobody, and when Gathering closes asks Yields whether to
+	// leave the chunk to its owner.
+	Gathering <-chan struct{}
 }
-
-// NotYet is a "don't have" (it matches ErrNotFound) from a source that will
-// know better soon: a swarm pull's first chunk, asked before the nodes
-// pulling the blob together could see each other. The caller may fetch the
-// bytes elsewhere at once; when Ready is closed, Yield reports whether it
-// should drop that fetch and ask this source again (another node fetches
-// these bytes for everyone).
-type NotYet struct {
-	Ready <-chan struct{}
-	Yield func() bool
-}
-
-func (*NotYet) Error() string { return "no answer yet" }
-
-// Is makes a NotYet match ErrNotFound.
-func (*NotYet) Is(target error) bool { return target == ErrNotFound }

@@ -45,11 +45,13 @@ func newFake(name string, trusted bool) *fakeSource {
 }
 
 func (f *fakeSource) Name() string { return f.name }
-func (f *fakeSource) Trust() blob.Trust {
+// plan puts the source where its trust says: a trusted one is the origin,
+// an untrusted one the peers.
+func (f *fakeSource) plan() Plan {
 	if f.trusted {
-		return blob.Trusted
+		return Plan{Origin: f}
 	}
-	return blob.Untrusted
+	return Plan{Peers: f}
 }
 func (f *fakeSource) Blame(k blob.Key, origin string) {
 	f.mu.Lock()
@@ -185,7 +187,7 @@ func TestReadWholeAndRanges(t *testing.T) {
 	src := newFake("upstream", true)
 	data, k := randBlob(t, 10*cs+123)
 	src.blobs[k] = data
-	h := c.Open(k, src)
+	h := c.Open(k, src.plan())
 	defer h.Close()
 	for _, r := range []struct{ off, n int64 }{{0, 1}, {cs - 1, 2}, {3*cs + 7, 2*cs + 5}, {10 * cs, 123}, {0, int64(len(data))}} {
 		p := make([]byte, r.n)
@@ -227,7 +229,7 @@ func TestSingleFlightPerChunk(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			h := c.Open(k, src)
+			h := c.Open(k, src.plan())
 			defer h.Close()
 			p := make([]byte, 100)
 			if _, err := h.ReadAt(context.Background(), p, 2*cs+10); err != nil {
@@ -255,7 +257,7 @@ func TestDifferentChunksProceedInParallel(t *testing.T) {
 	src := newFake("upstream", true)
 	data, k := randBlob(t, 4*cs)
 	src.blobs[k] = data
-	h := c.Open(k, src)
+	h := c.Open(k, src.plan())
 	defer h.Close()
 	if _, err := h.Size(context.Background()); err != nil {
 		t.Fatal(err)
@@ -302,7 +304,7 @@ func TestPersistsAcrossRestart(t *testing.T) {
 	src := newFake("upstream", true)
 	data, k := randBlob(t, 5*cs+1)
 	src.blobs[k] = data
-	h := c.Open(k, src)
+	h := c.Open(k, src.plan())
 	readAll(t, h)
 	waitFor(t, "verification", func() bool { return h.Info().Verified })
 	h.Close()
@@ -311,7 +313,7 @@ func TestPersistsAcrossRestart(t *testing.T) {
 	c2 := open(t, dir, 1<<30, nil, nil)
 	defer c2.Close()
 	before := src.total()
-	h2 := c2.Open(k, src)
+	h2 := c2.Open(k, src.plan())
 	defer h2.Close()
 	if got := readAll(t, h2); !bytes.Equal(got, data) {
 		t.Fatal("wrong bytes after restart")
@@ -336,7 +338,7 @@ func TestCrashLeavesNoWrongChunk(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		h := c.Open(k, src)
+		h := c.Open(k, src.plan())
 		p := make([]byte, 8*cs)
 		h.ReadAt(context.Background(), p, int64(round*8*cs))
 		c.stopFlusherForTest() // the process dies: no more writes, no final flush
@@ -357,7 +359,7 @@ func TestCrashLeavesNoWrongChunk(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		h2 := c2.Open(k, src)
+		h2 := c2.Open(k, src.plan())
 		if got := readAll(t, h2); !bytes.Equal(got, data) {
 			t.Fatalf("round %d: wrong bytes after crash", round)
 		}
@@ -372,7 +374,7 @@ func TestUnreadableEntriesAreDropped(t *testing.T) {
 	src := newFake("upstream", true)
 	data, k := randBlob(t, 3*cs)
 	src.blobs[k] = data
-	h := c.Open(k, src)
+	h := c.Open(k, src.plan())
 	readAll(t, h)
 	h.Close()
 	c.Close()
@@ -399,7 +401,7 @@ func TestVerificationMismatchDiscardsAndBlames(t *testing.T) {
 	bad := append([]byte(nil), data...)
 	bad[cs+5] ^= 0xff
 	peer.blobs[k] = bad
-	h := c.Open(k, peer)
+	h := c.Open(k, peer.plan())
 	// Filled by the prefetch, not a reader: a reader whose read overlaps
 	// the discard reads its chunk again, from this same (bad) peer.
 	fillInBackground(t, h)
@@ -422,7 +424,7 @@ func TestVerificationMismatchDiscardsAndBlames(t *testing.T) {
 	// A good source now fills it again and it verifies.
 	good := newFake("upstream", true)
 	good.blobs[k] = data
-	h2 := c.Open(k, good)
+	h2 := c.Open(k, good.plan())
 	defer h2.Close()
 	if got := readAll(t, h2); !bytes.Equal(got, data) {
 		t.Fatal("wrong bytes on refill")
@@ -437,7 +439,7 @@ func TestPeerBytesNotReservedBeforeVerification(t *testing.T) {
 	origin := newFake("upstream", true)
 	data, k := randBlob(t, 3*cs)
 	peer.blobs[k] = data
-	h := c.Open(k, peer)
+	h := c.Open(k, peer.plan())
 	defer h.Close()
 	p := make([]byte, 10)
 	if _, err := h.ReadAt(context.Background(), p, 0); err != nil {
@@ -452,7 +454,7 @@ func TestPeerBytesNotReservedBeforeVerification(t *testing.T) {
 	}
 	// Bytes from the origin may be passed on at once.
 	origin.blobs[k] = data
-	h2 := c.Open(k, origin)
+	h2 := c.Open(k, origin.plan())
 	defer h2.Close()
 	if _, err := h2.ReadAt(context.Background(), p, 2*cs); err != nil {
 		t.Fatal(err)
@@ -495,18 +497,18 @@ func TestEvictsLRUButNeverABlobInUse(t *testing.T) {
 	d, kd := randBlob(t, 2*cs)
 	src.blobs[ka], src.blobs[kb], src.blobs[kd] = a, b, d
 
-	ha := c.Open(ka, src)
+	ha := c.Open(ka, src.plan())
 	readAll(t, ha)
 	ha.Close()
-	hb := c.Open(kb, src)
+	hb := c.Open(kb, src.plan())
 	readAll(t, hb)
 	hb.Close()
 	c.wg.Wait() // let read-ahead fills finish: they pin the blob while they run
 	// Touch a, so b is least recently used.
-	ha = c.Open(ka, src)
+	ha = c.Open(ka, src.plan())
 	readAll(t, ha)
 	c.wg.Wait()
-	hd := c.Open(kd, src)
+	hd := c.Open(kd, src.plan())
 	if got := readAll(t, hd); !bytes.Equal(got, d) {
 		t.Fatal("wrong bytes for d")
 	}
@@ -527,12 +529,12 @@ func TestEvictsLRUButNeverABlobInUse(t *testing.T) {
 		t.Fatal("evicted blob's files remain")
 	}
 	// Everything pinned: a new blob is passed through, not stored, and a stays.
-	hd = c.Open(kd, src)
+	hd = c.Open(kd, src.plan())
 	readAll(t, hd)
 	e, _ := randBlob(t, 3*cs)
 	ke := blob.Key("sha256:" + fmt.Sprintf("%064x", 7))
 	src.blobs[ke] = e
-	he := c.Open(ke, src)
+	he := c.Open(ke, src.plan())
 	got := make([]byte, len(e))
 	if _, err := he.ReadAt(context.Background(), got, 0); err != nil && !errors.Is(err, io.EOF) {
 		t.Fatal(err)
@@ -558,12 +560,12 @@ func TestSourceOrderAndFailover(t *testing.T) {
 	c := open(t, t.TempDir(), 1<<30, nil, nil)
 	defer c.Close()
 	data, k := randBlob(t, 2*cs)
-	missing := newFake("peer", false) // has nothing
-	broken := newFake("peer2", false)
+	missing := newFake("containerd", true) // has nothing
+	broken := newFake("peer", false)
 	broken.fail = errors.New("connection reset")
 	origin := newFake("upstream", true)
 	origin.blobs[k] = data
-	h := c.Open(k, missing, broken, origin)
+	h := c.Open(k, Plan{Local: missing, Peers: broken, Origin: origin})
 	defer h.Close()
 	if got := readAll(t, h); !bytes.Equal(got, data) {
 		t.Fatal("wrong bytes")
@@ -574,7 +576,7 @@ func TestSourceOrderAndFailover(t *testing.T) {
 	// All fail: a clear error, not a hang.
 	c2 := open(t, t.TempDir(), 1<<30, nil, nil)
 	defer c2.Close()
-	h2 := c2.Open(k, missing, broken)
+	h2 := c2.Open(k, Plan{Local: missing, Peers: broken})
 	defer h2.Close()
 	_, err := h2.Size(context.Background())
 	if err == nil {
@@ -591,7 +593,7 @@ func TestPrefetchFillsWholeBlobOnce(t *testing.T) {
 	src := newFake("upstream", true)
 	data, k := randBlob(t, 40*cs+9)
 	src.blobs[k] = data
-	h := c.Open(k, src)
+	h := c.Open(k, src.plan())
 	defer h.Close()
 	p := make([]byte, 1)
 	h.ReadAt(context.Background(), p, 0)
@@ -614,7 +616,7 @@ func TestURLKeysAreNotVerifiedOrAdvertised(t *testing.T) {
 	k := blob.Key("url:" + fmt.Sprintf("%064x", 42))
 	data := bytes.Repeat([]byte("x"), 3*cs)
 	src.blobs[k] = data
-	h := c.Open(k, src)
+	h := c.Open(k, src.plan())
 	defer h.Close()
 	if got := readAll(t, h); !bytes.Equal(got, data) {
 		t.Fatal("wrong bytes")
@@ -633,7 +635,7 @@ func TestContextCancelDoesNotFailOthers(t *testing.T) {
 	src := newFake("upstream", true)
 	data, k := randBlob(t, 2*cs)
 	src.blobs[k] = data
-	h := c.Open(k, src)
+	h := c.Open(k, src.plan())
 	defer h.Close()
 	if _, err := h.Size(context.Background()); err != nil {
 		t.Fatal(err)
@@ -679,7 +681,7 @@ func TestCloseEndsFillsInFlight(t *testing.T) {
 	data, k := randBlob(t, 3*cs)
 	src.blobs[k] = data
 	src.block[0] = make(chan struct{}) // never answers
-	h := c.Open(k, src)
+	h := c.Open(k, src.plan())
 	sized := make(chan error, 1)
 	go func() {
 		_, err := h.Size(context.Background())
@@ -722,14 +724,14 @@ func TestHugeSizeFromASourceIsRefused(t *testing.T) {
 	defer c.Close()
 	for _, size := range []int64{math.MaxInt64, 1 << 62, maxChunks*cs + 1} {
 		_, k := randBlob(t, 10)
-		_, err := c.Open(k, sizeLiar{size}).Size(context.Background())
+		_, err := c.Open(k, Plan{Origin: sizeLiar{size}}).Size(context.Background())
 		if err == nil || !strings.Contains(err.Error(), "chunks") {
 			t.Errorf("size %d: %v, want a refusal naming the chunk bound", size, err)
 		}
 	}
 	// The largest size allowed is learned (its chunk map is 16 MiB).
 	_, k := randBlob(t, 10)
-	if got, err := c.Open(k, sizeLiar{maxChunks * cs}).Size(context.Background()); err != nil || got != maxChunks*cs {
+	if got, err := c.Open(k, Plan{Origin: sizeLiar{maxChunks * cs}}).Size(context.Background()); err != nil || got != maxChunks*cs {
 		t.Fatalf("size at the bound: %d, %v", got, err)
 	}
 }
@@ -743,7 +745,7 @@ func TestEvictionDoesNotTakeTheNextEntrysFiles(t *testing.T) {
 	src := newFake("origin", true)
 	data, k := randBlob(t, 3*cs+5)
 	src.blobs[k] = data
-	h := c.Open(k, src)
+	h := c.Open(k, src.plan())
 	if got := readAll(t, h); !bytes.Equal(got, data) {
 		t.Fatal("first read: wrong bytes")
 	}
@@ -762,7 +764,7 @@ func TestEvictionDoesNotTakeTheNextEntrysFiles(t *testing.T) {
 		t.Fatalf("%d victims, want 1", len(victims))
 	}
 	// Meanwhile a reader brings the blob back.
-	h = c.Open(k, src)
+	h = c.Open(k, src.plan())
 	if got := readAll(t, h); !bytes.Equal(got, data) {
 		t.Fatal("second read: wrong bytes")
 	}
@@ -786,7 +788,7 @@ func TestEvictionDoesNotTakeTheNextEntrysFiles(t *testing.T) {
 		t.Fatalf("after a restart: %+v, %v; want the verified blob", i, ok)
 	}
 	before := src.total()
-	if got := readAll(t, c.Open(k, src)); !bytes.Equal(got, data) || src.total() != before {
+	if got := readAll(t, c.Open(k, src.plan())); !bytes.Equal(got, data) || src.total() != before {
 		t.Fatalf("after a restart: equal %v, %d new fetches", bytes.Equal(got, data), src.total()-before)
 	}
 }
@@ -810,7 +812,7 @@ func TestEnsureOfAnEmptyBlobsChunkZero(t *testing.T) {
 				err = fmt.Errorf("panicked: %v", r)
 			}
 		}()
-		pass, err = e.ensure(context.Background(), 0, nil, true)
+		pass, err = e.ensure(context.Background(), 0, Plan{}, true)
 		return err
 	}()
 	if pass != nil || err != nil {

@@ -28,7 +28,7 @@ func TestLocalStoreConformance(t *testing.T) {
 		origin := newFake("upstream", true)
 		for k, data := range blobs {
 			origin.blobs[k] = data
-			h := c.Open(k, origin)
+			h := c.Open(k, origin.plan())
 			size, err := h.Size(context.Background())
 			if err != nil {
 				t.Fatalf("fill %s: %v", k, err)

@@ -53,11 +53,11 @@ type entry struct {
 	blamers     map[string]blob.Blamer
 	created     time.Time
 	gone        bool
-	prefetching bool          // a background fetch of the rest of the blob is running
-	failedAt    time.Time     // last fill failure, to keep read-ahead from hammering a dead source
-	announced   bool          // the listener was told BlobAdded and not yet BlobRemoved
-	pulls       int           // open handles that may fill from an origin after peers (swarm pulls)
-	pullSrcs    []blob.Source // the sources of the latest such handle, for fills peers ask for
+	prefetching bool      // a background fetch of the rest of the blob is running
+	failedAt    time.Time // last fill failure, to keep read-ahead from hammering a dead source
+	announced   bool      // the listener was told BlobAdded and not yet BlobRemoved
+	pulls       int       // open handles whose plan makes a swarm pull
+	pullPlan    *Plan     // the plan of the latest such handle, for fills peers ask for
 
 	// sums are the chunks' CRC-32Cs recorded when the blob verified (nil
 	// before); checked marks the chunks checked against them since the
@@ -77,7 +77,7 @@ type fillCall struct {
 	done chan struct{}
 	err  error
 	pass []byte // bytes that could not be stored (cache full), read-only
-	// atOrigin is closed when the fill asks a trusted source with no peer
+	// atOrigin is closed when the fill asks a source with no peer stage
 	// after it (the origin): from then on it depends on no peer, so peers
 	// may wait for it without risk of waiting for each other (AwaitLocal).
 	atOrigin   chan struct{}
@@ -282,10 +282,10 @@ func (e *entry) flush() error {
 	return fdatasync(bm)
 }
 
-// ensure makes chunk i present, fetching it from srcs unless another caller
-// already is. It returns pass != nil when the chunk could not be stored and
-// its bytes are handed over directly.
-func (e *entry) ensure(ctx context.Context, i int, srcs []blob.Source, background bool) (pass []byte, err error) {
+// ensure makes chunk i present, fetching it under plan p unless another
+// caller already is. It returns pass != nil when the chunk could not be
+// stored and its bytes are handed over directly.
+func (e *entry) ensure(ctx context.Context, i int, p Plan, background bool) (pass []byte, err error) {
 	e.mu.Lock()
 	if e.size >= 0 && i < len(e.states) && e.needsCheckLocked(i) {
 		// First read of a verified chunk since the start: check it (a
@@ -299,7 +299,7 @@ func (e *entry) ensure(ctx context.Context, i int, srcs []blob.Source, backgroun
 	if e.size >= 0 && (i >= len(e.states) || e.states[i] != stateAbsent) {
 		e.mu.Unlock()
 		if !background {
-			e.readAhead(i, srcs) // keep the window ahead of a sequential reader full
+			e.readAhead(i, p) // keep the window ahead of a sequential reader full
 		}
 		return nil, nil
 	}
@@ -316,12 +316,12 @@ func (e *entry) ensure(ctx context.Context, i int, srcs []blob.Source, backgroun
 		go func() {
 			defer e.c.wg.Done()
 			defer e.c.unref(e)
-			e.fill(i, srcs, call)
+			e.fill(i, p, call)
 		}()
 	}
 	e.mu.Unlock()
 	if !background {
-		e.readAhead(i, srcs)
+		e.readAhead(i, p)
 	}
 	select {
 	case <-call.done:
@@ -333,7 +333,7 @@ func (e *entry) ensure(ctx context.Context, i int, srcs []blob.Source, backgroun
 
 // readAhead starts background fills of the chunks after i when the reader
 // looks sequential (the chunk before i is present).
-func (e *entry) readAhead(i int, srcs []blob.Source) {
+func (e *entry) readAhead(i int, p Plan) {
 	ra := e.c.opts.ReadAhead
 	e.mu.Lock()
 	seq := e.size >= 0 && (i == 0 || (i-1 < len(e.states) && e.states[i-1] != stateAbsent)) && time.Since(e.failedAt) > time.Second
@@ -343,12 +343,12 @@ func (e *entry) readAhead(i int, srcs []blob.Source) {
 		return
 	}
 	for j := i + 1; j <= i+ra && j < n; j++ {
-		e.background(j, srcs)
+		e.background(j, p)
 	}
 }
 
 // background fills chunk j if a background slot is free; it never blocks.
-func (e *entry) background(j int, srcs []blob.Source) {
+func (e *entry) background(j int, p Plan) {
 	e.mu.Lock()
 	busy := j >= len(e.states) || e.states[j] != stateAbsent || e.inflight[j] != nil
 	e.mu.Unlock()
@@ -368,7 +368,7 @@ func (e *entry) background(j int, srcs []blob.Source) {
 		defer func() { <-e.c.bg }()
 		ctx, cancel := context.WithTimeout(e.c.life, e.c.opts.FillTimeout)
 		defer cancel()
-		e.ensure(ctx, j, srcs, true)
+		e.ensure(ctx, j, p, true)
 	}()
 }
 
@@ -384,7 +384,7 @@ func chunkBuf(cs int64) *[]byte {
 }
 
 // fill fetches chunk i (or, with the size unknown, chunk 0 and the size).
-func (e *entry) fill(i int, srcs []blob.Source, call *fillCall) {
+func (e *entry) fill(i int, p Plan, call *fillCall) {
 	ctx, cancel := context.WithTimeout(e.c.life, e.c.opts.FillTimeout)
 	defer cancel()
 	start := time.Now()
@@ -394,9 +394,9 @@ func (e *entry) fill(i int, srcs []blob.Source, call *fillCall) {
 	e.mu.Lock()
 	gen := e.gen // bytes fetched before a reset must not land after it
 	e.mu.Unlock()
-	n, src, origin, err := e.fetch(ctx, i, srcs, buf, call)
+	n, st, origin, err := e.fetch(ctx, i, p, buf, call)
 	if err == nil {
-		call.pass, err = e.store(i, gen, buf[:n], src, origin)
+		call.pass, err = e.store(i, gen, buf[:n], st, origin)
 	}
 	e.mu.Lock()
 	delete(e.inflight, i)
@@ -411,40 +411,49 @@ func (e *entry) fill(i int, srcs []blob.Source, call *fillCall) {
 		e.c.log.Warn("chunk fill failed", "key", e.key, "chunk", i, "err", err)
 		return
 	}
-	e.c.m.fillSeconds.WithLabelValues(src.Name()).Observe(time.Since(start).Seconds())
+	e.c.m.fillSeconds.WithLabelValues(st.src.Name()).Observe(time.Since(start).Seconds())
 	if call.pass == nil && e.key.Verifiable() {
 		// The chunk is still in buf: hash it from there when it is next in line.
 		e.c.advanceHash(e, int64(i)*e.c.opts.ChunkSize, gen, buf[:n])
 	}
 }
 
-// fetch reads chunk i into buf from the first source that has it.
-func (e *entry) fetch(ctx context.Context, i int, srcs []blob.Source, buf []byte, call *fillCall) (int, blob.Source, string, error) {
+// fetch reads chunk i into buf from the first of the plan's sources that
+// has it, and reports which.
+func (e *entry) fetch(ctx context.Context, i int, p Plan, buf []byte, call *fillCall) (int, step, string, error) {
 	cs := e.c.opts.ChunkSize
 	off := int64(i) * cs
 	var errs []error
-	for j, s := range srcs {
+	for _, st := range p.steps() {
+		s := st.src
 		e.mu.Lock()
 		size := e.size
 		e.mu.Unlock()
 		want := cs
 		if size >= 0 {
 			if off >= size {
-				return 0, nil, "", fmt.Errorf("chunk %d beyond end of %d-byte blob", i, size)
+				return 0, step{}, "", fmt.Errorf("chunk %d beyond end of %d-byte blob", i, size)
 			}
 			want = min(cs, size-off)
+		}
+		if call != nil && (st.role == roleOrigin || st.role == roleLocal && p.Peers == nil) {
+			call.originOnce.Do(func() { close(call.atOrigin) })
 		}
 		var rc io.ReadCloser
 		var total int64
 		var err error
-		if call != nil && blob.TrustOf(s) == blob.Trusted && !hasUntrusted(srcs[j+1:]) {
-			call.originOnce.Do(func() { close(call.atOrigin) })
-		}
-		if bs, ok := s.(originBacked); ok && hasTrusted(srcs[j+1:]) {
-			rc, total, err = bs.FetchBacked(ctx, e.key, off, want)
-			if ny := (*blob.NotYet)(nil); call != nil && errors.As(err, &ny) {
-				return e.speculate(ctx, i, srcs[j:], ny, buf, call)
+		if sw := p.swarm(e.key); sw != nil && st.role == rolePeers {
+			var sh blob.Share
+			sh, err = sw.FetchShared(ctx, e.key, off, want)
+			switch {
+			case err == nil && sh.Body == nil && sh.Gathering != nil && call != nil:
+				return e.speculate(ctx, i, p, sw, sh.Gathering, buf, call)
+			case err == nil && sh.Body == nil:
+				// Still gathering, inside a fill that already speculated:
+				// the origin is next.
+				err = fmt.Errorf("%s: %w (nodes pulling it not known yet)", e.key, blob.ErrNotFound)
 			}
+			rc, total = sh.Body, sh.Size
 		} else {
 			rc, total, err = s.Fetch(ctx, e.key, off, want)
 		}
@@ -465,7 +474,7 @@ func (e *entry) fetch(ctx context.Context, i int, srcs []blob.Source, buf []byte
 			}
 			if err := e.learnSize(total); err != nil {
 				rc.Close()
-				return 0, nil, "", err
+				return 0, step{}, "", err
 			}
 			size = total
 			want = min(cs, size-off)
@@ -496,7 +505,7 @@ func (e *entry) fetch(ctx context.Context, i int, srcs []blob.Source, buf []byte
 			e.blamers[s.Name()] = b
 			e.mu.Unlock()
 		}
-		if blob.TrustOf(s) == blob.Trusted && total >= 0 {
+		if st.role.trusted() && total >= 0 {
 			e.mu.Lock()
 			if e.size == total {
 				e.sizeTrusted = true
@@ -504,12 +513,12 @@ func (e *entry) fetch(ctx context.Context, i int, srcs []blob.Source, buf []byte
 			e.mu.Unlock()
 		}
 		e.c.m.fetched.WithLabelValues(s.Name()).Add(float64(n))
-		return n, s, origin, nil
+		return n, st, origin, nil
 	}
 	if len(errs) == 0 {
-		return 0, nil, "", fmt.Errorf("%s chunk %d: %w (no source has it)", e.key, i, blob.ErrNotFound)
+		return 0, step{}, "", fmt.Errorf("%s chunk %d: %w (no source has it)", e.key, i, blob.ErrNotFound)
 	}
-	return 0, nil, "", fmt.Errorf("%s chunk %d: %w", e.key, i, errors.Join(errs...))
+	return 0, step{}, "", fmt.Errorf("%s chunk %d: %w", e.key, i, errors.Join(errs...))
 }
 
 func (e *entry) learnSize(size int64) error {
@@ -530,13 +539,13 @@ func (e *entry) learnSize(size int64) error {
 
 // store writes a fetched chunk. When the cache cannot make room the bytes are
 // handed to the waiting readers instead (pass).
-func (e *entry) store(i int, gen uint64, data []byte, src blob.Source, origin string) ([]byte, error) {
+func (e *entry) store(i int, gen uint64, data []byte, st step, origin string) ([]byte, error) {
 	if len(data) == 0 {
 		return nil, nil // an empty blob has no chunks
 	}
 	for try := 0; try < 3; try++ {
 		epoch := e.c.spaceEpoch.Load()
-		pass, err := e.storeOnce(i, gen, data, src, origin)
+		pass, err := e.storeOnce(i, gen, data, st, origin)
 		if !isDiskFull(err) {
 			return pass, err
 		}
@@ -552,7 +561,7 @@ func (e *entry) store(i int, gen uint64, data []byte, src blob.Source, origin st
 	return append([]byte(nil), data...), nil
 }
 
-func (e *entry) storeOnce(i int, gen uint64, data []byte, src blob.Source, origin string) ([]byte, error) {
+func (e *entry) storeOnce(i int, gen uint64, data []byte, st step, origin string) ([]byte, error) {
 	if !e.c.reserve(int64(len(data)), e) {
 		e.c.m.passthrough.Inc()
 		return append([]byte(nil), data...), nil
@@ -580,7 +589,7 @@ func (e *entry) storeOnce(i int, gen uint64, data []byte, src blob.Source, origi
 		return nil, fmt.Errorf("write %s chunk %d: %w", e.key, i, err)
 	}
 	state := stateUntrusted
-	if blob.TrustOf(src) == blob.Trusted || !e.key.Verifiable() {
+	if st.role.trusted() || !e.key.Verifiable() {
 		state = stateTrusted
 	}
 	e.mu.Lock()
@@ -605,7 +614,7 @@ func (e *entry) storeOnce(i int, gen uint64, data []byte, src blob.Source, origi
 		if e.origins == nil {
 			e.origins = map[int]servedBy{}
 		}
-		e.origins[i] = servedBy{source: src.Name(), peer: origin}
+		e.origins[i] = servedBy{source: st.src.Name(), peer: origin}
 	}
 	e.mu.Unlock()
 	e.c.markDirty(e)

@@ -33,7 +33,7 @@ func TestResetKeepsTrustedChunksUnderAReader(t *testing.T) {
 	bad[2*cs+7] ^= 0xff
 	peer.blobs[k] = bad
 
-	h := c.Open(k, origin)
+	h := c.Open(k, origin.plan())
 	if _, err := h.ReadAt(context.Background(), make([]byte, cs), 0); err != nil {
 		t.Fatal(err)
 	}
@@ -42,7 +42,7 @@ func TestResetKeepsTrustedChunksUnderAReader(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer lr.Close()
-	hp := c.Open(k, peer)
+	hp := c.Open(k, peer.plan())
 	fillInBackground(t, hp)
 	waitFor(t, "mismatch", func() bool {
 		return testutil.ToFloat64(c.m.verify.WithLabelValues("mismatch")) == 1
@@ -79,7 +79,7 @@ func TestSizeFromAPeerForgottenOnMismatch(t *testing.T) {
 	peer := newFake("peer", false)
 	peer.origin = "badpeer"
 	peer.blobs[k] = append(append([]byte(nil), data...), make([]byte, cs)...) // one chunk too long
-	h := c.Open(k, peer)
+	h := c.Open(k, peer.plan())
 	fillInBackground(t, h)
 	waitFor(t, "mismatch", func() bool {
 		return testutil.ToFloat64(c.m.verify.WithLabelValues("mismatch")) == 1
@@ -87,7 +87,7 @@ func TestSizeFromAPeerForgottenOnMismatch(t *testing.T) {
 	h.Close()
 	origin := newFake("upstream", true)
 	origin.blobs[k] = data
-	h2 := c.Open(k, origin)
+	h2 := c.Open(k, origin.plan())
 	defer h2.Close()
 	size, err := h2.Size(context.Background())
 	if err != nil || size != int64(len(data)) {
@@ -161,7 +161,7 @@ func TestDiskFullServesCompleteAndRecovers(t *testing.T) {
 	ctx := context.Background()
 	read := func(c *Cache, k blob.Key, want []byte) *hashCheck {
 		t.Helper()
-		h := c.Open(k, origin)
+		h := c.Open(k, origin.plan())
 		defer h.Close()
 		w := &hashCheck{want: want}
 		n, err := h.WriteRange(ctx, w, 0, int64(len(want)))
@@ -211,7 +211,7 @@ func TestFlippedByteInAVerifiedBlobIsNeverServed(t *testing.T) {
 			origin := newFake("upstream", true)
 			data, k := randBlob(t, 4*cs+100)
 			origin.blobs[k] = data
-			h := c.Open(k, origin)
+			h := c.Open(k, origin.plan())
 			readAll(t, h)
 			waitFor(t, "verification", func() bool { return h.Info().Verified })
 			h.Close()
@@ -236,11 +236,11 @@ func TestFlippedByteInAVerifiedBlobIsNeverServed(t *testing.T) {
 			var got []byte
 			switch face {
 			case "ReadAt":
-				h := c.Open(k, origin)
+				h := c.Open(k, origin.plan())
 				got = readAll(t, h)
 				h.Close()
 			case "WriteRange":
-				h := c.Open(k, origin)
+				h := c.Open(k, origin.plan())
 				var b bytes.Buffer
 				if _, err := h.WriteRange(context.Background(), &b, 0, int64(len(data))); err != nil {
 					t.Fatal(err)
@@ -253,7 +253,7 @@ func TestFlippedByteInAVerifiedBlobIsNeverServed(t *testing.T) {
 					lr.Close()
 					t.Fatalf("OpenLocal served the blob with a bad chunk (%d bytes, byte at %d is %#x, want %#x)", len(b), at, b[at], data[at])
 				}
-				h := c.Open(k, origin) // the faces' fallback: through the cache
+				h := c.Open(k, origin.plan()) // the faces' fallback: through the cache
 				readAll(t, h)
 				h.Close()
 				lr, _, err := c.OpenLocal(k, 0, -1)
@@ -292,7 +292,7 @@ func TestVerifiedBlobWithoutSumsIsVerifiedAgain(t *testing.T) {
 	origin := newFake("upstream", true)
 	data, k := randBlob(t, 3*cs+1)
 	origin.blobs[k] = data
-	h := c.Open(k, origin)
+	h := c.Open(k, origin.plan())
 	readAll(t, h)
 	waitFor(t, "verification", func() bool { return h.Info().Verified })
 	h.Close()
@@ -323,7 +323,7 @@ func TestResetOfTrustedChunksFailsTheirReaders(t *testing.T) {
 	bad[cs+1] ^= 0xff
 	origin := newFake("upstream", true)
 	origin.blobs[k] = bad
-	h := c.Open(k, origin)
+	h := c.Open(k, origin.plan())
 	defer h.Close()
 	if _, err := h.ReadAt(context.Background(), make([]byte, cs), 0); err != nil {
 		t.Fatal(err)

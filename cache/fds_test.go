@@ -32,7 +32,7 @@ func TestLoadOpensNoFilePerBlob(t *testing.T) {
 		data, k := randBlob(t, 1000)
 		src.blobs[k] = data
 		keys = append(keys, k)
-		h := c.Open(k, src)
+		h := c.Open(k, src.plan())
 		readAll(t, h)
 		h.Close()
 	}
@@ -50,7 +50,7 @@ func TestLoadOpensNoFilePerBlob(t *testing.T) {
 	// Loaded blobs still read back, from the cache.
 	fetches := src.total()
 	for _, k := range keys[:10] {
-		h := c2.Open(k, src)
+		h := c2.Open(k, src.plan())
 		if got := readAll(t, h); !bytes.Equal(got, src.blobs[k]) {
 			t.Fatalf("%s: wrong bytes after restart", k)
 		}
@@ -72,7 +72,7 @@ func TestLoadedPartialBlobKeepsItsChunks(t *testing.T) {
 	src := newFake("upstream", true)
 	data, k := randBlob(t, 3*cs+7)
 	src.blobs[k] = data
-	h := c.Open(k, src)
+	h := c.Open(k, src.plan())
 	p := make([]byte, 10)
 	if _, err := h.ReadAt(context.Background(), p, 0); err != nil {
 		t.Fatal(err)
@@ -84,7 +84,7 @@ func TestLoadedPartialBlobKeepsItsChunks(t *testing.T) {
 	}
 
 	c2 := open()
-	h2 := c2.Open(k, src)
+	h2 := c2.Open(k, src.plan())
 	if got := readAll(t, h2); !bytes.Equal(got, data) {
 		t.Fatal("wrong bytes after restart")
 	}
@@ -99,7 +99,7 @@ func TestLoadedPartialBlobKeepsItsChunks(t *testing.T) {
 	c3 := open()
 	defer c3.Close()
 	before := src.total()
-	h3 := c3.Open(k, src)
+	h3 := c3.Open(k, src.plan())
 	defer h3.Close()
 	if got := readAll(t, h3); !bytes.Equal(got, data) || src.total() != before {
 		t.Fatalf("after the second restart: equal %v, %d fetches", bytes.Equal(got, data), src.total()-before)
@@ -119,7 +119,7 @@ func TestFilledBlobsCloseTheirFiles(t *testing.T) {
 		data, k := randBlob(t, 3*cs+5)
 		src.blobs[k] = data
 		keys = append(keys, k)
-		h := c.Open(k, src)
+		h := c.Open(k, src.plan())
 		if got := readAll(t, h); !bytes.Equal(got, data) {
 			t.Fatal("wrong bytes")
 		}
@@ -129,7 +129,7 @@ func TestFilledBlobsCloseTheirFiles(t *testing.T) {
 	waitFor(t, "files closed", func() bool { return openFDs(t)-before <= 20 })
 	fetches := src.total()
 	for _, k := range keys[:10] {
-		h := c.Open(k, src)
+		h := c.Open(k, src.plan())
 		if got := readAll(t, h); !bytes.Equal(got, src.blobs[k]) {
 			t.Fatalf("%s: wrong bytes read again", k)
 		}

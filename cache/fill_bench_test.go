@@ -18,7 +18,7 @@ func BenchmarkColdFill(b *testing.B) {
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		c := Must(Open(Options{Dir: b.TempDir(), ChunkSize: chunk}))
-		h := c.Open(k, src)
+		h := c.Open(k, src.plan())
 		for off := int64(0); off < size; off += chunk {
 			if _, err := h.WriteRange(context.Background(), io.Discard, off, chunk); err != nil {
 				b.Fatal(err)
@@ -40,7 +40,7 @@ func benchHit(b *testing.B) (*Cache, *Handle, int64) {
 	src.blobs[k] = data
 	opts := Options{Dir: b.TempDir(), ChunkSize: 1 << 20}
 	c := Must(Open(opts))
-	h := c.Open(k, src)
+	h := c.Open(k, src.plan())
 	if _, err := h.WriteRange(context.Background(), io.Discard, 0, size); err != nil {
 		b.Fatal(err)
 	}
@@ -48,7 +48,7 @@ func benchHit(b *testing.B) (*Cache, *Handle, int64) {
 	h.Close()
 	c.Close()
 	c = Must(Open(opts))
-	h = c.Open(k, src)
+	h = c.Open(k, src.plan())
 	if _, err := h.WriteRange(context.Background(), io.Discard, 0, size); err != nil {
 		b.Fatal(err)
 	}

@@ -23,7 +23,7 @@ func TestChunkMapWaitsForTheDataSync(t *testing.T) {
 	src := newFake("upstream", true)
 	data, k := randBlob(t, 8*cs)
 	src.blobs[k] = data
-	h := c.Open(k, src)
+	h := c.Open(k, src.plan())
 	defer h.Close()
 	p := make([]byte, 2*cs)
 	if _, err := h.ReadAt(context.Background(), p, 0); err != nil || !bytes.Equal(p, data[:2*cs]) {

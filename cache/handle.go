@@ -17,16 +17,16 @@ import (
 type Handle struct {
 	c    *Cache
 	e    *entry
-	srcs []blob.Source
+	plan Plan
 	pull bool // counted in e.pulls
 	once sync.Once
 }
 
-// Open returns a handle on k whose missing chunks are filled from srcs, in
-// order. Opening costs no I/O; the size is learned on first use.
-func (c *Cache) Open(k blob.Key, srcs ...blob.Source) *Handle {
-	h := &Handle{c: c, e: c.getEntry(k), srcs: srcs}
-	h.pull = h.e.startPull(srcs)
+// Open returns a handle on k whose missing chunks are filled under plan p.
+// Opening costs no I/O; the size is learned on first use.
+func (c *Cache) Open(k blob.Key, p Plan) *Handle {
+	h := &Handle{c: c, e: c.getEntry(k), plan: p}
+	h.pull = h.e.startPull(p)
 	return h
 }
 
@@ -60,7 +60,7 @@ func (h *Handle) Size(ctx context.Context) (int64, error) {
 	// must not start the read-ahead (whether it did depended on which of
 	// the caller and the fill got to the entry first). A read of the blob
 	// starts it with its own chunk.
-	if _, err := h.e.ensure(ctx, 0, h.srcs, true); err != nil {
+	if _, err := h.e.ensure(ctx, 0, h.plan, true); err != nil {
 		return -1, err
 	}
 	h.e.mu.Lock()
@@ -91,7 +91,7 @@ func (h *Handle) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 		cend := min(int64(i+1)*cs, end)
 		hit := h.e.hasChunk(i)
 		gen := h.e.genNow()
-		pass, err := h.e.ensure(ctx, i, h.srcs, false)
+		pass, err := h.e.ensure(ctx, i, h.plan, false)
 		if err != nil {
 			return int(pos - off), err
 		}
@@ -204,7 +204,7 @@ func (h *Handle) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int
 		i := int(pos / cs)
 		hit := h.e.hasChunk(i)
 		gen := h.e.genNow()
-		pass, err := h.e.ensure(ctx, i, h.srcs, false)
+		pass, err := h.e.ensure(ctx, i, h.plan, false)
 		if err != nil {
 			return written, err
 		}
@@ -279,7 +279,7 @@ func (h *Handle) Prefetch(workers int) {
 			go func() {
 				defer wg.Done()
 				for i := range next {
-					if _, err := e.ensure(ctx, i, h.srcs, true); err != nil {
+					if _, err := e.ensure(ctx, i, h.plan, true); err != nil {
 						mu.Lock()
 						failed = err
 						mu.Unlock()

@@ -43,7 +43,7 @@ func TestEachKindOfDamagedEntryIsDropped(t *testing.T) {
 			src := newFake("upstream", true)
 			data, k := randBlob(t, 3*cs)
 			src.blobs[k] = data
-			h := c.Open(k, src)
+			h := c.Open(k, src.plan())
 			readAll(t, h)
 			h.Close()
 			c.Close()

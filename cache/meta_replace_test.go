@@ -20,7 +20,7 @@ func TestMetaIsReplacedNotRewritten(t *testing.T) {
 	src := newFake("upstream", true)
 	data, k := randBlob(t, 3*cs)
 	src.blobs[k] = data
-	h := c.Open(k, src)
+	h := c.Open(k, src.plan())
 	defer h.Close()
 	if _, err := h.ReadAt(context.Background(), make([]byte, cs), 0); err != nil {
 		t.Fatal(err)

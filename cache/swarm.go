@@ -4,42 +4,25 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"time"
 
 	"github.com/peerd-project/peerd/blob"
 )
 
-// Swarm pulls: a blob read through a handle whose sources put a trusted
-// origin after the peers (the OCI mirror's pull-through, the /blobs/ proxy)
-// is one many nodes may be pulling at the same moment. For such a pull:
+// Swarm pulls: a blob read under a plan with an origin behind the peers
+// (the OCI mirror's pull-through, the /blobs/ proxy, a FUSE read of a digest
+// whose origin /blobs/ learned) is one many nodes may be pulling at the same
+// moment. For such a pull:
 //
 //   - the blob is announced to the listener (the DHT) when the handle opens,
 //     not when its first chunk lands, so the other nodes pulling it learn at
 //     once who else wants it;
-//   - a peer source that implements originBacked is asked with FetchBacked:
-//     it may decline a chunk it assigns to this node, which then comes from
-//     the origin and is shared with the others;
+//   - a peer source that is a blob.Swarm is asked with FetchShared: it may
+//     decline a chunk it assigns to this node, which then comes from the
+//     origin and is shared with the others;
 //   - AwaitLocal lets the peer server wait for a chunk this node is fetching
 //     from the origin instead of answering "don't have", and fetch one that
 //     is assigned to this node and not yet started.
-
-// originBacked is implemented by sources (the peer network) that split a
-// blob's chunks between the nodes pulling it. FetchBacked is called instead
-// of Fetch when a trusted origin follows the source: answering
-// blob.ErrNotFound is then cheap, the origin fills the chunk.
-type originBacked interface {
-	FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error)
-}
-
-func hasUntrusted(srcs []blob.Source) bool {
-	for _, s := range srcs {
-		if blob.TrustOf(s) != blob.Trusted {
-			return true
-		}
-	}
-	return false
-}
 
 // peerStageWait bounds how long the owner of a chunk lets an asker wait
 // while its own fill of the chunk is still asking peers (whether someone
@@ -50,44 +33,15 @@ func hasUntrusted(srcs []blob.Source) bool {
 // shorter than that sends loaded bursts to the origin for chunks peers hold.
 const peerStageWait = 2 * time.Second
 
-func hasTrusted(srcs []blob.Source) bool {
-	for _, s := range srcs {
-		if blob.TrustOf(s) == blob.Trusted {
-			return true
-		}
-	}
-	return false
-}
-
-// originAfterPeers returns the trusted sources that come after the first
-// untrusted one: the origin of a pull that may be shared in flight. Trusted
-// sources before any peer (containerd's store) make no swarm pull by
-// themselves: a FUSE read of a local blob must not be announced.
-func originAfterPeers(srcs []blob.Source) []blob.Source {
-	var out []blob.Source
-	peers := false
-	for _, s := range srcs {
-		if blob.TrustOf(s) != blob.Trusted {
-			peers = true
-		} else if peers {
-			out = append(out, s)
-		}
-	}
-	return out
-}
-
-// startPull registers a handle whose sources make it a swarm pull and
+// startPull registers a handle whose plan makes it a swarm pull and
 // announces the blob. It reports whether the handle was counted.
-func (e *entry) startPull(srcs []blob.Source) bool {
-	if !e.key.Verifiable() {
-		return false
-	}
-	if len(originAfterPeers(srcs)) == 0 {
+func (e *entry) startPull(p Plan) bool {
+	if !p.shared(e.key) {
 		return false
 	}
 	e.mu.Lock()
 	e.pulls++
-	e.pullSrcs = srcs
+	e.pullPlan = &p
 	announce := !e.announced && !e.gone
 	e.announced = e.announced || announce
 	e.mu.Unlock()
@@ -101,7 +55,7 @@ func (e *entry) endPull() {
 	e.mu.Lock()
 	e.pulls--
 	if e.pulls <= 0 {
-		e.pulls, e.pullSrcs = 0, nil // credentials in the origin source go with the last handle
+		e.pulls, e.pullPlan = 0, nil // credentials in the origin source go with the last handle
 	}
 	e.mu.Unlock()
 }
@@ -109,9 +63,9 @@ func (e *entry) endPull() {
 // AwaitLocal is OpenLocal for the peer server during a swarm pull. When the
 // range is not yet servable and mine reports that this node owns its chunk
 // (the rendezvous assigns it here), it waits, until ctx ends, for the chunk's
-// fill in progress, or starts one with the pull's sources. That fill asks
+// fill in progress, or starts one with the pull's plan. That fill asks
 // the other providers only whether they hold the chunk (for a bounded time,
-// see p2p's FetchBacked), then goes to the origin, so requests do not chain
+// see p2p's FetchShared), then goes to the origin, so requests do not chain
 // from node to node and a blob complete elsewhere is not fetched again. Chunks that come
 // from peers stay unservable until the blob verified (the trust rule), so
 // waiting helps only for chunks this node fetches from the origin. It waits
@@ -179,9 +133,9 @@ func (c *Cache) awaitStep(ctx context.Context, e *entry, off, n int64, mine func
 		e.mu.Unlock()
 		return errors.New("chunk came from a peer; served only once the blob verified")
 	}
-	call, srcs := e.inflight[i], e.pullSrcs
+	call, plan := e.inflight[i], e.pullPlan
 	e.mu.Unlock()
-	if call == nil && len(srcs) == 0 {
+	if call == nil && plan == nil {
 		return errors.New("not being fetched here")
 	}
 	if call != nil {
@@ -191,7 +145,7 @@ func (c *Cache) awaitStep(ctx context.Context, e *entry, off, n int64, mine func
 		return errors.New("not this node's chunk")
 	}
 	c.m.swarmFills.Inc()
-	_, err := e.ensure(ctx, i, srcs, true)
+	_, err := e.ensure(ctx, i, *plan, true)
 	if err != nil {
 		return err
 	}
@@ -242,60 +196,61 @@ func waitCall(ctx context.Context, call *fillCall) error {
 	}
 }
 
-// speculate fills chunk i of a swarm pull whose peer source (srcs[0])
-// answered blob.NotYet: nobody was seen pulling the blob yet, but nodes that
+// speculate fills chunk i of a swarm pull whose swarm answered with a
+// Share still gathering: nobody was seen pulling the blob yet, but nodes that
 // started at the same moment may still show up. The chunk comes from the
-// origin (srcs[1:]) at once, so a lone cold read waits for nobody; when the
-// peer source can tell (ny.Ready) that another node owns the chunk, that
-// origin fetch is abandoned and the chunk is read through the peer source,
-// so a burst of N nodes does not fetch every first chunk N times.
+// origin at once, so a lone cold read waits for nobody; when the swarm can
+// tell (gathering closed) that another node owns the chunk, that origin
+// fetch is abandoned and the chunk is read through the swarm, so a burst of
+// N nodes does not fetch every first chunk N times.
 //
-// Until the peer source decided, the fill does not count as "at the origin"
-// for askers (awaitFill): only a fill that will not turn to a peer may be
-// waited for by anyone, or two nodes could wait for each other.
-func (e *entry) speculate(ctx context.Context, i int, srcs []blob.Source, ny *blob.NotYet, buf []byte, call *fillCall) (int, blob.Source, string, error) {
+// Until the swarm decided, the fill does not count as "at the origin" for
+// askers (awaitFill): only a fill that will not turn to a peer may be waited
+// for by anyone, or two nodes could wait for each other.
+func (e *entry) speculate(ctx context.Context, i int, p Plan, sw blob.Swarm, gathering <-chan struct{}, buf []byte, call *fillCall) (int, step, string, error) {
 	octx, abandon := context.WithCancel(ctx)
 	defer abandon()
+	off := int64(i) * e.c.opts.ChunkSize
 	yielded := false
 	finished, decided := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(decided)
 		select {
-		case <-ny.Ready:
+		case <-gathering:
 		case <-finished:
 			return
 		}
-		if ny.Yield() {
+		if sw.Yields(e.key, off) {
 			yielded = true
 			abandon()
 			return
 		}
 		call.originOnce.Do(func() { close(call.atOrigin) })
 	}()
-	n, src, origin, err := e.fetch(octx, i, srcs[1:], buf, nil)
+	n, st, origin, err := e.fetch(octx, i, Plan{Origin: p.Origin}, buf, nil)
 	close(finished)
 	<-decided
 	if err == nil {
-		return n, src, origin, nil
+		return n, st, origin, nil
 	}
 	if !yielded {
-		// The origin failed before the peer source could tell who pulls
-		// the blob (a registry that is down refuses at once): wait for its
-		// answer and ask the peers, or a pull with the registry down
-		// would fail although a peer holds the chunk.
+		// The origin failed before the swarm could tell who pulls the blob
+		// (a registry that is down refuses at once): wait for its answer
+		// and ask the peers, or a pull with the registry down would fail
+		// although a peer holds the chunk.
 		select {
-		case <-ny.Ready:
+		case <-gathering:
 		case <-ctx.Done():
-			return n, src, origin, err
+			return n, st, origin, err
 		}
-		pn, psrc, porigin, perr := e.fetch(ctx, i, srcs[:1], buf, nil)
+		pn, pst, porigin, perr := e.fetch(ctx, i, Plan{Peers: p.Peers}, buf, nil)
 		if perr != nil {
-			return 0, nil, "", errors.Join(err, perr)
+			return 0, step{}, "", errors.Join(err, perr)
 		}
-		return pn, psrc, porigin, nil
+		return pn, pst, porigin, nil
 	}
 	e.c.log.Debug("first chunk yielded to the node that owns it", "key", e.key, "chunk", i)
-	// Through the peer source again, now with the whole swarm in view; the
-	// origin stays behind it in case the owner fails.
-	return e.fetch(ctx, i, srcs, buf, call)
+	// Through the swarm again, now with every node in view; the origin
+	// stays behind it in case the owner fails.
+	return e.fetch(ctx, i, Plan{Peers: p.Peers, Origin: p.Origin}, buf, call)
 }

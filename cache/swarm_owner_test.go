@@ -18,7 +18,7 @@ func TestAwaitLocalNonOwnerFetchesNothing(t *testing.T) {
 	data, k := randBlob(t, 4*cs)
 	peer, origin := newFake("peer", false), newFake("upstream", true)
 	origin.blobs[k] = data
-	h := c.Open(k, peer, origin)
+	h := c.Open(k, Plan{Peers: peer, Origin: origin})
 	defer h.Close()
 	if _, err := h.Size(context.Background()); err != nil {
 		t.Fatal(err)

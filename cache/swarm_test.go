@@ -24,10 +24,15 @@ func (b *backedPeer) Fetch(ctx context.Context, k blob.Key, off, n int64) (io.Re
 	return b.fakeSource.Fetch(ctx, k, off, n)
 }
 
-func (b *backedPeer) FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+func (b *backedPeer) FetchShared(ctx context.Context, k blob.Key, off, n int64) (blob.Share, error) {
 	b.backed.Add(1)
-	return b.fakeSource.Fetch(ctx, k, off, n)
+	rc, size, err := b.fakeSource.Fetch(ctx, k, off, n)
+	return blob.Share{Body: rc, Size: size}, err
 }
+
+func (b *backedPeer) Yields(blob.Key, int64) bool { return false }
+
+var _ blob.Swarm = (*backedPeer)(nil)
 
 func openNoReadAhead(t *testing.T, l Listener) *Cache {
 	t.Helper()
@@ -44,7 +49,7 @@ func TestSwarmPullAnnouncedAtOpenAndWithdrawnOnFailure(t *testing.T) {
 	c := openNoReadAhead(t, rec)
 	_, k := randBlob(t, 3*cs)
 	peer, origin := newFake("peer", false), newFake("upstream", true)
-	h := c.Open(k, peer, origin)
+	h := c.Open(k, Plan{Peers: peer, Origin: origin})
 	if !rec.has(false, k) {
 		t.Fatal("a pull with an origin behind the peers was not announced when it opened")
 	}
@@ -57,29 +62,29 @@ func TestSwarmPullAnnouncedAtOpenAndWithdrawnOnFailure(t *testing.T) {
 	// Without an origin behind the peers (a FUSE read), nothing is announced
 	// before bytes land.
 	_, k2 := randBlob(t, cs)
-	h2 := c.Open(k2, newFake("containerd", true), peer)
+	h2 := c.Open(k2, Plan{Local: newFake("containerd", true), Peers: peer})
 	h2.Close()
 	if rec.has(false, k2) {
 		t.Fatal("a read without an origin after the peers was announced")
 	}
 }
 
-func TestFetchBackedOnlyWithAnOriginBehind(t *testing.T) {
+func TestFetchSharedOnlyWithAnOriginBehind(t *testing.T) {
 	c := openNoReadAhead(t, nil)
 	data, k := randBlob(t, 2*cs)
 	peer := &backedPeer{fakeSource: newFake("peer", false)}
 	peer.blobs[k] = data
-	h := c.Open(k, peer, newFake("upstream", true))
+	h := c.Open(k, Plan{Peers: peer, Origin: newFake("upstream", true)})
 	if got := readAll(t, h); !bytes.Equal(got, data) {
 		t.Fatal("bytes differ")
 	}
 	h.Close()
 	if peer.backed.Load() == 0 || peer.plain.Load() != 0 {
-		t.Fatalf("with an origin behind: FetchBacked %d, Fetch %d", peer.backed.Load(), peer.plain.Load())
+		t.Fatalf("with an origin behind: FetchShared %d, Fetch %d", peer.backed.Load(), peer.plain.Load())
 	}
 	data2, k2 := randBlob(t, 2*cs)
 	peer.blobs[k2] = data2
-	h = c.Open(k2, peer)
+	h = c.Open(k2, Plan{Peers: peer})
 	readAll(t, h)
 	h.Close()
 	if peer.plain.Load() == 0 {
@@ -103,7 +108,7 @@ func readingChunk1(t *testing.T, atOrigin bool) (c *Cache, data []byte, k blob.K
 	}
 	gate = make(chan struct{})
 	held.block[cs] = gate
-	h := c.Open(k, peer, origin)
+	h := c.Open(k, Plan{Peers: peer, Origin: origin})
 	t.Cleanup(func() { h.Close() })
 	if _, err := h.Size(context.Background()); err != nil {
 		t.Fatal(err)
@@ -161,7 +166,7 @@ func TestAwaitLocalFetchesOwnedChunkWithThePullsSources(t *testing.T) {
 	data, k := randBlob(t, 4*cs)
 	peer, origin := newFake("peer", false), newFake("upstream", true)
 	origin.blobs[k] = data
-	h := c.Open(k, peer, origin)
+	h := c.Open(k, Plan{Peers: peer, Origin: origin})
 	if _, err := h.Size(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -192,7 +197,7 @@ func TestAwaitLocalFetchesOwnedChunkWithThePullsSources(t *testing.T) {
 	data2, k2 := randBlob(t, 4*cs)
 	origin.blobs[k2] = data2
 	peer.blobs[k2] = data2
-	h2 := c.Open(k2, peer, origin)
+	h2 := c.Open(k2, Plan{Peers: peer, Origin: origin})
 	defer h2.Close()
 	if _, err := h2.Size(ctx); err != nil {
 		t.Fatal(err)
@@ -255,8 +260,8 @@ func TestAwaitLocalOwnerWaitsOnlyBrieflyForItsPeerStage(t *testing.T) {
 	}
 }
 
-// notYetPeer answers its first FetchBacked with blob.NotYet (nobody seen
-// pulling yet), then serves what it holds.
+// notYetPeer answers its first FetchShared with a Share still gathering
+// (nobody seen pulling yet), then serves what it holds.
 type notYetPeer struct {
 	*fakeSource
 	ready  chan struct{}
@@ -264,15 +269,20 @@ type notYetPeer struct {
 	backed atomic.Int64
 }
 
-func (p *notYetPeer) FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+func (p *notYetPeer) FetchShared(ctx context.Context, k blob.Key, off, n int64) (blob.Share, error) {
 	if p.backed.Add(1) == 1 {
-		return nil, -1, &blob.NotYet{Ready: p.ready, Yield: func() bool { return p.yield }}
+		return blob.Share{Gathering: p.ready}, nil
 	}
-	return p.fakeSource.Fetch(ctx, k, off, n)
+	rc, size, err := p.fakeSource.Fetch(ctx, k, off, n)
+	return blob.Share{Body: rc, Size: size}, err
 }
 
+func (p *notYetPeer) Yields(blob.Key, int64) bool { return p.yield }
+
+var _ blob.Swarm = (*notYetPeer)(nil)
+
 // speculativePull opens a two-chunk blob whose peer source answers its
-// first chunk with blob.NotYet (yielding when told to) and whose origin
+// first chunk with a Share still gathering (yielding when told to) and whose origin
 // holds it; gate, when not nil, holds the origin's chunk 0 until closed.
 // It returns the channel that gets the result of reading chunk 0.
 func speculativePull(t *testing.T, yield bool, gate chan struct{}) (*Cache, blob.Key, *notYetPeer, *fakeSource, <-chan error) {
@@ -286,7 +296,7 @@ func speculativePull(t *testing.T, yield bool, gate chan struct{}) (*Cache, blob
 	if gate != nil {
 		origin.block[0] = gate
 	}
-	h := c.Open(k, peer, origin)
+	h := c.Open(k, Plan{Peers: peer, Origin: origin})
 	t.Cleanup(func() { h.Close() })
 	got := make(chan error, 1)
 	go func() {
@@ -376,7 +386,7 @@ func TestSpeculativeFirstChunkTurnsToThePeersWhenTheOriginFails(t *testing.T) {
 	origin := newFake("upstream", true)
 	origin.blobs[k] = data
 	origin.fail = errors.New("connection refused")
-	h := c.Open(k, peer, origin)
+	h := c.Open(k, Plan{Peers: peer, Origin: origin})
 	defer h.Close()
 	got := make(chan error, 1)
 	buf := make([]byte, cs)

@@ -65,7 +65,7 @@ func TestChunksLargerThanAWritePiece(t *testing.T) {
 	src := newFake("upstream", true)
 	data, k := randBlob(t, int(5*chunk+777))
 	src.blobs[k] = data
-	h := c.Open(k, src)
+	h := c.Open(k, src.plan())
 	if got := readAll(t, h); !bytes.Equal(got, data) {
 		t.Fatal("wrong bytes from a fill")
 	}
@@ -76,7 +76,7 @@ func TestChunksLargerThanAWritePiece(t *testing.T) {
 	c2 := Must(Open(opts))
 	defer c2.Close()
 	before := src.total()
-	h2 := c2.Open(k, src)
+	h2 := c2.Open(k, src.plan())
 	defer h2.Close()
 	var buf bytes.Buffer
 	if _, err := h2.WriteRange(context.Background(), &buf, 0, int64(len(data))); err != nil || !bytes.Equal(buf.Bytes(), data) {
@@ -97,7 +97,7 @@ func TestCompleteUnverifiedBlobIsVerifiedAtStart(t *testing.T) {
 		src := newFake("upstream", true)
 		data, k := randBlob(t, 3*(100<<10)+5)
 		src.blobs[k] = data
-		h := c.Open(k, src)
+		h := c.Open(k, src.plan())
 		readAll(t, h)
 		waitFor(t, "verification", func() bool { return h.Info().Verified })
 		h.Close()

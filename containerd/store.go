@@ -426,19 +426,17 @@ func (s *Store) Source() blob.Source { return source{s} }
 
 type source struct{ s *Store }
 
-// The store is a trusted cache source, and a local store the p2p data plane
-// serves peers from (p2p.LocalStore's method, named here without importing
-// p2p).
+// The store is a cache source (a plan's Local), and a local store the p2p
+// data plane serves peers from (p2p.LocalStore's method, named here without
+// importing p2p).
 var (
-	_ blob.Source  = source{}
-	_ blob.Truster = source{}
+	_ blob.Source = source{}
 	_ interface {
 		OpenLocal(k blob.Key, off, n int64) (io.ReadCloser, int64, error)
 	} = (*Store)(nil)
 )
 
-func (source) Name() string      { return "containerd" }
-func (source) Trust() blob.Trust { return blob.Trusted }
+func (source) Name() string { return "containerd" }
 
 func (src source) Fetch(ctx context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
 	b, err := src.s.Open(ctx, k)

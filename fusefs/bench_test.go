@@ -174,7 +174,7 @@ func BenchmarkMountVsBackingFile(b *testing.B) {
 		}
 		f, err := Mount(Options{
 			Mountpoint: filepath.Join(base, name), Cache: c, Logger: log, Registerer: r,
-			Sources:            func(blob.Key) []blob.Source { return []blob.Source{gen} },
+			Plan:               func(blob.Key, blob.Source) cache.Plan { return cache.Plan{Peers: gen} },
 			DisablePassthrough: !pass, BackingDir: filepath.Join(base, "cache"),
 		})
 		if err != nil {

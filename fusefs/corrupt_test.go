@@ -28,7 +28,7 @@ func TestFlippedByteNeverReachesTheMount(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			h := c.Open(k, src)
+			h := c.Open(k, cache.Plan{Peers: src})
 			if _, err := h.WriteRange(context.Background(), &bytes.Buffer{}, 0, int64(len(data))); err != nil {
 				t.Fatal(err)
 			}

@@ -47,9 +47,9 @@ type Options struct {
 	// Mountpoint is created if missing.
 	Mountpoint string
 	Cache      *cache.Cache
-	// Sources returns where missing bytes of a blob come from, in order
-	// (peers, ...). May be nil.
-	Sources func(blob.Key) []blob.Source
+	// Plan says where the missing bytes of a blob come from (the mount knows
+	// no origin of its own). Nil: nowhere; the mount shows what is cached.
+	Plan cache.Planner
 	// Catalogs list further blobs this node knows.
 	Catalogs []Catalog
 	// LookupTimeout bounds resolving a digest the node does not hold; default 5s.
@@ -123,9 +123,6 @@ func Mount(opts Options) (*FS, error) {
 	}
 	if opts.PrefetchWorkers <= 0 {
 		opts.PrefetchWorkers = 4
-	}
-	if opts.Sources == nil {
-		opts.Sources = func(blob.Key) []blob.Source { return nil }
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()

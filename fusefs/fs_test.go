@@ -227,7 +227,7 @@ func mountWithCache(t testing.TB, cmod func(*cache.Options), mod func(*Options))
 	opts := Options{
 		Mountpoint:    filepath.Join(base, "mnt", "blobs"), // created by Mount
 		Cache:         c,
-		Sources:       func(blob.Key) []blob.Source { return []blob.Source{src} },
+		Plan:          func(blob.Key, blob.Source) cache.Plan { return cache.Plan{Peers: src} },
 		LookupTimeout: time.Minute,
 		ReadTimeout:   time.Minute,
 		BackingDir:    filepath.Join(base, "cache"),
@@ -458,8 +458,8 @@ func TestLookupNotFound(t *testing.T) {
 	}
 }
 
-func TestLookupWithoutSources(t *testing.T) {
-	m := mountForTest(t, func(o *Options) { o.Sources = nil })
+func TestLookupWithoutAPlan(t *testing.T) {
+	m := mountForTest(t, func(o *Options) { o.Plan = nil })
 	k := m.src.add([]byte("not reachable"))
 	if _, err := os.Stat(m.path(k)); !errors.Is(err, syscall.ENOENT) {
 		t.Fatalf("stat with no sources: %v, want ENOENT", err)
@@ -908,7 +908,7 @@ func TestEvictionAndPinning(t *testing.T) {
 	defer c.Close()
 	src := newFakeSource()
 	f, err := Mount(Options{Mountpoint: filepath.Join(base, "mnt"), Cache: c, Logger: log,
-		Sources: func(blob.Key) []blob.Source { return []blob.Source{src} }})
+		Plan: func(blob.Key, blob.Source) cache.Plan { return cache.Plan{Peers: src} }})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -55,7 +55,7 @@ func FuzzLookup(f *testing.F) {
 	f.Cleanup(func() { c.Close() })
 	fs := &FS{
 		opts: Options{Cache: c, Catalogs: []Catalog{oneBlobCatalog{known, 12345}}, LookupTimeout: 5 * time.Second,
-			Sources: func(blob.Key) []blob.Source { return nil }},
+			Plan: func(blob.Key, blob.Source) cache.Plan { return cache.Plan{} }},
 		log: log, m: newMetrics(nil), started: time.Now(),
 	}
 	fs.ctx, fs.cancel = context.WithCancel(context.Background())

@@ -177,11 +177,11 @@ func (f *FS) resolve(ctx context.Context, k blob.Key) (cache.Info, string, error
 			return withTime(info), "catalog", nil
 		}
 	}
-	srcs := f.opts.Sources(k)
-	if len(srcs) == 0 {
+	plan := f.opts.Plan.Plan(k, nil)
+	if plan.Empty() {
 		return cache.Info{}, "", blob.ErrNotFound
 	}
-	h := f.opts.Cache.Open(k, srcs...)
+	h := f.opts.Cache.Open(k, plan)
 	defer h.Close()
 	size, err := h.Size(ctx)
 	if err != nil {
@@ -365,7 +365,7 @@ func (n *blobNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 		}
 		n.f.log.Debug("verified blob not readable locally; reading through the cache", "key", n.key, "err", err)
 	}
-	h := c.Open(n.key, n.f.opts.Sources(n.key)...)
+	h := c.Open(n.key, n.f.opts.Plan.Plan(n.key, nil))
 	if n.f.opts.Prefetch {
 		h.Prefetch(n.f.opts.PrefetchWorkers)
 	}

@@ -121,16 +121,11 @@ func (s *Server) serveBlobs(w http.ResponseWriter, r *http.Request) {
 	if a := r.Header.Get("Authorization"); a != "" {
 		hdr = http.Header{"Authorization": {a}}
 	}
-	var srcs []blob.Source
-	if key.Verifiable() && s.cfg.Peers != nil {
-		srcs = append(srcs, s.cfg.Peers(key)...)
-	}
 	origin := s.cfg.Upstream.Source(u, hdr, s.cfg.Allow)
-	srcs = append(srcs, origin)
 	if key.Verifiable() && s.cfg.Learn != nil {
 		s.cfg.Learn(key, origin)
 	}
-	h := s.cfg.Cache.Open(key, srcs...)
+	h := s.cfg.Cache.Open(key, s.cfg.Plan.Plan(key, origin))
 	defer h.Close()
 	s.serveHandle(w, r, h, key)
 }

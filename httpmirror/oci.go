@@ -71,9 +71,10 @@ type OCIStore interface {
 type OCIConfig struct {
 	// Local is the node's containerd store; nil when containerd is off.
 	Local OCIStore
-	// Cache and Peers serve what Local does not hold; Peers may be nil.
+	// Cache serves what Local does not hold, filled under Plan (nil: the
+	// registry's origin alone).
 	Cache *cache.Cache
-	Peers func(k blob.Key) []blob.Source
+	Plan  cache.Planner
 	// Registries whose tags may be resolved (hosts as containerd sends them
 	// in ?ns=, e.g. "docker.io"). A tag of any other registry is never served.
 	Registries []string
@@ -388,14 +389,7 @@ func (h *ociHandler) serveBlob(w http.ResponseWriter, r *http.Request, k blob.Ke
 		lr.Close()
 		br = cacheLocal{c: h.cfg.Cache, k: k, size: size}
 	} else {
-		var srcs []blob.Source
-		if h.cfg.Peers != nil {
-			srcs = h.cfg.Peers(k)
-		}
-		if o := h.origin(r, k, "blobs", nil); o != nil {
-			srcs = append(srcs, o)
-		}
-		hd := h.cfg.Cache.Open(k, srcs...)
+		hd := h.cfg.Cache.Open(k, h.cfg.Plan.Plan(k, h.origin(r, k, "blobs", nil)))
 		defer hd.Close()
 		// Learn the size first: a miss must become a 404 with an OCI body
 		// (or the registry's challenge, see missOrChallenge).
@@ -464,14 +458,7 @@ func (h *ociHandler) readManifest(ctx context.Context, k blob.Key, localOnly boo
 			return nil, "", "", err
 		}
 	} else {
-		var srcs []blob.Source
-		if h.cfg.Peers != nil {
-			srcs = h.cfg.Peers(k)
-		}
-		if origin != nil {
-			srcs = append(srcs, origin)
-		}
-		hd := h.cfg.Cache.Open(k, srcs...)
+		hd := h.cfg.Cache.Open(k, h.cfg.Plan.Plan(k, origin))
 		defer hd.Close()
 		size, err := hd.Size(ctx)
 		if err != nil {

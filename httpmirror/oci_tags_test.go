@@ -56,7 +56,7 @@ func newTagFixture(t *testing.T, ask *tagAsk) *ociFixture {
 	cfg := OCIConfig{
 		Local:      fx.store,
 		Cache:      c,
-		Peers:      func(k blob.Key) []blob.Source { return []blob.Source{fx.peer} },
+		Plan:       func(k blob.Key, o blob.Source) cache.Plan { return cache.Plan{Peers: fx.peer, Origin: o} },
 		Registries: []string{"registry.example"},
 		Logger:     quiet,
 		Registry:   prometheus.NewRegistry(),

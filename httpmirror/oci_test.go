@@ -102,7 +102,7 @@ func newOCIFixture(t *testing.T) *ociFixture {
 	h := NewOCI(OCIConfig{
 		Local:      fx.store,
 		Cache:      c,
-		Peers:      func(k blob.Key) []blob.Source { return []blob.Source{fx.peer} },
+		Plan:       func(k blob.Key, o blob.Source) cache.Plan { return cache.Plan{Peers: fx.peer, Origin: o} },
 		Registries: []string{"registry.example", "docker.io"},
 		Logger:     slog.New(slog.NewTextHandler(io.Discard, nil)),
 		Registry:   prometheus.NewRegistry(),

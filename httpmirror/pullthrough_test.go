@@ -106,7 +106,7 @@ func newPTFixture(t *testing.T) *ptFixture {
 	fx := &ptFixture{reg: newFakeRegistry(t), cache: c, peer: &peerSource{blobs: map[blob.Key][]byte{}}}
 	h := NewOCI(OCIConfig{
 		Cache:       c,
-		Peers:       func(k blob.Key) []blob.Source { return []blob.Source{fx.peer} },
+		Plan:        func(k blob.Key, o blob.Source) cache.Plan { return cache.Plan{Peers: fx.peer, Origin: o} },
 		Registries:  []string{"registry.example", "other.example"},
 		PullThrough: map[string]string{"registry.example": fx.reg.srv.URL},
 		Upstream:    upstream.NewClient(upstream.Options{Logger: log}),

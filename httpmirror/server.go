@@ -26,9 +26,9 @@ type Config struct {
 	Cache    *cache.Cache
 	Upstream *upstream.Client
 	Allow    *upstream.AllowList
-	// Peers returns the sources to try before the origin for a verifiable
-	// key (the p2p layer); nil means none.
-	Peers func(k blob.Key) []blob.Source
+	// Plan says where a /blobs/ read's missing bytes come from besides the
+	// origin the request names; nil means the origin alone.
+	Plan cache.Planner
 	// Learn, when set, hears the origin a digest blob was fetched from, for
 	// faces that know only digests (the FUSE mount).
 	Learn func(k blob.Key, origin blob.Source)

@@ -646,8 +646,7 @@ func TestLoadIdleConnectionFlood(t *testing.T) {
 // bytesSource serves blobs from memory to a cache, as the origin would.
 type bytesSource struct{ blobs map[blob.Key][]byte }
 
-func (bytesSource) Name() string      { return "test" }
-func (bytesSource) Trust() blob.Trust { return blob.Trusted }
+func (bytesSource) Name() string { return "test" }
 func (s bytesSource) Fetch(_ context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
 	b, ok := s.blobs[k]
 	if !ok {
@@ -696,7 +695,7 @@ func fillCache(t *testing.T, dataDir string, count int, chunkSize int64) map[str
 		for range 32 {
 			wg.Go(func() {
 				for k := range keys {
-					h := c.Open(k, src)
+					h := c.Open(k, cache.Plan{Origin: src})
 					p := make([]byte, len(src.blobs[k]))
 					n, err := h.ReadAt(context.Background(), p, 0)
 					h.Close()

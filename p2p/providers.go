@@ -175,7 +175,7 @@ func (s *Source) peersWhen(ctx context.Context, ch <-chan struct{}, e *provEntry
 // is the first of a burst), its caller alone gets it at once together with
 // the window's channel: the chunk its reader waits for is fetched from the
 // origin now, so a cold miss costs no added latency, and is left to its
-// owner if the second answer shows one (FetchBacked's blob.NotYet, the
+// owner if the second answer shows one (FetchShared's Gathering, the
 // cache's speculate). When nodes are already pulling, the caller waits for
 // the window like every other chunk: they are fetching the blob already.
 //

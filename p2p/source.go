@@ -32,6 +32,7 @@ type rangeGetter interface {
 var (
 	_ blob.Source = (*Source)(nil)
 	_ blob.Blamer = (*Source)(nil)
+	_ blob.Swarm  = (*Source)(nil)
 )
 
 // Source reads blob bytes from the peers that hold them. It implements

@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
-	"io"
 	"slices"
 	"time"
 
@@ -91,39 +90,33 @@ func (s *Source) owner(k blob.Key, off int64, ps []peer.AddrInfo) peer.ID {
 	return rank(k, off, ids)[0]
 }
 
-// FetchBacked is Fetch for a chunk whose origin comes next in the cache's
-// source list (cache's originBacked). The chunk's rendezvous owner is asked
-// first and waits for the chunk it is fetching; the other providers are asked
-// after the hedge delay and answer at once unless they hold the chunk. When
-// this node owns the chunk, peers that already hold it still serve it (a
-// blob complete elsewhere never goes to the origin), and one fetching it from
-// the origin right now lets us wait for it; otherwise the answer is
-// blob.ErrNotFound and the cache fetches it from the origin.
-func (s *Source) FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+// FetchShared is Fetch for a chunk of a swarm pull: the cache's plan has an
+// origin behind the peers (blob.Swarm). The chunk's rendezvous owner is
+// asked first and waits for the chunk it is fetching; the other providers
+// are asked after the hedge delay and answer at once unless they hold the
+// chunk. When this node owns the chunk, peers that already hold it still
+// serve it (a blob complete elsewhere never goes to the origin), and one
+// fetching it from the origin right now lets us wait for it; otherwise the
+// answer is blob.ErrNotFound and the cache fetches it from the origin.
+func (s *Source) FetchShared(ctx context.Context, k blob.Key, off, n int64) (blob.Share, error) {
 	if !k.Verifiable() {
-		return nil, -1, fmt.Errorf("%s: %w (only digests are shared)", k, blob.ErrNotFound)
+		return blob.Share{}, fmt.Errorf("%s: %w (only digests are shared)", k, blob.ErrNotFound)
 	}
-	ps, ready := s.swarmProviders(ctx, k, swarmRefresh)
+	ps, gathering := s.swarmProviders(ctx, k, swarmRefresh)
 	ps = s.order(ps)
 	if len(ps) == 0 {
 		if err := ctx.Err(); err != nil {
-			return nil, -1, err
+			return blob.Share{}, err
 		}
-		if ready != nil {
+		if gathering != nil {
 			// The pull's first chunk, and nobody seen pulling the blob yet;
 			// nodes starting with us may still show up (firstSwarmLookup).
 			// The chunk comes from the origin now and is left to its owner
-			// if one of them owns it.
+			// if one of them owns it (Yields).
 			s.swarmChunks.WithLabelValues("speculative").Inc()
-			return nil, -1, fmt.Errorf("%s: %w", k, &blob.NotYet{Ready: ready, Yield: func() bool {
-				yield := !s.Owns(k, off)
-				if yield {
-					s.swarmChunks.WithLabelValues("yielded").Inc()
-				}
-				return yield
-			}})
+			return blob.Share{Gathering: gathering}, nil
 		}
-		return nil, -1, fmt.Errorf("%s: %w (no peer advertises it)", k, blob.ErrNotFound)
+		return blob.Share{}, fmt.Errorf("%s: %w (no peer advertises it)", k, blob.ErrNotFound)
 	}
 	own := s.owner(k, off, ps)
 	if own == s.self {
@@ -139,14 +132,25 @@ func (s *Source) FetchBacked(ctx context.Context, k blob.Key, off, n int64) (io.
 	}
 	res, rest, err := s.hedgedOpt(ctx, ps, k, off, n, false)
 	if err != nil {
-		return nil, -1, err
+		return blob.Share{}, err
 	}
 	want := n
 	if n < 0 || n > res.total-off {
 		want = res.total - off
 	}
-	return &peerReader{s: s, ctx: ctx, k: k, off: off, want: want, total: res.total,
-		cur: res, rest: rest, origins: []string{res.p.ID.String()}}, res.total, nil
+	return blob.Share{Body: &peerReader{s: s, ctx: ctx, k: k, off: off, want: want, total: res.total,
+		cur: res, rest: rest, origins: []string{res.p.ID.String()}}, Size: res.total}, nil
+}
+
+// Yields reports, once a speculative first chunk's gathering ended, whether
+// another node owns the chunk at off: the cache then drops its origin fetch
+// and reads the chunk through FetchShared.
+func (s *Source) Yields(k blob.Key, off int64) bool {
+	yield := !s.Owns(k, off)
+	if yield {
+		s.swarmChunks.WithLabelValues("yielded").Inc()
+	}
+	return yield
 }
 
 // Owns reports whether this node owns the chunk at off of k among the nodes

@@ -3,6 +3,7 @@ package p2p
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"slices"
 	"testing"
@@ -64,7 +65,7 @@ func swarmFixture(t *testing.T, n int) (*Source, []peer.AddrInfo, *fakeGetter) {
 	return s, ps, g
 }
 
-func TestFetchBackedAsksTheOwnerFirst(t *testing.T) {
+func TestFetchSharedAsksTheOwnerFirst(t *testing.T) {
 	s, ps, g := swarmFixture(t, 5)
 	k := testKey()
 	asked := 0
@@ -75,7 +76,7 @@ func TestFetchBackedAsksTheOwnerFirst(t *testing.T) {
 			continue
 		}
 		before := len(g.calls())
-		rc, _, err := s.FetchBacked(context.Background(), k, off, 1<<20)
+		rc, _, err := fetchShared(s, k, off)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -92,7 +93,7 @@ func TestFetchBackedAsksTheOwnerFirst(t *testing.T) {
 	}
 }
 
-func TestFetchBackedOwnChunkGoesToOriginUnlessAPeerHoldsIt(t *testing.T) {
+func TestFetchSharedOwnChunkGoesToOriginUnlessAPeerHoldsIt(t *testing.T) {
 	s, ps, g := swarmFixture(t, 3)
 	k := testKey()
 	off := chunkOwnedAmong(t, s, k, ps, s.self)
@@ -100,12 +101,12 @@ func TestFetchBackedOwnChunkGoesToOriginUnlessAPeerHoldsIt(t *testing.T) {
 	for _, p := range ps {
 		g.behave[p.ID] = "notfound"
 	}
-	if _, _, err := s.FetchBacked(context.Background(), k, off, 1<<20); !errors.Is(err, blob.ErrNotFound) {
+	if _, _, err := fetchShared(s, k, off); !errors.Is(err, blob.ErrNotFound) {
 		t.Fatalf("cold own chunk: %v, want ErrNotFound (the origin fills it)", err)
 	}
 	// A peer that has the blob complete still serves our own chunks.
 	g.behave[ps[1].ID] = "ok"
-	rc, _, err := s.FetchBacked(context.Background(), k, off, 1<<20)
+	rc, _, err := fetchShared(s, k, off)
 	if err != nil {
 		t.Fatalf("own chunk held by a peer: %v", err)
 	}
@@ -125,7 +126,7 @@ func TestOwnsUsesTheCachedListAndNeverLooksUp(t *testing.T) {
 	for _, p := range ps {
 		g.behave[p.ID] = "notfound"
 	}
-	s.FetchBacked(context.Background(), k, 0, 1<<20)
+	fetchShared(s, k, 0)
 	calls := f.calls.Load()
 	mine, theirs := 0, 0
 	for c := int64(0); c < 64; c++ {
@@ -152,8 +153,8 @@ func TestColdSwarmPullFirstChunkGoesToOriginAtOnceTheRestWaitForTheGather(t *tes
 	k := testKey()
 	// Nobody advertises the blob yet: the chunk the reader waits for goes to
 	// the origin without waiting for the gather window.
-	if _, _, err := s.FetchBacked(context.Background(), k, 0, 1<<20); !errors.Is(err, blob.ErrNotFound) {
-		t.Fatalf("first chunk of a cold pull: %v, want ErrNotFound (the origin fills it)", err)
+	if sh, err := s.FetchShared(context.Background(), k, 0, 1<<20); err != nil || sh.Body != nil || sh.Gathering == nil {
+		t.Fatalf("first chunk of a cold pull: %+v, %v; want a Share still gathering (the origin fills it)", sh, err)
 	}
 	if n := f.calls.Load(); n != 1 {
 		t.Fatalf("%d lookups for the first chunk, want 1", n)
@@ -286,12 +287,12 @@ func chunkOwnedAmong(t *testing.T, s *Source, k blob.Key, ps []peer.AddrInfo, wh
 	return -1
 }
 
-// fetchBackedAsync runs FetchBacked of the 1 MiB chunk at off and sends its
+// fetchBackedAsync runs FetchShared of the 1 MiB chunk at off and sends its
 // error when it returns.
 func fetchBackedAsync(s *Source, k blob.Key, off int64) <-chan error {
 	got := make(chan error, 1)
 	go func() {
-		rc, _, err := s.FetchBacked(context.Background(), k, off, 1<<20)
+		rc, _, err := fetchShared(s, k, off)
 		if err == nil {
 			rc.Close()
 		}
@@ -363,21 +364,20 @@ func TestSlowFirstSwarmLookupDoesNotHoldTheFirstChunk(t *testing.T) {
 	other := peer.AddrInfo{ID: newPeerID(t)}
 	g.behave[other.ID] = "ok"
 	off := chunkOwnedBy(t, s, k, 0, other)
-	done := make(chan error, 1)
+	done := make(chan shareResult, 1)
 	go func() {
-		_, _, err := s.FetchBacked(context.Background(), k, off, 1<<20)
-		done <- err
+		sh, err := s.FetchShared(context.Background(), k, off, 1<<20)
+		done <- shareResult{sh, err}
 	}()
-	var err error
+	var got shareResult
 	select {
-	case err = <-done:
+	case got = <-done:
 	case <-time.After(time.Minute):
 		close(release)
 		t.Fatal("the first chunk waited for the blocked lookup")
 	}
-	var ny *blob.NotYet
-	if !errors.As(err, &ny) {
-		t.Fatalf("first chunk while the lookup runs: %v, want blob.NotYet (the origin fills it now)", err)
+	if got.err != nil || got.sh.Body != nil || got.sh.Gathering == nil {
+		t.Fatalf("first chunk while the lookup runs: %+v, want a Share still gathering (the origin fills it now)", got)
 	}
 	if got := testutil.ToFloat64(s.m.lookupCache.WithLabelValues("hedged")); got != 1 {
 		t.Fatalf("hedged lookups %v, want 1", got)
@@ -390,11 +390,29 @@ func TestSlowFirstSwarmLookupDoesNotHoldTheFirstChunk(t *testing.T) {
 	close(release)
 	close(windowEnd)
 	select {
-	case <-ny.Ready:
+	case <-got.sh.Gathering:
 	case <-time.After(time.Minute):
 		t.Fatal("the window never answered")
 	}
-	if !ny.Yield() {
+	if !s.Yields(k, off) {
 		t.Fatal("the speculative chunk was kept though another node owns it")
 	}
+}
+
+type shareResult struct {
+	sh  blob.Share
+	err error
+}
+
+// fetchShared is FetchShared of the 1 MiB chunk at off as a reader: a Share
+// still gathering is an error here (the tests that use it expect none).
+func fetchShared(s *Source, k blob.Key, off int64) (io.ReadCloser, int64, error) {
+	sh, err := s.FetchShared(context.Background(), k, off, 1<<20)
+	if err != nil {
+		return nil, -1, err
+	}
+	if sh.Body == nil {
+		return nil, -1, fmt.Errorf("%s at %d: a share still gathering", k, off)
+	}
+	return sh.Body, sh.Size, nil
 }

@@ -170,11 +170,8 @@ func redact(u *url.URL) string {
 	return r.String()
 }
 
-// An origin is a source the cache fills from and trusts.
-var (
-	_ blob.Source  = (*origin)(nil)
-	_ blob.Truster = (*origin)(nil)
-)
+// An origin is a source the cache fills from (a plan's Origin).
+var _ blob.Source = (*origin)(nil)
 
 type origin struct {
 	c        *Client
@@ -184,9 +181,8 @@ type origin struct {
 	allow    *AllowList
 }
 
-func (o *origin) Name() string      { return "upstream" }
-func (o *origin) Trust() blob.Trust { return blob.Trusted }
-func (o *origin) String() string    { return o.redacted }
+func (o *origin) Name() string   { return "upstream" }
+func (o *origin) String() string { return o.redacted }
 
 // Fetch GETs bytes [off, off+n) with retries on transport errors and 5xx.
 func (o *origin) Fetch(ctx context.Context, _ blob.Key, off, n int64) (io.ReadCloser, int64, error) {

@@ -54,8 +54,8 @@ func (l *Learned) Learn(k blob.Key, src blob.Source) {
 	}
 }
 
-// Sources returns the remembered origin of k, if it is still fresh.
-func (l *Learned) Sources(k blob.Key) []blob.Source {
+// Origin returns the remembered origin of k if it is still fresh, else nil.
+func (l *Learned) Origin(k blob.Key) blob.Source {
 	if l == nil {
 		return nil
 	}
@@ -71,5 +71,5 @@ func (l *Learned) Sources(k blob.Key) []blob.Source {
 		l.order.Remove(el)
 		return nil
 	}
-	return []blob.Source{it.src}
+	return it.src
 }

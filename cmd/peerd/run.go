@@ -114,8 +114,11 @@ type app struct {
 	// learned remembers the origins /blobs/ requests named, per digest.
 	learned *upstream.Learned
 
-	// peerSources returns sources to try before the origin (set by the p2p part).
-	peerSources func(k blob.Key) []blob.Source
+	// peers is the peer network as a source (set by the p2p part; nil if
+	// it is off), containerd its content store (set by the containerd part;
+	// nil if it is off): both for plan.
+	peers      *p2p.Source
+	containerd blob.Source
 	// p2p is the peer network node (set by the p2p part; nil if it is off).
 	p2p *p2p.Node
 	// readyChecks must all pass for /readyz.
@@ -158,20 +161,6 @@ func (a *app) spawn(ctx context.Context, what string, f func(context.Context)) {
 			return fmt.Errorf("%s did not stop: %w", what, sctx.Err())
 		}
 	})
-}
-
-func (a *app) sources(k blob.Key) []blob.Source {
-	if a.peerSources == nil || !k.Verifiable() {
-		return nil
-	}
-	return a.peerSources(k)
-}
-
-// digestSources is a.sources plus an origin learned for the digest: for faces
-// that know only a digest (the FUSE mount).
-func (a *app) digestSources(k blob.Key) []blob.Source {
-	srcs := append([]blob.Source(nil), a.sources(k)...)
-	return append(srcs, a.learned.Sources(k)...)
 }
 
 func (a *app) ready() error {
@@ -284,7 +273,7 @@ func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
 			Cache:           a.cache,
 			Upstream:        a.upstream,
 			Allow:           allow,
-			Peers:           a.sources,
+			Plan:            a.planner(faceBlobs),
 			Learn:           a.learned.Learn,
 			Prefetch:        cfg.Prefetch,
 			PrefetchWorkers: cfg.PrefetchWorkers,

@@ -96,7 +96,7 @@ func startContainerd(ctx context.Context, a *app) error {
 	}
 	oci := httpmirror.OCIConfig{
 		Cache:           a.cache,
-		Peers:           a.sources,
+		Plan:            a.planner(faceOCI),
 		Registries:      c.registryHosts(),
 		Prefetch:        a.cfg.Prefetch,
 		PrefetchWorkers: a.cfg.PrefetchWorkers,
@@ -176,23 +176,9 @@ func startContainerd(ctx context.Context, a *app) error {
 		// withdraw it while the other still serves it.
 		a.cache.SetListener(cacheListener{node: a.p2p, store: store})
 	}
-	// The cache fills from containerd before asking peers (FUSE, /blobs/).
-	peers := a.peerSources
-	src := store.Source()
-	a.peerSources = func(k blob.Key) []blob.Source {
-		srcs := []blob.Source{src}
-		if peers != nil {
-			srcs = append(srcs, peers(k)...)
-		}
-		return srcs
-	}
-	// The OCI mirror reads containerd directly; its cache path needs peers only.
-	oci.Peers = func(k blob.Key) []blob.Source {
-		if peers == nil || !k.Verifiable() {
-			return nil
-		}
-		return peers(k)
-	}
+	// Containerd's role per face is plan's: a Local source of the faces
+	// that read through the cache, read in place by /v2/ and the peer server.
+	a.containerd = store.Source()
 	oci.Local = ociStore{store}
 	if err := enableTagResolution(ctx, a, &oci, store); err != nil {
 		return err

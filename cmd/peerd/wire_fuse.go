@@ -52,7 +52,7 @@ func startFUSE(ctx context.Context, a *app) error {
 	f, err := fusefs.Mount(fusefs.Options{
 		Mountpoint:         c.Mount,
 		Cache:              a.cache,
-		Sources:            a.digestSources,
+		Plan:               a.planner(faceFUSE),
 		Catalogs:           a.blobCatalogs,
 		LookupTimeout:      c.LookupTimeout,
 		ReadTimeout:        c.ReadTimeout,

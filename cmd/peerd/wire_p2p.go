@@ -68,7 +68,7 @@ func (c *p2pConfig) validate() error {
 	return errors.Join(errs...)
 }
 
-// startP2P starts the libp2p host and DHT and sets a.peerSources.
+// startP2P starts the libp2p host and DHT and sets a.peers.
 func startP2P(ctx context.Context, a *app) error {
 	c := &a.cfg.P2P
 	if err := c.validate(); err != nil {
@@ -137,7 +137,7 @@ func startP2P(ctx context.Context, a *app) error {
 	src.SetMissHedge(c.MissHedge)
 	a.reg.MustRegister(src.Collectors()...)
 	swarm.Store(src)
-	a.peerSources = func(k blob.Key) []blob.Source { return []blob.Source{src} }
+	a.peers = src
 	a.readyChecks = append(a.readyChecks, node.Ready)
 	return nil
 }
