@@ -45,6 +45,7 @@ func newFake(name string, trusted bool) *fakeSource {
 }
 
 func (f *fakeSource) Name() string { return f.name }
+
 // plan puts the source where its trust says: a trusted one is the origin,
 // an untrusted one the peers.
 func (f *fakeSource) plan() Plan {
