@@ -266,7 +266,7 @@ func (s *nodeSet) provide(ctx context.Context, items []provideItem, workers int)
 	if s.kind == "peerd" {
 		for _, it := range items {
 			s.pn[it.Node].store.add(it.Key)
-			s.pn[it.Node].n.BlobAdded(it.Key)
+			s.pn[it.Node].n.Announcer("bench").Holding(it.Key)
 		}
 		return nil
 	}

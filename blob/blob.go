@@ -139,3 +139,12 @@ type Share struct {
 	// leave the chunk to its owner.
 	Gathering <-chan struct{}
 }
+
+// Announcer hears which blobs a store on this node (the cache, containerd's
+// content store) starts and stops holding, so that the node advertises them
+// to its peers and withdraws them. Calls come with no store lock held and
+// must not block for long.
+type Announcer interface {
+	Holding(keys ...Key)
+	Dropped(keys ...Key)
+}

@@ -24,14 +24,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// Listener hears when the cache starts and stops holding a blob. The p2p
-// layer uses it to advertise and withdraw. Calls come from cache goroutines
-// with no cache lock held; they must not block for long.
-type Listener interface {
-	BlobAdded(k blob.Key)
-	BlobRemoved(k blob.Key)
-}
-
 // Options configure a Cache.
 type Options struct {
 	// Dir is the cache root; created if missing.
@@ -50,7 +42,9 @@ type Options struct {
 	FlushInterval time.Duration
 	Logger        *slog.Logger
 	Registerer    prometheus.Registerer
-	Listener      Listener
+	// Announcer hears when the cache starts and stops holding a blob (the
+	// p2p node advertises and withdraws it); nil announces nothing.
+	Announcer blob.Announcer
 }
 
 // Cache is safe for concurrent use.
@@ -65,11 +59,11 @@ type Cache struct {
 
 	used atomic.Int64 // bytes of present chunks, including reservations
 
-	bg       chan struct{} // semaphore for background fills
-	dirtyMu  sync.Mutex
-	dirty    map[*entry]struct{}
-	listenMu sync.RWMutex
-	listener Listener
+	bg         chan struct{} // semaphore for background fills
+	dirtyMu    sync.Mutex
+	dirty      map[*entry]struct{}
+	announceMu sync.RWMutex
+	announcer  blob.Announcer
 
 	stop    chan struct{}
 	stopped chan struct{}
@@ -126,15 +120,15 @@ func Open(opts Options) (*Cache, error) {
 		opts.Logger = slog.Default()
 	}
 	c := &Cache{
-		opts:     opts,
-		log:      opts.Logger.With("component", "cache"),
-		blobs:    map[blob.Key]*entry{},
-		lru:      list.New(),
-		bg:       make(chan struct{}, opts.BackgroundFills),
-		dirty:    map[*entry]struct{}{},
-		listener: opts.Listener,
-		stop:     make(chan struct{}),
-		stopped:  make(chan struct{}),
+		opts:      opts,
+		log:       opts.Logger.With("component", "cache"),
+		blobs:     map[blob.Key]*entry{},
+		lru:       list.New(),
+		bg:        make(chan struct{}, opts.BackgroundFills),
+		dirty:     map[*entry]struct{}{},
+		announcer: opts.Announcer,
+		stop:      make(chan struct{}),
+		stopped:   make(chan struct{}),
 	}
 	c.life, c.endLife = context.WithCancel(context.Background())
 	c.m = newMetrics(c, opts.Registerer)
@@ -156,24 +150,24 @@ func Open(opts Options) (*Cache, error) {
 	return c, nil
 }
 
-// SetListener replaces the listener (the p2p layer starts after the cache).
-func (c *Cache) SetListener(l Listener) {
-	c.listenMu.Lock()
-	c.listener = l
-	c.listenMu.Unlock()
+// SetAnnouncer replaces the announcer (the p2p node starts after the cache).
+func (c *Cache) SetAnnouncer(a blob.Announcer) {
+	c.announceMu.Lock()
+	c.announcer = a
+	c.announceMu.Unlock()
 }
 
 func (c *Cache) notify(k blob.Key, added bool) {
-	c.listenMu.RLock()
-	l := c.listener
-	c.listenMu.RUnlock()
-	if l == nil {
+	c.announceMu.RLock()
+	a := c.announcer
+	c.announceMu.RUnlock()
+	if a == nil {
 		return
 	}
 	if added {
-		l.BlobAdded(k)
+		a.Holding(k)
 	} else {
-		l.BlobRemoved(k)
+		a.Dropped(k)
 	}
 }
 
@@ -483,7 +477,7 @@ func (c *Cache) evictLocked(n int64, self *entry) []*entry {
 	return victims
 }
 
-// destroy deletes evicted blobs' files (outside c.mu) and tells the listener.
+// destroy deletes evicted blobs' files (outside c.mu) and tells the announcer.
 // retireLocked takes e out of the index and moves its folder aside at once
 // (c.mu held). A new entry for the same key, which getEntry may create as
 // soon as c.mu is free, then lays out a fresh folder instead of opening the

@@ -127,10 +127,16 @@ type recorder struct {
 	added, removed []blob.Key
 }
 
-func (r *recorder) BlobAdded(k blob.Key) { r.mu.Lock(); r.added = append(r.added, k); r.mu.Unlock() }
-func (r *recorder) BlobRemoved(k blob.Key) {
+var _ blob.Announcer = (*recorder)(nil)
+
+func (r *recorder) Holding(ks ...blob.Key) {
 	r.mu.Lock()
-	r.removed = append(r.removed, k)
+	r.added = append(r.added, ks...)
+	r.mu.Unlock()
+}
+func (r *recorder) Dropped(ks ...blob.Key) {
+	r.mu.Lock()
+	r.removed = append(r.removed, ks...)
 	r.mu.Unlock()
 }
 func (r *recorder) has(removed bool, k blob.Key) bool {
@@ -148,9 +154,9 @@ func (r *recorder) has(removed bool, k blob.Key) bool {
 	return false
 }
 
-func open(t testing.TB, dir string, max int64, reg prometheus.Registerer, l Listener) *Cache {
+func open(t testing.TB, dir string, max int64, reg prometheus.Registerer, l blob.Announcer) *Cache {
 	t.Helper()
-	c, err := Open(Options{Dir: dir, ChunkSize: cs, MaxBytes: max, Registerer: reg, Listener: l, FlushInterval: 10 * time.Millisecond})
+	c, err := Open(Options{Dir: dir, ChunkSize: cs, MaxBytes: max, Registerer: reg, Announcer: l, FlushInterval: 10 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -394,7 +400,7 @@ func TestUnreadableEntriesAreDropped(t *testing.T) {
 func TestVerificationMismatchDiscardsAndBlames(t *testing.T) {
 	rec := &recorder{}
 	// No read-ahead: a background fill racing the discard would refill a chunk.
-	c := Must(Open(Options{Dir: t.TempDir(), ChunkSize: cs, ReadAhead: -1, Listener: rec}))
+	c := Must(Open(Options{Dir: t.TempDir(), ChunkSize: cs, ReadAhead: -1, Announcer: rec}))
 	defer c.Close()
 	peer := newFake("peer", false)
 	peer.origin = "badpeer"
@@ -822,3 +828,4 @@ func TestEnsureOfAnEmptyBlobsChunkZero(t *testing.T) {
 	c.unref(e)
 	c.Close()
 }
+

@@ -55,7 +55,7 @@ type entry struct {
 	gone        bool
 	prefetching bool      // a background fetch of the rest of the blob is running
 	failedAt    time.Time // last fill failure, to keep read-ahead from hammering a dead source
-	announced   bool      // the listener was told BlobAdded and not yet BlobRemoved
+	announced   bool      // the announcer was told Holding and not yet Dropped
 	pulls       int       // open handles whose plan makes a swarm pull
 	pullPlan    *Plan     // the plan of the latest such handle, for fills peers ask for
 

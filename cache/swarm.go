@@ -14,7 +14,7 @@ import (
 // whose origin /blobs/ learned) is one many nodes may be pulling at the same
 // moment. For such a pull:
 //
-//   - the blob is announced to the listener (the DHT) when the handle opens,
+//   - the blob is announced (on the DHT) when the handle opens,
 //     not when its first chunk lands, so the other nodes pulling it learn at
 //     once who else wants it;
 //   - a peer source that is a blob.Swarm is asked with FetchShared: it may

@@ -34,9 +34,9 @@ func (b *backedPeer) Yields(blob.Key, int64) bool { return false }
 
 var _ blob.Swarm = (*backedPeer)(nil)
 
-func openNoReadAhead(t *testing.T, l Listener) *Cache {
+func openNoReadAhead(t *testing.T, l blob.Announcer) *Cache {
 	t.Helper()
-	c, err := Open(Options{Dir: t.TempDir(), ChunkSize: cs, ReadAhead: -1, Listener: l, FlushInterval: 10 * time.Millisecond})
+	c, err := Open(Options{Dir: t.TempDir(), ChunkSize: cs, ReadAhead: -1, Announcer: l, FlushInterval: 10 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}

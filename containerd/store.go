@@ -28,13 +28,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// Advertiser announces to the peer network which blobs this node can serve.
-// The p2p layer implements it; calls must not block for long.
-type Advertiser interface {
-	Advertise(keys ...blob.Key)
-	Withdraw(keys ...blob.Key)
-}
-
 // ContentStore is what the package needs of containerd's content store;
 // containerd's content.Store satisfies it.
 type ContentStore interface {
@@ -82,8 +75,9 @@ type Options struct {
 	Namespace string
 	// Connect opens a Backend; it is called again after containerd restarts.
 	Connect func(ctx context.Context) (*Backend, error)
-	// Advertiser hears what to announce; nil announces nothing.
-	Advertiser Advertiser
+	// Announcer hears which blobs the store holds (the p2p node advertises
+	// them); nil announces nothing.
+	Announcer blob.Announcer
 	// Resync is how often the whole store is walked again (containerd 1.x
 	// sends no event when a blob is committed, and garbage collection sends
 	// none when it deletes one). Default 1 minute.
@@ -403,8 +397,8 @@ func (s *Store) advertise(keys ...blob.Key) {
 		return
 	}
 	s.m.advertised.Add(float64(len(keys)))
-	if s.opts.Advertiser != nil {
-		s.opts.Advertiser.Advertise(keys...)
+	if s.opts.Announcer != nil {
+		s.opts.Announcer.Holding(keys...)
 	}
 }
 
@@ -413,8 +407,8 @@ func (s *Store) withdraw(keys ...blob.Key) {
 		return
 	}
 	s.m.withdrawn.Add(float64(len(keys)))
-	if s.opts.Advertiser != nil {
-		s.opts.Advertiser.Withdraw(keys...)
+	if s.opts.Announcer != nil {
+		s.opts.Announcer.Dropped(keys...)
 	}
 }
 

@@ -178,7 +178,7 @@ func (f *fakeEvents) fail() {
 	errc <- errors.New("connection reset")
 }
 
-// recorder is a fake Advertiser.
+// recorder is a fake blob.Announcer.
 type recorder struct {
 	mu  sync.Mutex
 	set map[blob.Key]bool
@@ -189,7 +189,7 @@ func newRecorder() *recorder {
 	return &recorder{set: map[blob.Key]bool{}, ch: make(chan struct{}, 100)}
 }
 
-func (r *recorder) Advertise(keys ...blob.Key) {
+func (r *recorder) Holding(keys ...blob.Key) {
 	r.mu.Lock()
 	for _, k := range keys {
 		r.set[k] = true
@@ -198,7 +198,7 @@ func (r *recorder) Advertise(keys ...blob.Key) {
 	r.ch <- struct{}{}
 }
 
-func (r *recorder) Withdraw(keys ...blob.Key) {
+func (r *recorder) Dropped(keys ...blob.Key) {
 	r.mu.Lock()
 	for _, k := range keys {
 		delete(r.set, k)
@@ -286,7 +286,7 @@ func newFixture(t *testing.T) *fixture {
 			}
 		},
 		Namespace:  "k8s.io",
-		Advertiser: fx.adv,
+		Announcer:  fx.adv,
 		Resync:     50 * time.Millisecond,
 		Logger:     slog.New(slog.NewTextHandler(io.Discard, nil)),
 		Registerer: prometheus.NewRegistry(),

@@ -38,7 +38,7 @@ func BenchmarkPeerTransport(b *testing.B) {
 	bn := startNode(b, nil, a)
 	waitFor(b, "connected", func() bool { return bn.connected(a.ID()) })
 	k := a.store.put(data)
-	a.BlobAdded(k)
+	a.Announcer("test").Holding(k)
 	waitFor(b, "advertised", func() bool { return counter(b, a.reg, "peerd_p2p_provides_total", "ok") > 0 })
 
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

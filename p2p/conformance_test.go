@@ -42,7 +42,7 @@ func TestSourceConformance(t *testing.T) {
 			keys = append(keys, k)
 		}
 		for _, k := range keys {
-			holder.BlobAdded(k)
+			holder.Announcer("test").Holding(k)
 		}
 		waitFor(t, "holder advertised every blob", func() bool {
 			var provides float64

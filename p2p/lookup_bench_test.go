@@ -46,7 +46,7 @@ func BenchmarkFindProviders(b *testing.B) {
 		sum := sha256.Sum256(r[:])
 		ks[i] = blob.Key("sha256:" + hex.EncodeToString(sum[:]))
 		holder[i] = mrand.IntN(nodes)
-		ns[holder[i]].BlobAdded(ks[i])
+		ns[holder[i]].Announcer("test").Holding(ks[i])
 	}
 	start := time.Now()
 	waitFor(b, "all advertised", func() bool {

@@ -94,10 +94,11 @@ type Node struct {
 	// to: the bootstrap loop then refreshes every bucket of the routing table.
 	joined atomic.Bool
 
-	adv    *advertiser[blob.Key]
-	server *dataServer
-	client *dataClient
-	source *Source
+	adv     *advertiser[blob.Key]
+	holders *holders // which stores hold each advertised blob
+	server  *dataServer
+	client  *dataClient
+	source  *Source
 
 	hooksMu sync.RWMutex
 	hooks   []func(Direction, peer.ID, int64)
@@ -198,6 +199,7 @@ func (n *Node) startDataPlane() error {
 	n.source = newSource(n.self, &dhtFinder{n: n}, n.client, n.m, n.log, n.cfg.ResolveTimeout, n.cfg.ResolveRetries)
 	n.source.bg = n.ctx
 	n.adv = newBlobAdvertiser(n, n.cfg.ReprovideInterval)
+	n.holders = newHolders(n.adv)
 	return nil
 }
 
@@ -324,12 +326,6 @@ func (n *Node) clientGC() {
 
 // Source is the peer source for the content cache.
 func (n *Node) Source() *Source { return n.source }
-
-// BlobAdded advertises a blob the cache started to hold (cache.Listener).
-func (n *Node) BlobAdded(k blob.Key) { n.adv.add(k) }
-
-// BlobRemoved stops advertising a blob the cache dropped (cache.Listener).
-func (n *Node) BlobRemoved(k blob.Key) { n.adv.remove(k) }
 
 // OnPeerBytes registers a hook called when blob bytes arrive from or are
 // served to a peer (for example to emit a P2PActive event). Hooks must not block.

@@ -123,7 +123,7 @@ func TestTwoNodesShareABlob(t *testing.T) {
 	data := make([]byte, 3<<20+123)
 	rand.Read(data)
 	k := a.store.put(data)
-	a.BlobAdded(k)
+	a.Announcer("test").Holding(k)
 	waitFor(t, "a advertised", func() bool {
 		var m float64
 		mfs, _ := a.reg.Gather()
@@ -190,7 +190,7 @@ func TestTwoNodesShareABlob(t *testing.T) {
 	a.store.mu.Lock()
 	delete(a.store.blobs, k)
 	a.store.mu.Unlock()
-	a.BlobRemoved(k)
+	a.Announcer("test").Dropped(k)
 	if _, _, err := b.Source().Fetch(context.Background(), k, 0, 10); !errors.Is(err, blob.ErrNotFound) {
 		t.Fatalf("after removal: %v, want ErrNotFound", err)
 	}

@@ -132,14 +132,15 @@ func startContainerd(ctx context.Context, a *app) error {
 	mirror := "http://" + mirrorHostPort(a.cfg.HTTPAddr)
 
 	var lastVerdict string // touched only on the subscriber's goroutine
-	var adv ctrd.Advertiser = noAdvertiser{}
+	// The node advertises a blob while the cache or containerd holds it.
+	var announce blob.Announcer
 	if a.p2p != nil {
-		adv = p2pAdvertiser{node: a.p2p, cache: a.cache}
+		announce = a.p2p.Announcer("containerd")
 	}
 	store := ctrd.New(ctrd.Options{
 		Namespace:  c.Namespace,
 		Connect:    ctrd.DialSocket(c.Socket, c.Namespace),
-		Advertiser: adv,
+		Announcer:  announce,
 		Resync:     c.Resync,
 		Socket:     c.Socket,
 		Logger:     a.log,
@@ -172,9 +173,6 @@ func startContainerd(ctx context.Context, a *app) error {
 	if a.p2p != nil {
 		// Peers read containerd's blobs straight from its content store.
 		a.p2p.AddStore(store)
-		// The cache and containerd may hold the same blob: neither may
-		// withdraw it while the other still serves it.
-		a.cache.SetListener(cacheListener{node: a.p2p, store: store})
 	}
 	// Containerd's role per face is plan's: a Local source of the faces
 	// that read through the cache, read in place by /v2/ and the peer server.
@@ -211,49 +209,6 @@ func majorVersion(v string) int {
 		return 0
 	}
 	return n
-}
-
-type noAdvertiser struct{}
-
-func (noAdvertiser) Advertise(...blob.Key) {}
-func (noAdvertiser) Withdraw(...blob.Key)  {}
-
-// p2pAdvertiser announces containerd's blobs on the DHT.
-type p2pAdvertiser struct {
-	node  *p2p.Node
-	cache *cache.Cache
-}
-
-func (p p2pAdvertiser) Advertise(keys ...blob.Key) {
-	for _, k := range keys {
-		p.node.BlobAdded(k)
-	}
-}
-
-func (p p2pAdvertiser) Withdraw(keys ...blob.Key) {
-	for _, k := range keys {
-		if info, ok := p.cache.Stat(k); ok && info.Complete {
-			continue // the cache still serves it
-		}
-		p.node.BlobRemoved(k)
-	}
-}
-
-// cacheListener forwards the cache's adds and removes to the p2p node, but
-// keeps advertising a blob containerd still holds.
-var _ cache.Listener = cacheListener{}
-
-type cacheListener struct {
-	node  *p2p.Node
-	store *ctrd.Store
-}
-
-func (l cacheListener) BlobAdded(k blob.Key) { l.node.BlobAdded(k) }
-func (l cacheListener) BlobRemoved(k blob.Key) {
-	if l.store.Has(k) {
-		return
-	}
-	l.node.BlobRemoved(k)
 }
 
 // ociStore adapts the containerd store to the mirror.

@@ -123,14 +123,15 @@ func startP2P(ctx context.Context, a *app) error {
 	}
 	a.p2p = node
 	a.onStop(func(context.Context) error {
-		a.cache.SetListener(nil)
+		a.cache.SetAnnouncer(nil)
 		return node.Close()
 	})
 	// Listen first, then list: a blob added in between is announced twice,
 	// which is harmless; none is missed.
-	a.cache.SetListener(node)
+	announce := node.Announcer("cache")
+	a.cache.SetAnnouncer(announce)
 	for _, info := range a.cache.List() {
-		node.BlobAdded(info.Key)
+		announce.Holding(info.Key)
 	}
 	src := node.Source()
 	src.SetSwarmGather(c.SwarmGather)
