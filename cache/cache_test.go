@@ -828,4 +828,3 @@ func TestEnsureOfAnEmptyBlobsChunkZero(t *testing.T) {
 	c.unref(e)
 	c.Close()
 }
-
