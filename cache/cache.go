@@ -1,7 +1,7 @@
 // Package cache is peerd's one content cache. Every face (the Overlaybd
 // /blobs proxy, the OCI mirror, the FUSE mount, the peer data plane) reads
-// through it. A blob is stored in whole chunks, filled on demand from an
-// ordered list of sources, verified against its digest once complete, and
+// through it. A blob is stored in whole chunks, filled on demand from the
+// sources of the reader's Plan, verified against its digest once complete, and
 // evicted least-recently-used first when the cache outgrows its bound.
 package cache
 
@@ -10,12 +10,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -177,143 +174,6 @@ func (c *Cache) ChunkSize() int64 { return c.opts.ChunkSize }
 // Used is the number of bytes the cache holds.
 func (c *Cache) Used() int64 { return c.used.Load() }
 
-// load rebuilds the index from disk.
-func (c *Cache) load() error {
-	var verify []*entry
-	for _, alg := range []string{blob.AlgSHA256, blob.AlgURL} {
-		root := filepath.Join(c.opts.Dir, "blobs", alg)
-		des, err := os.ReadDir(root)
-		if err != nil {
-			return fmt.Errorf("cache: read %s: %w", root, err)
-		}
-		for _, de := range des {
-			dir := filepath.Join(root, de.Name())
-			if strings.Contains(de.Name(), retiredSuffix) {
-				os.RemoveAll(dir) // evicted; its delete did not finish before a crash
-				continue
-			}
-			k, err := blob.ParseKey(alg + ":" + de.Name())
-			if err != nil || !de.IsDir() {
-				c.log.Warn("removing unexpected entry in cache", "path", dir)
-				os.RemoveAll(dir)
-				continue
-			}
-			e, err := c.loadEntry(k, dir)
-			if err != nil {
-				c.log.Warn("dropping unreadable cached blob", "key", k, "err", err)
-				os.RemoveAll(dir)
-				continue
-			}
-			c.blobs[k] = e
-			e.elem = c.lru.PushBack(e)
-			c.used.Add(e.present)
-			if e.complete() && !e.verified && k.Verifiable() {
-				verify = append(verify, e)
-			}
-		}
-	}
-	// Oldest first at the back.
-	sortLRU(c.lru)
-	for _, e := range verify {
-		e := e
-		c.ref(e)
-		c.wg.Add(1)
-		go func() {
-			defer c.wg.Done()
-			defer c.unref(e)
-			c.advanceHash(e, 0, 0, nil)
-		}()
-	}
-	c.log.Info("cache loaded", "dir", c.opts.Dir, "blobs", len(c.blobs), "bytes", c.used.Load(), "limit", c.opts.MaxBytes)
-	return nil
-}
-
-func sortLRU(l *list.List) {
-	var es []*entry
-	for el := l.Front(); el != nil; el = el.Next() {
-		es = append(es, el.Value.(*entry))
-	}
-	// insertion into a fresh order by lastUse descending
-	for i := 1; i < len(es); i++ {
-		for j := i; j > 0 && es[j].lastUse.After(es[j-1].lastUse); j-- {
-			es[j], es[j-1] = es[j-1], es[j]
-		}
-	}
-	l.Init()
-	for _, e := range es {
-		e.elem = l.PushBack(e)
-	}
-}
-
-func (c *Cache) loadEntry(k blob.Key, dir string) (*entry, error) {
-	m, err := readMeta(dir)
-	if err != nil {
-		return nil, err
-	}
-	if m.Key != k {
-		return nil, fmt.Errorf("meta names %s", m.Key)
-	}
-	if m.ChunkSize != c.opts.ChunkSize {
-		return nil, fmt.Errorf("chunk size changed from %d to %d", m.ChunkSize, c.opts.ChunkSize)
-	}
-	e := newEntry(c, k, dir)
-	e.created = m.Created
-	if err := c.checkSize(m.Size); err != nil {
-		return nil, fmt.Errorf("meta: %w", err)
-	}
-	f, err := os.OpenFile(filepath.Join(dir, "data"), os.O_RDWR, 0)
-	if err != nil {
-		return nil, err
-	}
-	st, err := f.Stat()
-	if err != nil || st.Size() != m.Size {
-		f.Close()
-		return nil, fmt.Errorf("data file size %v, want %d", st.Size(), m.Size)
-	}
-	bm, err := os.OpenFile(filepath.Join(dir, "chunks"), os.O_RDWR, 0)
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	n := numChunks(m.Size, c.opts.ChunkSize)
-	states := make([]byte, n)
-	if _, err := io.ReadFull(bm, states); err != nil && n > 0 {
-		f.Close()
-		bm.Close()
-		return nil, fmt.Errorf("chunk map: %w", err)
-	}
-	// The files are closed again: an entry opens them on first use.
-	f.Close()
-	bm.Close()
-	e.onDisk = true
-	e.setSize(m.Size)
-	for i, s := range states {
-		switch s {
-		case stateAbsent:
-		case stateTrusted, stateUntrusted:
-			e.states[i] = s
-			// A trusted chunk was stored only after its source's size matched.
-			e.sizeTrusted = e.sizeTrusted || s == stateTrusted
-			e.nPresent++
-			e.present += e.chunkLen(i)
-		default:
-			return nil, fmt.Errorf("chunk map: bad state %d", s)
-		}
-	}
-	if m.Verified && e.complete() {
-		if sums, err := readSums(dir, n); err == nil {
-			// Checked chunk by chunk on first read (check.go).
-			e.verified, e.sums, e.checked, e.unchecked = true, sums, make([]bool, n), n
-		} else {
-			c.log.Info("verified blob has no chunk sums; verifying it again", "key", k, "err", err)
-		}
-	}
-	e.sizeTrusted = e.sizeTrusted || e.verified
-	e.announced = e.present > 0 // the p2p layer advertises everything List returns at start
-	e.lastUse = st.ModTime()
-	return e, nil
-}
-
 // Close flushes what is pending and stops background work. Open handles stay
 // readable until closed but start no new fills.
 func (c *Cache) Close() error {
@@ -388,129 +248,6 @@ func (c *Cache) unref(e *entry) {
 	if withdraw && e.key.Verifiable() {
 		// It was announced when its pull started, and the pull failed.
 		c.notify(e.key, false)
-	}
-}
-
-// reserve makes room for n more bytes, evicting unreferenced blobs other than
-// self. It reports false when the bound cannot be met.
-func (c *Cache) reserve(n int64, self *entry) bool {
-	c.mu.Lock()
-	var victims []*entry
-	if c.used.Load()+n > c.opts.MaxBytes {
-		victims = c.evictLocked(n, self)
-	}
-	ok := c.used.Load()+n <= c.opts.MaxBytes
-	if ok {
-		c.used.Add(n)
-	}
-	c.mu.Unlock()
-	c.destroy(victims)
-	return ok
-}
-
-// makeSpace answers a write of n bytes the filesystem refused at space
-// epoch epoch: it reports true when the write may be tried again, because
-// blobs were evicted since (by this call or a concurrent one, which it waits
-// for).
-func (c *Cache) makeSpace(n int64, self *entry, epoch uint64) bool {
-	c.spaceMu.Lock()
-	defer c.spaceMu.Unlock()
-	if c.spaceEpoch.Load() != epoch {
-		return true
-	}
-	if !c.evictForSpace(n, self) {
-		return false
-	}
-	c.spaceEpoch.Add(1)
-	return true
-}
-
-// evictForSpace evicts least recently used blobs that nobody reads, other
-// than self, until they held at least 2n bytes (the filesystem refused a
-// write of n bytes). It reports whether it evicted anything.
-func (c *Cache) evictForSpace(n int64, self *entry) bool {
-	c.mu.Lock()
-	var victims []*entry
-	var freed int64
-	for el := c.lru.Back(); el != nil && freed < 2*n; {
-		e := el.Value.(*entry)
-		prev := el.Prev()
-		if e.refs == 0 && e != self {
-			e.mu.Lock()
-			freed += e.present
-			e.mu.Unlock()
-			c.retireLocked(e)
-			victims = append(victims, e)
-		}
-		el = prev
-	}
-	c.mu.Unlock()
-	c.destroy(victims)
-	return len(victims) > 0
-}
-
-// diskFull counts a write the filesystem refused for want of space and
-// says so in the log, at most once a minute.
-func (c *Cache) diskFull(err error) {
-	c.m.diskFull.Inc()
-	now := time.Now().UnixNano()
-	last := c.diskFullLog.Load()
-	if now-last < int64(time.Minute) || !c.diskFullLog.CompareAndSwap(last, now) {
-		return
-	}
-	c.log.Warn("cache disk is full: evicting blobs nobody reads, else serving without storing", "dir", c.opts.Dir, "used", c.used.Load(), "limit", c.opts.MaxBytes, "err", err)
-}
-
-// evictLocked takes least recently used, unreferenced blobs out of the index
-// until n more bytes fit, and returns them for destroy. c.mu is held.
-func (c *Cache) evictLocked(n int64, self *entry) []*entry {
-	var victims []*entry
-	for el := c.lru.Back(); el != nil && c.used.Load()+n > c.opts.MaxBytes; {
-		e := el.Value.(*entry)
-		prev := el.Prev()
-		if e.refs == 0 && e != self {
-			c.retireLocked(e)
-			victims = append(victims, e)
-		}
-		el = prev
-	}
-	return victims
-}
-
-// destroy deletes evicted blobs' files (outside c.mu) and tells the announcer.
-// retireLocked takes e out of the index and moves its folder aside at once
-// (c.mu held). A new entry for the same key, which getEntry may create as
-// soon as c.mu is free, then lays out a fresh folder instead of opening the
-// files that e's last flush and destroy still use: it would have shared
-// (and truncated) them, and lost them to destroy's delete. destroy deletes
-// the moved folder; a crash before that leaves a name load removes.
-func (c *Cache) retireLocked(e *entry) {
-	delete(c.blobs, e.key)
-	c.lru.Remove(e.elem)
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	c.used.Add(-e.present)
-	gone := fmt.Sprintf("%s%s%d", e.dir, retiredSuffix, c.retired.Add(1))
-	switch err := os.Rename(e.dir, gone); {
-	case err == nil:
-		e.dir = gone
-	case !errors.Is(err, fs.ErrNotExist): // no folder yet: nothing to move
-		c.log.Warn("cannot move an evicted blob's folder aside; deleting it now", "key", e.key, "err", err)
-		os.RemoveAll(e.dir)
-	}
-}
-
-// retiredSuffix marks a retired entry's folder (see retireLocked).
-const retiredSuffix = ".retired-"
-
-func (c *Cache) destroy(victims []*entry) {
-	for _, e := range victims {
-		had := e.destroy()
-		c.m.evictions.Inc()
-		c.log.Debug("evicted blob", "key", e.key)
-		if had && e.key.Verifiable() {
-			c.notify(e.key, false)
-		}
 	}
 }
 

@@ -11,9 +11,10 @@ import (
 	"path/filepath"
 	"time"
 
+	"testing"
+
 	"github.com/peerd-project/peerd/blob"
 	"github.com/prometheus/client_golang/prometheus"
-	"testing"
 
 	"github.com/peerd-project/peerd/internal/reliability"
 	"github.com/prometheus/client_golang/prometheus/testutil"

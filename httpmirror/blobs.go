@@ -214,6 +214,8 @@ func (s *Server) fetchError(w http.ResponseWriter, key blob.Key, err error) {
 
 // lazyHeader sends the status line with the first body byte, so an error
 // before any byte can still become a proper error status.
+var _ io.ReaderFrom = (*lazyHeader)(nil)
+
 type lazyHeader struct {
 	w      http.ResponseWriter
 	status int

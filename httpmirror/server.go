@@ -179,6 +179,11 @@ func ociError(w http.ResponseWriter, code int, errCode, msg string) {
 
 // statusWriter records the status and body size, and keeps ReadFrom so that
 // copying a file to the client still uses sendfile.
+var (
+	_ io.ReaderFrom = (*statusWriter)(nil)
+	_ http.Flusher  = (*statusWriter)(nil)
+)
+
 type statusWriter struct {
 	http.ResponseWriter
 	code int

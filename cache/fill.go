@@ -1,0 +1,354 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/peerd-project/peerd/blob"
+)
+
+// ensure makes chunk i present, fetching it under plan p unless another
+// caller already is. It returns pass != nil when the chunk could not be
+// stored and its bytes are handed over directly.
+func (e *entry) ensure(ctx context.Context, i int, p Plan, background bool) (pass []byte, err error) {
+	e.mu.Lock()
+	if e.size >= 0 && i < len(e.states) && e.needsCheckLocked(i) {
+		// First read of a verified chunk since the start: check it (a
+		// chunk that fails is discarded, and filled below).
+		e.mu.Unlock()
+		e.checkChunk(i)
+		e.mu.Lock()
+	}
+	// i past the chunks: an empty blob, whose size a concurrent fill learned
+	// after the caller looked (nothing to fill).
+	if e.size >= 0 && (i >= len(e.states) || e.states[i] != stateAbsent) {
+		e.mu.Unlock()
+		if !background {
+			e.readAhead(i, p) // keep the window ahead of a sequential reader full
+		}
+		return nil, nil
+	}
+	call, ok := e.inflight[i]
+	if !ok {
+		if e.c.closing() {
+			e.mu.Unlock()
+			return nil, errors.New("cache is closing")
+		}
+		call = newFillCall()
+		e.inflight[i] = call
+		e.c.ref(e)
+		e.c.wg.Add(1)
+		go func() {
+			defer e.c.wg.Done()
+			defer e.c.unref(e)
+			e.fill(i, p, call)
+		}()
+	}
+	e.mu.Unlock()
+	if !background {
+		e.readAhead(i, p)
+	}
+	select {
+	case <-call.done:
+		return call.pass, call.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// readAhead starts background fills of the chunks after i when the reader
+// looks sequential (the chunk before i is present).
+func (e *entry) readAhead(i int, p Plan) {
+	ra := e.c.opts.ReadAhead
+	e.mu.Lock()
+	seq := e.size >= 0 && (i == 0 || (i-1 < len(e.states) && e.states[i-1] != stateAbsent)) && time.Since(e.failedAt) > time.Second
+	n := len(e.states)
+	e.mu.Unlock()
+	if !seq || ra <= 0 {
+		return
+	}
+	for j := i + 1; j <= i+ra && j < n; j++ {
+		e.background(j, p)
+	}
+}
+
+// background fills chunk j if a background slot is free; it never blocks.
+func (e *entry) background(j int, p Plan) {
+	e.mu.Lock()
+	busy := j >= len(e.states) || e.states[j] != stateAbsent || e.inflight[j] != nil
+	e.mu.Unlock()
+	if busy {
+		return
+	}
+	select {
+	case e.c.bg <- struct{}{}:
+	default:
+		return
+	}
+	e.c.ref(e)
+	e.c.wg.Add(1)
+	go func() {
+		defer e.c.wg.Done()
+		defer e.c.unref(e)
+		defer func() { <-e.c.bg }()
+		ctx, cancel := context.WithTimeout(e.c.life, e.c.opts.FillTimeout)
+		defer cancel()
+		e.ensure(ctx, j, p, true)
+	}()
+}
+
+var bufPool = sync.Pool{New: func() any { return new([]byte) }}
+
+// chunkBuf returns a pooled buffer of at least cs bytes; put it back in bufPool.
+func chunkBuf(cs int64) *[]byte {
+	bp := bufPool.Get().(*[]byte)
+	if int64(cap(*bp)) < cs {
+		*bp = make([]byte, cs)
+	}
+	return bp
+}
+
+// fill fetches chunk i (or, with the size unknown, chunk 0 and the size).
+func (e *entry) fill(i int, p Plan, call *fillCall) {
+	ctx, cancel := context.WithTimeout(e.c.life, e.c.opts.FillTimeout)
+	defer cancel()
+	start := time.Now()
+	bp := chunkBuf(e.c.opts.ChunkSize)
+	defer bufPool.Put(bp)
+	buf := (*bp)[:e.c.opts.ChunkSize]
+	e.mu.Lock()
+	gen := e.gen // bytes fetched before a reset must not land after it
+	e.mu.Unlock()
+	n, st, origin, err := e.fetch(ctx, i, p, buf, call)
+	if err == nil {
+		call.pass, err = e.store(i, gen, buf[:n], st, origin)
+	}
+	e.mu.Lock()
+	delete(e.inflight, i)
+	if err != nil {
+		e.failedAt = time.Now()
+	}
+	e.mu.Unlock()
+	call.err = err
+	close(call.done)
+	if err != nil {
+		e.c.m.fillErrors.Inc()
+		e.c.log.Warn("chunk fill failed", "key", e.key, "chunk", i, "err", err)
+		return
+	}
+	e.c.m.fillSeconds.WithLabelValues(st.src.Name()).Observe(time.Since(start).Seconds())
+	if call.pass == nil && e.key.Verifiable() {
+		// The chunk is still in buf: hash it from there when it is next in line.
+		e.c.advanceHash(e, int64(i)*e.c.opts.ChunkSize, gen, buf[:n])
+	}
+}
+
+// fetch reads chunk i into buf from the first of the plan's sources that
+// has it, and reports which.
+func (e *entry) fetch(ctx context.Context, i int, p Plan, buf []byte, call *fillCall) (int, step, string, error) {
+	cs := e.c.opts.ChunkSize
+	off := int64(i) * cs
+	var errs []error
+	for _, st := range p.steps() {
+		s := st.src
+		e.mu.Lock()
+		size := e.size
+		e.mu.Unlock()
+		want := cs
+		if size >= 0 {
+			if off >= size {
+				return 0, step{}, "", fmt.Errorf("chunk %d beyond end of %d-byte blob", i, size)
+			}
+			want = min(cs, size-off)
+		}
+		if call != nil && (st.role == roleOrigin || st.role == roleLocal && p.Peers == nil) {
+			call.originOnce.Do(func() { close(call.atOrigin) })
+		}
+		var rc io.ReadCloser
+		var total int64
+		var err error
+		if sw := p.swarm(e.key); sw != nil && st.role == rolePeers {
+			var sh blob.Share
+			sh, err = sw.FetchShared(ctx, e.key, off, want)
+			switch {
+			case err == nil && sh.Body == nil && sh.Gathering != nil && call != nil:
+				return e.speculate(ctx, i, p, sw, sh.Gathering, buf, call)
+			case err == nil && sh.Body == nil:
+				// Still gathering, inside a fill that already speculated:
+				// the origin is next.
+				err = fmt.Errorf("%s: %w (nodes pulling it not known yet)", e.key, blob.ErrNotFound)
+			}
+			rc, total = sh.Body, sh.Size
+		} else {
+			rc, total, err = s.Fetch(ctx, e.key, off, want)
+		}
+		if err != nil {
+			if !errors.Is(err, blob.ErrNotFound) {
+				errs = append(errs, fmt.Errorf("%s: %w", s.Name(), err))
+				if ctx.Err() == nil { // an abandoned fetch (see speculate) is no source error
+					e.c.m.sourceErrors.WithLabelValues(s.Name()).Inc()
+				}
+			}
+			continue
+		}
+		if size < 0 {
+			if total < 0 {
+				rc.Close()
+				errs = append(errs, fmt.Errorf("%s: size unknown", s.Name()))
+				continue
+			}
+			if err := e.learnSize(total); err != nil {
+				rc.Close()
+				return 0, step{}, "", err
+			}
+			size = total
+			want = min(cs, size-off)
+		} else if total >= 0 && total != size {
+			rc.Close()
+			errs = append(errs, fmt.Errorf("%s: size %d, expected %d", s.Name(), total, size))
+			e.c.m.sourceErrors.WithLabelValues(s.Name()).Inc()
+			continue
+		}
+		n, err := io.ReadFull(rc, buf[:want])
+		origin := ""
+		if a, ok := rc.(blob.Attributed); ok {
+			origin = a.Origin()
+		}
+		rc.Close()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: read chunk %d (%d of %d bytes): %w", s.Name(), i, n, want, err))
+			if ctx.Err() == nil {
+				e.c.m.sourceErrors.WithLabelValues(s.Name()).Inc()
+			}
+			continue
+		}
+		if b, ok := s.(blob.Blamer); ok && origin != "" {
+			e.mu.Lock()
+			if e.blamers == nil {
+				e.blamers = map[string]blob.Blamer{}
+			}
+			e.blamers[s.Name()] = b
+			e.mu.Unlock()
+		}
+		if st.role.trusted() && total >= 0 {
+			e.mu.Lock()
+			if e.size == total {
+				e.sizeTrusted = true
+			}
+			e.mu.Unlock()
+		}
+		e.c.m.fetched.WithLabelValues(s.Name()).Add(float64(n))
+		return n, st, origin, nil
+	}
+	if len(errs) == 0 {
+		return 0, step{}, "", fmt.Errorf("%s chunk %d: %w (no source has it)", e.key, i, blob.ErrNotFound)
+	}
+	return 0, step{}, "", fmt.Errorf("%s chunk %d: %w", e.key, i, errors.Join(errs...))
+}
+
+func (e *entry) learnSize(size int64) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.size >= 0 {
+		if e.size != size {
+			return fmt.Errorf("source reports size %d, cache has %d", size, e.size)
+		}
+		return nil
+	}
+	if err := e.c.checkSize(size); err != nil {
+		return err
+	}
+	e.setSize(size)
+	return nil
+}
+
+// store writes a fetched chunk. When the cache cannot make room the bytes are
+// handed to the waiting readers instead (pass).
+func (e *entry) store(i int, gen uint64, data []byte, st step, origin string) ([]byte, error) {
+	if len(data) == 0 {
+		return nil, nil // an empty blob has no chunks
+	}
+	for try := 0; try < 3; try++ {
+		epoch := e.c.spaceEpoch.Load()
+		pass, err := e.storeOnce(i, gen, data, st, origin)
+		if !isDiskFull(err) {
+			return pass, err
+		}
+		// The filesystem is fuller than --cache-size assumed (other files,
+		// a smaller disk): like reaching the bound, make room from blobs
+		// nobody reads, else hand the bytes over without storing them.
+		e.c.diskFull(err)
+		if !e.c.makeSpace(int64(len(data)), e, epoch) {
+			break
+		}
+	}
+	e.c.m.passthrough.Inc()
+	return append([]byte(nil), data...), nil
+}
+
+func (e *entry) storeOnce(i int, gen uint64, data []byte, st step, origin string) ([]byte, error) {
+	if !e.c.reserve(int64(len(data)), e) {
+		e.c.m.passthrough.Inc()
+		return append([]byte(nil), data...), nil
+	}
+	e.mu.Lock()
+	if e.gone || e.gen != gen || i >= len(e.states) {
+		// Evicted or reset since the fetch began: the waiting readers get
+		// the bytes; a reset's readers retry (ReadAt) on their own.
+		e.mu.Unlock()
+		e.c.used.Add(-int64(len(data)))
+		return append([]byte(nil), data...), nil
+	}
+	if err := e.createFilesLocked(); err != nil {
+		e.mu.Unlock()
+		e.c.used.Add(-int64(len(data)))
+		return nil, fmt.Errorf("create cache files for %s: %w", e.key, err)
+	}
+	f := e.f
+	e.mu.Unlock()
+	if err := e.writeAt(f, data, int64(i)*e.c.opts.ChunkSize); err != nil {
+		// Give back what the partial write took: the chunk is absent, so
+		// no reader is told its bytes are there.
+		punchHole(f, int64(i)*e.c.opts.ChunkSize, int64(len(data)))
+		e.c.used.Add(-int64(len(data)))
+		return nil, fmt.Errorf("write %s chunk %d: %w", e.key, i, err)
+	}
+	state := stateUntrusted
+	if st.role.trusted() || !e.key.Verifiable() {
+		state = stateTrusted
+	}
+	e.mu.Lock()
+	if e.gone || e.gen != gen || i >= len(e.states) {
+		e.mu.Unlock()
+		e.c.used.Add(-int64(len(data)))
+		return append([]byte(nil), data...), nil
+	}
+	if e.states[i] != stateAbsent {
+		e.mu.Unlock()
+		e.c.used.Add(-int64(len(data)))
+		return nil, nil
+	}
+	first := !e.announced
+	e.announced = true
+	e.states[i] = state
+	e.markCheckedLocked(i) // bytes written this run
+	e.nPresent++
+	e.present += int64(len(data))
+	e.dirtyIdx = append(e.dirtyIdx, i)
+	if origin != "" {
+		if e.origins == nil {
+			e.origins = map[int]servedBy{}
+		}
+		e.origins[i] = servedBy{source: st.src.Name(), peer: origin}
+	}
+	e.mu.Unlock()
+	e.c.markDirty(e)
+	if first && e.key.Verifiable() {
+		e.c.notify(e.key, true)
+	}
+	return nil, nil
+}

@@ -1,0 +1,247 @@
+package cache
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"hash/crc32"
+	"io"
+	"os"
+	"path/filepath"
+)
+
+// advanceHash feeds newly contiguous chunks to the blob's running hash and,
+// once every byte was hashed, verifies the blob. Concurrent callers never
+// wait: whoever holds the hash lock picks up their chunks. data, when not
+// nil, holds the bytes at off that the caller just stored (of generation gen);
+// once hashed, its buffer (up to its capacity) is the scratch space for
+// chunks read back from the file, so hashing needs no buffer of its own.
+func (c *Cache) advanceHash(e *entry, off int64, gen uint64, data []byte) {
+	scratch := data[:cap(data)]
+	for {
+		if !e.hashMu.TryLock() {
+			return
+		}
+		if data != nil {
+			e.mu.Lock()
+			cur, nChunks := e.gen, len(e.states)
+			e.mu.Unlock()
+			if e.hasher == nil || e.hashGen != cur {
+				e.hasher, e.hashed, e.hashGen = sha256.New(), 0, cur
+			}
+			if cur == gen && e.hashed == off {
+				e.hasher.Write(data)
+				e.noteSumLocked(int(off/c.opts.ChunkSize), nChunks, chunkSum(data))
+				e.hashed += int64(len(data))
+			}
+			data = nil
+		}
+		done, err := e.hashLocked(scratch)
+		e.hashMu.Unlock()
+		if err != nil {
+			c.log.Warn("hash cached blob", "key", e.key, "err", err)
+			return
+		}
+		if done || !e.nextHashable() {
+			return
+		}
+	}
+}
+
+func (e *entry) nextHashable() bool {
+	e.hashMu.Lock()
+	hashed := e.hashed
+	gen := e.hashGen
+	e.hashMu.Unlock()
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.gone || e.verified || e.size < 0 || gen != e.gen {
+		return false
+	}
+	i := int(hashed / e.c.opts.ChunkSize)
+	return i < len(e.states) && e.states[i] != stateAbsent
+}
+
+// hashLocked hashes present chunks from e.hashed on; e.hashMu is held.
+// Chunks read back from the file (their fills finished out of order or
+// while another fill was hashing) are read whole, one pread each, into
+// scratch, a finished fill's chunk buffer. Without one (re-verification of
+// complete blobs at start, one goroutine per blob) they are read through a
+// small buffer, so a restart with many such blobs does not hold a chunk
+// buffer for each.
+func (e *entry) hashLocked(scratch []byte) (bool, error) {
+	var small []byte
+	for {
+		e.mu.Lock()
+		if e.gone || e.verified || e.size < 0 {
+			e.mu.Unlock()
+			return true, nil
+		}
+		if e.hashGen != e.gen || e.hasher == nil {
+			e.hasher, e.hashed, e.hashGen = sha256.New(), 0, e.gen
+		}
+		if e.hashed == e.size {
+			e.mu.Unlock()
+			return true, e.finishVerify()
+		}
+		i := int(e.hashed / e.c.opts.ChunkSize)
+		if e.states[i] == stateAbsent {
+			e.mu.Unlock()
+			return false, nil
+		}
+		f, err := e.filesLocked()
+		off, n, nChunks := e.hashed, e.chunkLen(i), len(e.states)
+		e.mu.Unlock()
+		if err != nil {
+			return false, err
+		}
+		if int64(cap(scratch)) >= n {
+			b := scratch[:n]
+			if _, err := f.ReadAt(b, off); err != nil {
+				return false, err
+			}
+			e.hasher.Write(b)
+			e.noteSumLocked(i, nChunks, chunkSum(b))
+		} else {
+			if small == nil {
+				small = make([]byte, 64<<10)
+			}
+			crc := crc32.New(castagnoli)
+			if _, err := io.CopyBuffer(io.MultiWriter(e.hasher, crc), io.NewSectionReader(f, off, n), small); err != nil {
+				return false, err
+			}
+			e.noteSumLocked(i, nChunks, crc.Sum32())
+		}
+		e.hashed += n
+	}
+}
+
+// finishVerify compares the finished hash with the key: a match marks the
+// blob verified, a mismatch discards it and blames the peers that served it.
+func (e *entry) finishVerify() error {
+	sum := hex.EncodeToString(e.hasher.Sum(nil))
+	if sum == e.key.Hex() {
+		e.mu.Lock()
+		sums := e.newSums
+		if len(sums) != len(e.states) {
+			sums = make([]uint32, len(e.states)) // only an empty blob has no sums noted
+		}
+		e.newSums = nil
+		e.verified = true
+		e.origins = nil
+		// Every chunk was just hashed from the bytes written this run.
+		e.sums, e.checked, e.unchecked = sums, make([]bool, len(sums)), 0
+		for i := range e.checked {
+			e.checked[i] = true
+		}
+		m := meta{Key: e.key, Size: e.size, ChunkSize: e.c.opts.ChunkSize, Verified: true, Created: e.created}
+		dir := e.dir
+		e.mu.Unlock()
+		e.c.m.verify.WithLabelValues("ok").Inc()
+		// Chunks and their sums must be durable before the blob is called
+		// verified on disk.
+		err := e.flush()
+		if err == nil {
+			err = writeSums(dir, sums)
+		}
+		if err == nil {
+			err = writeMeta(dir, m)
+		}
+		if isDiskFull(err) {
+			// Verified in memory; a restart verifies it again.
+			e.c.diskFull(err)
+			return nil
+		}
+		return err
+	}
+	e.c.log.Error("cached blob failed verification; discarding", "key", e.key, "got", "sha256:"+sum)
+	e.reset()
+	e.c.m.verify.WithLabelValues("mismatch").Inc()
+	return nil
+}
+
+// reset discards the chunks that may have made the blob fail verification.
+// When peers served some of it, only their (untrusted) chunks go: the bytes
+// from the origin or containerd are not the suspects, and keeping them means
+// a reader copying one of them (a handle, a peer's or a face's sendfile)
+// keeps reading the bytes it was told are present. When every chunk came
+// from trusted sources, all go. The data file is never truncated: a
+// discarded chunk's bytes stay until a refill overwrites them, and the
+// readers that copy chunks a reset may discard notice it (gen, trustedGen)
+// and retry or fail instead of passing on what a refill wrote under them.
+// A size that no trusted source confirmed came from a peer and is forgotten
+// with its chunks, so the origin's size is not refused against it.
+func (e *entry) reset() {
+	e.flushMu.Lock()
+	e.mu.Lock()
+	origins, blamers := e.origins, e.blamers
+	announced := e.announced
+	e.announced = false
+	e.origins = nil
+	e.gen++
+	untrusted := false
+	for _, s := range e.states {
+		if s == stateUntrusted {
+			untrusted = true
+			break
+		}
+	}
+	forget := !e.sizeTrusted
+	if forget || !untrusted {
+		e.trustedGen.Add(1)
+	}
+	var freed int64
+	for i, s := range e.states {
+		if s == stateAbsent || (s == stateTrusted && untrusted && !forget) {
+			continue
+		}
+		e.states[i] = stateAbsent
+		e.nPresent--
+		freed += e.chunkLen(i)
+	}
+	e.present -= freed
+	e.verified = false
+	if forget {
+		// Nothing on disk is worth keeping under a size nobody vouched for;
+		// the next fill lays out fresh files (new inodes: readers that have
+		// the old data file open keep its bytes).
+		if e.f != nil {
+			e.f.Close()
+			e.bm.Close()
+			e.f, e.bm = nil, nil
+		}
+		e.onDisk = false
+		for _, name := range []string{"meta", "chunks", "data"} {
+			os.Remove(filepath.Join(e.dir, name))
+		}
+		e.size, e.states, e.nPresent, e.present, e.dirtyIdx = -1, nil, 0, 0, nil
+		e.sums, e.checked, e.unchecked = nil, nil, 0
+	} else if _, err := e.filesLocked(); err == nil {
+		// The kept chunks' bytes must be durable before the map names them.
+		fdatasync(e.f)
+		e.bm.WriteAt(e.states, 0)
+		fdatasync(e.bm)
+		e.dirtyIdx = nil
+	}
+	e.mu.Unlock()
+	e.flushMu.Unlock()
+	e.c.used.Add(-freed)
+	if announced && e.key.Verifiable() {
+		e.c.notify(e.key, false)
+	}
+	seen := map[servedBy]bool{}
+	for _, sb := range origins {
+		if seen[sb] {
+			continue
+		}
+		seen[sb] = true
+		if b := blamers[sb.source]; b != nil {
+			b.Blame(e.key, sb.peer)
+		}
+	}
+}
+
+// servedBy names who served an untrusted chunk: the source (by Name) and the
+// peer within it, so a failed verification blames exactly those.
+type servedBy struct {
+	source, peer string
+}
