@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/peerd-project/peerd/blob"
+	"github.com/peerd-project/peerd/transfer"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -86,6 +87,12 @@ type Info struct {
 	Complete bool
 	Verified bool
 	ModTime  time.Time
+	// Readers counts the holders of the blob now (open handles, fills).
+	Readers int
+	// LastAccess is when the blob was last opened or released.
+	LastAccess time.Time
+	// Filled counts the bytes that landed since the start, by source.
+	Filled transfer.Bytes
 }
 
 // Open loads the cache at opts.Dir, dropping anything a crash left half-written.
@@ -255,25 +262,62 @@ func (c *Cache) unref(e *entry) {
 func (c *Cache) Stat(k blob.Key) (Info, bool) {
 	c.mu.Lock()
 	e, ok := c.blobs[k]
+	var refs int
+	var last time.Time
+	if ok {
+		refs, last = e.refs, e.lastUse
+	}
 	c.mu.Unlock()
 	if !ok {
 		return Info{}, false
 	}
 	i := e.info()
+	i.Readers, i.LastAccess = refs, last
 	return i, i.Size >= 0
+}
+
+// ChunkMap returns one byte per chunk of k: '.' absent, 'p' from a peer and
+// not re-servable until the blob verified, 'v' present and servable.
+func (c *Cache) ChunkMap(k blob.Key) (string, bool) {
+	c.mu.Lock()
+	e, ok := c.blobs[k]
+	c.mu.Unlock()
+	if !ok {
+		return "", false
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	b := make([]byte, len(e.states))
+	for i, s := range e.states {
+		switch {
+		case s == stateAbsent:
+			b[i] = '.'
+		case s == stateUntrusted && !e.verified:
+			b[i] = 'p'
+		default:
+			b[i] = 'v'
+		}
+	}
+	return string(b), e.size >= 0
 }
 
 // List reports every blob the cache holds any bytes of.
 func (c *Cache) List() []Info {
+	type held struct {
+		e    *entry
+		refs int
+		last time.Time
+	}
 	c.mu.Lock()
-	es := make([]*entry, 0, len(c.blobs))
+	es := make([]held, 0, len(c.blobs))
 	for _, e := range c.blobs {
-		es = append(es, e)
+		es = append(es, held{e, e.refs, e.lastUse})
 	}
 	c.mu.Unlock()
 	out := make([]Info, 0, len(es))
-	for _, e := range es {
-		if i := e.info(); i.Present > 0 {
+	for _, h := range es {
+		if i := h.e.info(); i.Present > 0 {
+			i.Readers, i.LastAccess = h.refs, h.last
 			out = append(out, i)
 		}
 	}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/peerd-project/peerd/blob"
+	"github.com/peerd-project/peerd/transfer"
 )
 
 // entry is one blob's state. Lock order: Cache.mu, then entry.flushMu, then entry.mu.
@@ -52,6 +53,13 @@ type entry struct {
 	announced   bool      // the announcer was told Holding and not yet Dropped
 	pulls       int       // open handles whose plan makes a swarm pull
 	pullPlan    *Plan     // the plan of the latest such handle, for fills peers ask for
+
+	// from says where each chunk's bytes came from, for the handles'
+	// provenance: fillSeq<<2 | role of the fill that landed it (0: loaded
+	// from disk at start). filled counts bytes landed by role since start.
+	from    []uint64
+	fillSeq uint64
+	filled  [3]int64
 
 	// sums are the chunks' CRC-32Cs recorded when the blob verified (nil
 	// before); checked marks the chunks checked against them since the
@@ -107,6 +115,7 @@ func (e *entry) chunkLen(i int) int64 {
 func (e *entry) setSize(size int64) {
 	e.size = size
 	e.states = make([]byte, numChunks(size, e.c.opts.ChunkSize))
+	e.from = make([]uint64, len(e.states))
 }
 
 func (e *entry) complete() bool { return e.size >= 0 && e.nPresent == len(e.states) }
@@ -144,8 +153,8 @@ func (e *entry) filesLocked() (*os.File, error) {
 func (e *entry) info() Info {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	i := Info{Key: e.key, Size: e.size, Present: e.present, Complete: e.complete(), Verified: e.verified, ModTime: e.created}
-	return i
+	return Info{Key: e.key, Size: e.size, Present: e.present, Complete: e.complete(), Verified: e.verified, ModTime: e.created,
+		Filled: transfer.Bytes{Containerd: e.filled[roleLocal], Peers: e.filled[rolePeers], Origin: e.filled[roleOrigin]}}
 }
 
 // createFilesLocked lays out the blob's folder once its size is known, or opens its files. e.mu is held.
@@ -274,4 +283,15 @@ func (e *entry) flush() error {
 	}
 	e.mu.Unlock()
 	return fdatasync(bm)
+}
+
+// noteFromLocked records that chunk i's n bytes just came from role r. e.mu
+// is held.
+func (e *entry) noteFromLocked(i int, r role, n int) {
+	if i >= len(e.from) {
+		return
+	}
+	e.fillSeq++
+	e.from[i] = e.fillSeq<<2 | uint64(r)
+	e.filled[r] += int64(n)
 }

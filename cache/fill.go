@@ -131,6 +131,8 @@ func (e *entry) fill(i int, p Plan, call *fillCall) {
 	delete(e.inflight, i)
 	if err != nil {
 		e.failedAt = time.Now()
+	} else if call.pass != nil {
+		e.noteFromLocked(i, st.role, n) // handed over, not stored: its readers still count its source
 	}
 	e.mu.Unlock()
 	call.err = err
@@ -335,6 +337,7 @@ func (e *entry) storeOnce(i int, gen uint64, data []byte, st step, origin string
 	first := !e.announced
 	e.announced = true
 	e.states[i] = state
+	e.noteFromLocked(i, st.role, len(data))
 	e.markCheckedLocked(i) // bytes written this run
 	e.nPresent++
 	e.present += int64(len(data))

@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/peerd-project/peerd/blob"
+	"github.com/peerd-project/peerd/transfer"
 )
 
 // Handle reads one blob through the cache. Holding a handle pins the blob:
@@ -20,14 +21,66 @@ type Handle struct {
 	plan Plan
 	pull bool // counted in e.pulls
 	once sync.Once
+	// openSeq is the entry's fillSeq at open: chunks landed after it were
+	// fetched during this handle's life, the others were in the cache.
+	openSeq uint64
+	mu      sync.Mutex
+	served  transfer.Bytes
 }
 
 // Open returns a handle on k whose missing chunks are filled under plan p.
 // Opening costs no I/O; the size is learned on first use.
 func (c *Cache) Open(k blob.Key, p Plan) *Handle {
 	h := &Handle{c: c, e: c.getEntry(k), plan: p}
+	h.e.mu.Lock()
+	h.openSeq = h.e.fillSeq
+	h.e.mu.Unlock()
 	h.pull = h.e.startPull(p)
 	return h
+}
+
+// Served reports the bytes the handle's reads returned, by where they came
+// from: the cache (present when the handle opened), or the source that
+// fetched them since (including read-ahead fills for this reader).
+func (h *Handle) Served() transfer.Bytes {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.served
+}
+
+// account adds bytes [off, off+n) the handle returned to its tally.
+func (h *Handle) account(off, n int64) {
+	if n <= 0 {
+		return
+	}
+	cs := h.c.opts.ChunkSize
+	e := h.e
+	var add transfer.Bytes
+	e.mu.Lock()
+	for pos, end := off, off+n; pos < end; {
+		i := int(pos / cs)
+		next := min(int64(i+1)*cs, end)
+		b := next - pos
+		var f uint64
+		if i < len(e.from) {
+			f = e.from[i]
+		}
+		switch {
+		case f>>2 <= h.openSeq:
+			add.Cache += b
+		case role(f&3) == roleLocal:
+			add.Containerd += b
+		case role(f&3) == rolePeers:
+			add.Peers += b
+		default:
+			add.Origin += b
+		}
+		pos = next
+	}
+	e.mu.Unlock()
+	h.mu.Lock()
+	h.served.Add(add)
+	h.mu.Unlock()
 }
 
 // Close releases the handle.
@@ -74,6 +127,12 @@ func (h *Handle) Size(ctx context.Context) (int64, error) {
 // ReadAt reads len(p) bytes at off, filling missing chunks. It returns
 // io.EOF when the read reaches the end of the blob.
 func (h *Handle) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	n, err := h.readAt(ctx, p, off)
+	h.account(off, int64(n))
+	return n, err
+}
+
+func (h *Handle) readAt(ctx context.Context, p []byte, off int64) (int, error) {
 	size, err := h.Size(ctx)
 	if err != nil {
 		return 0, err
@@ -173,6 +232,12 @@ func (e *entry) readFile(p []byte, off int64) error {
 // *os.File, which lets a TCP writer use sendfile; a complete blob is copied
 // in one piece without looking at its chunks. It returns the bytes written.
 func (h *Handle) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int64, error) {
+	written, err := h.writeRange(ctx, w, off, n)
+	h.account(off, written)
+	return written, err
+}
+
+func (h *Handle) writeRange(ctx context.Context, w io.Writer, off, n int64) (int64, error) {
 	size, err := h.Size(ctx)
 	if err != nil {
 		return 0, err

@@ -10,9 +10,12 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/peerd-project/peerd/blob"
+	"github.com/peerd-project/peerd/cache"
 	"github.com/peerd-project/peerd/internal/httprange"
+	"github.com/peerd-project/peerd/transfer"
 	"github.com/peerd-project/peerd/upstream"
 )
 
@@ -127,7 +130,11 @@ func (s *Server) serveBlobs(w http.ResponseWriter, r *http.Request) {
 	}
 	h := s.cfg.Cache.Open(key, s.cfg.Plan.Plan(key, origin))
 	defer h.Close()
-	s.serveHandle(w, r, h, key)
+	what := u.Scheme + "://" + u.Host + u.EscapedPath() // never the query: it may carry a signature
+	s.serveHandle(w, r, h, key, func(t transfer.Record) {
+		t.Face, t.What = transfer.FaceBlobs, upstream.Bound(what)
+		s.cfg.Transfers.Add(t)
+	})
 }
 
 // blobReader is what serveHandle needs of a cache handle.
@@ -135,19 +142,44 @@ type blobReader interface {
 	Size(ctx context.Context) (int64, error)
 	WriteRange(ctx context.Context, w io.Writer, off, n int64) (int64, error)
 	Prefetch(workers int)
+	// Served says where the bytes written so far came from.
+	Served() transfer.Bytes
 }
 
-func (s *Server) serveHandle(w http.ResponseWriter, r *http.Request, h blobReader, key blob.Key) {
+var (
+	_ blobReader = (*cache.Handle)(nil)
+	_ blobReader = (*storeReader)(nil)
+	_ blobReader = (*cacheLocal)(nil)
+)
+
+// serveHandle answers a GET or HEAD of a blob from h. For a GET, done hears
+// the transfer it made (key, bytes by source, status, result, duration),
+// also when the body was cut.
+func (s *Server) serveHandle(w http.ResponseWriter, r *http.Request, h blobReader, key blob.Key, done func(transfer.Record)) {
 	ctx := r.Context()
+	start := time.Now()
+	status, result := 0, "ok"
+	if r.Method == http.MethodGet && done != nil {
+		defer func() {
+			if rec := recover(); rec != nil {
+				if result == "ok" {
+					result = "aborted"
+				}
+				defer panic(rec)
+			}
+			done(transfer.Record{Start: start, Key: string(key), Bytes: h.Served(), Duration: time.Since(start), Status: status, Result: result})
+		}()
+	}
 	size, err := h.Size(ctx)
 	if err != nil {
-		s.fetchError(w, key, err)
+		status, result = s.fetchError(w, key, err), upstream.Bound(upstream.RedactText(err.Error()))
 		return
 	}
 	off, n, partial, err := parseRange(r.Header.Get("Range"), size)
 	if err != nil {
 		w.Header().Set("Content-Range", fmt.Sprintf("bytes */%d", size))
 		http.Error(w, err.Error(), http.StatusRequestedRangeNotSatisfiable)
+		status, result = http.StatusRequestedRangeNotSatisfiable, "range not satisfiable"
 		return
 	}
 	hd := w.Header()
@@ -158,7 +190,7 @@ func (s *Server) serveHandle(w http.ResponseWriter, r *http.Request, h blobReade
 		hd.Set("Docker-Content-Digest", string(key))
 		hd.Set("Etag", `"`+string(key)+`"`)
 	}
-	status := http.StatusOK
+	status = http.StatusOK
 	if partial {
 		hd.Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", off, off+n-1, size))
 		status = http.StatusPartialContent
@@ -176,11 +208,12 @@ func (s *Server) serveHandle(w http.ResponseWriter, r *http.Request, h blobReade
 		lw.commit()
 		return
 	}
+	result = upstream.Bound(upstream.RedactText(err.Error()))
 	if !lw.wrote {
 		for _, k := range []string{"Content-Length", "Content-Range", "Docker-Content-Digest", "Etag", "Accept-Ranges"} {
 			hd.Del(k)
 		}
-		s.fetchError(w, key, err)
+		status = s.fetchError(w, key, err)
 		return
 	}
 	// Headers are gone: cut the connection so the client sees a short body.
@@ -188,28 +221,32 @@ func (s *Server) serveHandle(w http.ResponseWriter, r *http.Request, h blobReade
 	panic(http.ErrAbortHandler)
 }
 
-func (s *Server) fetchError(w http.ResponseWriter, key blob.Key, err error) {
+// fetchError answers a failed fetch and returns the status it sent (0 when
+// the client had gone).
+func (s *Server) fetchError(w http.ResponseWriter, key blob.Key, err error) int {
 	var se *upstream.StatusError
+	code := http.StatusBadGateway
 	switch {
 	case errors.As(err, &se) && se.Code >= 400 && se.Code < 500:
 		// The origin's own refusal (401 with its challenge, 403, 410...): relay it.
 		if c := se.Header.Get("Www-Authenticate"); c != "" {
 			w.Header().Set("Www-Authenticate", c)
 		}
-		http.Error(w, err.Error(), se.Code)
+		code = se.Code
 	case errors.Is(err, blob.ErrNotFound):
-		http.Error(w, err.Error(), http.StatusNotFound)
+		code = http.StatusNotFound
 	case errors.Is(err, upstream.ErrNotAllowed):
-		http.Error(w, err.Error(), http.StatusForbidden)
+		code = http.StatusForbidden
 	case errors.Is(err, context.Canceled):
-		// client went away
+		return 0 // client went away
 	case errors.Is(err, context.DeadlineExceeded):
 		s.log.Warn("blob fetch timed out", "key", key, "err", err)
-		http.Error(w, err.Error(), http.StatusGatewayTimeout)
+		code = http.StatusGatewayTimeout
 	default:
 		s.log.Warn("blob fetch failed", "key", key, "err", err)
-		http.Error(w, err.Error(), http.StatusBadGateway)
 	}
+	http.Error(w, err.Error(), code)
+	return code
 }
 
 // lazyHeader sends the status line with the first body byte, so an error

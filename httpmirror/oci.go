@@ -13,6 +13,7 @@ import (
 
 	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/cache"
+	"github.com/peerd-project/peerd/transfer"
 	"github.com/peerd-project/peerd/upstream"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -83,7 +84,9 @@ type OCIConfig struct {
 	// nil turns pull-through off (misses are 404s).
 	PullThrough map[string]string
 	// Upstream fetches from PullThrough registries (needed with it).
-	Upstream        *upstream.Client
+	Upstream *upstream.Client
+	// Transfers, when set, records every blob GET.
+	Transfers       *transfer.Log
 	Prefetch        bool
 	PrefetchWorkers int
 	Logger          *slog.Logger
@@ -96,6 +99,7 @@ type ociHandler struct {
 	srv        *Server // for serveHandle
 	registries map[string]bool
 	served     *prometheus.CounterVec
+	peerShare  prometheus.Histogram
 }
 
 // NewOCI returns the /v2/ handler.
@@ -120,10 +124,31 @@ func NewOCI(cfg OCIConfig) http.Handler {
 		Name: "peerd_oci_responses_total",
 		Help: "OCI mirror answers by kind (manifest, blob) and where the content came from (containerd, cache: local cache or peers, none: 404, invalid: 4xx).",
 	}, []string{"kind", "from"})
+	h.peerShare = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "peerd_oci_blob_peer_share",
+		Help:    "Share (0 to 1) of each completed /v2/ blob GET's bytes that came from peers during the request; bytes the node held before count as not from peers.",
+		Buckets: []float64{0, 0.1, 0.25, 0.5, 0.75, 0.9, 1},
+	})
 	if cfg.Registry != nil {
-		cfg.Registry.MustRegister(h.served)
+		cfg.Registry.MustRegister(h.served, h.peerShare)
 	}
 	return h
+}
+
+// recorder is serveHandle's done for a /v2/ blob GET: the transfer log and
+// the share of the pull that peers served.
+func (h *ociHandler) recorder(r *http.Request) func(transfer.Record) {
+	what := r.URL.Query().Get("ns")
+	if req, code, _ := parseOCIPath(r.URL.Path); code == "" {
+		what += "/" + req.name
+	}
+	return func(t transfer.Record) {
+		t.Face, t.What = transfer.FaceOCI, upstream.Bound(what)
+		h.cfg.Transfers.Add(t)
+		if tot := t.Bytes.Total(); t.Result == "ok" && tot > 0 {
+			h.peerShare.Observe(float64(t.Bytes.Peers) / float64(tot))
+		}
+	}
 }
 
 var (
@@ -368,7 +393,7 @@ func (h *ociHandler) serveBlob(w http.ResponseWriter, r *http.Request, k blob.Ke
 		if b, err := h.cfg.Local.OpenBlob(ctx, k); err == nil {
 			defer b.Close()
 			h.served.WithLabelValues("blob", "containerd").Inc()
-			h.srv.serveHandle(&ctWriter{ResponseWriter: w, ct: b.MediaType()}, r, storeReader{b}, k)
+			h.srv.serveHandle(&ctWriter{ResponseWriter: w, ct: b.MediaType()}, r, &storeReader{b: b}, k, h.recorder(r))
 			return
 		}
 	}
@@ -384,7 +409,7 @@ func (h *ociHandler) serveBlob(w http.ResponseWriter, r *http.Request, k blob.Ke
 			return
 		}
 		lr.Close()
-		br = cacheLocal{c: h.cfg.Cache, k: k, size: size}
+		br = &cacheLocal{c: h.cfg.Cache, k: k, size: size}
 	} else {
 		hd := h.cfg.Cache.Open(k, h.cfg.Plan.Plan(k, h.origin(r, k, "blobs", nil)))
 		defer hd.Close()
@@ -397,25 +422,31 @@ func (h *ociHandler) serveBlob(w http.ResponseWriter, r *http.Request, k blob.Ke
 		br = hd
 	}
 	h.served.WithLabelValues("blob", "cache").Inc()
-	h.srv.serveHandle(w, r, br, k)
+	h.srv.serveHandle(w, r, br, k, h.recorder(r))
 }
 
 // storeReader serves an OCIBlob through serveHandle.
-type storeReader struct{ b OCIBlob }
+type storeReader struct {
+	b       OCIBlob
+	written int64
+}
 
-func (s storeReader) Size(context.Context) (int64, error) { return s.b.Size(), nil }
-func (s storeReader) Prefetch(int)                        {}
+func (s *storeReader) Size(context.Context) (int64, error) { return s.b.Size(), nil }
+func (s *storeReader) Prefetch(int)                        {}
+func (s *storeReader) Served() transfer.Bytes              { return transfer.Bytes{Containerd: s.written} }
 
 // storeReadSize: each ReadAt of containerd's store is one gRPC stream, so
 // copy in large pieces and keep the writer's ReadFrom (small reads) out of it.
 const storeReadSize = 1 << 20
 
-func (s storeReader) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int64, error) {
+func (s *storeReader) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int64, error) {
 	if n <= 0 {
 		return 0, nil // an empty blob (CopyBuffer refuses an empty buffer)
 	}
 	buf := make([]byte, min(n, storeReadSize))
-	return io.CopyBuffer(struct{ io.Writer }{w}, struct{ io.Reader }{io.NewSectionReader(ctxReaderAt{ctx, s.b}, off, n)}, buf)
+	m, err := io.CopyBuffer(struct{ io.Writer }{w}, struct{ io.Reader }{io.NewSectionReader(ctxReaderAt{ctx, s.b}, off, n)}, buf)
+	s.written += m
+	return m, err
 }
 
 // ctxReaderAt stops a copy once the client has gone.
@@ -433,18 +464,22 @@ func (c ctxReaderAt) ReadAt(p []byte, off int64) (int, error) {
 
 // cacheLocal serves only what the cache may pass on (local-only requests).
 type cacheLocal struct {
-	c    *cache.Cache
-	k    blob.Key
-	size int64
+	c       *cache.Cache
+	k       blob.Key
+	size    int64
+	written int64
 }
 
-func (l cacheLocal) Size(context.Context) (int64, error) { return l.size, nil }
-func (l cacheLocal) Prefetch(int)                        {}
-func (l cacheLocal) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int64, error) {
+func (l *cacheLocal) Size(context.Context) (int64, error) { return l.size, nil }
+func (l *cacheLocal) Prefetch(int)                        {}
+func (l *cacheLocal) Served() transfer.Bytes              { return transfer.Bytes{Cache: l.written} }
+func (l *cacheLocal) WriteRange(ctx context.Context, w io.Writer, off, n int64) (int64, error) {
 	lr, _, err := l.c.OpenLocal(l.k, off, n)
 	if err != nil {
 		return 0, err
 	}
 	defer lr.Close()
-	return io.Copy(w, lr)
+	m, err := io.Copy(w, lr)
+	l.written += m
+	return m, err
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/cache"
+	"github.com/peerd-project/peerd/transfer"
 	"github.com/peerd-project/peerd/upstream"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -32,6 +33,9 @@ type Config struct {
 	// Learn, when set, hears the origin a digest blob was fetched from, for
 	// faces that know only digests (the FUSE mount).
 	Learn func(k blob.Key, origin blob.Source)
+	// Transfers, when set, records every blob GET (the debug page's recent
+	// transfers).
+	Transfers *transfer.Log
 	// Prefetch starts a background fill of a whole blob on its first read.
 	Prefetch        bool
 	PrefetchWorkers int
