@@ -48,6 +48,19 @@ func (h *Handle) Served() transfer.Bytes {
 	return h.served
 }
 
+// CountSince makes h count the chunks that landed since earlier opened as
+// fetched, not cached: a face that learned a blob's size with one handle
+// (fetching its first chunk) and reads it with another. It has no effect
+// when earlier is of another incarnation of the blob's entry.
+func (h *Handle) CountSince(earlier *Handle) {
+	if earlier == nil || earlier.e != h.e {
+		return
+	}
+	h.mu.Lock()
+	h.openSeq = min(h.openSeq, earlier.openSeq)
+	h.mu.Unlock()
+}
+
 // account adds bytes [off, off+n) the handle returned to its tally.
 func (h *Handle) account(off, n int64) {
 	if n <= 0 {
@@ -55,6 +68,9 @@ func (h *Handle) account(off, n int64) {
 	}
 	cs := h.c.opts.ChunkSize
 	e := h.e
+	h.mu.Lock()
+	since := h.openSeq
+	h.mu.Unlock()
 	var add transfer.Bytes
 	e.mu.Lock()
 	for pos, end := off, off+n; pos < end; {
@@ -66,7 +82,7 @@ func (h *Handle) account(off, n int64) {
 			f = e.from[i]
 		}
 		switch {
-		case f>>2 <= h.openSeq:
+		case f>>2 <= since:
 			add.Cache += b
 		case role(f&3) == roleLocal:
 			add.Containerd += b

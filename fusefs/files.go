@@ -5,18 +5,22 @@ import (
 	"errors"
 	"io"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/peerd-project/peerd/cache"
+	"github.com/peerd-project/peerd/transfer"
 )
 
 // lazyFile reads through the cache, fetching missing chunks on demand.
 type lazyFile struct {
-	n    *blobNode
-	h    *cache.Handle
-	once sync.Once
+	n      *blobNode
+	h      *cache.Handle
+	once   sync.Once
+	opened time.Time
+	failed atomic.Value // string: the last read failure
 }
 
 func (l *lazyFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
@@ -45,6 +49,7 @@ func (l *lazyFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadR
 			n.noteTimeout(off+int64(got), end)
 		}
 		n.readFailed(off, len(dest), err)
+		l.failed.Store(err.Error())
 		return nil, syscall.EIO
 	}
 	n.f.m.readBytes.WithLabelValues("lazy").Add(float64(got))
@@ -54,6 +59,8 @@ func (l *lazyFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadR
 
 func (l *lazyFile) Release(ctx context.Context) syscall.Errno {
 	l.once.Do(func() {
+		result, _ := l.failed.Load().(string)
+		l.n.record(l.opened, l.h.Served(), result)
 		l.h.Close()
 		l.n.mu.Lock()
 		l.n.lazyOpen--
@@ -63,12 +70,27 @@ func (l *lazyFile) Release(ctx context.Context) syscall.Errno {
 	return 0
 }
 
+// record adds a file's reads, from open to release, to the transfer log.
+// A file nobody read is not a transfer.
+func (n *blobNode) record(opened time.Time, b transfer.Bytes, result string) {
+	if b.Total() == 0 && result == "" {
+		return
+	}
+	if result == "" {
+		result = "ok"
+	}
+	n.f.opts.Transfers.Add(transfer.Record{Start: opened, Face: transfer.FaceFUSE, Key: string(n.key),
+		Bytes: b, Duration: time.Since(opened), Result: result})
+}
+
 // localFile reads a cached, verified blob from the cache's backing file. The
 // LocalReader pins the blob against eviction while the file is open.
 type localFile struct {
-	n    *blobNode
-	lr   *cache.LocalReader
-	once sync.Once
+	n      *blobNode
+	lr     *cache.LocalReader
+	once   sync.Once
+	opened time.Time
+	read   atomic.Int64
 }
 
 func (l *localFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
@@ -85,11 +107,13 @@ func (l *localFile) Read(ctx context.Context, dest []byte, off int64) (fuse.Read
 		return nil, syscall.EIO
 	}
 	l.n.f.m.readBytes.WithLabelValues("local").Add(float64(got))
+	l.read.Add(int64(got))
 	return fuse.ReadResultData(dest[:got]), 0
 }
 
 func (l *localFile) Release(ctx context.Context) syscall.Errno {
 	l.once.Do(func() {
+		l.n.record(l.opened, transfer.Bytes{Cache: l.read.Load()}, "")
 		l.lr.Close()
 		l.n.mu.Lock()
 		l.n.cachedOpen--
@@ -106,6 +130,9 @@ func (p *passFile) PassthroughFd() (int, bool) { return int(p.lr.File().Fd()), t
 
 func (p *passFile) Release(ctx context.Context) syscall.Errno {
 	p.once.Do(func() {
+		// The kernel reads the cache file itself: only reads it declined
+		// reach Read and are counted.
+		p.n.record(p.opened, transfer.Bytes{Cache: p.read.Load()}, "ok (passthrough: kernel reads not counted)")
 		p.lr.Close()
 		p.n.mu.Lock()
 		p.n.passOpen--

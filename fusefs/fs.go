@@ -28,6 +28,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/cache"
+	"github.com/peerd-project/peerd/transfer"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 )
@@ -50,6 +51,8 @@ type Options struct {
 	// Plan says where the missing bytes of a blob come from (the mount knows
 	// no origin of its own). Nil: nowhere; the mount shows what is cached.
 	Plan cache.Planner
+	// Transfers, when set, records each opened file's reads at release.
+	Transfers *transfer.Log
 	// Catalogs list further blobs this node knows.
 	Catalogs []Catalog
 	// LookupTimeout bounds resolving a digest the node does not hold; default 5s.

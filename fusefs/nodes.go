@@ -136,7 +136,7 @@ func (d *dirNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 		d.f.log.Debug("lookup of a name that is not a sha256 digest", "name", name)
 		return nil, syscall.ENOENT
 	}
-	info, how, err := d.f.resolve(ctx, k)
+	info, how, mark, err := d.f.resolve(ctx, k)
 	if err != nil {
 		d.f.m.lookups.WithLabelValues("not_found").Inc()
 		if errors.Is(err, context.Canceled) && ctx.Err() != nil {
@@ -155,14 +155,21 @@ func (d *dirNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 		d.f.log.Error("inode number collision between digests; refusing lookup", "key", k)
 		return nil, syscall.EIO
 	}
+	if mark != nil {
+		got.mu.Lock()
+		got.lookupMark = mark
+		got.mu.Unlock()
+	}
 	got.fillAttr(&out.Attr)
 	return ch, 0
 }
 
-// resolve reports the size and time of k, and where they were learned.
-func (f *FS) resolve(ctx context.Context, k blob.Key) (cache.Info, string, error) {
+// resolve reports the size and time of k, and where they were learned. When
+// it fetched the blob's first chunk to learn them, mark is its handle, so
+// that the file's first open counts that chunk as fetched, not cached.
+func (f *FS) resolve(ctx context.Context, k blob.Key) (info cache.Info, how string, mark *cache.Handle, err error) {
 	if info, ok := f.opts.Cache.Stat(k); ok {
-		return withTime(info), "cached", nil
+		return withTime(info), "cached", nil, nil
 	}
 	ctx, cancel := f.opCtx(ctx, f.opts.LookupTimeout)
 	defer cancel()
@@ -173,22 +180,22 @@ func (f *FS) resolve(ctx context.Context, k blob.Key) (cache.Info, string, error
 			continue
 		}
 		if ok && info.Size >= 0 {
-			return withTime(info), "catalog", nil
+			return withTime(info), "catalog", nil, nil
 		}
 	}
 	plan := f.opts.Plan.Plan(k, nil)
 	if plan.Empty() {
-		return cache.Info{}, "", blob.ErrNotFound
+		return cache.Info{}, "", nil, blob.ErrNotFound
 	}
 	h := f.opts.Cache.Open(k, plan)
 	defer h.Close()
 	size, err := h.Size(ctx)
 	if err != nil {
-		return cache.Info{}, "", err
+		return cache.Info{}, "", nil, err
 	}
-	info := h.Info()
+	info = h.Info()
 	info.Size = size
-	return withTime(info), "resolved", nil
+	return withTime(info), "resolved", h, nil
 }
 
 func withTime(i cache.Info) cache.Info {
@@ -279,6 +286,9 @@ type blobNode struct {
 	// retries a failed read-ahead page by page at once; without this each
 	// retry would wait the full read timeout again.
 	timedOut []span
+	// lookupMark is the handle of the lookup that fetched the first chunk;
+	// the next lazy open counts from it (cache.Handle.CountSince).
+	lookupMark *cache.Handle
 }
 
 type span struct {
@@ -344,7 +354,7 @@ func (n *blobNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 	if info, ok := c.Stat(n.key); ok && info.Verified && info.Size == n.size {
 		lr, _, err := c.OpenLocal(n.key, 0, -1)
 		if err == nil {
-			lf := &localFile{n: n, lr: lr}
+			lf := &localFile{n: n, lr: lr, opened: time.Now()}
 			if n.passOpen > 0 || (n.f.passthrough && n.cachedOpen == 0) {
 				n.passOpen++
 				n.f.m.opens.WithLabelValues("passthrough").Inc()
@@ -365,6 +375,10 @@ func (n *blobNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 		n.f.log.Debug("verified blob not readable locally; reading through the cache", "key", n.key, "err", err)
 	}
 	h := c.Open(n.key, n.f.opts.Plan.Plan(n.key, nil))
+	if n.lookupMark != nil {
+		h.CountSince(n.lookupMark)
+		n.lookupMark = nil
+	}
 	if n.f.opts.Prefetch {
 		h.Prefetch(n.f.opts.PrefetchWorkers)
 	}
@@ -372,7 +386,7 @@ func (n *blobNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 	n.lazyOpen++
 	n.pageCacheTrusted = false
 	n.f.m.opens.WithLabelValues("lazy").Inc()
-	return &lazyFile{n: n, h: h}, 0, 0
+	return &lazyFile{n: n, h: h, opened: time.Now()}, 0, 0
 }
 
 // Flush answers ENOSYS once, and the kernel stops sending FLUSH on close
