@@ -211,11 +211,11 @@ func CheckConfigPath(ctx context.Context, in *Input) []Result {
 		return []Result{{Check: name, Status: Fail, Saw: fmt.Sprintf("cannot read %s: %v", in.ConfigFile, err), Fix: fix}}
 	}
 	if len(paths) == 0 {
-		ver := s.version
-		if ver == "" {
-			ver = "containerd (version unknown)"
+		if s.err != nil {
+			// 2.x defaults to /etc/containerd/certs.d, 1.x reads no hosts.toml then.
+			return []Result{{Check: name, Status: Warn, Saw: fmt.Sprintf("%s sets no registry config_path and containerd's version is unknown: 1.x would read no hosts.toml", source), Fix: fix}}
 		}
-		return []Result{{Check: name, Status: Fail, Saw: fmt.Sprintf("%s sets no registry config_path (%s): containerd never reads hosts.toml", source, ver), Fix: fix}}
+		return []Result{{Check: name, Status: Fail, Saw: fmt.Sprintf("%s sets no registry config_path (containerd %s): containerd never reads hosts.toml", source, s.version), Fix: fix}}
 	}
 	for _, p := range paths {
 		if p == filepath.Clean(in.HostsDir) {

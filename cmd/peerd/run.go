@@ -18,7 +18,9 @@ import (
 
 	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/cache"
+	"github.com/peerd-project/peerd/fusefs"
 	"github.com/peerd-project/peerd/httpmirror"
+	"github.com/peerd-project/peerd/k8s"
 	"github.com/peerd-project/peerd/p2p"
 	"github.com/peerd-project/peerd/upstream"
 	"github.com/prometheus/client_golang/prometheus"
@@ -129,6 +131,11 @@ type app struct {
 	extra map[string]http.Handler
 	// blobCatalogs list further blobs the FUSE mount shows (set by the containerd part).
 	blobCatalogs []blobCatalog
+
+	// fuse is the blob filesystem and events the Kubernetes event recorder,
+	// for the doctor (set by their parts; nil when off).
+	fuse   *fusefs.FS
+	events *k8s.Events
 
 	// onFatal hear the error run stops on, before shutdown (for P2PFailed).
 	onFatal []func(context.Context, error)
@@ -258,7 +265,7 @@ func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
 	// Parts start in dependency order; each registers its own shutdown. The
 	// mount comes before the HTTP face, so a node that answers /healthz has
 	// every face up.
-	for _, start := range []func(context.Context, *app) error{startP2P, startContainerd, startK8s, startFUSE} {
+	for _, start := range []func(context.Context, *app) error{startP2P, startContainerd, startK8s, startFUSE, startDoctor} {
 		if err := start(ctx, a); err != nil {
 			return err
 		}

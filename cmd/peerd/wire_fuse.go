@@ -67,5 +67,6 @@ func startFUSE(ctx context.Context, a *app) error {
 		return fmt.Errorf("--mount %s (--mount= disables the blob filesystem): %w", c.Mount, err)
 	}
 	a.onStop(f.Close)
+	a.fuse = f
 	return nil
 }

@@ -126,6 +126,7 @@ func startK8s(ctx context.Context, a *app) error {
 		}
 	})
 	a.onFatal = append(a.onFatal, events.Failed)
+	a.events = events
 
 	host := k8sHost{a.p2p}
 	if a.p2p != nil && events.Enabled() {

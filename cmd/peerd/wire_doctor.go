@@ -1,0 +1,174 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/peerd-project/peerd/doctor"
+	"github.com/peerd-project/peerd/k8s"
+	"github.com/peerd-project/peerd/p2p"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+const (
+	// doctorEvery is how often the daemon runs the doctor's checks: a setup
+	// problem (a config edited, a firewall rule added) shows within minutes
+	// without checks costing anything noticeable.
+	doctorEvery = 5 * time.Minute
+	// doctorSettle is when the run after the one at start comes: by then
+	// bootstrap has had time to connect, so the peer checks have a peer to ask.
+	doctorSettle = 30 * time.Second
+	// doctorFresh: a request for the report runs the checks again when the
+	// last run is older than this (one run at a time), so 'peerd doctor'
+	// shows the present, and repeated requests cost one run.
+	doctorFresh = 10 * time.Second
+)
+
+// startDoctor runs the doctor at start and every doctorEvery, exports each
+// check as peerd_doctor_check{check,status}, emits P2PMisconfigured for a
+// failing check (at most once per check per hour), and serves the last
+// report at doctorPath for 'peerd doctor'.
+func startDoctor(ctx context.Context, a *app) error {
+	if a.p2p != nil {
+		a.p2p.ServeDialBack()
+	}
+	d := &daemonDoctor{
+		log: a.log,
+		gauge: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "peerd_doctor_check",
+			Help: "1 for each doctor check's current status (ok, warn, fail), 0 for its other statuses; 'peerd doctor' prints what each saw and its fix.",
+		}, []string{"check", "status"}),
+		prev: map[string]doctor.Status{},
+		input: func() (*doctor.Input, func()) {
+			in, closeIn := doctorInput(a.cfg)
+			if a.p2p != nil {
+				in.Peers = doctorPeers{a.p2p}
+			}
+			if a.fuse != nil {
+				in.FUSE = a.fuse
+			}
+			return in, closeIn
+		},
+	}
+	if a.events != nil && a.events.Enabled() {
+		d.events = k8s.NewMisconfigured(a.events, k8s.MisconfiguredEvery)
+	}
+	a.reg.MustRegister(d.gauge)
+	a.extra[doctorPath] = d
+	d.run(ctx)
+	a.spawn(ctx, "doctor", func(ctx context.Context) {
+		wait := doctorSettle
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(wait):
+			}
+			wait = doctorEvery
+			d.run(ctx)
+		}
+	})
+	return nil
+}
+
+type daemonDoctor struct {
+	log    *slog.Logger
+	gauge  *prometheus.GaugeVec
+	events *k8s.Misconfigured // nil outside Kubernetes
+	input  func() (*doctor.Input, func())
+
+	mu   sync.Mutex // one run at a time
+	last doctor.Report
+	prev map[string]doctor.Status
+}
+
+var _ http.Handler = (*daemonDoctor)(nil)
+
+// run checks, exports and logs what changed; it returns the report.
+func (d *daemonDoctor) run(ctx context.Context) doctor.Report {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	in, closeIn := d.input()
+	defer closeIn()
+	r := doctor.Run(ctx, in, append(append([]doctor.Check{}, doctor.Local...), doctor.Daemon...)...)
+	d.gauge.Reset()
+	seen := map[string]doctor.Status{}
+	for _, x := range r.Results {
+		seen[x.Check] = x.Status
+		for _, st := range doctor.Statuses {
+			v := 0.0
+			if st == x.Status {
+				v = 1
+			}
+			d.gauge.WithLabelValues(x.Check, string(st)).Set(v)
+		}
+		if d.prev[x.Check] != x.Status {
+			switch x.Status {
+			case doctor.OK:
+				if d.prev[x.Check] != "" {
+					d.log.Info("doctor: check passes now", "check", x.Check, "saw", x.Saw)
+				}
+			default:
+				d.log.Warn("doctor: check "+string(x.Status), "check", x.Check, "saw", x.Saw, "fix", x.Fix)
+			}
+		}
+		if x.Status == doctor.Fail && d.events != nil {
+			d.events.Report(x.Check, x.Saw, x.Fix)
+		}
+	}
+	d.prev = seen
+	d.last = r
+	return r
+}
+
+// ServeHTTP answers GET with the report, running the checks again when the
+// last run is older than doctorFresh.
+func (d *daemonDoctor) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+		return
+	}
+	d.mu.Lock()
+	rep := d.last
+	d.mu.Unlock()
+	if time.Since(rep.Time) > doctorFresh {
+		rep = d.run(r.Context())
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	if r.Method == http.MethodHead {
+		return
+	}
+	rep.WriteJSON(w)
+}
+
+// doctorPeers adapts the p2p node to the doctor.
+type doctorPeers struct{ n *p2p.Node }
+
+var _ doctor.Peers = doctorPeers{}
+
+func (p doctorPeers) RoutingTableSize() int { return p.n.RoutingTableSize() }
+func (p doctorPeers) ConnectedPeers() int   { return p.n.ConnectedPeers() }
+func (p doctorPeers) BootstrapPeers() int   { return p.n.BootstrapPeers() }
+
+func (p doctorPeers) DialBack(ctx context.Context) (doctor.DialBack, error) {
+	r, err := p.n.DialBack(ctx)
+	if errors.Is(err, p2p.ErrNoPeer) {
+		return doctor.DialBack{}, doctor.ErrNoPeer
+	}
+	if err != nil {
+		return doctor.DialBack{}, err
+	}
+	out := doctor.DialBack{Peer: r.Peer, ClockOffset: r.ClockOffset, RTT: r.RTT}
+	for _, x := range r.Ports {
+		out.Ports = append(out.Ports, doctor.PortCheck{Name: x.Name, Addr: x.Addr, Err: x.Err})
+	}
+	return out, nil
+}
