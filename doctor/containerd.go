@@ -55,7 +55,7 @@ func (in *Input) ctrd(ctx context.Context) *ctrdState {
 		s.major, s.minor = parseVersion(s.version)
 		if ps, err := in.Containerd.Plugins(ctx); err == nil {
 			for i, p := range ps {
-				if p.Type == criImages && p.InitErr == "" && p.Exports != nil {
+				if p.Type+"."+p.ID == criImages && p.InitErr == "" && p.Exports != nil {
 					s.images = &ps[i]
 				}
 			}

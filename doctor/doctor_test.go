@@ -28,7 +28,7 @@ func images(configPath string, discard bool) Plugin {
 	if discard {
 		d = "true"
 	}
-	return Plugin{Type: criImages, ID: "images", Exports: map[string]string{"RegistryConfigPath": configPath, "DiscardUnpackedLayers": d}}
+	return Plugin{Type: "io.containerd.cri.v1", ID: "images", Exports: map[string]string{"RegistryConfigPath": configPath, "DiscardUnpackedLayers": d}}
 }
 
 const mirror = "http://127.0.0.1:30000"
