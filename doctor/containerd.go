@@ -150,17 +150,22 @@ var (
 	pathsLocalPull = [][]string{{"plugins", criImages, "use_local_image_pull"}}
 )
 
-func needContainerd(in *Input, check string) (Result, bool) {
-	if in.Containerd == nil {
-		return Result{Check: check, Status: OK, Saw: "containerd integration off (--containerd-socket=)"}, false
+// needContainerd: with the containerd integration off, the containerd
+// check says so and the checks of its configuration have nothing to check.
+func needContainerd(in *Input, check string) ([]Result, bool) {
+	if in.Containerd != nil {
+		return nil, true
 	}
-	return Result{}, true
+	if check == "containerd" {
+		return []Result{{Check: check, Status: OK, Saw: "containerd integration off (--containerd-socket=)"}}, false
+	}
+	return nil, false
 }
 
 // CheckContainerd: containerd answers on --containerd-socket; its version.
 func CheckContainerd(ctx context.Context, in *Input) []Result {
 	if r, ok := needContainerd(in, "containerd"); !ok {
-		return []Result{r}
+		return r
 	}
 	s := in.ctrd(ctx)
 	if s.err != nil {
@@ -202,7 +207,7 @@ func (in *Input) criTable(s *ctrdState) string {
 func CheckConfigPath(ctx context.Context, in *Input) []Result {
 	const name = "config_path"
 	if r, ok := needContainerd(in, name); !ok {
-		return []Result{r}
+		return r
 	}
 	s := in.ctrd(ctx)
 	paths, raw, source, err := in.configPaths(s)
@@ -229,7 +234,7 @@ func CheckConfigPath(ctx context.Context, in *Input) []Result {
 // CheckHosts: for every --registries entry, a hosts.toml whose first host is this mirror.
 func CheckHosts(ctx context.Context, in *Input) []Result {
 	if r, ok := needContainerd(in, "hosts.toml"); !ok {
-		return []Result{r}
+		return r
 	}
 	if len(in.Registries) == 0 {
 		return []Result{{Check: "hosts.toml", Status: Warn, Saw: "no --registries: containerd is sent to this mirror for no registry",
@@ -273,7 +278,7 @@ func sameHost(a, b string) bool {
 func CheckTransfer(ctx context.Context, in *Input) []Result {
 	const name = "transfer_service"
 	if r, ok := needContainerd(in, name); !ok {
-		return []Result{r}
+		return r
 	}
 	s := in.ctrd(ctx)
 	if s.err != nil {
@@ -341,7 +346,7 @@ func localPullReason(s *ctrdState) string {
 func CheckDiscard(ctx context.Context, in *Input) []Result {
 	const name = "discard_unpacked_layers"
 	if r, ok := needContainerd(in, name); !ok {
-		return []Result{r}
+		return r
 	}
 	s := in.ctrd(ctx)
 	var on bool

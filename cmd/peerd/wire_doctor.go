@@ -59,8 +59,10 @@ func startDoctor(ctx context.Context, a *app) error {
 	}
 	a.reg.MustRegister(d.gauge)
 	a.extra[doctorPath] = d
-	d.run(ctx)
+	// In the background: a containerd that accepts connections but does
+	// not answer must not hold up the start.
 	a.spawn(ctx, "doctor", func(ctx context.Context) {
+		d.run(ctx)
 		wait := doctorSettle
 		for {
 			select {
@@ -92,11 +94,14 @@ var _ http.Handler = (*daemonDoctor)(nil)
 func (d *daemonDoctor) run(ctx context.Context) doctor.Report {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	rctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	in, closeIn := d.input()
 	defer closeIn()
-	r := doctor.Run(ctx, in, append(append([]doctor.Check{}, doctor.Local...), doctor.Daemon...)...)
+	r := doctor.Run(rctx, in, append(append([]doctor.Check{}, doctor.Local...), doctor.Daemon...)...)
+	if ctx.Err() != nil {
+		return r // stopping: the checks were cut short, not failing
+	}
 	d.gauge.Reset()
 	seen := map[string]doctor.Status{}
 	for _, x := range r.Results {
@@ -139,7 +144,8 @@ func (d *daemonDoctor) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rep := d.last
 	d.mu.Unlock()
 	if time.Since(rep.Time) > doctorFresh {
-		rep = d.run(r.Context())
+		// A client that goes away must not leave a half-run report behind.
+		rep = d.run(context.WithoutCancel(r.Context()))
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
