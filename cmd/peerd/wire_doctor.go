@@ -19,13 +19,14 @@ const (
 	// problem (a config edited, a firewall rule added) shows within minutes
 	// without checks costing anything noticeable.
 	doctorEvery = 5 * time.Minute
-	// doctorSettle is when the run after the one at start comes: by then
-	// bootstrap has had time to connect, so the peer checks have a peer to ask.
+	// doctorSettle is when the first run of every check comes; the run at
+	// start has only the local checks: until bootstrap had time to connect,
+	// "reached nobody" and "no peer to ask" would be false alarms.
 	doctorSettle = 30 * time.Second
 	// doctorFresh: a request for the report runs the checks again when the
 	// last run is older than this (one run at a time), so 'peerd doctor'
 	// shows the present, and repeated requests cost one run.
-	doctorFresh = 10 * time.Second
+	doctorFresh = 2 * time.Second
 )
 
 // startDoctor runs the doctor at start and every doctorEvery, exports each
@@ -62,7 +63,7 @@ func startDoctor(ctx context.Context, a *app) error {
 	// In the background: a containerd that accepts connections but does
 	// not answer must not hold up the start.
 	a.spawn(ctx, "doctor", func(ctx context.Context) {
-		d.run(ctx)
+		d.run(ctx, doctor.Local...)
 		wait := doctorSettle
 		for {
 			select {
@@ -71,7 +72,7 @@ func startDoctor(ctx context.Context, a *app) error {
 			case <-time.After(wait):
 			}
 			wait = doctorEvery
-			d.run(ctx)
+			d.run(ctx, d.all()...)
 		}
 	})
 	return nil
@@ -83,22 +84,27 @@ type daemonDoctor struct {
 	events *k8s.Misconfigured // nil outside Kubernetes
 	input  func() (*doctor.Input, func())
 
-	mu   sync.Mutex // one run at a time
-	last doctor.Report
-	prev map[string]doctor.Status
+	mu       sync.Mutex // one run at a time
+	last     doctor.Report
+	lastFull bool // last ran every check, not only the local ones
+	prev     map[string]doctor.Status
 }
 
 var _ http.Handler = (*daemonDoctor)(nil)
 
+func (d *daemonDoctor) all() []doctor.Check {
+	return append(append([]doctor.Check{}, doctor.Local...), doctor.Daemon...)
+}
+
 // run checks, exports and logs what changed; it returns the report.
-func (d *daemonDoctor) run(ctx context.Context) doctor.Report {
+func (d *daemonDoctor) run(ctx context.Context, checks ...doctor.Check) doctor.Report {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	rctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	in, closeIn := d.input()
 	defer closeIn()
-	r := doctor.Run(rctx, in, append(append([]doctor.Check{}, doctor.Local...), doctor.Daemon...)...)
+	r := doctor.Run(rctx, in, checks...)
 	if ctx.Err() != nil {
 		return r // stopping: the checks were cut short, not failing
 	}
@@ -128,7 +134,7 @@ func (d *daemonDoctor) run(ctx context.Context) doctor.Report {
 		}
 	}
 	d.prev = seen
-	d.last = r
+	d.last, d.lastFull = r, len(checks) == len(d.all())
 	return r
 }
 
@@ -141,11 +147,11 @@ func (d *daemonDoctor) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.mu.Lock()
-	rep := d.last
+	rep, full := d.last, d.lastFull
 	d.mu.Unlock()
-	if time.Since(rep.Time) > doctorFresh {
+	if !full || time.Since(rep.Time) > doctorFresh {
 		// A client that goes away must not leave a half-run report behind.
-		rep = d.run(context.WithoutCancel(r.Context()))
+		rep = d.run(context.WithoutCancel(r.Context()), d.all()...)
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
