@@ -67,7 +67,7 @@ func CheckFUSE(ctx context.Context, in *Input) []Result {
 	return []Result{{Check: name, Status: OK, Saw: fmt.Sprintf("/dev/fuse present, %s mounted (%s) and answering", in.Mount, typ)}}
 }
 
-// passthroughKernel is the first Linux release with FUSE passthrough.
+// passthroughMajor.passthroughMinor is the first Linux release with FUSE passthrough.
 const passthroughMajor, passthroughMinor = 6, 9
 
 // CheckPassthrough: whether the kernel reads cached blobs straight from the

@@ -17,8 +17,12 @@ import (
 	"time"
 
 	"github.com/peerd-project/peerd/doctor"
+	"github.com/peerd-project/peerd/k8s"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/fake"
 )
 
 // flagsOf runs a command with --help and returns the flag names its usage lists.
@@ -159,5 +163,52 @@ func TestDaemonDoctor(t *testing.T) {
 	}
 	if v := testutil.ToFloat64(d.gauge.WithLabelValues("cache_fs", "ok")); v != 1 {
 		t.Errorf("peerd_doctor_check{check=cache_fs,status=ok} = %v, want 1", v)
+	}
+}
+
+// A failing check becomes a P2PMisconfigured Event on the Node, once per
+// check however often the doctor runs.
+func TestDaemonDoctorEvents(t *testing.T) {
+	dir := t.TempDir()
+	c := fake.NewClientset(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a", UID: "uid-a"}})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	events := k8s.NewEvents(ctx, k8s.EventsOptions{Client: c, NodeName: "node-a", Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	defer events.Close()
+	d := &daemonDoctor{
+		log:    slog.New(slog.NewTextHandler(io.Discard, nil)),
+		gauge:  prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "peerd_doctor_check"}, []string{"check", "status"}),
+		prev:   map[string]doctor.Status{},
+		events: k8s.NewMisconfigured(events, time.Hour),
+		input: func() (*doctor.Input, func()) {
+			return &doctor.Input{Containerd: &ctrdIntrospect{socket: dir + "/none.sock"}, Socket: dir + "/none.sock", ConfigFile: dir + "/config.toml",
+				HostsDir: dir, FS: doctor.OS{}, CacheDir: dir, CacheSize: 1 << 20}, func() {}
+		},
+	}
+	for range 3 {
+		d.run(ctx, d.all()...)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		list, err := c.CoreV1().Events(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []corev1.Event
+		for _, ev := range list.Items {
+			if ev.Reason == k8s.ReasonMisconfigured {
+				got = append(got, ev)
+			}
+		}
+		if len(got) > 0 {
+			if len(got) != 1 || got[0].Count > 1 || !strings.Contains(got[0].Message, "check containerd failed") || got[0].InvolvedObject.Name != "node-a" {
+				t.Errorf("events %+v: want one P2PMisconfigured on node-a naming the containerd check", got)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no P2PMisconfigured event for the failing containerd check")
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
