@@ -158,7 +158,11 @@ func (e *Events) BytesFromPeer(from peer.ID, n int64) {
 		return // another reader just emitted
 	}
 	e.pendingBytes.Add(-total)
-	e.emit(corev1.EventTypeNormal, ReasonActive, "received %d bytes of blobs from peers (latest from %s)", total, from)
+	window := "since peerd started"
+	if last != 0 {
+		window = "in the last " + time.Duration(now-last).Round(time.Second).String()
+	}
+	e.emit(corev1.EventTypeNormal, ReasonActive, "received %d bytes of blobs from peers %s (latest from %s)", total, window, from)
 }
 
 // Failed writes P2PFailed at once, bypassing the recorder's queue: the

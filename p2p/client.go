@@ -284,6 +284,9 @@ func (b *countingBody) Read(p []byte) (int, error) {
 }
 
 func (b *countingBody) Close() error {
-	b.once.Do(func() { b.n.peerHooks(Received, b.p, b.total) })
+	b.once.Do(func() {
+		b.n.stats.add(Received, b.p, b.total)
+		b.n.peerHooks(Received, b.p, b.total)
+	})
 	return b.rc.Close()
 }

@@ -27,6 +27,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/pnet"
 	ma "github.com/multiformats/go-multiaddr"
 	"github.com/peerd-project/peerd/blob"
+	"github.com/peerd-project/peerd/transfer"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -62,6 +63,9 @@ type Config struct {
 	// PeerBook, when set, is a file where the node remembers the peers it
 	// was connected to, and dials them after a restart (peerbook.go).
 	PeerBook string
+	// Transfers, when set, records what the node serves to peers (one
+	// record per peer and blob, range requests folded together).
+	Transfers *transfer.Log
 }
 
 // Direction of peer bytes, for OnPeerBytes hooks.
@@ -102,6 +106,7 @@ type Node struct {
 
 	hooksMu sync.RWMutex
 	hooks   []func(Direction, peer.ID, int64)
+	stats   peerStats // bytes to and from each peer
 
 	closeOnce sync.Once
 	closeErr  error
@@ -344,6 +349,7 @@ func (n *Node) peerBytes(dir Direction, p peer.ID, b int64) {
 	} else {
 		n.m.servedBytes.Add(float64(b))
 	}
+	n.stats.add(dir, p, b)
 	n.peerHooks(dir, p, b)
 }
 

@@ -217,7 +217,9 @@ func (s *dataServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			http.Error(w, "range not satisfiable", http.StatusRequestedRangeNotSatisfiable)
 			return
 		}
-		s.send(w, r, rc, k, from, off, n, size, cp.batch)
+		start := time.Now()
+		written, err := s.send(w, r, rc, k, from, off, n, size, cp.batch)
+		s.n.recordServe(st, string(k), from.String(), start, written, err)
 		return
 	}
 	// Say "don't have" at once; never fetch on the asker's behalf.
@@ -226,7 +228,7 @@ func (s *dataServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	http.Error(w, "not held", http.StatusNotFound)
 }
 
-func (s *dataServer) send(w http.ResponseWriter, r *http.Request, rc io.ReadCloser, k blob.Key, from peer.ID, off, n, size int64, bc *batchConn) {
+func (s *dataServer) send(w http.ResponseWriter, r *http.Request, rc io.ReadCloser, k blob.Key, from peer.ID, off, n, size int64, bc *batchConn) (int64, error) {
 	defer rc.Close()
 	if n < 0 || n > size-off {
 		n = size - off
@@ -242,16 +244,17 @@ func (s *dataServer) send(w http.ResponseWriter, r *http.Request, rc io.ReadClos
 	w.WriteHeader(http.StatusPartialContent)
 	if r.Method == http.MethodHead {
 		s.n.m.serveRequests.WithLabelValues("ok").Inc()
-		return
+		return 0, nil
 	}
 	written, err := copyBatched(w, rc, bc)
 	s.n.peerBytes(Served, from, written)
 	if err != nil {
 		s.n.m.serveRequests.WithLabelValues("error").Inc()
 		s.n.log.Debug("serving peer interrupted", "key", k, "peer", from.String(), "written", written, "err", err)
-		return
+		return written, err
 	}
 	s.n.m.serveRequests.WithLabelValues("ok").Inc()
+	return written, nil
 }
 
 func (s *dataServer) refuse(w http.ResponseWriter, p peer.ID, err error) {

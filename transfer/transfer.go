@@ -113,3 +113,33 @@ func (l *Log) List() []Record {
 	}
 	return out
 }
+
+// AddMerged records r, or folds it into a recent record of the same face,
+// key and peer that ended at most window before r started: a peer reads a
+// blob in many range requests, and one pull should be one record.
+func (l *Log) AddMerged(r Record, window time.Duration) {
+	if l == nil {
+		return
+	}
+	l.mu.Lock()
+	n := l.next
+	if l.full {
+		n = len(l.ring)
+	}
+	for i := 1; i <= min(n, 32); i++ {
+		p := &l.ring[(l.next-i+len(l.ring))%len(l.ring)]
+		if p.Face == r.Face && p.Key == r.Key && p.Peer == r.Peer && !r.Start.After(p.Start.Add(p.Duration).Add(window)) {
+			p.Bytes.Add(r.Bytes)
+			if end := r.Start.Add(r.Duration); end.After(p.Start.Add(p.Duration)) {
+				p.Duration = end.Sub(p.Start)
+			}
+			if r.Result != "ok" {
+				p.Result = r.Result
+			}
+			l.mu.Unlock()
+			return
+		}
+	}
+	l.mu.Unlock()
+	l.Add(r)
+}
