@@ -91,8 +91,10 @@ type Info struct {
 	Readers int
 	// LastAccess is when the blob was last opened or released.
 	LastAccess time.Time
-	// Filled counts the bytes that landed since the start, by source.
+	// Filled counts the bytes that landed since the start, by source, and
+	// Peers names the peers whose bytes landed (a bounded few).
 	Filled transfer.Bytes
+	Peers  []string
 }
 
 // Open loads the cache at opts.Dir, dropping anything a crash left half-written.

@@ -6,6 +6,7 @@ import (
 	"hash"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -60,6 +61,9 @@ type entry struct {
 	from    []uint64
 	fillSeq uint64
 	filled  [3]int64
+	// peersNoted lists the peers whose bytes landed since the start (at
+	// most maxPeersNoted), for the debug page and measurements.
+	peersNoted []string
 
 	// sums are the chunks' CRC-32Cs recorded when the blob verified (nil
 	// before); checked marks the chunks checked against them since the
@@ -154,7 +158,8 @@ func (e *entry) info() Info {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return Info{Key: e.key, Size: e.size, Present: e.present, Complete: e.complete(), Verified: e.verified, ModTime: e.created,
-		Filled: transfer.Bytes{Containerd: e.filled[roleLocal], Peers: e.filled[rolePeers], Origin: e.filled[roleOrigin]}}
+		Filled: transfer.Bytes{Containerd: e.filled[roleLocal], Peers: e.filled[rolePeers], Origin: e.filled[roleOrigin]},
+		Peers:  slices.Clone(e.peersNoted)}
 }
 
 // createFilesLocked lays out the blob's folder once its size is known, or opens its files. e.mu is held.
@@ -294,4 +299,14 @@ func (e *entry) noteFromLocked(i int, r role, n int) {
 	e.fillSeq++
 	e.from[i] = e.fillSeq<<2 | uint64(r)
 	e.filled[r] += int64(n)
+}
+
+// maxPeersNoted bounds the peers an entry remembers having served it.
+const maxPeersNoted = 16
+
+// notePeerLocked remembers that peer p served some of the blob. e.mu is held.
+func (e *entry) notePeerLocked(p string) {
+	if len(e.peersNoted) < maxPeersNoted && !slices.Contains(e.peersNoted, p) {
+		e.peersNoted = append(e.peersNoted, p)
+	}
 }

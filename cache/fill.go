@@ -347,6 +347,7 @@ func (e *entry) storeOnce(i int, gen uint64, data []byte, st step, origin string
 			e.origins = map[int]servedBy{}
 		}
 		e.origins[i] = servedBy{source: st.src.Name(), peer: origin}
+		e.notePeerLocked(origin)
 	}
 	e.mu.Unlock()
 	e.c.markDirty(e)

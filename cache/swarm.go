@@ -254,3 +254,34 @@ func (e *entry) speculate(ctx context.Context, i int, p Plan, sw blob.Swarm, gat
 	// stays behind it in case the owner fails.
 	return e.fetch(ctx, i, Plan{Peers: p.Peers, Origin: p.Origin}, buf, call)
 }
+
+// PullInfo describes a swarm pull in progress on this node.
+type PullInfo struct {
+	Key      blob.Key
+	Handles  int // open handles whose plan makes the swarm pull
+	Inflight int // chunk fills running
+	Missing  int // chunks not yet present (-1 while the size is unknown)
+}
+
+// Pulls lists the swarm pulls in progress.
+func (c *Cache) Pulls() []PullInfo {
+	c.mu.Lock()
+	es := make([]*entry, 0, 16)
+	for _, e := range c.blobs {
+		es = append(es, e)
+	}
+	c.mu.Unlock()
+	var out []PullInfo
+	for _, e := range es {
+		e.mu.Lock()
+		if e.pulls > 0 {
+			missing := -1
+			if e.size >= 0 {
+				missing = len(e.states) - e.nPresent
+			}
+			out = append(out, PullInfo{Key: e.key, Handles: e.pulls, Inflight: len(e.inflight), Missing: missing})
+		}
+		e.mu.Unlock()
+	}
+	return out
+}

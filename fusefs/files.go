@@ -60,7 +60,12 @@ func (l *lazyFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadR
 func (l *lazyFile) Release(ctx context.Context) syscall.Errno {
 	l.once.Do(func() {
 		result, _ := l.failed.Load().(string)
-		l.n.record(l.opened, l.h.Served(), result)
+		served := l.h.Served()
+		var peers []string
+		if served.Peers > 0 {
+			peers = l.h.Info().Peers
+		}
+		l.n.record(l.opened, served, peers, result)
 		l.h.Close()
 		l.n.mu.Lock()
 		l.n.lazyOpen--
@@ -72,7 +77,7 @@ func (l *lazyFile) Release(ctx context.Context) syscall.Errno {
 
 // record adds a file's reads, from open to release, to the transfer log.
 // A file nobody read is not a transfer.
-func (n *blobNode) record(opened time.Time, b transfer.Bytes, result string) {
+func (n *blobNode) record(opened time.Time, b transfer.Bytes, peers []string, result string) {
 	if b.Total() == 0 && result == "" {
 		return
 	}
@@ -80,7 +85,7 @@ func (n *blobNode) record(opened time.Time, b transfer.Bytes, result string) {
 		result = "ok"
 	}
 	n.f.opts.Transfers.Add(transfer.Record{Start: opened, Face: transfer.FaceFUSE, Key: string(n.key),
-		Bytes: b, Duration: time.Since(opened), Result: result})
+		Bytes: b, Peers: peers, Duration: time.Since(opened), Result: result})
 }
 
 // localFile reads a cached, verified blob from the cache's backing file. The
@@ -113,7 +118,7 @@ func (l *localFile) Read(ctx context.Context, dest []byte, off int64) (fuse.Read
 
 func (l *localFile) Release(ctx context.Context) syscall.Errno {
 	l.once.Do(func() {
-		l.n.record(l.opened, transfer.Bytes{Cache: l.read.Load()}, "")
+		l.n.record(l.opened, transfer.Bytes{Cache: l.read.Load()}, nil, "")
 		l.lr.Close()
 		l.n.mu.Lock()
 		l.n.cachedOpen--
@@ -132,7 +137,7 @@ func (p *passFile) Release(ctx context.Context) syscall.Errno {
 	p.once.Do(func() {
 		// The kernel reads the cache file itself: only reads it declined
 		// reach Read and are counted.
-		p.n.record(p.opened, transfer.Bytes{Cache: p.read.Load()}, "ok (passthrough: kernel reads not counted)")
+		p.n.record(p.opened, transfer.Bytes{Cache: p.read.Load()}, nil, "ok (passthrough: kernel reads not counted)")
 		p.lr.Close()
 		p.n.mu.Lock()
 		p.n.passOpen--

@@ -146,7 +146,11 @@ type blobReader interface {
 	Served() transfer.Bytes
 }
 
+// infoer is a blobReader that knows which peers served the blob.
+type infoer interface{ Info() cache.Info }
+
 var (
+	_ infoer     = (*cache.Handle)(nil)
 	_ blobReader = (*cache.Handle)(nil)
 	_ blobReader = (*storeReader)(nil)
 	_ blobReader = (*cacheLocal)(nil)
@@ -167,7 +171,11 @@ func (s *Server) serveHandle(w http.ResponseWriter, r *http.Request, h blobReade
 				}
 				defer panic(rec)
 			}
-			done(transfer.Record{Start: start, Key: string(key), Bytes: h.Served(), Duration: time.Since(start), Status: status, Result: result})
+			t := transfer.Record{Start: start, Key: string(key), Bytes: h.Served(), Duration: time.Since(start), Status: status, Result: result}
+			if i, ok := h.(infoer); ok && t.Bytes.Peers > 0 {
+				t.Peers = i.Info().Peers
+			}
+			done(t)
 		}()
 	}
 	size, err := h.Size(ctx)

@@ -49,6 +49,7 @@ type Record struct {
 	Duration time.Duration `json:"duration"`         // until the last byte or the failure
 	Result   string        `json:"result"`           // "ok", or why it failed
 	Peer     string        `json:"peer,omitempty"`   // for FacePeer: the node served
+	Peers    []string      `json:"peers,omitempty"`  // the peers whose bytes it returned
 	Status   int           `json:"status,omitempty"` // the HTTP status, for HTTP faces
 }
 
