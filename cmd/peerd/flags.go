@@ -22,7 +22,7 @@ func newFlagSet(name, summary string) *flag.FlagSet {
 func parse(fs *flag.FlagSet, args []string) error {
 	var errs []string
 	fs.VisitAll(func(f *flag.Flag) {
-		env := "PEERD_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		env := envName(f.Name)
 		if v, ok := os.LookupEnv(env); ok {
 			if err := fs.Set(f.Name, v); err != nil {
 				errs = append(errs, fmt.Sprintf("%s=%q: %v", env, v, err))

@@ -13,16 +13,20 @@ import (
 	"os/signal"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/cache"
+	ctrd "github.com/peerd-project/peerd/containerd"
 	"github.com/peerd-project/peerd/fusefs"
 	"github.com/peerd-project/peerd/httpmirror"
 	"github.com/peerd-project/peerd/k8s"
 	"github.com/peerd-project/peerd/p2p"
+	"github.com/peerd-project/peerd/transfer"
 	"github.com/peerd-project/peerd/upstream"
+	"github.com/peerd-project/peerd/web"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 )
@@ -46,6 +50,9 @@ type runConfig struct {
 	FUSE       fuseConfig
 	Containerd containerdConfig
 	K8s        k8sConfig
+
+	// settings are the effective flag values, for the debug page.
+	settings []web.Setting
 }
 
 func init() {
@@ -137,6 +144,15 @@ type app struct {
 	fuse   *fusefs.FS
 	events *k8s.Events
 
+	// For the debug page: when the node started, its recent transfers,
+	// containerd's store and the mirror check's verdict (set by the
+	// containerd part), the doctor (set by its part).
+	started   time.Time
+	transfers *transfer.Log
+	ctrdStore *ctrd.Store
+	mirror    atomic.Pointer[string]
+	doctor    *daemonDoctor
+
 	// onFatal hear the error run stops on, before shutdown (for P2PFailed).
 	onFatal []func(context.Context, error)
 
@@ -193,6 +209,7 @@ func runCmd(args []string) error {
 	if err := cfg.validate(); err != nil {
 		return err
 	}
+	cfg.settings = effectiveSettings(fs)
 	log, err := newLogger(cfg.LogLevel, cfg.LogFormat)
 	if err != nil {
 		return err
@@ -208,7 +225,8 @@ func runCmd(args []string) error {
 }
 
 func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
-	a := &app{cfg: cfg, log: log, reg: prometheus.NewRegistry(), extra: map[string]http.Handler{}}
+	a := &app{cfg: cfg, log: log, reg: prometheus.NewRegistry(), extra: map[string]http.Handler{},
+		started: time.Now(), transfers: transfer.NewLog(transferLogSize)}
 	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	log.Info("starting peerd", "version", version, "data-dir", cfg.DataDir, "http-addr", cfg.HTTPAddr)
 
@@ -282,6 +300,7 @@ func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
 			Allow:           allow,
 			Plan:            a.planner(faceBlobs),
 			Learn:           a.learned.Learn,
+			Transfers:       a.transfers,
 			Prefetch:        cfg.Prefetch,
 			PrefetchWorkers: cfg.PrefetchWorkers,
 			Ready:           a.ready,

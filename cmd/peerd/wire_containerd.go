@@ -97,6 +97,7 @@ func startContainerd(ctx context.Context, a *app) error {
 	oci := httpmirror.OCIConfig{
 		Cache:           a.cache,
 		Plan:            a.planner(faceOCI),
+		Transfers:       a.transfers,
 		Registries:      c.registryHosts(),
 		Prefetch:        a.cfg.Prefetch,
 		PrefetchWorkers: a.cfg.PrefetchWorkers,
@@ -156,6 +157,7 @@ func startContainerd(ctx context.Context, a *app) error {
 			if err != nil {
 				verdict = err.Error()
 			}
+			a.mirror.Store(&verdict)
 			if verdict == lastVerdict {
 				return
 			}
@@ -172,11 +174,12 @@ func startContainerd(ctx context.Context, a *app) error {
 	})
 	if a.p2p != nil {
 		// Peers read containerd's blobs straight from its content store.
-		a.p2p.AddStore(store)
+		a.p2p.AddStore(p2p.NamedStore("containerd", store))
 	}
 	// Containerd's role per face is plan's: a Local source of the faces
 	// that read through the cache, read in place by /v2/ and the peer server.
 	a.containerd = store.Source()
+	a.ctrdStore = store
 	oci.Local = ociStore{store}
 	if err := enableTagResolution(ctx, a, &oci, store); err != nil {
 		return err

@@ -59,6 +59,7 @@ func startDoctor(ctx context.Context, a *app) error {
 		d.events = k8s.NewMisconfigured(a.events, k8s.MisconfiguredEvery)
 	}
 	a.reg.MustRegister(d.gauge)
+	a.doctor = d
 	a.extra[doctorPath] = d
 	// In the background: a containerd that accepts connections but does
 	// not answer must not hold up the start.

@@ -53,6 +53,7 @@ func startFUSE(ctx context.Context, a *app) error {
 		Mountpoint:         c.Mount,
 		Cache:              a.cache,
 		Plan:               a.planner(faceFUSE),
+		Transfers:          a.transfers,
 		Catalogs:           a.blobCatalogs,
 		LookupTimeout:      c.LookupTimeout,
 		ReadTimeout:        c.ReadTimeout,

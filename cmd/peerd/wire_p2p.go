@@ -92,6 +92,7 @@ func startP2P(ctx context.Context, a *app) error {
 		Logger:            a.log,
 		UserAgent:         "peerd/" + version,
 		PeerBook:          filepath.Join(a.cfg.DataDir, "peers.json"),
+		Transfers:         a.transfers,
 		Stores: []p2p.LocalStore{p2p.LocalStoreFunc(func(k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
 			src := swarm.Load()
 			if c.SwarmWait <= 0 || src == nil {
