@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -46,8 +47,10 @@ type HostsConfig struct {
 	DialTimeout time.Duration
 }
 
-// hostRE accepts DNS names and IPv4/IPv6 literals: the name becomes a folder.
-var hostRE = regexp.MustCompile(`^([A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*)$`)
+// domainRE is an image reference's domain: dot-separated labels of letters,
+// digits and inner hyphens. The name becomes a folder and a URL host, so
+// nothing else (slashes, dots alone, underscores) gets through.
+var domainRE = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$`)
 
 // Registry is one entry of HostsConfig.Registries, parsed.
 type Registry struct {
@@ -55,30 +58,73 @@ type Registry struct {
 	Server string // "" for _default
 }
 
-// ParseRegistry parses "docker.io", "ghcr.io:443", "http://127.0.0.1:5000" or "_default".
-func ParseRegistry(s string) (Registry, error) {
-	s = strings.TrimSpace(s)
+// registryWant is what every refusal of a registry entry says it expects.
+const registryWant = "want host[:port] as in an image reference (a hostname, an IPv4 address or a bracketed IPv6 address such as [::1]:5000; port 1-65535), optionally after http:// for a plain-HTTP registry"
+
+// ParseRegistry parses one registry entry as flags and the environment give
+// it: "docker.io", "ghcr.io:443", "[::1]:5000", "http://127.0.0.1:5000" or
+// "_default". It is the one check of a registry name: anything it accepts
+// is a folder name under the hosts folder and a URL host containerd reads.
+func ParseRegistry(entry string) (Registry, error) {
+	s := strings.TrimSpace(entry)
 	if s == "_default" {
 		return Registry{Host: s}, nil
 	}
+	bad := func(why string) (Registry, error) {
+		return Registry{}, fmt.Errorf("registry %q: %s; %s", entry, why, registryWant)
+	}
 	scheme := "https"
 	if i := strings.Index(s, "://"); i >= 0 {
-		scheme, s = s[:i], s[i+3:]
+		scheme, s = strings.ToLower(s[:i]), s[i+3:]
 		if scheme != "http" && scheme != "https" {
-			return Registry{}, fmt.Errorf("registry %q: scheme must be http or https", s)
+			return bad("the scheme must be http or https")
 		}
 	}
 	s = strings.TrimSuffix(s, "/")
-	u, err := url.Parse("//" + s)
-	if err != nil || s == "" || u.Host != s || !hostRE.MatchString(u.Hostname()) {
-		return Registry{}, fmt.Errorf("registry %q: want a host or host:port", s)
+	if s == "" {
+		return bad("empty host")
 	}
-	if p := u.Port(); p != "" {
-		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
-			return Registry{}, fmt.Errorf("registry %q: bad port", s)
+	host, port, hasPort := s, "", false
+	if strings.HasPrefix(s, "[") {
+		end := strings.IndexByte(s, ']')
+		if end < 0 {
+			return bad("no ] after the IPv6 address")
+		}
+		host, port = s[:end+1], s[end+1:]
+		ip, err := netip.ParseAddr(host[1 : len(host)-1])
+		if err != nil || !ip.Is6() || ip.Zone() != "" {
+			return bad(fmt.Sprintf("%s is not an IPv6 address", host))
+		}
+		if port != "" && port[0] != ':' {
+			return bad(fmt.Sprintf("%q after the IPv6 address", port))
+		}
+		port, hasPort = strings.CutPrefix(port, ":")
+	} else {
+		switch strings.Count(s, ":") {
+		case 0:
+		case 1:
+			host, port, hasPort = strings.Cut(s, ":")
+		default:
+			return bad("an IPv6 address needs brackets")
+		}
+		if len(host) > 253 || !domainRE.MatchString(host) {
+			return bad(fmt.Sprintf("%q is not a hostname or an IPv4 address", host))
+		}
+		// A name whose last label is a number is an IPv4 address to a URL
+		// parser, so it must be a whole, valid one.
+		last := host[strings.LastIndexByte(host, '.')+1:]
+		if strings.Trim(last, "0123456789") == "" {
+			if ip, err := netip.ParseAddr(host); err != nil || !ip.Is4() {
+				return bad(fmt.Sprintf("%q is not an IPv4 address", host))
+			}
 		}
 	}
-	host := strings.ToLower(s)
+	if hasPort {
+		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 || port != strconv.Itoa(n) {
+			return bad(fmt.Sprintf("port %q is not a number from 1 to 65535", port))
+		}
+	}
+	host = strings.ToLower(s)
 	server := scheme + "://" + host
 	if host == "docker.io" || host == "index.docker.io" || host == "registry-1.docker.io" {
 		// containerd names Docker Hub images docker.io/..., but the API lives elsewhere.
@@ -168,12 +214,18 @@ func WriteHosts(c HostsConfig) ([]string, error) {
 // strips peerd's block, or deletes a file peerd created. It returns the
 // files it changed.
 func RemoveHosts(dir string, registries []string) ([]string, error) {
-	var changed []string
+	// Every entry is checked before any file changes: a bad one refuses the
+	// whole call, as in WriteHosts.
+	var regs []Registry
 	for _, r := range registries {
 		reg, err := ParseRegistry(r)
 		if err != nil {
-			return changed, err
+			return nil, err
 		}
+		regs = append(regs, reg)
+	}
+	var changed []string
+	for _, reg := range regs {
 		path := HostsPath(dir, reg.Host)
 		backup := path + BackupSuffix
 		cur, err := os.ReadFile(path)

@@ -1,6 +1,7 @@
 package containerd
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -146,6 +147,60 @@ func TestWriteHostsKeepsExistingFile(t *testing.T) {
 	}
 }
 
+// Registry entries are host[:port] as in an image reference; anything else
+// is refused with the entry and what is expected, before any file changes.
+func TestParseRegistry(t *testing.T) {
+	for in, want := range map[string]Registry{
+		"docker.io":              {"docker.io", "https://registry-1.docker.io"},
+		"ghcr.io:443":            {"ghcr.io:443", "https://ghcr.io:443"},
+		"http://127.0.0.1:5000":  {"127.0.0.1:5000", "http://127.0.0.1:5000"},
+		"Registry.Example:65535": {"registry.example:65535", "https://registry.example:65535"},
+		"[::1]:5000":             {"[::1]:5000", "https://[::1]:5000"},
+		"http://[fd00::1]":       {"[fd00::1]", "http://[fd00::1]"},
+		"localhost/":             {"localhost", "https://localhost"},
+		"_default":               {"_default", ""},
+	} {
+		if got, err := ParseRegistry(in); err != nil || got != want {
+			t.Errorf("ParseRegistry(%q) = %+v, %v; want %+v", in, got, err, want)
+		}
+	}
+	for _, in := range []string{
+		"", "::", "::1", "fd00::1:5000", "[::1", "[::1]x", "[1.2.3.4]", "[fe80::1%eth0]:5000",
+		"x.io:0", "x.io:65536", "x.io:", "x.io:+5", "x.io:050", "1.2.3.256", "5000",
+		"a_b.io", "-a.io", "a-.io", ".", "..", "x..y", "a/b", "user@x.io", "ftp://x.io", "http://",
+	} {
+		_, err := ParseRegistry(in)
+		if err == nil {
+			t.Errorf("ParseRegistry(%q) accepted", in)
+		} else if msg := err.Error(); !strings.Contains(msg, fmt.Sprintf("%q", in)) || !strings.Contains(msg, "want host[:port]") {
+			t.Errorf("ParseRegistry(%q): %q names neither the entry nor what is expected", in, msg)
+		}
+	}
+}
+
+// A bad entry among good ones refuses the whole call: no file is written
+// or removed for the good ones.
+func TestHostsRefuseBadRegistryFirst(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := WriteHosts(HostsConfig{Dir: dir, Registries: []string{"docker.io", "::"}, Mirror: mirror}); err == nil || !strings.Contains(err.Error(), `"::"`) {
+		t.Fatalf("write with \"::\": %v", err)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+		t.Fatalf("a refused write left %v", ents)
+	}
+	if _, err := WriteHosts(HostsConfig{Dir: dir, Registries: []string{"docker.io"}, Mirror: mirror}); err != nil {
+		t.Fatal(err)
+	}
+	path := HostsPath(dir, "docker.io")
+	before := readFile(t, path)
+	if changed, err := RemoveHosts(dir, []string{"docker.io", "::"}); err == nil || len(changed) != 0 {
+		t.Fatalf("remove with \"::\": changed %v, %v", changed, err)
+	}
+	if after := readFile(t, path); after != before {
+		t.Fatalf("a refused remove changed %s to %q", path, after)
+	}
+}
+
 func TestWriteHostsRejectsBadInput(t *testing.T) {
 	dir := t.TempDir()
 	for _, c := range []HostsConfig{
@@ -158,6 +213,8 @@ func TestWriteHostsRejectsBadInput(t *testing.T) {
 		{Dir: dir, Registries: []string{"x..y"}, Mirror: mirror},
 		{Dir: dir, Registries: []string{"ftp://x.io"}, Mirror: mirror},
 		{Dir: dir, Registries: []string{"x.io:99999"}, Mirror: mirror},
+		{Dir: dir, Registries: []string{"::"}, Mirror: mirror},
+		{Dir: dir, Registries: []string{"::1"}, Mirror: mirror},
 		{Dir: dir, Registries: nil, Mirror: mirror},
 		{Dir: "", Registries: []string{"docker.io"}, Mirror: mirror},
 	} {

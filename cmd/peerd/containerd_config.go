@@ -29,7 +29,7 @@ folder (containerd 2.x defaults to /etc/containerd/certs.d; 1.x has no default).
 		remove     bool
 	)
 	fs.StringVar(&dir, "hosts-dir", "/etc/containerd/certs.d", "containerd's hosts folder (its registry config_path)")
-	fs.Var(&registries, "registries", "registry hosts to mirror: docker.io, ghcr.io, host:port; http://host:port for a plain-HTTP registry; _default for all others (repeatable, comma-separated)")
+	fs.Var(&registries, "registries", "registry hosts to mirror, host[:port] as in an image reference: docker.io, ghcr.io, 10.0.0.5:5000, [fd00::1]:5000; http://host:port for a plain-HTTP registry; _default for all others (repeatable, comma-separated)")
 	fs.StringVar(&mirror, "mirror", "http://127.0.0.1:30000", "peerd's HTTP address as containerd reaches it")
 	fs.DurationVar(&dial, "dial-timeout", ctrd.DefaultDialTimeout, "how long containerd waits to connect to peerd before it moves on to the registry")
 	fs.BoolVar(&remove, "remove", false, "undo: restore the original files (or delete the ones peerd created)")
@@ -38,6 +38,11 @@ folder (containerd 2.x defaults to /etc/containerd/certs.d; 1.x has no default).
 	}
 	if len(registries.items) == 0 {
 		return errors.New("--registries: name at least one registry")
+	}
+	for _, r := range registries.items {
+		if _, err := ctrd.ParseRegistry(r); err != nil {
+			return fmt.Errorf("--registries: %w", err)
+		}
 	}
 	if dial <= 0 || dial > time.Minute {
 		return fmt.Errorf("--dial-timeout %v: want more than 0 and at most 1m", dial)

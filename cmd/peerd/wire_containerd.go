@@ -47,8 +47,10 @@ func (c *containerdConfig) validate() error {
 		errs = append(errs, errors.New("--containerd-namespace must not be empty"))
 	}
 	for _, r := range c.Registries.items {
-		if _, err := ctrd.ParseRegistry(r); err != nil || r == "_default" {
-			errs = append(errs, fmt.Errorf("--registries: %q is not a registry host", r))
+		if _, err := ctrd.ParseRegistry(r); err != nil {
+			errs = append(errs, fmt.Errorf("--registries: %w", err))
+		} else if r == "_default" {
+			errs = append(errs, errors.New("--registries: _default names no registry here; list the registries the mirror serves"))
 		}
 	}
 	if c.Resync < time.Second {

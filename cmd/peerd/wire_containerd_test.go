@@ -54,6 +54,8 @@ func TestContainerdFlags(t *testing.T) {
 	for _, bad := range [][]string{
 		{"--registries", "a/b"},
 		{"--registries", "_default"},
+		{"--registries", "::"},
+		{"--registries", "docker.io,::1"},
 		{"--containerd-namespace", ""},
 		{"--containerd-resync", "10ms"},
 	} {
