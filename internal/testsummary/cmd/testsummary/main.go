@@ -9,6 +9,12 @@
 // prints how many tests passed, failed and were skipped, with every skip's
 // reason. Under CI=true the report fails when a test skipped for a missing
 // environment (internal/testenv), which CI's setup must provide.
+//
+//	testsummary -fuzz-stop-race bin/fuzz/p2p-FuzzRecordStore.log
+//
+// exits 0 when a failed go test -fuzz run's only failure is the fuzz
+// coordinator's report of its own -fuzztime stop (testsummary.FuzzStopRace),
+// 1 otherwise.
 package main
 
 import (
@@ -26,8 +32,17 @@ import (
 func main() {
 	save := flag.String("save", "", "read go test -json from stdin, print its readable form, and keep the events in this file")
 	report := flag.Bool("report", false, "summarise the -json files named as arguments")
+	fuzzStop := flag.String("fuzz-stop-race", "", "exit 0 if this go test -fuzz output fails only with the coordinator's bare -fuzztime stop report, 1 if not")
 	flag.Parse()
 	switch {
+	case *fuzzStop != "":
+		b, err := os.ReadFile(*fuzzStop)
+		if err != nil {
+			fatal(err)
+		}
+		if !testsummary.FuzzStopRace(string(b)) {
+			os.Exit(1)
+		}
 	case *save != "":
 		f, err := os.Create(*save)
 		if err != nil {
