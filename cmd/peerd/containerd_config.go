@@ -23,7 +23,7 @@ containerd reads these files only when its registry config_path names the
 folder (containerd 2.x defaults to /etc/containerd/certs.d; 1.x has no default).`)
 	var (
 		dir        string
-		registries listFlag
+		registries registryList
 		mirror     string
 		dial       time.Duration
 		remove     bool
@@ -38,11 +38,6 @@ folder (containerd 2.x defaults to /etc/containerd/certs.d; 1.x has no default).
 	}
 	if len(registries.items) == 0 {
 		return errors.New("--registries: name at least one registry")
-	}
-	for _, r := range registries.items {
-		if _, err := ctrd.ParseRegistry(r); err != nil {
-			return fmt.Errorf("--registries: %w", err)
-		}
 	}
 	if dial <= 0 || dial > time.Minute {
 		return fmt.Errorf("--dial-timeout %v: want more than 0 and at most 1m", dial)

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -45,5 +47,34 @@ func TestContainerdConfigRefusesBadRegistry(t *testing.T) {
 		if _, err := os.Stat(filepath.Join(dir, reg, "hosts.toml")); err != nil {
 			t.Error(err)
 		}
+	}
+}
+
+// run refuses a bad --registries entry (flag or environment) while it
+// parses its flags, before it creates the data folder or starts a part.
+func TestRunRefusesBadRegistry(t *testing.T) {
+	for _, c := range []struct {
+		env  string
+		args []string
+	}{
+		{"", []string{"--registries", "::"}},
+		{"", []string{"--registries", "docker.io", "--registries", "ghcr.io,fd00::1"}},
+		{"docker.io,::", nil},
+	} {
+		t.Run("", func(t *testing.T) {
+			if c.env != "" {
+				t.Setenv("PEERD_REGISTRIES", c.env)
+			}
+			data := filepath.Join(t.TempDir(), "data")
+			// A bad --log-format stops run right after its flag checks, so
+			// an entry that got through them still starts nothing.
+			err := runCmd(append([]string{"--data-dir", data, "--log-format", "bogus"}, c.args...))
+			if err == nil || !strings.Contains(err.Error(), "want host[:port]") {
+				t.Errorf("env %q args %q: %v", c.env, c.args, err)
+			}
+			if _, err := os.Stat(data); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("env %q args %q: data folder: %v", c.env, c.args, err)
+			}
+		})
 	}
 }

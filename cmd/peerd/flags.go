@@ -6,6 +6,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	ctrd "github.com/peerd-project/peerd/containerd"
 )
 
 func newFlagSet(name, summary string) *flag.FlagSet {
@@ -54,6 +56,24 @@ func (l *listFlag) Set(v string) error {
 			l.items = append(l.items, s)
 		}
 	}
+	return nil
+}
+
+// registryList is a listFlag of registry entries, each checked by
+// containerd.ParseRegistry as it is set, so that a bad entry from the
+// command line or the environment stops the command before it starts
+// anything, with the entry and what is expected.
+type registryList struct{ listFlag }
+
+func (l *registryList) Set(v string) error {
+	var add listFlag
+	add.Set(v)
+	for _, r := range add.items {
+		if _, err := ctrd.ParseRegistry(r); err != nil {
+			return err
+		}
+	}
+	l.items = append(l.items, add.items...)
 	return nil
 }
 

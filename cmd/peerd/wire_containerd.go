@@ -22,7 +22,7 @@ import (
 type containerdConfig struct {
 	Socket      string
 	Namespace   string
-	Registries  listFlag
+	Registries  registryList
 	ResolveTags bool
 	HostsDir    string
 	ConfigFile  string
