@@ -29,7 +29,10 @@ func screenshotDir(t *testing.T) string {
 // stand-in for the profiler.
 func serve(t *testing.T, f *fake) *httptest.Server {
 	mux := http.NewServeMux()
-	mux.Handle(Prefix, Handler(f, opts()))
+	o := opts()
+	// A short refresh lets the test see the script swap fresh sections in.
+	o.Refresh = 200 * time.Millisecond
+	mux.Handle(Prefix, Handler(f, o))
 	mux.HandleFunc("/debug/pprof/", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("pprof")) })
 	srv := httptest.NewServer(mux)
 	t.Cleanup(srv.Close)
@@ -58,11 +61,15 @@ func TestBrowser(t *testing.T) {
 				"280 MiB",        // the pull's peer bytes
 				`class="num peers-text"`,
 				`<span class="badge ok">verified</span>`, // the blob verified
-				"&lt;script&gt;alert(2)", // the URL shown, inert
+				"&lt;script&gt;alert(2)",                 // the URL shown, inert
 			} {
 				if !strings.Contains(dom, want) {
 					t.Errorf("rendered DOM lacks %q", want)
 				}
+			}
+			// The script refreshed the sections, or, without it, did not.
+			if refreshed := strings.Contains(dom, "refreshed every 0.2 s"); refreshed != js {
+				t.Errorf("page refreshed itself: %v, want %v", refreshed, js)
 			}
 			for _, bad := range []string{"<script>alert", "SECRET", "hunter2"} {
 				if strings.Contains(dom, bad) {
