@@ -24,6 +24,7 @@ packages=(
   "util-linux:nsenter for e2e, losetup for itest TestPowerCutMidFill"
   "e2fsprogs:mkfs.ext4 for itest TestPowerCutMidFill"
   "nftables:nft for e2e TestChaos (packet loss, partitions)"
+  "chromium:the headless browser of the debug page's tests (web, internal/browser)"
   "make:the build"
   "git:the version stamp"
 )
