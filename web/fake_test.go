@@ -61,7 +61,7 @@ func sample() *fake {
 			},
 			Peers: []Peer{
 				{ID: peerA, Addr: "10.0.0.2:30002", Connected: true, ConnectedSince: now.Add(-2 * time.Hour), RTT: 800 * time.Microsecond, ServedTo: 5 << 20, ReadFrom: 300 << 20},
-				{ID: peerB, Addr: "10.0.0.3:30002", Connected: false, Failures: 3, LastFailure: "dial: connection refused", AvoidedUntil: now.Add(time.Minute)},
+				{ID: peerB, Addr: "10.0.0.3:30002", Connected: false, Failures: 3, LastFailure: "GET https://origin.example/x?sig=SECRET: connection refused", AvoidedUntil: now.Add(time.Minute)},
 			},
 			Cache: Cache{Used: 310 << 20, Limit: 20 << 30, Blobs: 2},
 			Transfers: []transfer.Record{

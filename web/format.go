@@ -2,6 +2,7 @@ package web
 
 import (
 	"fmt"
+	"regexp"
 	"strings"
 	"time"
 )
@@ -105,4 +106,16 @@ func Redact(s string) string {
 		}
 	}
 	return s
+}
+
+// urlInText finds URLs with a query string or fragment inside free text.
+var urlInText = regexp.MustCompile(`([a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#"'<>]*)[?#][^\s"'<>]*`)
+
+// RedactText cuts the query string and fragment of every URL inside s, an
+// error message or a finding, where a signed URL may have slipped in.
+func RedactText(s string) string {
+	if !strings.Contains(s, "://") {
+		return s
+	}
+	return urlInText.ReplaceAllStringFunc(s, func(u string) string { return Redact(u) + "?…" })
 }

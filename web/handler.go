@@ -189,7 +189,7 @@ func (h *handler) snapshot() Snapshot {
 	s := h.p.Snapshot()
 	tr := make([]transfer.Record, len(s.Transfers))
 	for i, t := range s.Transfers {
-		t.What, t.Key = Redact(t.What), Redact(t.Key)
+		t.What, t.Key, t.Result = Redact(t.What), Redact(t.Key), RedactText(t.Result)
 		tr[i] = t
 	}
 	s.Transfers = tr
@@ -211,6 +211,18 @@ func (h *handler) snapshot() Snapshot {
 		sw[i] = p
 	}
 	s.Swarm = sw
+	peers := make([]Peer, len(s.Peers))
+	for i, p := range s.Peers {
+		p.LastFailure = RedactText(p.LastFailure)
+		peers[i] = p
+	}
+	s.Peers = peers
+	doc := make([]Finding, len(s.Doctor))
+	for i, f := range s.Doctor {
+		f.Saw, f.Fix = RedactText(f.Saw), RedactText(f.Fix)
+		doc[i] = f
+	}
+	s.Doctor = doc
 	if s.Node.Addrs == nil {
 		s.Node.Addrs = []string{}
 	}
@@ -424,6 +436,9 @@ func (h *handler) runMeasure(ctx context.Context, ref string) (Measurement, int)
 	defer cancel()
 	m, err := h.p.Measure(ctx, ref)
 	m.Ref = Redact(ref)
+	for i := range m.Layers {
+		m.Layers[i].Error = RedactText(m.Layers[i].Error)
+	}
 	switch {
 	case err == nil:
 		return m, http.StatusOK
@@ -431,10 +446,10 @@ func (h *handler) runMeasure(ctx context.Context, ref string) (Measurement, int)
 		m.Error = ErrBusy.Error()
 		return m, http.StatusConflict
 	case errors.Is(err, context.DeadlineExceeded):
-		m.Error = fmt.Sprintf("timed out after %s: %v", Duration(h.o.MeasureTimeout), err)
+		m.Error = RedactText(fmt.Sprintf("timed out after %s: %v", Duration(h.o.MeasureTimeout), err))
 		return m, http.StatusGatewayTimeout
 	default:
-		m.Error = err.Error()
+		m.Error = RedactText(err.Error())
 		return m, http.StatusBadGateway
 	}
 }

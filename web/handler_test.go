@@ -345,6 +345,8 @@ func TestFormat(t *testing.T) {
 		{Short("abcdefghijklmnopqrstuvwxyz", 10), "abcdef…xyz"}, {Short("abc", 10), "abc"},
 		{Redact("https://u:p@h.example/a/b?sig=1#f"), "https://h.example/a/b"}, {Redact("docker.io/x?y"), "docker.io/x"},
 		{Redact("https://h.example/p@x"), "https://h.example/p@x"},
+		{RedactText(`Get "https://h.example/a?X-Amz-Signature=abc&b=1": EOF`), `Get "https://h.example/a?…": EOF`},
+		{RedactText("dial tcp 10.0.0.2:30002: refused"), "dial tcp 10.0.0.2:30002: refused"},
 	} {
 		if tc.got != tc.want {
 			t.Errorf("got %q, want %q", tc.got, tc.want)
