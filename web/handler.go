@@ -401,9 +401,9 @@ func (h *handler) serveAPIBlob(w http.ResponseWriter, r *http.Request, key strin
 	writeJSON(w, r, http.StatusOK, d)
 }
 
-// checkMeasure applies the rules of a measurement request: same origin,
-// one at a time. It returns a release func, or writes nothing and returns
-// the status and reason.
+// startMeasure applies the rules of a measurement request: same origin,
+// one at a time. It returns the func that ends the turn, or nil with the
+// status and reason of the refusal.
 func (h *handler) startMeasure(r *http.Request) (release func(), code int, reason string) {
 	if err := h.cop.Check(r); err != nil {
 		return nil, http.StatusForbidden, "cross-origin request refused: a measurement starts only from this page (" + err.Error() + ")"
@@ -430,7 +430,7 @@ func validRef(ref string) error {
 	return nil
 }
 
-// measure runs one measurement under the timeout; the int is the status.
+// runMeasure runs one measurement under the timeout; the int is the status.
 func (h *handler) runMeasure(ctx context.Context, ref string) (Measurement, int) {
 	ctx, cancel := context.WithTimeout(ctx, h.o.MeasureTimeout)
 	defer cancel()
