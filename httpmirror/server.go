@@ -148,12 +148,15 @@ func (s *Server) extra(path string) http.Handler {
 	if h, ok := s.cfg.Extra[path]; ok {
 		return h
 	}
+	// The longest matching prefix wins (/debug/pprof/ over /debug/).
+	var best string
+	var bh http.Handler
 	for p, h := range s.cfg.Extra {
-		if strings.HasSuffix(p, "/") && strings.HasPrefix(path, p) {
-			return h
+		if strings.HasSuffix(p, "/") && strings.HasPrefix(path, p) && len(p) > len(best) {
+			best, bh = p, h
 		}
 	}
-	return nil
+	return bh
 }
 
 func (s *Server) serveReady(w http.ResponseWriter) {

@@ -45,8 +45,18 @@ func (a *app) measure(ctx context.Context, ref string) (web.Measurement, error) 
 	defer rt.base.CloseIdleConnections()
 	client := &http.Client{Transport: rt}
 	var blobs []v1.Descriptor
-	desc, err := remote.Get(r, remote.WithContext(ctx), remote.WithTransport(rt),
-		remote.WithPlatform(v1.Platform{OS: runtime.GOOS, Architecture: runtime.GOARCH}))
+	platform := remote.WithPlatform(v1.Platform{OS: runtime.GOOS, Architecture: runtime.GOARCH})
+	desc, err := remote.Get(r, remote.WithContext(ctx), remote.WithTransport(rt), platform)
+	if err != nil && !isDigest(r) {
+		// The mirror resolves a tag only when containerd or a peer knows
+		// it; containerd then asks the registry itself, and so does this.
+		d, herr := remote.Head(r, remote.WithContext(ctx))
+		if herr != nil {
+			return m, fmt.Errorf("resolve %s: through this node's mirror: %v; at the registry: %w", ref, err, herr)
+		}
+		r = r.Context().Digest(d.Digest.String())
+		desc, err = remote.Get(r, remote.WithContext(ctx), remote.WithTransport(rt), platform)
+	}
 	switch {
 	case err == nil:
 		if blobs, err = blobsOf(desc); err != nil {

@@ -283,7 +283,7 @@ func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
 	// Parts start in dependency order; each registers its own shutdown. The
 	// mount comes before the HTTP face, so a node that answers /healthz has
 	// every face up.
-	for _, start := range []func(context.Context, *app) error{startP2P, startContainerd, startK8s, startFUSE, startDoctor} {
+	for _, start := range []func(context.Context, *app) error{startP2P, startContainerd, startK8s, startFUSE, startDoctor, startDebug} {
 		if err := start(ctx, a); err != nil {
 			return err
 		}

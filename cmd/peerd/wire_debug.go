@@ -161,3 +161,10 @@ func (v debugView) Blob(key string) (web.BlobDetail, bool) {
 func (v debugView) Measure(ctx context.Context, ref string) (web.Measurement, error) {
 	return v.a.measure(ctx, ref)
 }
+
+// startDebug mounts the debug page and its API at /debug/, on --http-addr
+// only (never on the peer port).
+func startDebug(ctx context.Context, a *app) error {
+	a.extra[web.Prefix] = web.Handler(debugView{a}, web.Options{MeasureTimeout: measureTimeout})
+	return nil
+}
