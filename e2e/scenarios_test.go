@@ -145,7 +145,8 @@ func (c *cluster) staggered(t *testing.T) {
 		egress: egress, peerServed: c.peerServed() - s0, note: c.containerdNote()})
 	if limit := im.size * 11 / 10; egress > limit {
 		t.Errorf("registry sent %s for a %s image pulled by %d nodes; want at most 1.1× the image (%s)", human(egress), human(im.size), len(c.nodes), human(limit))
-	}
+	}	// What an operator sees on a follower right after its pull.
+	c.checkDebugPage(t, c.nodes[len(c.nodes)-1], im)
 }
 
 func (c *cluster) containerdNote() string {

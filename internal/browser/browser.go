@@ -38,14 +38,25 @@ func Need(t testing.TB) string {
 // DumpDOM loads url in a 1280×2000 window and returns the DOM as HTML once
 // the page loaded (and, with js, its scripts ran for a moment).
 func DumpDOM(ctx context.Context, url string, js bool) (string, error) {
-	dom, _, err := visit(ctx, url, 1280, 2000, js, true, false)
+	return DumpDOMIn(ctx, "", url, js)
+}
+
+// DumpDOMIn is DumpDOM with Chromium run inside the network namespace netns
+// (empty: this process's), for pages only that namespace reaches.
+func DumpDOMIn(ctx context.Context, netns, url string, js bool) (string, error) {
+	dom, _, err := visit(ctx, netns, url, 1280, 2000, js, true, false)
 	return dom, err
 }
 
 // Screenshot loads url in a window width×height and writes a PNG of the
 // window to file.
 func Screenshot(ctx context.Context, url, file string, width, height int, js bool) error {
-	_, png, err := visit(ctx, url, width, height, js, false, true)
+	return ScreenshotIn(ctx, "", url, file, width, height, js)
+}
+
+// ScreenshotIn is Screenshot with Chromium run inside netns (see DumpDOMIn).
+func ScreenshotIn(ctx context.Context, netns, url, file string, width, height int, js bool) error {
+	_, png, err := visit(ctx, netns, url, width, height, js, false, true)
 	if err != nil {
 		return err
 	}
@@ -56,8 +67,8 @@ func Screenshot(ctx context.Context, url, file string, width, height int, js boo
 // the picture is taken.
 const settle = 500 * time.Millisecond
 
-func visit(ctx context.Context, url string, width, height int, js, dom, shot bool) (string, []byte, error) {
-	c, err := start(ctx)
+func visit(ctx context.Context, netns, url string, width, height int, js, dom, shot bool) (string, []byte, error) {
+	c, err := start(ctx, netns)
 	if err != nil {
 		return "", nil, err
 	}
@@ -174,7 +185,7 @@ type message struct {
 	} `json:"error,omitempty"`
 }
 
-func start(ctx context.Context) (*conn, error) {
+func start(ctx context.Context, netns string) (*conn, error) {
 	bin, err := exec.LookPath(Binary)
 	if err != nil {
 		return nil, fmt.Errorf("%s not installed: %w", Binary, err)
@@ -194,11 +205,16 @@ func start(ctx context.Context) (*conn, error) {
 	// No sandbox: it needs user namespaces that root and containers often
 	// lack. A fresh profile per run keeps runs apart and leaves nothing.
 	c := &conn{in: inW, out: outR, profile: profile, waiting: map[int]chan message{}, dead: make(chan struct{})}
-	c.cmd = exec.CommandContext(ctx, bin,
+	args := []string{bin,
 		"--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
 		"--no-first-run", "--no-default-browser-check", "--disable-extensions",
 		"--disable-background-networking", "--disable-sync", "--hide-scrollbars",
-		"--remote-debugging-pipe", "--user-data-dir="+profile, "about:blank")
+		"--remote-debugging-pipe", "--user-data-dir=" + profile, "about:blank"}
+	if netns != "" {
+		// ip netns exec keeps the pipe's descriptors (3 and 4) open.
+		args = append([]string{"ip", "netns", "exec", netns}, args...)
+	}
+	c.cmd = exec.CommandContext(ctx, args[0], args[1:]...)
 	c.cmd.ExtraFiles = []*os.File{inR, outW}
 	c.cmd.Stderr = &c.stderr
 	c.cmd.WaitDelay = 5 * time.Second
