@@ -2,6 +2,7 @@ package containerd
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -14,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/remotes/docker/config"
 	"github.com/pelletier/go-toml/v2"
 )
 
@@ -367,6 +369,36 @@ func checkMerged(base, merged []byte, mirror string) error {
 	}
 	if _, ok := after.Host[mirror]; !ok {
 		return errors.New("peerd's block cannot be merged into this file (a multi-line string?); add the mirror by hand")
+	}
+	return readsMirrorFirst(merged, mirror)
+}
+
+// readsMirrorFirst asks containerd's own hosts.toml reader whether the
+// merged file makes the mirror the first host. Some entries (a server that
+// is no URL) make containerd drop the whole file without an error, and the
+// mirror with it. A file containerd cannot read here at all (a CA path
+// relative to the real folder) is not judged.
+func readsMirrorFirst(merged []byte, mirror string) error {
+	dir, err := os.MkdirTemp("", "peerd-hosts-check-")
+	if err != nil {
+		return nil
+	}
+	defer os.RemoveAll(dir)
+	if os.WriteFile(filepath.Join(dir, "hosts.toml"), merged, 0o600) != nil {
+		return nil
+	}
+	hosts, err := config.ConfigureHosts(context.Background(), config.HostOptions{
+		HostDir: func(string) (string, error) { return dir, nil },
+	})("registry.invalid")
+	if err != nil || len(hosts) == 0 {
+		return nil
+	}
+	m, err := url.Parse(mirror)
+	if err != nil {
+		return nil
+	}
+	if first := hosts[0].Scheme + "://" + hosts[0].Host; hosts[0].Scheme != m.Scheme || hosts[0].Host != m.Host {
+		return fmt.Errorf("containerd would not use the mirror with this file (it reads %s first: an entry of the file, such as a server that is no URL, makes it ignore the file); fix the file or add the mirror by hand", first)
 	}
 	return nil
 }
