@@ -16,6 +16,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/peerd-project/peerd/internal/testproc"
 )
 
 // ipSeq hands out loopback addresses; every process of a run gets its own,
@@ -27,15 +29,6 @@ func nextIP() string {
 	return fmt.Sprintf("127.0.%d.%d", 60+n/250, 1+n%250)
 }
 
-func freePort(ip string) (int, error) {
-	ln, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
-	if err != nil {
-		return 0, err
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
-}
-
 // node is one `peerd run` process bound to its own loopback address.
 type node struct {
 	IP       string
@@ -44,9 +37,7 @@ type node struct {
 	P2PAddr  string // full multiaddr with /p2p/<id>
 	PeerAddr string
 	LogPath  string
-	cmd      *exec.Cmd
-	done     chan struct{}
-	exitErr  error
+	proc     *testproc.Proc
 }
 
 type nodeOpts struct {
@@ -68,7 +59,7 @@ func startNode(ctx context.Context, cfg *config, dir string, o nodeOpts) (*node,
 	id := strings.TrimSpace(string(idOut))
 	var ports [3]int
 	for i := range ports {
-		if ports[i], err = freePort(ip); err != nil {
+		if ports[i], err = testproc.FreePort(ip); err != nil {
 			return nil, err
 		}
 	}
@@ -77,7 +68,6 @@ func startNode(ctx context.Context, cfg *config, dir string, o nodeOpts) (*node,
 		P2PAddr:  fmt.Sprintf("/ip4/%s/tcp/%d/p2p/%s", ip, ports[1], id),
 		PeerAddr: fmt.Sprintf("%s:%d", ip, ports[2]),
 		LogPath:  dir + ".log",
-		done:     make(chan struct{}),
 	}
 	args := []string{"run",
 		"--data-dir", dir,
@@ -92,45 +82,37 @@ func startNode(ctx context.Context, cfg *config, dir string, o nodeOpts) (*node,
 		args = append(args, "--debug-pprof")
 	}
 	args = append(args, o.args...)
-	logf, err := os.Create(n.LogPath)
-	if err != nil {
+	// A BENCH_DIR of an earlier run may hold this log: start it empty.
+	// SIGTERM goes to peerd alone, so its FUSE mount's helper sees peerd's
+	// own unmount.
+	if n.proc, err = testproc.Start(testproc.Spec{Name: "peerd", Args: append([]string{cfg.peerd}, args...),
+		Log: n.LogPath, Truncate: true, TermLeader: true}); err != nil {
 		return nil, err
 	}
-	n.cmd = exec.Command(cfg.peerd, args...)
-	n.cmd.Stdout, n.cmd.Stderr = logf, logf
-	// Its own process group, and it dies with us if we are killed.
-	n.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := n.cmd.Start(); err != nil {
-		logf.Close()
-		return nil, err
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	err = testproc.Poll(wctx, 50*time.Millisecond, n.proc.Done(), func(ctx context.Context) error {
+		code, err := status(ctx, n.URL("/healthz"))
+		if err == nil && code != 200 {
+			err = fmt.Errorf("/healthz: %d", code)
+		}
+		return err
+	})
+	switch {
+	case err == nil:
+		return n, nil
+	case errors.Is(err, testproc.ErrExited):
+		return nil, fmt.Errorf("peerd exited during start (%v); log:\n%s", n.proc.Err(), n.proc.Tail(20))
+	case ctx.Err() != nil:
+		n.Stop()
+		return nil, ctx.Err()
 	}
-	go func() {
-		n.exitErr = n.cmd.Wait()
-		logf.Close()
-		close(n.done)
-	}()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if code, err := status(ctx, n.URL("/healthz")); err == nil && code == 200 {
-			return n, nil
-		}
-		select {
-		case <-n.done:
-			return nil, fmt.Errorf("peerd exited during start (%v); log:\n%s", n.exitErr, tail(n.LogPath, 20))
-		case <-ctx.Done():
-			n.Stop()
-			return nil, ctx.Err()
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			n.Stop()
-			return nil, fmt.Errorf("peerd not healthy in 30s; log:\n%s", tail(n.LogPath, 20))
-		}
-	}
+	n.Stop()
+	return nil, fmt.Errorf("peerd not healthy in 30s (%v); log:\n%s", err, n.proc.Tail(20))
 }
 
 func (n *node) URL(p string) string { return "http://" + n.HTTPAddr + p }
-func (n *node) PID() int            { return n.cmd.Process.Pid }
+func (n *node) PID() int            { return n.proc.PID() }
 
 // waitReady waits for /readyz (peers connected).
 func (n *node) waitReady(ctx context.Context, d time.Duration) error {
@@ -148,21 +130,10 @@ func (n *node) waitReady(ctx context.Context, d time.Duration) error {
 
 // Stop sends SIGTERM, waits up to 20 s, then kills the process group.
 func (n *node) Stop() {
-	if n == nil || n.cmd == nil || n.cmd.Process == nil {
+	if n == nil {
 		return
 	}
-	select {
-	case <-n.done:
-		return
-	default:
-	}
-	n.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-n.done:
-	case <-time.After(20 * time.Second):
-		syscall.Kill(-n.cmd.Process.Pid, syscall.SIGKILL)
-		<-n.done
-	}
+	n.proc.Stop(20 * time.Second)
 }
 
 // metric sums the samples of name whose labels contain every k=v given.
@@ -362,15 +333,6 @@ func rssMiB(pid int, field string) (float64, error) {
 		}
 	}
 	return 0, fmt.Errorf("/proc/%d/status: no %s", pid, field)
-}
-
-func tail(path string, lines int) string {
-	b, _ := os.ReadFile(path)
-	ls := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(ls) > lines {
-		ls = ls[len(ls)-lines:]
-	}
-	return strings.Join(ls, "\n")
 }
 
 func sleep(ctx context.Context, d time.Duration) error {

@@ -85,7 +85,7 @@ func nft(ctx context.Context, ns, rules string) error {
 func (c *cluster) sumMetric(nodes []*node, name, filter string) float64 {
 	var s float64
 	for _, n := range nodes {
-		if n.peerd == nil || !n.peerd.running() {
+		if n.peerd == nil || !n.peerd.Running() {
 			continue
 		}
 		if v, err := c.metric(n, name, filter); err == nil {
@@ -277,7 +277,7 @@ func (c *cluster) registryFlap(t *testing.T) {
 		if isClosed(allDone) {
 			break
 		}
-		c.registry.stop(5 * time.Second)
+		c.registry.Stop(5 * time.Second)
 		time.Sleep(1500 * time.Millisecond)
 		if err := c.startRegistry(ctx); err != nil {
 			t.Fatal(err)
@@ -414,7 +414,7 @@ func txBytes(t *testing.T, ns string) int64 {
 func (c *cluster) restartPeerd(t *testing.T, n *node, between func() error) {
 	t.Helper()
 	ctx := context.Background()
-	n.peerd.stop(10 * time.Second)
+	n.peerd.Stop(10 * time.Second)
 	if between != nil {
 		if err := between(); err != nil {
 			t.Error(err)
@@ -468,7 +468,7 @@ func (c *cluster) diskFull(t *testing.T) {
 	ds, perr := c.pullAll(ctx, []*node{x}, im.ref)
 	rd, rerr := c.readChecked(ctx, x, url, digest)
 	if err := errors.Join(perr, rerr); err != nil {
-		t.Fatalf("%s with a %s cache file system: pull: %v; /blobs/ read: %v\n%s's log:\n%s", x.name(), human(small), errText(perr), errText(rerr), x.name(), grepLog(x.peerd.log, "space", 10))
+		t.Fatalf("%s with a %s cache file system: pull: %v; /blobs/ read: %v\n%s's log:\n%s", x.name(), human(small), errText(perr), errText(rerr), x.name(), grepLog(x.peerd.Log, "space", 10))
 	}
 	egress := c.egress() - e0
 	c.report(row{scenario: "c5-disk-full", nodes: 2, size: im.size, p50: ds[0], max: rd, egress: egress,

@@ -55,7 +55,7 @@ func (c *cluster) run(t *testing.T, name string, f func(*testing.T)) {
 func (c *cluster) resetImages() {
 	ctx := context.Background()
 	for _, n := range c.nodes {
-		if n.containerd == nil || !n.containerd.running() {
+		if n.containerd == nil || !n.containerd.Running() {
 			continue
 		}
 		ctr := func(args ...string) (string, error) {

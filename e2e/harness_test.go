@@ -31,6 +31,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/peerd-project/peerd/internal/testproc"
 )
 
 const (
@@ -211,68 +213,10 @@ func detectFeatures(peerd string) (features, error) {
 
 // --- processes ---------------------------------------------------------
 
-// proc is a long-running child: a daemon inside a namespace.
-type proc struct {
-	name string
-	cmd  *exec.Cmd
-	log  string
-	done chan struct{}
-	err  error
-}
-
-func startProc(name, logFile string, args ...string) (*proc, error) {
-	lf, err := os.OpenFile(logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(args[0], args[1:]...)
-	cmd.Stdout, cmd.Stderr = lf, lf
-	cmd.Env = cleanEnv()
-	// Pdeathsig: if the test process dies without its cleanup, its daemons
-	// die with it (ip netns exec execs in place, so the setting carries over).
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		lf.Close()
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
-	p := &proc{name: name, cmd: cmd, log: logFile, done: make(chan struct{})}
-	go func() {
-		p.err = cmd.Wait()
-		lf.Close()
-		close(p.done)
-	}()
-	return p, nil
-}
-
-func (p *proc) running() bool {
-	select {
-	case <-p.done:
-		return false
-	default:
-		return true
-	}
-}
-
-// stop asks with SIGTERM, then kills the whole process group.
-func (p *proc) stop(grace time.Duration) {
-	if p == nil || !p.running() {
-		return
-	}
-	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(grace):
-		syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-		<-p.done
-	}
-}
-
-func (p *proc) kill() {
-	if p == nil || !p.running() {
-		return
-	}
-	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-	<-p.done
+// startProc starts a daemon of the cluster, its output appended to
+// logFile. Its environment has no proxy settings (see cleanEnv).
+func startProc(name, logFile string, args ...string) (*testproc.Proc, error) {
+	return testproc.Start(testproc.Spec{Name: name, Args: args, Log: logFile, Env: cleanEnv()})
 }
 
 // cleanEnv drops proxy settings: every request of the cluster stays in it.
@@ -478,8 +422,8 @@ type node struct {
 	legacy   bool // Debian's containerd 1.6
 	peerID   string
 
-	containerd *proc
-	peerd      *proc
+	containerd *testproc.Proc
+	peerd      *testproc.Proc
 }
 
 func (n *node) name() string { return fmt.Sprintf("node%d", n.i) }
@@ -492,15 +436,15 @@ type cluster struct {
 	dir   string
 	nodes []*node
 
-	registry *proc
-	origin   *proc
+	registry *testproc.Proc
+	origin   *testproc.Proc
 
 	mu    sync.Mutex
-	procs []*proc
+	procs []*testproc.Proc
 	down  sync.Once
 }
 
-func (c *cluster) track(p *proc) *proc {
+func (c *cluster) track(p *testproc.Proc) *testproc.Proc {
 	c.mu.Lock()
 	c.procs = append(c.procs, p)
 	c.mu.Unlock()
@@ -798,7 +742,7 @@ func (c *cluster) startRegistry(ctx context.Context) error {
 	}
 	c.registry = c.track(p)
 	if _, err := sh(ctx, nsExec(originNS, c.bin.client, "wait", "-url", "http://127.0.0.1:"+regPort+"/v2/")...); err != nil {
-		return fmt.Errorf("registry: %w (log: %s)", err, tail(filepath.Join(rdir, "registry.log"), 10))
+		return fmt.Errorf("registry: %w (log: %s)", err, testproc.Tail(filepath.Join(rdir, "registry.log"), 10))
 	}
 	return nil
 }
@@ -865,34 +809,9 @@ func (c *cluster) startContainerd(ctx context.Context, n *node) error {
 	if n.legacy {
 		n.ctrd, n.ctr = c.bin.ctrd16, c.bin.ctr16
 	}
-	// One config for both versions (2.x migrates version 2). CRI is off: ctr
-	// pulls need none of it and two cores are shared by the whole cluster;
-	// its registry section stays, as the node's CRI setup would have it,
-	// because peerd checks that config_path names its hosts folder. NRI and
-	// the opt plugin default to machine-wide paths the nodes must not share.
-	conf := fmt.Sprintf(`version = 2
-root = %[1]q
-state = %[2]q
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime",
-  "io.containerd.nri.v1.nri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
-[grpc]
-  address = %[3]q
-[ttrpc]
-  address = %[4]q
-[plugins."io.containerd.internal.v1.opt"]
-  path = %[5]q
-[plugins."io.containerd.grpc.v1.cri".registry]
-  config_path = %[6]q
-`, filepath.Join(cd, "root"), filepath.Join(cd, "state"), n.sock, n.sock+".ttrpc", filepath.Join(cd, "opt"), n.hostsDir)
-	if !n.legacy {
-		// 2.x's ctr pulls through the transfer service, which unpacks only
-		// for the snapshotters it is configured for.
-		conf += fmt.Sprintf(`[plugins."io.containerd.transfer.v1.local"]
-  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
-    platform = "linux/%s"
-    snapshotter = %q
-`, runtime.GOARCH, c.cfg.Snapshotter)
+	conf, err := testproc.Containerd{Dir: cd, Socket: n.sock, HostsDir: n.hostsDir, V2: !n.legacy, Snapshotter: c.cfg.Snapshotter}.Render()
+	if err != nil {
+		return fmt.Errorf("%s: %w", n.name(), err)
 	}
 	cfgFile := filepath.Join(cd, "config.toml")
 	if err := os.WriteFile(cfgFile, []byte(conf), 0o644); err != nil {
@@ -903,16 +822,16 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 		return err
 	}
 	n.containerd = c.track(p)
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		if _, err := sh(ctx, nsExec(n.ns, n.ctr, "-a", n.sock, "version")...); err == nil {
-			return nil
-		}
-		if !p.running() || time.Now().After(deadline) {
-			return fmt.Errorf("%s: containerd %s did not come up: %s", n.name(), n.ctrd, tail(p.log, 15))
-		}
-		time.Sleep(250 * time.Millisecond)
+	wctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	err = testproc.Poll(wctx, 250*time.Millisecond, p.Done(), func(ctx context.Context) error {
+		_, err := sh(ctx, nsExec(n.ns, n.ctr, "-a", n.sock, "version")...)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("%s: containerd %s did not come up: %v\n%s", n.name(), n.ctrd, err, p.Tail(15))
 	}
+	return nil
 }
 
 // peerdCacheSize is every node's --cache-size: room for three images, so a
@@ -995,7 +914,7 @@ func (c *cluster) startPeerd(n *node) error {
 
 func (c *cluster) waitReady(ctx context.Context, n *node) error {
 	if _, err := sh(ctx, nsExec(n.ns, c.bin.client, "wait", "-timeout", "60s", "-url", "http://"+peerdHTTP+"/readyz")...); err != nil {
-		return fmt.Errorf("%s: peerd not ready: %w\n%s", n.name(), err, tail(n.peerd.log, 20))
+		return fmt.Errorf("%s: peerd not ready: %w\n%s", n.name(), err, n.peerd.Tail(20))
 	}
 	return nil
 }
@@ -1016,7 +935,7 @@ func (c *cluster) doTeardown() {
 	var wg sync.WaitGroup
 	for _, p := range procs {
 		wg.Add(1)
-		go func() { defer wg.Done(); p.stop(10 * time.Second) }()
+		go func() { defer wg.Done(); p.Stop(10 * time.Second) }()
 	}
 	wg.Wait()
 	ctx := context.Background()
@@ -1047,20 +966,8 @@ func (c *cluster) dumpLogs() {
 		logs = append(logs, filepath.Join(n.dir, "containerd.log"), filepath.Join(n.dir, "peerd.log"))
 	}
 	for _, l := range logs {
-		c.t.Logf("--- last lines of %s ---\n%s", l, tail(l, 25))
+		c.t.Logf("--- last lines of %s ---\n%s", l, testproc.Tail(l, 25))
 	}
-}
-
-func tail(file string, n int) string {
-	b, err := os.ReadFile(file)
-	if err != nil {
-		return "(" + err.Error() + ")"
-	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }
 
 // --- measurements ------------------------------------------------------------
@@ -1116,7 +1023,7 @@ func (c *cluster) metricsText(n *node) (string, error) {
 func (c *cluster) peerServed() int64 {
 	var total float64
 	for _, n := range c.nodes {
-		if n.peerd == nil || !n.peerd.running() {
+		if n.peerd == nil || !n.peerd.Running() {
 			continue
 		}
 		v, err := c.metric(n, "peerd_p2p_served_bytes_total", "")
@@ -1140,23 +1047,15 @@ func (c *cluster) pull(ctx context.Context, n *node, ref string) (time.Duration,
 	out, err := cmd.CombinedOutput()
 	d := time.Since(start)
 	if err != nil {
-		return d, fmt.Errorf("%s: ctr pull %s: %w\n%s", n.name(), ref, err, lastLines(string(out), 15))
+		return d, fmt.Errorf("%s: ctr pull %s: %w\n%s", n.name(), ref, err, testproc.LastLines(string(out), 15))
 	}
 	return d, nil
-}
-
-func lastLines(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }
 
 // removeImage drops an image and its content from a node's containerd, so
 // large runs do not fill the disk.
 func (c *cluster) removeImage(n *node, ref string) {
-	if n.containerd == nil || !n.containerd.running() {
+	if n.containerd == nil || !n.containerd.Running() {
 		return
 	}
 	sh(context.Background(), nsExec(n.ns, n.ctr, "-a", n.sock, "-n", ctrdNS, "images", "rm", "--sync", ref)...)
@@ -1287,7 +1186,7 @@ func printRows(w io.Writer) {
 func (c *cluster) upstreamSnapshot() map[int]float64 {
 	m := map[int]float64{}
 	for _, n := range c.nodes {
-		if n.peerd == nil || !n.peerd.running() {
+		if n.peerd == nil || !n.peerd.Running() {
 			continue
 		}
 		if v, err := c.metric(n, "peerd_fetched_bytes_total", `source="upstream"`); err == nil {
@@ -1315,7 +1214,7 @@ func (c *cluster) logUpstream(t *testing.T, before map[int]float64) {
 	// What each node's provider lookups answered (counts since it started):
 	// an origin fetch by a node that should have found a peer starts here.
 	for _, n := range c.nodes {
-		if n.peerd == nil || !n.peerd.running() {
+		if n.peerd == nil || !n.peerd.Running() {
 			continue
 		}
 		out, err := c.metricsText(n)

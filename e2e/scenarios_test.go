@@ -262,7 +262,7 @@ func (c *cluster) nodeLoss(t *testing.T) {
 	}
 	defer func() {
 		sh(ctx, nsExec(n1.ns, "tc", "qdisc", "del", "dev", "eth0", "root")...)
-		if !n1.peerd.running() {
+		if !n1.peerd.Running() {
 			if err := c.startPeerd(n1); err != nil {
 				t.Error(err)
 				return
@@ -303,7 +303,7 @@ func (c *cluster) nodeLoss(t *testing.T) {
 		}
 		served, _ = c.metric(n1, "peerd_p2p_served_bytes_total", "")
 		if served-base >= 4<<20 {
-			n1.peerd.kill()
+			n1.peerd.Kill()
 			killed = true
 		} else if time.Now().After(deadline) {
 			t.Fatalf("node 1 served only %s to peers in 5 minutes", human(int64(served-base)))
@@ -353,7 +353,7 @@ func (c *cluster) registryDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	adv := c.waitAdvertised(t, c.nodes[0], p0, len(im.layers)+2)
-	c.registry.stop(10 * time.Second)
+	c.registry.Stop(10 * time.Second)
 	defer func() {
 		if err := c.startRegistry(ctx); err != nil {
 			t.Error(err)

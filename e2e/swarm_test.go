@@ -7,6 +7,8 @@ import (
 	"os/exec"
 	"testing"
 	"time"
+
+	"github.com/peerd-project/peerd/internal/testproc"
 )
 
 // TestSwarmBurst measures cold-burst swarming next to its baselines on one
@@ -79,7 +81,7 @@ func (c *cluster) directPull(ctx context.Context, n *node, ref string) (time.Dur
 	out, err := cmd.CombinedOutput()
 	d := time.Since(start)
 	if err != nil {
-		return d, fmt.Errorf("%s: ctr pull --plain-http %s: %w\n%s", n.name(), ref, err, lastLines(string(out), 15))
+		return d, fmt.Errorf("%s: ctr pull --plain-http %s: %w\n%s", n.name(), ref, err, testproc.LastLines(string(out), 15))
 	}
 	return d, nil
 }

@@ -20,11 +20,11 @@ import (
 	"sort"
 	"strings"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/peerd-project/peerd/internal/testenv"
+	"github.com/peerd-project/peerd/internal/testproc"
 )
 
 // The containerd mirror against the real thing: containerd daemons (Debian's
@@ -227,8 +227,7 @@ func testContainerdMirror(t *testing.T, build ctrdBuild, registryBin string) {
 type ctrdNode struct {
 	dir, sock, hostsDir, config string
 	build                       ctrdBuild
-	cmd                         *exec.Cmd
-	done                        chan struct{}
+	daemon                      *testproc.Proc
 	peerd                       *p2pNode
 }
 
@@ -240,30 +239,10 @@ func startCtrdNode(t *testing.T, build ctrdBuild, registryHost string, extra ...
 		t.Fatal(err)
 	}
 	n := &ctrdNode{dir: dir, sock: filepath.Join(dir, "c.sock"), hostsDir: filepath.Join(dir, "certs.d"), config: filepath.Join(dir, "config.toml"), build: build}
-	cfg := fmt.Sprintf(`version = 2
-root = %[1]q
-state = %[2]q
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime",
-  "io.containerd.nri.v1.nri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
-[grpc]
-  address = %[3]q
-[ttrpc]
-  address = %[4]q
-[plugins."io.containerd.internal.v1.opt"]
-  path = %[5]q
-# What a node's CRI setup would say; peerd's start-up check reads it.
-[plugins."io.containerd.grpc.v1.cri".registry]
-  config_path = %[6]q
-`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), n.sock, n.sock+".ttrpc", filepath.Join(dir, "opt"), n.hostsDir)
-	if strings.HasSuffix(build.name, "2.x") {
-		// 2.x's ctr pulls through the transfer service, which unpacks only
-		// for snapshotters it is configured for.
-		cfg += fmt.Sprintf(`[plugins."io.containerd.transfer.v1.local"]
-  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
-    platform = "linux/%s"
-    snapshotter = "native"
-`, runtime.GOARCH)
+	// The pulls unpack with --snapshotter native.
+	cfg, err := testproc.Containerd{Dir: dir, Socket: n.sock, HostsDir: n.hostsDir, V2: strings.HasSuffix(build.name, "2.x"), Snapshotter: "native"}.Render()
+	if err != nil {
+		t.Fatal(err)
 	}
 	if err := os.WriteFile(n.config, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
@@ -272,8 +251,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 	t.Cleanup(func() {
 		n.stopDaemon()
 		if t.Failed() {
-			b, _ := os.ReadFile(filepath.Join(dir, "containerd.log"))
-			t.Logf("--- containerd log (%s) ---\n%s", dir, ctrdTail(string(b), 40))
+			t.Logf("--- containerd log (%s) ---\n%s", dir, testproc.Tail(filepath.Join(dir, "containerd.log"), 40))
 		}
 		os.RemoveAll(dir)
 	})
@@ -299,40 +277,26 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 
 func (n *ctrdNode) startDaemon(t *testing.T) {
 	t.Helper()
-	logf, err := os.OpenFile(filepath.Join(n.dir, "containerd.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	p, err := testproc.Start(testproc.Spec{Name: "containerd", Args: []string{n.build.daemon, "--config", n.config}, Log: filepath.Join(n.dir, "containerd.log")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	n.cmd = exec.Command(n.build.daemon, "--config", n.config)
-	n.cmd.Stdout, n.cmd.Stderr = logf, logf
-	n.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := n.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	n.done = done
-	cmd := n.cmd
-	go func() { cmd.Wait(); logf.Close(); close(done) }()
-	ctrdWaitFor(t, 30*time.Second, "containerd answers on "+n.sock, func() bool {
-		_, err := n.ctr(t, 10*time.Second, "version")
-		return err == nil
+	n.daemon = p
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err = testproc.Poll(ctx, 200*time.Millisecond, p.Done(), func(context.Context) error {
+		out, err := n.ctr(t, 10*time.Second, "version")
+		if err != nil {
+			return fmt.Errorf("ctr version: %v: %s", err, strings.TrimSpace(out))
+		}
+		return nil
 	})
+	if err != nil {
+		t.Fatalf("containerd does not answer on %s: %v", n.sock, err)
+	}
 }
 
-func (n *ctrdNode) stopDaemon() {
-	select {
-	case <-n.done:
-		return
-	default:
-	}
-	syscall.Kill(-n.cmd.Process.Pid, syscall.SIGTERM)
-	select {
-	case <-n.done:
-	case <-time.After(15 * time.Second):
-		syscall.Kill(-n.cmd.Process.Pid, syscall.SIGKILL)
-		<-n.done
-	}
-}
+func (n *ctrdNode) stopDaemon() { n.daemon.Stop(15 * time.Second) }
 
 func (n *ctrdNode) ctr(t *testing.T, timeout time.Duration, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
@@ -347,7 +311,7 @@ func (n *ctrdNode) pull(t *testing.T, ref string) {
 	out, err := n.ctr(t, 3*time.Minute, "images", "pull", "--hosts-dir", n.hostsDir, "--snapshotter", "native", ref)
 	if err != nil {
 		n.peerd.DumpLog(40)
-		t.Fatalf("ctr pull %s on %s: %v\n%s", ref, n.dir, err, ctrdTail(out, 30))
+		t.Fatalf("ctr pull %s on %s: %v\n%s", ref, n.dir, err, testproc.LastLines(out, 30))
 	}
 }
 
@@ -370,8 +334,7 @@ func (n *ctrdNode) wantContent(t *testing.T, digests ...string) {
 type ctrdRegistry struct {
 	Host          string // the counting proxy containerd talks to
 	direct        string // the registry itself, for pushes
-	cmd           *exec.Cmd
-	done          chan struct{}
+	proc          *testproc.Proc
 	proxy         *http.Server
 	blobBytes     atomic.Int64
 	manifestBytes atomic.Int64
@@ -386,26 +349,19 @@ func startCtrdRegistry(t *testing.T, bin string) *ctrdRegistry {
 	if err := os.WriteFile(filepath.Join(dir, "config.yml"), []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	logf, err := os.Create(filepath.Join(dir, "registry.log"))
+	p, err := testproc.Start(testproc.Spec{Name: "registry", Args: []string{bin, "serve", filepath.Join(dir, "config.yml")},
+		Log: filepath.Join(dir, "registry.log"), TermLeader: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	r.cmd = exec.Command(bin, "serve", filepath.Join(dir, "config.yml"))
-	r.cmd.Stdout, r.cmd.Stderr = logf, logf
-	if err := r.cmd.Start(); err != nil {
-		t.Fatal(err)
+	r.proc = p
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := testproc.Poll(ctx, 200*time.Millisecond, p.Done(), testproc.HTTPOK(nil, "http://"+r.direct+"/v2/")); err != nil {
+		r.stop()
+		t.Fatalf("registry does not answer: %v\n%s", err, p.Tail(20))
 	}
-	r.done = make(chan struct{})
-	go func() { r.cmd.Wait(); logf.Close(); close(r.done) }()
 	t.Cleanup(r.stop)
-	ctrdWaitFor(t, 30*time.Second, "registry answers", func() bool {
-		resp, err := http.Get("http://" + r.direct + "/v2/")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 200
-	})
 
 	// Every byte containerd gets from the registry passes this proxy.
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -433,19 +389,10 @@ func (r *ctrdRegistry) reset() {
 
 // stop closes the proxy and stops the registry.
 func (r *ctrdRegistry) stop() {
-	r.proxy.Close()
-	select {
-	case <-r.done:
-		return
-	default:
+	if r.proxy != nil {
+		r.proxy.Close()
 	}
-	r.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-r.done:
-	case <-time.After(10 * time.Second):
-		r.cmd.Process.Kill()
-		<-r.done
-	}
+	r.proc.Stop(10 * time.Second)
 }
 
 // push uploads the blobs and the manifest with the distribution API.
@@ -600,12 +547,4 @@ func ctrdWaitMetric(t *testing.T, n *Node, name string, atLeast float64) {
 	ctrdWaitFor(t, 60*time.Second, fmt.Sprintf("%s on %s >= %v", name, n.Name, atLeast), func() bool {
 		return n.Metric(t, name) >= atLeast
 	})
-}
-
-func ctrdTail(s string, lines int) string {
-	ls := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(ls) > lines {
-		ls = ls[len(ls)-lines:]
-	}
-	return strings.Join(ls, "\n")
 }

@@ -2,6 +2,7 @@ package itest
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -9,12 +10,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/peerd-project/peerd/doctor"
 	"github.com/peerd-project/peerd/internal/testenv"
+	"github.com/peerd-project/peerd/internal/testproc"
 )
 
 // 'peerd doctor' against real containerd 1.6 and 2.x daemons with the
@@ -225,8 +226,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime",
 	t.Cleanup(func() {
 		n.stopDaemon()
 		if t.Failed() {
-			b, _ := os.ReadFile(filepath.Join(dir, "containerd.log"))
-			t.Logf("--- containerd config ---\n%s\n--- containerd log ---\n%s", cfg, ctrdTail(string(b), 30))
+			t.Logf("--- containerd config ---\n%s\n--- containerd log ---\n%s", cfg, testproc.Tail(filepath.Join(dir, "containerd.log"), 30))
 		}
 		os.RemoveAll(dir)
 	})
@@ -303,7 +303,7 @@ func TestDoctorFirewalledP2PPort(t *testing.T) {
 
 type netnsPeerd struct {
 	ip, id, dir string
-	cmd         *exec.Cmd
+	proc        *testproc.Proc
 }
 
 func (p *netnsPeerd) flags() []string {
@@ -314,8 +314,7 @@ func (p *netnsPeerd) flags() []string {
 func (p *netnsPeerd) doctorArgs() []string { return p.flags() }
 
 func (p *netnsPeerd) dumpLog(t *testing.T) {
-	b, _ := os.ReadFile(filepath.Join(p.dir, "peerd.log"))
-	t.Logf("--- peerd %s log ---\n%s", p.ip, ctrdTail(string(b), 40))
+	t.Logf("--- peerd %s log ---\n%s", p.ip, p.proc.Tail(40))
 }
 
 // startNetnsPeerd runs 'peerd run' inside the namespace on ip, ports 31000-31002.
@@ -323,43 +322,24 @@ func startNetnsPeerd(t *testing.T, in []string, ip string, extra ...string) *net
 	t.Helper()
 	p := &netnsPeerd{ip: ip, dir: t.TempDir()}
 	p.id = peerID(t, p.dir)
-	logf, err := os.Create(filepath.Join(p.dir, "peerd.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	argv := append(append(append([]string{}, in...), peerdBin, "run"), append(p.flags(), extra...)...)
-	p.cmd = exec.Command(argv[0], argv[1:]...)
-	p.cmd.Stdout, p.cmd.Stderr = logf, logf
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := p.cmd.Start(); err != nil {
+	var err error
+	if p.proc, err = testproc.Start(testproc.Spec{Name: "peerd on " + ip, Args: argv, Log: filepath.Join(p.dir, "peerd.log")}); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan struct{})
-	go func() { p.cmd.Wait(); logf.Close(); close(done) }()
-	t.Cleanup(func() {
-		syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(15 * time.Second):
-			syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-			<-done
-		}
-	})
+	t.Cleanup(func() { p.proc.Stop(15 * time.Second) })
 	// Started when its log says it serves HTTP.
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		b, _ := os.ReadFile(filepath.Join(p.dir, "peerd.log"))
-		if strings.Contains(string(b), "serving HTTP") {
-			return p
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err = testproc.Poll(ctx, 50*time.Millisecond, p.proc.Done(), func(context.Context) error {
+		if b, _ := os.ReadFile(p.proc.Log); !strings.Contains(string(b), "serving HTTP") {
+			return errors.New("its log does not say it is serving HTTP")
 		}
-		select {
-		case <-done:
-			t.Fatalf("peerd on %s exited:\n%s", ip, b)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("peerd on %s did not start within 30s:\n%s", ip, b)
-		}
-		time.Sleep(50 * time.Millisecond)
+		return nil
+	})
+	if err != nil {
+		b, _ := os.ReadFile(p.proc.Log)
+		t.Fatalf("peerd on %s did not start: %v\n%s", ip, err, b)
 	}
+	return p
 }

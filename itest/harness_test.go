@@ -10,6 +10,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -21,9 +22,10 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
+
+	"github.com/peerd-project/peerd/internal/testproc"
 )
 
 // peerdBin is the binary under test, built once by TestMain.
@@ -55,30 +57,15 @@ func NextIP() string {
 	return fmt.Sprintf("127.0.%d.%d", 10+n/250, 1+n%250)
 }
 
-var (
-	portsMu sync.Mutex
-	given   = map[string]bool{} // ip:port handed out by FreePort
-)
-
-// FreePort returns a TCP port free on ip right now and never handed out
-// before in this run: the kernel may offer a port it just freed again, and
-// a node given the same port for two of its listeners fails to start.
+// FreePort returns a TCP port free on ip and not handed out before in this
+// run (testproc.FreePort), or fails the test.
 func FreePort(t testing.TB, ip string) int {
 	t.Helper()
-	portsMu.Lock()
-	defer portsMu.Unlock()
-	for try := 0; ; try++ {
-		ln, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
-		if err != nil {
-			t.Fatalf("free port on %s: %v", ip, err)
-		}
-		addr := ln.Addr().String()
-		ln.Close()
-		if !given[addr] || try == 100 {
-			given[addr] = true
-			return ln.Addr().(*net.TCPAddr).Port
-		}
+	port, err := testproc.FreePort(ip)
+	if err != nil {
+		t.Fatal(err)
 	}
+	return port
 }
 
 // NodeOpts describe one peerd process.
@@ -101,9 +88,7 @@ type Node struct {
 	LogPath  string
 	args     []string
 	env      []string
-	cmd      *exec.Cmd
-	done     chan struct{}
-	exitErr  error
+	proc     *testproc.Proc
 }
 
 var nodeSeq atomic.Int32
@@ -202,45 +187,24 @@ func hasFlag(name string) bool { return subHasFlag("run", name) }
 
 func (n *Node) start() {
 	n.t.Helper()
-	logf, err := os.OpenFile(n.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	// SIGTERM goes to peerd alone: the FUSE tests check that peerd's own
+	// shutdown unmounts, which a signal to its mount helper would muddle.
+	p, err := testproc.Start(testproc.Spec{Name: n.Name, Args: append([]string{peerdBin}, n.args...),
+		Log: n.LogPath, Env: append(os.Environ(), n.env...), TermLeader: true})
 	if err != nil {
 		n.t.Fatal(err)
 	}
-	cmd := exec.Command(peerdBin, n.args...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.Env = append(os.Environ(), n.env...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		n.t.Fatalf("start %s: %v", n.Name, err)
-	}
-	n.cmd = cmd
-	n.done = make(chan struct{})
-	go func() {
-		n.exitErr = cmd.Wait()
-		logf.Close()
-		close(n.done)
-	}()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		resp, err := http.Get("http://" + n.HTTPAddr + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return
-			}
-		}
-		select {
-		case <-n.done:
-			n.DumpLog(60)
-			n.t.Fatalf("%s exited during start: %v", n.Name, n.exitErr)
-		default:
-		}
-		if time.Now().After(deadline) {
-			n.DumpLog(60)
-			n.t.Fatalf("%s did not become healthy in 30s", n.Name)
-		}
-		time.Sleep(50 * time.Millisecond)
+	n.proc = p
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err = testproc.Poll(ctx, 50*time.Millisecond, p.Done(), testproc.HTTPOK(nil, n.URL("/healthz")))
+	switch {
+	case errors.Is(err, testproc.ErrExited):
+		n.DumpLog(60)
+		n.t.Fatalf("%s exited during start: %v", n.Name, p.Err())
+	case err != nil:
+		n.DumpLog(60)
+		n.t.Fatalf("%s did not become healthy in 30s: %v", n.Name, err)
 	}
 }
 
@@ -248,47 +212,21 @@ func (n *Node) start() {
 func (n *Node) Args() []string { return n.args }
 
 // PID of the running process.
-func (n *Node) PID() int { return n.cmd.Process.Pid }
+func (n *Node) PID() int { return n.proc.PID() }
 
 // Running reports whether the process is alive.
-func (n *Node) Running() bool {
-	select {
-	case <-n.done:
-		return false
-	default:
-		return n.cmd != nil
-	}
-}
+func (n *Node) Running() bool { return n.proc.Running() }
 
 // Stop sends SIGTERM and waits up to 20s (then SIGKILL). It returns the exit error.
 func (n *Node) Stop() error {
-	if n.cmd == nil {
-		return nil
-	}
-	select {
-	case <-n.done:
-		return n.exitErr
-	default:
-	}
-	n.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-n.done:
-	case <-time.After(20 * time.Second):
+	if n.proc.Stop(20 * time.Second) {
 		n.t.Errorf("%s did not stop within 20s of SIGTERM", n.Name)
-		syscall.Kill(-n.cmd.Process.Pid, syscall.SIGKILL)
-		<-n.done
 	}
-	return n.exitErr
+	return n.proc.Err()
 }
 
 // Kill sends SIGKILL and waits for the exit.
-func (n *Node) Kill() {
-	if n.cmd == nil {
-		return
-	}
-	syscall.Kill(-n.cmd.Process.Pid, syscall.SIGKILL)
-	<-n.done
-}
+func (n *Node) Kill() { n.proc.Kill() }
 
 // Restart stops (SIGTERM) and starts the node again with the same flags and data.
 func (n *Node) Restart() {
@@ -302,12 +240,7 @@ func (n *Node) URL(path string) string { return "http://" + n.HTTPAddr + path }
 
 // DumpLog prints the last lines of the node's log to the test log.
 func (n *Node) DumpLog(lines int) {
-	b, _ := os.ReadFile(n.LogPath)
-	ls := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(ls) > lines {
-		ls = ls[len(ls)-lines:]
-	}
-	n.t.Logf("--- last %d log lines of %s (%s) ---\n%s", len(ls), n.Name, n.HTTPAddr, strings.Join(ls, "\n"))
+	n.t.Logf("--- last %d log lines of %s (%s) ---\n%s", lines, n.Name, n.HTTPAddr, testproc.Tail(n.LogPath, lines))
 }
 
 // Log returns the whole log so far.

@@ -2,11 +2,13 @@ package itest
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -15,11 +17,11 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/peerd-project/peerd/internal/testenv"
+	"github.com/peerd-project/peerd/internal/testproc"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 )
@@ -186,65 +188,30 @@ current-context: itest
 // dir/<name>.log. The channel closes when the process exits.
 func startProc(t testing.TB, dir, name, bin string, args ...string) <-chan struct{} {
 	t.Helper()
-	logPath := filepath.Join(dir, name+".log")
-	logf, err := os.Create(logPath)
+	p, err := testproc.Start(testproc.Spec{Name: name, Args: append([]string{bin}, args...), Log: filepath.Join(dir, name+".log")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		t.Fatalf("start %s: %v", name, err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); logf.Close(); close(done) }()
 	t.Cleanup(func() {
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(15 * time.Second):
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			<-done
-		}
+		p.Stop(15 * time.Second)
 		if t.Failed() {
-			b, _ := os.ReadFile(logPath)
-			lines := strings.Split(string(b), "\n")
-			if len(lines) > 40 {
-				lines = lines[len(lines)-40:]
-			}
-			t.Logf("--- last lines of %s ---\n%s", name, strings.Join(lines, "\n"))
+			t.Logf("--- last lines of %s ---\n%s", name, p.Tail(40))
 		}
 	})
-	return done
+	return p.Done()
 }
 
 func waitHTTP(t testing.TB, url string, hc *http.Client, exited <-chan struct{}, within time.Duration) {
 	t.Helper()
-	if hc == nil {
-		hc = &http.Client{Timeout: 5 * time.Second}
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	err := testproc.Poll(ctx, 200*time.Millisecond, exited, testproc.HTTPOK(hc, url))
+	switch {
+	case errors.Is(err, testproc.ErrExited):
+		t.Fatalf("the server behind %s exited (%v)", url, err)
+	case err != nil:
+		t.Fatalf("%s not healthy within %v: %v", url, within, err)
 	}
-	deadline := time.Now().Add(within)
-	var last string
-	for time.Now().Before(deadline) {
-		resp, err := hc.Get(url)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return
-			}
-			last = resp.Status
-		} else {
-			last = err.Error()
-		}
-		select {
-		case <-exited:
-			t.Fatalf("the server behind %s exited (%s)", url, last)
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
-	t.Fatalf("%s not healthy within %v: %s", url, within, last)
 }
 
 func writeFile(t testing.TB, p, s string) {

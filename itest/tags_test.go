@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/peerd-project/peerd/internal/testenv"
+	"github.com/peerd-project/peerd/internal/testproc"
 )
 
 // --resolve-tags against the real thing: containerd daemons, Debian's
@@ -87,7 +88,7 @@ func testContainerdTags(t *testing.T, build ctrdBuild, registryBin string) {
 	// ...so containerd falls back to the registry, which refuses.
 	gate.reset()
 	if out, err := c.ctr(t, 2*time.Minute, "images", "pull", "--hosts-dir", c.hostsDir, "--snapshotter", "native", ref); err == nil {
-		t.Fatalf("C pulled %s with the registry's tag endpoint down and no peer tag lookup:\n%s", ref, ctrdTail(out, 10))
+		t.Fatalf("C pulled %s with the registry's tag endpoint down and no peer tag lookup:\n%s", ref, testproc.LastLines(out, 10))
 	}
 	offTags := gate.tagRequests.Load()
 	t.Logf("pull C (no --resolve-tags, registry refuses tags): failed as expected after %d manifest-by-tag requests to the registry", offTags)
