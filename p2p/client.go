@@ -244,6 +244,11 @@ func (c *dataClient) GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key,
 		resp.Body.Close()
 		c.n.m.peerErrors.WithLabelValues("not_found").Inc()
 		return nil, -1, fmt.Errorf("peer %s does not hold %s: %w", ai.ID, k, blob.ErrNotFound)
+	case http.StatusServiceUnavailable:
+		io.Copy(io.Discard, io.LimitReader(resp.Body, 4096))
+		resp.Body.Close()
+		c.n.m.busyReceived.Inc()
+		return nil, -1, &BusyError{Peer: ai.ID, RetryAfter: retryAfter(resp.Header.Get("Retry-After"))}
 	case http.StatusRequestedRangeNotSatisfiable:
 		io.Copy(io.Discard, io.LimitReader(resp.Body, 4096))
 		resp.Body.Close()

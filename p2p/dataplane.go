@@ -35,9 +35,6 @@ const (
 	addrProtocol = protocol.ID("/peerd/data-addr/1.0.0")
 	// notHeldHeader marks a 404 that means "I don't hold these bytes".
 	notHeldHeader = "X-Peerd-Not-Held"
-	// maxServes bounds the transfers a node serves at once; past it askers
-	// get 503 at once and move on to another provider rather than queue.
-	maxServes = 128
 	// maxPeerHeaderBytes bounds a peer request's header block: peers send
 	// a request line and a few short headers, and a larger block gets 431
 	// rather than up to a megabyte buffered per connection.

@@ -23,6 +23,11 @@ type metrics struct {
 	records       prometheus.Gauge
 	refused       prometheus.Counter
 	handshakes    *prometheus.CounterVec // reason: no_certificate, bad_certificate, not_member, not_tls, timeout, closed, other
+	// Fair sharing: transfers served now, busy answers received, and the
+	// time a fetch waited because every holder was busy.
+	uploadsInFlight prometheus.Gauge
+	busyReceived    prometheus.Counter
+	busyWait        prometheus.Histogram
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -81,6 +86,16 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "peerd_p2p_tls_handshake_failures_total",
 			Help: "Failed TLS handshakes on the peer data-plane port, by reason (no_certificate, bad_certificate, not_member, not_tls, timeout, closed, other).",
 		}, []string{"reason"}),
+		uploadsInFlight: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "peerd_p2p_uploads_in_flight", Help: "Transfers this node is serving to peers now (bounded by --peer-upload-streams).",
+		}),
+		busyReceived: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "peerd_p2p_busy_answers_received_total", Help: "Busy answers (503) from providers at their upload bound; the asker tried another provider (no avoidance). Busy answers sent: peerd_p2p_serve_requests_total{result=\"busy\"}.",
+		}),
+		busyWait: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "peerd_p2p_busy_wait_seconds", Help: "Time a fetch waited because every provider holding the bytes was busy (up to --swarm-wait, then the origin).",
+			Buckets: []float64{0.1, 0.25, 0.5, 1, 2, 4, 8, 16},
+		}),
 		refused: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "peerd_p2p_provider_records_refused_total",
 			Help: fmt.Sprintf("Provider records refused because the store holds its maximum (%d); they are dropped until expired records make room.", maxProviderRecords),
@@ -88,7 +103,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	if reg != nil {
 		reg.MustRegister(m.lookupSeconds, m.lookupCache, m.receivedBytes, m.servedBytes, m.serveRequests,
-			m.peerErrors, m.hedges, m.resumes, m.blames, m.provides, m.provideSecs, m.advertised, m.dials, m.records, m.refused, m.handshakes)
+			m.peerErrors, m.hedges, m.resumes, m.blames, m.provides, m.provideSecs, m.advertised, m.dials, m.records, m.refused, m.handshakes,
+			m.uploadsInFlight, m.busyReceived, m.busyWait)
 	}
 	return m
 }

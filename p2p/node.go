@@ -63,6 +63,12 @@ type Config struct {
 	// PeerBook, when set, is a file where the node remembers the peers it
 	// was connected to, and dials them after a restart (peerbook.go).
 	PeerBook string
+	// UploadStreams bounds the transfers the node serves peers at once
+	// (DefaultUploadStreams when 0), each asker held to its fair share;
+	// UploadRate, when positive, caps the bytes per second of all of them
+	// together. Past either, askers are told "busy" and go elsewhere.
+	UploadStreams int
+	UploadRate    int64
 	// Transfers, when set, records what the node serves to peers (one
 	// record per peer and blob, range requests folded together).
 	Transfers *transfer.Log

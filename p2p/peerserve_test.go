@@ -259,8 +259,8 @@ func TestPeerServerRefusesTransfersBeyondItsSlots(t *testing.T) {
 		code int
 		err  error
 	}
-	results := make(chan result, maxServes)
-	for range maxServes {
+	results := make(chan result, DefaultUploadStreams)
+	for range DefaultUploadStreams {
 		go func() {
 			// 128 TLS handshakes at once can outlast the client's handshake
 			// timeout on a loaded machine: such a request never reached the
@@ -282,10 +282,10 @@ func TestPeerServerRefusesTransfersBeyondItsSlots(t *testing.T) {
 		}()
 	}
 	deadline := time.Now().Add(60 * time.Second)
-	for opened.Load() < maxServes {
+	for opened.Load() < DefaultUploadStreams {
 		if time.Now().After(deadline) {
 			close(release)
-			t.Fatalf("the server started %d of %d transfers", opened.Load(), maxServes)
+			t.Fatalf("the server started %d of %d transfers", opened.Load(), DefaultUploadStreams)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -295,9 +295,9 @@ func TestPeerServerRefusesTransfersBeyondItsSlots(t *testing.T) {
 	extra := peerGet(t, pc, "/blobs/"+string(k), map[string]string{"Range": "bytes=0-3"})
 	close(release)
 	if extra.code != http.StatusServiceUnavailable {
-		t.Fatalf("request %d with all slots busy: status %d, want 503", maxServes+1, extra.code)
+		t.Fatalf("request %d with all slots busy: status %d, want 503", DefaultUploadStreams+1, extra.code)
 	}
-	for range maxServes {
+	for range DefaultUploadStreams {
 		select {
 		case r := <-results:
 			if r.err != nil || r.code != http.StatusPartialContent {

@@ -103,7 +103,7 @@ func (r *peerReader) resume(cause error) error {
 		if err != nil {
 			cancel()
 			errs = append(errs, fmt.Errorf("peer %s: %w", p.ID, err))
-			if !errors.Is(err, blob.ErrNotFound) && r.ctx.Err() == nil {
+			if !errors.Is(err, blob.ErrNotFound) && !errors.Is(err, errBusy) && r.ctx.Err() == nil {
 				r.s.penalize(p.ID, err)
 			}
 			continue

@@ -24,7 +24,7 @@ type dataServer struct {
 	n    *Node
 	ln   net.Listener
 	srv  *http.Server
-	busy chan struct{} // bounds concurrent transfers
+	up   *uploads // admits and paces transfers to peers
 
 	mu     sync.RWMutex
 	stores []LocalStore
@@ -73,7 +73,8 @@ func newDataServer(n *Node, addr string, stores []LocalStore) (*dataServer, erro
 	if err != nil {
 		return nil, fmt.Errorf("listen on --peer-addr %s: %w", addr, err)
 	}
-	s := &dataServer{n: n, ln: tls.NewListener(batchListener{ln}, conf), stores: stores, busy: make(chan struct{}, maxServes)}
+	s := &dataServer{n: n, ln: tls.NewListener(batchListener{ln}, conf), stores: stores,
+		up: newUploads(n.cfg.UploadStreams, n.cfg.UploadRate, n.m.uploadsInFlight)}
 	s.srv = &http.Server{
 		Handler:           s,
 		ReadHeaderTimeout: 5 * time.Second,
@@ -179,15 +180,13 @@ func (s *dataServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusRequestedRangeNotSatisfiable)
 		return
 	}
-	select {
-	case s.busy <- struct{}{}:
-		defer func() { <-s.busy }()
-	default:
+	if !s.up.admit(from) {
 		s.n.m.serveRequests.WithLabelValues("busy").Inc()
 		w.Header().Set("Retry-After", "1")
 		http.Error(w, "busy", http.StatusServiceUnavailable)
 		return
 	}
+	defer s.up.release(from)
 	s.mu.RLock()
 	stores := s.stores
 	s.mu.RUnlock()
@@ -246,7 +245,7 @@ func (s *dataServer) send(w http.ResponseWriter, r *http.Request, rc io.ReadClos
 		s.n.m.serveRequests.WithLabelValues("ok").Inc()
 		return 0, nil
 	}
-	written, err := copyBatched(w, rc, bc)
+	written, err := copyBatched(w, s.up.paced(r.Context(), rc), bc)
 	s.n.peerBytes(Served, from, written)
 	if err != nil {
 		s.n.m.serveRequests.WithLabelValues("error").Inc()

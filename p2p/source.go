@@ -58,6 +58,12 @@ type Source struct {
 	provs map[blob.Key]*provEntry
 	avoid map[peer.ID]avoidEntry
 	lat   latencies
+	// busyWait bounds how long a fetch waits for a turn when every holder
+	// is busy before it answers "don't have" (SetBusyWait).
+	busyWait time.Duration
+	// noSpread keeps the DHT's order of providers (tests that name the
+	// provider asked first).
+	noSpread bool
 }
 
 func newSource(self peer.ID, f providerFinder, g rangeGetter, m *metrics, log *slog.Logger, timeout time.Duration, retries int) *Source {
@@ -68,7 +74,7 @@ func newSource(self peer.ID, f providerFinder, g rangeGetter, m *metrics, log *s
 		log = slog.Default()
 	}
 	return &Source{self: self, finder: f, getter: g, m: m, log: log, timeout: timeout, retries: retries,
-		gather: swarmGather, hedge: defaultMissHedge, now: time.Now, after: time.After, bg: context.Background(), swarmChunks: newSwarmChunks(), provs: map[blob.Key]*provEntry{}, avoid: map[peer.ID]avoidEntry{}}
+		gather: swarmGather, hedge: defaultMissHedge, busyWait: defaultBusyWait, now: time.Now, after: time.After, bg: context.Background(), swarmChunks: newSwarmChunks(), provs: map[blob.Key]*provEntry{}, avoid: map[peer.ID]avoidEntry{}}
 }
 
 // Name labels the source in metrics and logs.
@@ -91,6 +97,14 @@ func (s *Source) SetMissHedge(d time.Duration) {
 	s.hedge = d
 }
 
+// defaultBusyWait is the busy wait without SetBusyWait: --swarm-wait's default.
+const defaultBusyWait = 8 * time.Second
+
+// SetBusyWait sets how long a fetch waits for its turn when every provider
+// holding the bytes answers "busy" before the origin is tried (the daemon
+// passes --swarm-wait); d <= 0 asks each provider once. Call before use.
+func (s *Source) SetBusyWait(d time.Duration) { s.busyWait = max(d, 0) }
+
 // Fetch reads bytes [off, off+n) of k from a peer that holds them, trying
 // providers in order and hedging a slow one. It returns the blob's size.
 func (s *Source) Fetch(ctx context.Context, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
@@ -104,7 +118,9 @@ func (s *Source) Fetch(ctx context.Context, k blob.Key, off, n int64) (io.ReadCl
 		}
 		return nil, -1, fmt.Errorf("%s: %w (no peer advertises it)", k, blob.ErrNotFound)
 	}
-	res, rest, err := s.hedged(ctx, ps, k, off, n)
+	// Each chunk starts at a holder of its own (spread), so the nodes
+	// reading a blob do not all start at the holder the DHT lists first.
+	res, rest, err := s.hedged(ctx, s.spread(k, off, ps), k, off, n)
 	if err != nil {
 		return nil, -1, err
 	}
@@ -135,7 +151,67 @@ func (s *Source) hedged(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off
 
 // hedgedOpt is hedged; learn says whether first-byte times feed the hedge
 // delay (not for swarm requests, whose answers wait for in-flight chunks).
+// When every
+// holder answers "busy", it waits its turn and asks again, up to the busy
+// wait; then the answer is "don't have", and the origin fills the chunk.
 func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off, n int64, learn bool) (*attempt, []peer.AddrInfo, error) {
+	var start time.Time
+	for {
+		res, rest, err := s.hedgedOnce(ctx, ps, k, off, n, learn)
+		var be *BusyError
+		if err == nil || !errors.As(err, &be) {
+			if !start.IsZero() {
+				s.m.busyWait.Observe(s.now().Sub(start).Seconds())
+			}
+			return res, rest, err
+		}
+		if start.IsZero() {
+			start = s.now()
+		}
+		waited := s.now().Sub(start)
+		if waited >= s.busyWait {
+			s.m.busyWait.Observe(waited.Seconds())
+			return nil, nil, fmt.Errorf("%s range %d+%d: %w (every holder busy for %s)", k, off, n, blob.ErrNotFound, waited.Round(time.Millisecond))
+		}
+		select {
+		case <-ctx.Done():
+			return nil, nil, ctx.Err()
+		case <-s.after(min(be.RetryAfter, s.busyWait-waited)):
+		}
+	}
+}
+
+// spread orders the providers of the chunk at off by their rendezvous
+// score: every node ranks the same holders the same way for a chunk, and
+// different chunks start at different holders, so a blob many nodes read
+// is served by all of its holders instead of the first the DHT returned.
+func (s *Source) spread(k blob.Key, off int64, ps []peer.AddrInfo) []peer.AddrInfo {
+	if s.noSpread {
+		return ps
+	}
+	return spread(k, off, ps)
+}
+
+func spread(k blob.Key, off int64, ps []peer.AddrInfo) []peer.AddrInfo {
+	if len(ps) < 2 {
+		return ps
+	}
+	ids := make([]peer.ID, len(ps))
+	byID := make(map[peer.ID]peer.AddrInfo, len(ps))
+	for i, p := range ps {
+		ids[i], byID[p.ID] = p.ID, p
+	}
+	out := make([]peer.AddrInfo, 0, len(ps))
+	for _, id := range rank(k, off, ids) {
+		out = append(out, byID[id])
+	}
+	return out
+}
+
+// hedgedOnce asks every provider once (hedgedOpt). When no provider served
+// and at least one was busy, the error is the busy answer with the longest
+// Retry-After.
+func (s *Source) hedgedOnce(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off, n int64, learn bool) (*attempt, []peer.AddrInfo, error) {
 	type body struct {
 		rc    io.ReadCloser
 		total int64
@@ -162,6 +238,7 @@ func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, k blob.Key, 
 	}
 	var errs []error
 	allNotFound := true
+	var busy *BusyError
 	failed := func(i int, err error) error {
 		p := ps[i]
 		if errors.Is(err, ErrRangeNotSatisfiable) {
@@ -173,6 +250,14 @@ func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, k blob.Key, 
 			s.log.Debug("peer fetch failed; trying the next provider", "key", k, "peer", p.ID.String(), "off", off, "err", err)
 		}
 		errs = append(errs, fmt.Errorf("peer %s: %w", p.ID, err))
+		var be *BusyError
+		if errors.As(err, &be) {
+			// Busy is no failure: no avoidance; the others are asked.
+			if busy == nil || be.RetryAfter > busy.RetryAfter {
+				busy = be
+			}
+			return nil
+		}
 		if !errors.Is(err, blob.ErrNotFound) {
 			allNotFound = false
 			if ctx.Err() == nil {
@@ -189,6 +274,9 @@ func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, k blob.Key, 
 		return nil, nil, err
 	}
 	err = errors.Join(errs...)
+	if allNotFound && busy != nil {
+		return nil, nil, busy
+	}
 	if allNotFound {
 		return nil, nil, fmt.Errorf("%s range %d+%d: %w (no provider holds it: %v)", k, off, n, blob.ErrNotFound, err)
 	}

@@ -85,6 +85,8 @@ func (g *fakeGetter) GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key,
 	switch b {
 	case "err":
 		return nil, -1, errors.New("connection refused")
+	case "busy":
+		return nil, -1, &BusyError{Peer: ai.ID, RetryAfter: time.Second}
 	case "notfound":
 		return nil, -1, fmt.Errorf("not held: %w", blob.ErrNotFound)
 	case "past-end":
@@ -133,6 +135,9 @@ func setup(t *testing.T, behaviours ...string) (*Source, *fakeFinder, *fakeGette
 		f.peers = append(f.peers, peer.AddrInfo{ID: id})
 	}
 	s := newSource(newPeerID(t), f, g, nil, nil, 20*time.Millisecond, 1)
+	// These tests say which provider is asked first: the DHT's order.
+	// Spreading over holders is tested on its own (TestSpread...).
+	s.noSpread = true
 	return s, f, g, ids
 }
 

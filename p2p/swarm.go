@@ -124,11 +124,12 @@ func (s *Source) FetchShared(ctx context.Context, k blob.Key, off, n int64) (blo
 		// the origin right now, or believe they own it too (then they answer
 		// within the cache's peerStageWait): no cycle of waits is possible.
 		s.swarmChunks.WithLabelValues("self").Inc()
+		ps = s.spread(k, off, ps)
 	} else {
 		s.swarmChunks.WithLabelValues("peer").Inc()
-		// The owner first; the others keep their DHT order behind it.
+		// The owner first; the others behind it, spread like any chunk.
 		i := slices.IndexFunc(ps, func(p peer.AddrInfo) bool { return p.ID == own })
-		ps = append([]peer.AddrInfo{ps[i]}, slices.Delete(slices.Clone(ps), i, i+1)...)
+		ps = append([]peer.AddrInfo{ps[i]}, s.spread(k, off, slices.Delete(slices.Clone(ps), i, i+1))...)
 	}
 	res, rest, err := s.hedgedOpt(ctx, ps, k, off, n, false)
 	if err != nil {

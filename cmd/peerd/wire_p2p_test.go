@@ -23,6 +23,18 @@ func TestP2PFlagsValidate(t *testing.T) {
 	if err := parse().validate(); err != nil {
 		t.Fatalf("defaults refused: %v", err)
 	}
+	if err := parse("--peer-upload-rate=20MiB", "--peer-upload-streams=4").validate(); err != nil {
+		t.Fatalf("an upload cap refused: %v", err)
+	}
+	for _, bad := range []string{"--peer-upload-rate=fast", "--peer-upload-rate=-5MiB", "--peer-upload-streams=many"} {
+		var c p2pConfig
+		fs := flag.NewFlagSet("run", flag.ContinueOnError)
+		fs.SetOutput(io.Discard)
+		registerP2PFlags(fs, &c)
+		if err := fs.Parse([]string{bad}); err == nil && c.validate() == nil {
+			t.Errorf("%s accepted", bad)
+		}
+	}
 	if err := parse("--miss-hedge=2s", "--resolve-timeout=2s").validate(); err != nil {
 		t.Fatalf("--miss-hedge=2s refused: %v", err)
 	}
@@ -35,6 +47,10 @@ func TestP2PFlagsValidate(t *testing.T) {
 		{"--swarm-wait=10s"},
 		{"--reprovide-interval=30s"},
 		{"--resolve-retries=11"},
+		{"--peer-upload-streams=0"},
+		{"--peer-upload-streams=-3"},
+		{"--peer-upload-streams=5000"},
+		{"--peer-upload-rate=1KiB"},
 	} {
 		err := parse(bad...).validate()
 		name := strings.SplitN(bad[0], "=", 2)[0]
