@@ -133,10 +133,22 @@ func (r gateReader) Read([]byte) (int, error) { <-r.gate; return 0, io.EOF }
 func TestBusyHolderSendsAskersElsewhere(t *testing.T) {
 	a := startNode(t, nil)
 	c := startNode(t, nil, a)
-	data := make([]byte, 1<<20)
+	data := make([]byte, 16<<20)
 	rand.Read(data)
 	k := a.store.put(data)
 	c.store.put(data)
+	// The askers read a chunk a ranks first for (spread), so all of them
+	// ask a before c.
+	off := int64(-1)
+	for o := int64(0); o < int64(len(data)); o += 1 << 20 {
+		if rank(k, o, []peer.ID{a.ID(), c.ID()})[0] == a.ID() {
+			off = o
+			break
+		}
+	}
+	if off < 0 {
+		t.Fatal("a ranks first for none of 16 chunks")
+	}
 	gate := make(chan struct{})
 	a.server.up = newUploads(1, 0, a.m.uploadsInFlight)
 	a.AddStore(gatedStore{data: data, k: k, gate: gate})
@@ -182,12 +194,12 @@ func TestBusyHolderSendsAskersElsewhere(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			rc, _, err := b.Source().Fetch(context.Background(), k, 0, int64(len(data)))
+			rc, _, err := b.Source().Fetch(context.Background(), k, off, 1<<20)
 			if err == nil {
 				var got []byte
 				got, err = io.ReadAll(rc)
 				rc.Close()
-				if err == nil && !bytes.Equal(got, data) {
+				if err == nil && !bytes.Equal(got, data[off:off+1<<20]) {
 					err = errors.New("bytes differ")
 				}
 			}
