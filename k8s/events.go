@@ -51,6 +51,7 @@ type Events struct {
 	broadcaster record.EventBroadcaster
 	rec         record.EventRecorder
 	ref         *corev1.ObjectReference
+	zone        string // the Node's zone label, read with its UID
 
 	// P2PActive sits on the data path: lock-free.
 	lastActive   atomic.Int64 // unix nanos of the last P2PActive
@@ -84,12 +85,19 @@ func NewEvents(ctx context.Context, opts EventsOptions) *Events {
 		e.log.Warn("cannot read the Node object; Events refer to it by name", "err", err)
 	} else {
 		e.ref.UID = node.UID
+		e.zone = node.Labels[ZoneLabel]
 	}
 	e.broadcaster = record.NewBroadcaster(record.WithContext(ctx))
 	e.broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: opts.Client.CoreV1().Events("")})
 	e.rec = e.broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "peerd", Host: opts.NodeName})
 	return e
 }
+
+// ZoneLabel is the Node label that names its zone.
+const ZoneLabel = "topology.kubernetes.io/zone"
+
+// Zone is the Node's zone label as read at start ("" when none or unread).
+func (e *Events) Zone() string { return e.zone }
 
 // Enabled reports whether Events go anywhere.
 func (e *Events) Enabled() bool { return e.rec != nil }

@@ -105,3 +105,17 @@ func TestEventsOffWithoutClient(t *testing.T) {
 	e.Failed(context.Background(), errors.New("x"))
 	e.Close()
 }
+
+func TestEventsReadTheNodesZoneLabel(t *testing.T) {
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n", UID: "u1", Labels: map[string]string{ZoneLabel: "eu-west-1b"}}}
+	e := NewEvents(context.Background(), EventsOptions{Client: fake.NewClientset(node), NodeName: "n"})
+	defer e.Close()
+	if e.Zone() != "eu-west-1b" {
+		t.Fatalf("zone %q, want the Node's label", e.Zone())
+	}
+	bare := NewEvents(context.Background(), EventsOptions{Client: fake.NewClientset(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n"}}), NodeName: "n"})
+	defer bare.Close()
+	if bare.Zone() != "" {
+		t.Fatalf("zone %q for a Node without the label", bare.Zone())
+	}
+}

@@ -26,8 +26,9 @@ type dataClient struct {
 	n    *Node
 	base *tls.Config
 
-	mu    sync.Mutex
-	peers map[peer.ID]*peerConn
+	mu     sync.Mutex
+	peers  map[peer.ID]*peerConn
+	asking map[peer.ID]bool // learnZones in flight
 }
 
 // peerConn is the kept-alive HTTP transport to one peer: its TLS config
@@ -163,9 +164,16 @@ func (c *dataClient) askAddr(ctx context.Context, p peer.ID) (string, error) {
 	if dl, ok := ctx.Deadline(); ok {
 		st.SetDeadline(dl)
 	}
-	line, err := bufio.NewReader(io.LimitReader(st, 256)).ReadString('\n')
+	br := bufio.NewReader(io.LimitReader(st, 256))
+	line, err := br.ReadString('\n')
 	if err != nil {
 		return "", fmt.Errorf("read data-plane address: %w", err)
+	}
+	// An optional second line names the peer's zone (older peers send none).
+	if z, err := br.ReadString('\n'); err == nil {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(z), "zone="); ok {
+			c.n.zones.learn(p, cleanZone(v))
+		}
 	}
 	var remote net.IP
 	if ip, err := manet.ToIP(st.Conn().RemoteMultiaddr()); err == nil {
@@ -291,6 +299,7 @@ func (b *countingBody) Read(p []byte) (int, error) {
 func (b *countingBody) Close() error {
 	b.once.Do(func() {
 		b.n.stats.add(Received, b.p, b.total)
+		b.n.m.receivedByZone.WithLabelValues(b.n.zones.relation(b.p)).Add(float64(b.total))
 		b.n.peerHooks(Received, b.p, b.total)
 	})
 	return b.rc.Close()

@@ -28,6 +28,7 @@ type metrics struct {
 	uploadsInFlight prometheus.Gauge
 	busyReceived    prometheus.Counter
 	busyWait        prometheus.Histogram
+	receivedByZone  *prometheus.CounterVec // relation: same, cross, unknown
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -92,6 +93,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		busyReceived: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "peerd_p2p_busy_answers_received_total", Help: "Busy answers (503) from providers at their upload bound; the asker tried another provider (no avoidance). Busy answers sent: peerd_p2p_serve_requests_total{result=\"busy\"}.",
 		}),
+		receivedByZone: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "peerd_p2p_received_bytes_by_zone_total",
+			Help: "Blob bytes received from peers by zone relation: same (the peer told the same --zone), cross, unknown (either zone not set).",
+		}, []string{"relation"}),
 		busyWait: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "peerd_p2p_busy_wait_seconds", Help: "Time a fetch waited because every provider holding the bytes was busy (up to --swarm-wait, then the origin).",
 			Buckets: []float64{0.1, 0.25, 0.5, 1, 2, 4, 8, 16},
@@ -104,7 +109,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	if reg != nil {
 		reg.MustRegister(m.lookupSeconds, m.lookupCache, m.receivedBytes, m.servedBytes, m.serveRequests,
 			m.peerErrors, m.hedges, m.resumes, m.blames, m.provides, m.provideSecs, m.advertised, m.dials, m.records, m.refused, m.handshakes,
-			m.uploadsInFlight, m.busyReceived, m.busyWait)
+			m.uploadsInFlight, m.busyReceived, m.busyWait, m.receivedByZone)
 	}
 	return m
 }

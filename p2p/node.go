@@ -63,6 +63,8 @@ type Config struct {
 	// PeerBook, when set, is a file where the node remembers the peers it
 	// was connected to, and dials them after a restart (peerbook.go).
 	PeerBook string
+	// Zone is the zone the node tells its peers (SetZone changes it).
+	Zone string
 	// UploadStreams bounds the transfers the node serves peers at once
 	// (DefaultUploadStreams when 0), each asker held to its fair share;
 	// UploadRate, when positive, caps the bytes per second of all of them
@@ -113,6 +115,7 @@ type Node struct {
 	hooksMu sync.RWMutex
 	hooks   []func(Direction, peer.ID, int64)
 	stats   peerStats // bytes to and from each peer
+	zones   zones     // this node's zone and its peers'
 
 	closeOnce sync.Once
 	closeErr  error
@@ -208,9 +211,12 @@ func (n *Node) startDataPlane() error {
 		return err
 	}
 	n.source = newSource(n.self, &dhtFinder{n: n}, n.client, n.m, n.log, n.cfg.ResolveTimeout, n.cfg.ResolveRetries)
+	n.source.zones = &n.zones
+	n.source.learnZones = n.client.learnZones
 	n.source.bg = n.ctx
 	n.adv = newBlobAdvertiser(n, n.cfg.ReprovideInterval)
 	n.holders = newHolders(n.adv)
+	n.SetZone(n.cfg.Zone)
 	return nil
 }
 

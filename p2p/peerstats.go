@@ -66,6 +66,7 @@ type PeerInfo struct {
 	Failures       int           // consecutive failed transfers
 	LastFailure    string
 	AvoidedUntil   time.Time // zero when it is asked as usual
+	Zone           string    // the zone it told ("" when unknown)
 }
 
 // Peers lists the connected peers and the others the node exchanged bytes
@@ -114,6 +115,7 @@ func (n *Node) Peers() []PeerInfo {
 		if pi.Connected {
 			pi.RTT = ps.LatencyEWMA(p)
 		}
+		pi.Zone = n.zones.of(p)
 		out = append(out, *pi)
 	}
 	sort.Slice(out, func(i, j int) bool {
@@ -133,7 +135,6 @@ type namedStore struct {
 	LocalStore
 	name string
 }
-
 
 // recordServe adds a transfer to a peer to the log, folded into the record
 // of the same peer and blob when it follows it closely.

@@ -21,10 +21,10 @@ import (
 )
 
 type dataServer struct {
-	n    *Node
-	ln   net.Listener
-	srv  *http.Server
-	up   *uploads // admits and paces transfers to peers
+	n   *Node
+	ln  net.Listener
+	srv *http.Server
+	up  *uploads // admits and paces transfers to peers
 
 	mu     sync.RWMutex
 	stores []LocalStore
@@ -125,7 +125,9 @@ func (s *dataServer) answerAddr(st network.Stream) {
 	if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
 		host = ""
 	}
-	fmt.Fprintf(st, "%s\n", net.JoinHostPort(host, port))
+	// A second line tells the asker our zone; askers that read one line
+	// only see the address.
+	fmt.Fprintf(st, "%s\nzone=%s\n", net.JoinHostPort(host, port), s.n.Zone())
 }
 
 func (s *dataServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {

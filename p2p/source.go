@@ -64,6 +64,10 @@ type Source struct {
 	// noSpread keeps the DHT's order of providers (tests that name the
 	// provider asked first).
 	noSpread bool
+	// zones, when set, puts holders in this node's zone first;
+	// learnZones asks, in the background, the zones not known yet.
+	zones      *zones
+	learnZones func([]peer.AddrInfo)
 }
 
 func newSource(self peer.ID, f providerFinder, g rangeGetter, m *metrics, log *slog.Logger, timeout time.Duration, retries int) *Source {
@@ -186,10 +190,16 @@ func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, k blob.Key, 
 // different chunks start at different holders, so a blob many nodes read
 // is served by all of its holders instead of the first the DHT returned.
 func (s *Source) spread(k blob.Key, off int64, ps []peer.AddrInfo) []peer.AddrInfo {
-	if s.noSpread {
-		return ps
+	if !s.noSpread {
+		ps = spread(k, off, ps)
 	}
-	return spread(k, off, ps)
+	if s.zones != nil && s.zones.mine() != "" {
+		if s.learnZones != nil {
+			s.learnZones(ps)
+		}
+		ps = s.zones.sameZoneFirst(ps)
+	}
+	return ps
 }
 
 func spread(k blob.Key, off int64, ps []peer.AddrInfo) []peer.AddrInfo {

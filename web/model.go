@@ -50,6 +50,7 @@ type Node struct {
 	Bootstrap    string    `json:"bootstrap"`             // the bootstrap mode, e.g. "lease", "dns", "static", "none"
 	RoutingTable int       `json:"routingTable"`          // peers in the DHT routing table
 	Runtime      string    `json:"runtime"`               // "containerd" or "none"
+	Zone         string    `json:"zone,omitempty"`
 }
 
 // Peer is a node this one is connected to or has dealt with.
@@ -64,6 +65,7 @@ type Peer struct {
 	Failures       int           `json:"failures"` // recent failed transfers
 	LastFailure    string        `json:"lastFailure,omitempty"`
 	AvoidedUntil   time.Time     `json:"avoidedUntil,omitzero"` // zero when not avoided
+	Zone           string        `json:"zone,omitempty"`
 }
 
 // Cache is the cache's totals.

@@ -31,7 +31,7 @@ func (v debugView) Snapshot() web.Snapshot {
 		for _, p := range a.p2p.Peers() {
 			s.Peers = append(s.Peers, web.Peer{ID: p.ID.String(), Addr: p.Addr, Connected: p.Connected,
 				ConnectedSince: p.ConnectedSince, RTT: p.RTT, ServedTo: p.ServedTo, ReadFrom: p.ReadFrom,
-				Failures: p.Failures, LastFailure: p.LastFailure, AvoidedUntil: p.AvoidedUntil})
+				Failures: p.Failures, LastFailure: p.LastFailure, AvoidedUntil: p.AvoidedUntil, Zone: p.Zone})
 		}
 	}
 	for _, p := range a.cache.Pulls() {
@@ -67,6 +67,7 @@ func (v debugView) node() web.Node {
 		}
 		n.PeerAddr = a.p2p.PeerAddr()
 		n.RoutingTable = a.p2p.RoutingTableSize()
+		n.Zone = a.p2p.Zone()
 	} else {
 		n.Bootstrap = "none (p2p off)"
 	}

@@ -127,6 +127,10 @@ func startK8s(ctx context.Context, a *app) error {
 	})
 	a.onFatal = append(a.onFatal, events.Failed)
 	a.events = events
+	if z := events.Zone(); z != "" && a.p2p != nil && a.cfg.P2P.Zone == "" {
+		a.p2p.SetZone(z)
+		a.log.Info("zone from the Node's label", "zone", a.p2p.Zone(), "label", k8s.ZoneLabel)
+	}
 
 	host := k8sHost{a.p2p}
 	if a.p2p != nil && events.Enabled() {

@@ -28,6 +28,7 @@ type p2pConfig struct {
 	MissHedge         time.Duration
 	UploadStreams     int
 	UploadRate        byteSize
+	Zone              string
 }
 
 func registerP2PFlags(fs *flag.FlagSet, c *p2pConfig) {
@@ -40,6 +41,7 @@ func registerP2PFlags(fs *flag.FlagSet, c *p2pConfig) {
 	fs.DurationVar(&c.ReprovideInterval, "reprovide-interval", time.Hour, "how often held blobs are advertised again")
 	fs.DurationVar(&c.SwarmGather, "swarm-gather", 250*time.Millisecond, "when the first lookup of a blob this node starts pulling finds nobody, the chunk the reader waits for comes from the origin at once and the rest of the pull looks again after this long, to see nodes that started at the same moment: a cold burst then fetches each chunk about once (0: no second look, each node fetches its first read-ahead window itself)")
 	fs.DurationVar(&c.MissHedge, "miss-hedge", 10*time.Millisecond, "how long a cold read's first chunk waits for the blob's first DHT lookup before it starts from the origin anyway (the lookup's answer may still hand the chunk to a peer): longer saves origin bytes when lookups are slow, at the price of a cold miss's first byte (with --swarm-gather 0 the chunk waits for the lookup, up to --resolve-timeout)")
+	fs.StringVar(&c.Zone, "zone", "", "this node's zone, told to peers: readers prefer holders in their own zone (default in Kubernetes: the Node's topology.kubernetes.io/zone label)")
 	fs.IntVar(&c.UploadStreams, "peer-upload-streams", p2p.DefaultUploadStreams, "most transfers this node serves peers at once, each asker held to its fair share; past it askers are told \"busy\" and read from another holder")
 	fs.Var(&c.UploadRate, "peer-upload-rate", "cap on the bytes per second this node serves all peers together, e.g. 20MiB (0: no cap); never applies to the node's own clients")
 	fs.DurationVar(&c.SwarmWait, "swarm-wait", 8*time.Second, "how long this node lets a peer wait for a chunk of a blob both are pulling when the chunk is this node's to fetch from the origin (0: answer \"don't have\" at once, no swarming)")
@@ -103,6 +105,7 @@ func startP2P(ctx context.Context, a *app) error {
 		UserAgent:         "peerd/" + version,
 		PeerBook:          filepath.Join(a.cfg.DataDir, "peers.json"),
 		Transfers:         a.transfers,
+		Zone:              c.Zone,
 		UploadStreams:     c.UploadStreams,
 		UploadRate:        int64(c.UploadRate),
 		Stores: []p2p.LocalStore{p2p.LocalStoreFunc(func(k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
