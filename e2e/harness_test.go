@@ -1021,7 +1021,16 @@ func (c *cluster) metricsText(n *node) (string, error) {
 
 // peerServed sums the bytes every running node served to peers.
 func (c *cluster) peerServed() int64 {
-	var total float64
+	var total int64
+	for _, v := range c.servedByNode() {
+		total += v
+	}
+	return total
+}
+
+// servedByNode is the bytes each running node served to peers, by node index.
+func (c *cluster) servedByNode() map[int]int64 {
+	out := map[int]int64{}
 	for _, n := range c.nodes {
 		if n.peerd == nil || !n.peerd.Running() {
 			continue
@@ -1031,9 +1040,9 @@ func (c *cluster) peerServed() int64 {
 			c.t.Logf("%s: metrics: %v", n.name(), err)
 			continue
 		}
-		total += v
+		out[n.i] = int64(v)
 	}
-	return int64(total)
+	return out
 }
 
 // pull runs ctr's pull inside the node's namespace through its hosts dir

@@ -130,6 +130,7 @@ func (c *cluster) staggered(t *testing.T) {
 	im := c.pushImage(ctx, "s1", 1)
 	defer c.removeEverywhere(im)
 	e0, s0, u0 := c.egress(), c.peerServed(), c.upstreamSnapshot()
+	up0 := c.servedByNode()
 	defer c.logUpstream(t, u0)
 	first, err := c.pull(ctx, c.nodes[0], im.ref)
 	if err != nil {
@@ -141,8 +142,14 @@ func (c *cluster) staggered(t *testing.T) {
 	}
 	egress := c.egress() - e0
 	p50, mx := stats(ds)
+	// The rollout's load on the busiest uploader (issue 22 measures it).
+	var most int64
+	for i, v := range c.servedByNode() {
+		most = max(most, v-up0[i])
+	}
 	c.report(row{scenario: "1-staggered", nodes: len(c.nodes), size: im.size, first: first, p50: p50, max: mx,
-		egress: egress, peerServed: c.peerServed() - s0, note: c.containerdNote()})
+		egress: egress, peerServed: c.peerServed() - s0,
+		note: fmt.Sprintf("%s; most one node uploaded: %s (%.1f× the image)", c.containerdNote(), human(most), float64(most)/float64(im.size))})
 	if limit := im.size * 11 / 10; egress > limit {
 		t.Errorf("registry sent %s for a %s image pulled by %d nodes; want at most 1.1× the image (%s)", human(egress), human(im.size), len(c.nodes), human(limit))
 	}	// What an operator sees on a follower right after its pull.
