@@ -152,7 +152,8 @@ func (c *cluster) staggered(t *testing.T) {
 		note: fmt.Sprintf("%s; most one node uploaded: %s (%.1f× the image)", c.containerdNote(), human(most), float64(most)/float64(im.size))})
 	if limit := im.size * 11 / 10; egress > limit {
 		t.Errorf("registry sent %s for a %s image pulled by %d nodes; want at most 1.1× the image (%s)", human(egress), human(im.size), len(c.nodes), human(limit))
-	} // What an operator sees on a follower right after its pull.
+	}
+	// What an operator sees on a follower right after its pull.
 	c.checkDebugPage(t, c.nodes[len(c.nodes)-1], im)
 }
 
