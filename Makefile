@@ -15,7 +15,7 @@ RUN_ALLOW ?= 127.0.0.1,localhost
 RUN_MOUNT ?= $(if $(filter 0,$(shell id -u)),$(RUN_DATA)/blobs,)
 RUN_FLAGS ?=
 
-.PHONY: help build run test test-unit fuzz e2e bench lint tidy clean reliability
+.PHONY: help build image release-check run test test-unit fuzz e2e bench lint tidy clean reliability
 # Tests that prove a row of the README's Reliability table append it here (internal/reliability).
 RELIABILITY_ROWS ?= $(CURDIR)/bin/reliability.jsonl
 
@@ -24,6 +24,26 @@ help: ## list the targets
 
 build: ## build bin/peerd (static)
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/peerd
+
+# make image: the OCI image without a container engine (internal/ociimage): the binary of make build,
+# cross-compiled per platform, on a minimal base; an OCI layout in bin/image/, pushed when IMAGE is set.
+# Every timestamp is SOURCE_DATE_EPOCH, by default the commit's time, so the digests are reproducible.
+IMAGE_PLATFORMS ?= linux/amd64 linux/arm64
+IMAGE ?=
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
+REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+image: ## build the multi-platform OCI image into bin/image/ (IMAGE=<ref> also pushes it)
+	@mkdir -p bin/image-build
+	$(GO) build -o bin/mkimage ./internal/ociimage/cmd/mkimage
+	set -e; args=""; for p in $(IMAGE_PLATFORMS); do \
+	  os=$${p%/*}; arch=$${p#*/}; out=bin/image-build/peerd-$$os-$$arch; \
+	  CGO_ENABLED=0 GOOS=$$os GOARCH=$$arch $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $$out ./cmd/peerd; \
+	  args="$$args -bin $$p=$$out"; \
+	done; \
+	bin/mkimage -out bin/image -version '$(VERSION)' -revision '$(REVISION)' -epoch '$(SOURCE_DATE_EPOCH)' $(if $(IMAGE),-push '$(IMAGE)') $$args
+
+release-check: image ## fail unless the chart's default image, appVersion and the image's labels agree with VERSION
+	bin/mkimage -release-check deploy/helm/peerd -out bin/image -version '$(VERSION)'
 
 run: build ## run one node on 127.0.0.1:30000 with its data under ./.peerd-data
 	$(BIN) run --data-dir $(RUN_DATA)/data --http-addr 127.0.0.1:30000 --p2p-addr /ip4/127.0.0.1/tcp/30001 \
