@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/peerd-project/peerd/fusefs"
@@ -65,7 +66,13 @@ func startFUSE(ctx context.Context, a *app) error {
 		Registerer:         a.reg,
 	})
 	if err != nil {
-		return fmt.Errorf("--mount %s (--mount= disables the blob filesystem): %w", c.Mount, err)
+		// A node that cannot mount FUSE (no /dev/fuse, no privilege) still
+		// serves the mirror and its peers: it keeps running and /readyz
+		// names the problem, instead of crash-looping every face away.
+		err = fmt.Errorf("blob filesystem not mounted at --mount %s: %s (fix: load the fuse module and give peerd /dev/fuse and CAP_SYS_ADMIN, e.g. a privileged container, then restart; or pass --mount= to run without it)", c.Mount, strings.TrimSpace(err.Error()))
+		a.log.Error("blob filesystem unavailable; the other faces keep serving", "err", err)
+		a.readyChecks = append(a.readyChecks, func() error { return err })
+		return nil
 	}
 	a.onStop(f.Close)
 	a.fuse = f

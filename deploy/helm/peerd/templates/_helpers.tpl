@@ -44,8 +44,22 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{/* The address containerd (on the same node) uses to reach peerd. */}}
+{{/* Where containerd on the node reaches the HTTP face: its bind address,
+or loopback when it binds every address. */}}
+{{- define "peerd.localHost" -}}
+{{- $b := toString .Values.http.bindAddress -}}
+{{- if or (eq $b "0.0.0.0") (eq $b "::") (eq $b "") -}}127.0.0.1{{- else -}}{{ $b }}{{- end -}}
+{{- end -}}
+
 {{- define "peerd.mirrorURL" -}}
-{{- printf "http://127.0.0.1:%v" .Values.http.port -}}
+{{- printf "http://%s:%v" (include "peerd.localHost" .) .Values.http.port -}}
+{{- end -}}
+
+{{/* The probes' host: the bind address unless it is every address (then
+kubelet's default, the pod IP, which is the node IP under hostNetwork). */}}
+{{- define "peerd.probeHost" -}}
+{{- $b := toString .Values.http.bindAddress -}}
+{{- if not (or (eq $b "0.0.0.0") (eq $b "::") (eq $b "")) -}}{{ $b }}{{- end -}}
 {{- end -}}
 
 {{- define "peerd.registries" -}}
