@@ -30,6 +30,7 @@ build: ## build bin/peerd (static)
 # Every timestamp is SOURCE_DATE_EPOCH, by default the commit's time, so the digests are reproducible.
 IMAGE_PLATFORMS ?= linux/amd64 linux/arm64
 IMAGE ?=
+IMAGE_OUT ?= bin/image
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
 REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 image: ## build the multi-platform OCI image into bin/image/ (IMAGE=<ref> also pushes it)
@@ -40,10 +41,10 @@ image: ## build the multi-platform OCI image into bin/image/ (IMAGE=<ref> also p
 	  CGO_ENABLED=0 GOOS=$$os GOARCH=$$arch $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $$out ./cmd/peerd; \
 	  args="$$args -bin $$p=$$out"; \
 	done; \
-	bin/mkimage -out bin/image -version '$(VERSION)' -revision '$(REVISION)' -epoch '$(SOURCE_DATE_EPOCH)' $(if $(IMAGE),-push '$(IMAGE)') $$args
+	bin/mkimage -out $(IMAGE_OUT) -version '$(VERSION)' -revision '$(REVISION)' -epoch '$(SOURCE_DATE_EPOCH)' $(if $(IMAGE),-push '$(IMAGE)') $$args
 
 release-check: image ## fail unless the chart's default image, appVersion and the image's labels agree with VERSION
-	bin/mkimage -release-check deploy/helm/peerd -out bin/image -version '$(VERSION)'
+	bin/mkimage -release-check deploy/helm/peerd -out $(IMAGE_OUT) -version '$(VERSION)'
 
 run: build ## run one node on 127.0.0.1:30000 with its data under ./.peerd-data
 	$(BIN) run --data-dir $(RUN_DATA)/data --http-addr 127.0.0.1:30000 --p2p-addr /ip4/127.0.0.1/tcp/30001 \

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds containerd 2.x and ctr from containerd's Go module (the version go.mod
+# Builds containerd 2.x, ctr and the runc shim (containerd-shim-runc-v2, for
+# itest/cri_test.go, which runs containers) from containerd's Go module (the version go.mod
 # pins, or $CONTAINERD_VERSION) into $TOOLS_CACHE/containerd-<version>/ and
 # prints that folder. Debian ships only containerd 1.6; the integration tests
 # need a 2.x daemon too. A build that already exists is reused.
@@ -15,7 +16,7 @@ if [ -z "$version" ]; then
 fi
 cache="${TOOLS_CACHE:-$HOME/.cache/peerd-tools}"
 out="$cache/containerd-$version"
-if [ -x "$out/containerd" ] && [ -x "$out/ctr" ]; then
+if [ -x "$out/containerd" ] && [ -x "$out/ctr" ] && [ -x "$out/containerd-shim-runc-v2" ]; then
   echo "$out"
   exit 0
 fi
@@ -29,7 +30,7 @@ cd "$work"
 "$GO" get "github.com/containerd/containerd/v2@$version" >&2
 tmpout="$work/bin"
 mkdir -p "$tmpout"
-for cmd in containerd ctr; do
+for cmd in containerd ctr containerd-shim-runc-v2; do
   echo "containerd2.sh: building $cmd $version" >&2
   CGO_ENABLED=0 "$GO" build -trimpath -mod=mod \
     -tags 'no_btrfs no_devmapper no_zfs no_aufs' \
@@ -39,5 +40,12 @@ done
 # Publish atomically so a concurrent or interrupted run never leaves half a folder.
 rm -rf "$out.tmp.$$"
 mv "$tmpout" "$out.tmp.$$"
-mv -T "$out.tmp.$$" "$out" 2>/dev/null || { rm -rf "$out.tmp.$$"; [ -x "$out/containerd" ] || exit 1; }
+if ! mv -T "$out.tmp.$$" "$out" 2>/dev/null; then
+  # A folder from an older build (or a concurrent run): add what it lacks,
+  # each file renamed into place whole.
+  for cmd in containerd ctr containerd-shim-runc-v2; do
+    [ -x "$out/$cmd" ] || mv "$out.tmp.$$/$cmd" "$out/$cmd"
+  done
+  rm -rf "$out.tmp.$$"
+fi
 echo "$out"

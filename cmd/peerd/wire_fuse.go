@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -69,6 +70,10 @@ func startFUSE(ctx context.Context, a *app) error {
 		// A node that cannot mount FUSE (no /dev/fuse, no privilege) still
 		// serves the mirror and its peers: it keeps running and /readyz
 		// names the problem, instead of crash-looping every face away.
+		if _, serr := os.Stat("/dev/fuse"); serr != nil {
+			// The mount's own error names the fallback (fusermount) that failed last.
+			err = fmt.Errorf("no /dev/fuse (%w); %w", serr, err)
+		}
 		err = fmt.Errorf("blob filesystem not mounted at --mount %s: %s (fix: load the fuse module and give peerd /dev/fuse and CAP_SYS_ADMIN, e.g. a privileged container, then restart; or pass --mount= to run without it)", c.Mount, strings.TrimSpace(err.Error()))
 		a.log.Error("blob filesystem unavailable; the other faces keep serving", "err", err)
 		a.readyChecks = append(a.readyChecks, func() error { return err })
