@@ -54,7 +54,8 @@ run: build ## run one node on 127.0.0.1:30000 with its data under ./.peerd-data
 # cached tools the integration tests need), then go test -json through testsummary, which prints
 # go test's usual output and ends with a summary listing every skipped test and its reason. The
 # exit status is go test's; under CI=true a skip for a missing environment fails the run too.
-test: lint ## run every test (unit + integration with real processes), after tools/test-setup.sh; as root nothing is skipped
+# make image comes first: the release check and itest/cri_test.go build on the same tool.
+test: lint image ## run every test (unit + integration with real processes), after tools/test-setup.sh; as root nothing is skipped
 	bash tools/test-setup.sh
 	mkdir -p bin && rm -f $(RELIABILITY_ROWS)
 	$(GO) build -o bin/testsummary ./internal/testsummary/cmd/testsummary
