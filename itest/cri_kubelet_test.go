@@ -74,6 +74,7 @@ func startCRINode(t *testing.T, ctrdDir string) *criNode {
 	if err != nil {
 		testenv.Missing(t, "runc not installed", "apt-get install runc; tools/test-setup.sh does as root")
 	}
+	// runc keeps its state under dir (Root), apart from a node's containerd.
 	// Host network needs no CNI plugin; the CRI plugin still wants its
 	// folders, which stay empty here.
 	cfg := fmt.Sprintf(`version = 3
@@ -116,13 +117,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
         BinaryName = %[10]q
+        Root = %[13]q
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.%[11]s]
       runtime_type = "io.containerd.runc.v2"
       privileged_without_host_devices = true
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.%[11]s.options]
         BinaryName = %[10]q
+        Root = %[13]q
 `, filepath.Join(dir, "root"), filepath.Join(dir, "state"), n.sock, n.sock+".ttrpc", filepath.Join(dir, "opt"),
-		criSandboxImage, n.hostsDir, filepath.Join(dir, "cni/bin"), filepath.Join(dir, "cni/net.d"), runc, criNoDevHandler, runtime.GOARCH)
+		criSandboxImage, n.hostsDir, filepath.Join(dir, "cni/bin"), filepath.Join(dir, "cni/net.d"), runc, criNoDevHandler, runtime.GOARCH, filepath.Join(dir, "runc"))
 	writeFile(t, n.config, cfg)
 
 	logf, err := os.Create(filepath.Join(dir, "containerd.log"))
