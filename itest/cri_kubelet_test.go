@@ -26,6 +26,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/peerd-project/peerd/internal/testenv"
+	"github.com/peerd-project/peerd/internal/testproc"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	corev1 "k8s.io/api/core/v1"
@@ -146,7 +147,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 		n.stop(t)
 		if t.Failed() {
 			b, _ := os.ReadFile(filepath.Join(dir, "containerd.log"))
-			t.Logf("--- containerd log (%s) ---\n%s", dir, ctrdTail(string(b), 60))
+			t.Logf("--- containerd log (%s) ---\n%s", dir, testproc.LastLines(string(b), 60))
 		}
 		// Mounts left by a failed run would keep the folder from going away.
 		unmountUnder(dir)

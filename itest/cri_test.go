@@ -15,6 +15,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/peerd-project/peerd/internal/ociimage"
 	"github.com/peerd-project/peerd/internal/testenv"
+	"github.com/peerd-project/peerd/internal/testproc"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -96,7 +97,7 @@ func TestChartPodCRI(t *testing.T) {
 	reg.reset()
 	before := peerd.Metric(t, "peerd_oci_responses_total", "kind=blob")
 	if _, err := n.img.PullImage(n.ctx(t, 3*time.Minute), &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: reg.Host + "/team/app:v1"}}); err != nil {
-		t.Fatalf("CRI PullImage: %v\n%s", err, ctrdTail(pod.logs(main.Name), 20))
+		t.Fatalf("CRI PullImage: %v\n%s", err, testproc.LastLines(pod.logs(main.Name), 20))
 	}
 	served := peerd.Metric(t, "peerd_oci_responses_total", "kind=blob") - before
 	t.Logf("CRI pull of %s: peerd's mirror answered %v blob requests; registry blob bytes %d", reg.Host+"/team/app:v1", served, reg.blobBytes.Load())
@@ -121,20 +122,20 @@ func TestChartPodCRI(t *testing.T) {
 	st := pod.stop(t, main.Name)
 	t.Logf("stop: exit code %d, reason %s, after %v", st.ExitCode, st.Reason, time.Duration(st.FinishedAt-st.StartedAt))
 	if st.ExitCode != 0 {
-		t.Fatalf("peerd did not stop within the grace period by itself: exit %d (%s)\n%s", st.ExitCode, st.Reason, ctrdTail(pod.logs(main.Name), 20))
+		t.Fatalf("peerd did not stop within the grace period by itself: exit %d (%s)\n%s", st.ExitCode, st.Reason, testproc.LastLines(pod.logs(main.Name), 20))
 	}
 	if mounted(t, filepath.Join(good.mountPath, "blobs")) {
 		t.Fatal("the blob filesystem is still mounted on the host after the container stopped")
 	}
 	if !strings.Contains(pod.logs(main.Name), "unmounted blob filesystem") {
-		t.Fatalf("no unmount in the log:\n%s", ctrdTail(pod.logs(main.Name), 20))
+		t.Fatalf("no unmount in the log:\n%s", testproc.LastLines(pod.logs(main.Name), 20))
 	}
 	pod.remove(t, main.Name)
 	pod.start(t, main)
 	waitProbe(t, pod, main, main.ReadinessProbe, "readiness after a restart", 200)
 	loaded := logRecord(pod.logs(main.Name), "cache loaded")
 	if loaded == nil || loaded["blobs"] == nil || loaded["blobs"].(float64) < 1 {
-		t.Fatalf("the restarted peerd found no cache: %v\n%s", loaded, ctrdTail(pod.logs(main.Name), 20))
+		t.Fatalf("the restarted peerd found no cache: %v\n%s", loaded, testproc.LastLines(pod.logs(main.Name), 20))
 	}
 	t.Logf("restart: cache loaded with %v blobs, %v bytes", loaded["blobs"], loaded["bytes"])
 	got, err = os.ReadFile(fusePath)
@@ -171,7 +172,7 @@ func TestChartPodCRI(t *testing.T) {
 	}
 	logs := bpod.logs(bmain.Name)
 	if r := logRecord(logs, "blob filesystem unavailable; the other faces keep serving"); r == nil || !strings.Contains(fmt.Sprint(r["err"]), "fuse") {
-		t.Fatalf("the log does not say the mount failed and what to fix:\n%s", ctrdTail(logs, 30))
+		t.Fatalf("the log does not say the mount failed and what to fix:\n%s", testproc.LastLines(logs, 30))
 	}
 	ctrdWaitFor(t, 30*time.Second, "the log names the missing containerd socket and the fix", func() bool {
 		logs = bpod.logs(bmain.Name)
@@ -182,7 +183,7 @@ func TestChartPodCRI(t *testing.T) {
 		t.Fatalf("/v2/ of the degraded node: %d", code)
 	}
 	if st := bpod.stop(t, bmain.Name); st.ExitCode != 0 {
-		t.Fatalf("degraded peerd stop: exit %d\n%s", st.ExitCode, ctrdTail(bpod.logs(bmain.Name), 20))
+		t.Fatalf("degraded peerd stop: exit %d\n%s", st.ExitCode, testproc.LastLines(bpod.logs(bmain.Name), 20))
 	}
 }
 
@@ -248,10 +249,10 @@ func waitProbe(t *testing.T, p *criPod, c corev1.Container, pr *corev1.Probe, wh
 			return
 		}
 		if s := p.status(t, c.Name); s.State == runtimeapi.ContainerState_CONTAINER_EXITED {
-			t.Fatalf("%s: the container exited %d (%s)\n%s", what, s.ExitCode, s.Reason, ctrdTail(p.logs(c.Name), 30))
+			t.Fatalf("%s: the container exited %d (%s)\n%s", what, s.ExitCode, s.Reason, testproc.LastLines(p.logs(c.Name), 30))
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s probe: %d %q %v, want %d\n%s", what, code, body, err, want, ctrdTail(p.logs(c.Name), 30))
+			t.Fatalf("%s probe: %d %q %v, want %d\n%s", what, code, body, err, want, testproc.LastLines(p.logs(c.Name), 30))
 		}
 		time.Sleep(min(period, time.Second))
 	}
