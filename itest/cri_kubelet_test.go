@@ -44,6 +44,7 @@ type criNode struct {
 	config   string // containerd's config.toml (the chart's containerd.configFile)
 	hostsDir string // registry config_path (the chart's containerd.hostsDir)
 	ctrBin   string
+	daemon   string
 	cmd      *exec.Cmd
 	done     chan struct{}
 	conn     *grpc.ClientConn
@@ -129,20 +130,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 		criSandboxImage, n.hostsDir, filepath.Join(dir, "cni/bin"), filepath.Join(dir, "cni/net.d"), runc, criNoDevHandler, runtime.GOARCH, filepath.Join(dir, "runc"))
 	writeFile(t, n.config, cfg)
 
-	logf, err := os.Create(filepath.Join(dir, "containerd.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	n.cmd = exec.Command(filepath.Join(ctrdDir, "containerd"), "--config", n.config)
-	// The daemon finds its shim (containerd-shim-runc-v2) on PATH.
-	n.cmd.Env = append(os.Environ(), "PATH="+ctrdDir+":"+os.Getenv("PATH"))
-	n.cmd.Stdout, n.cmd.Stderr = logf, logf
-	n.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := n.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	n.done = make(chan struct{})
-	go func() { n.cmd.Wait(); logf.Close(); close(n.done) }()
+	n.daemon = filepath.Join(ctrdDir, "containerd")
+	n.startDaemon(t)
 	t.Cleanup(func() {
 		n.stop(t)
 		if t.Failed() {
@@ -160,6 +149,33 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 	}
 	n.rt = runtimeapi.NewRuntimeServiceClient(n.conn)
 	n.img = runtimeapi.NewImageServiceClient(n.conn)
+	n.waitReady(t)
+	return n
+}
+
+func (n *criNode) startDaemon(t *testing.T) {
+	t.Helper()
+	logf, err := os.OpenFile(filepath.Join(n.dir, "containerd.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.cmd = exec.Command(n.daemon, "--config", n.config)
+	// The daemon finds its shim (containerd-shim-runc-v2) on PATH.
+	n.cmd.Env = append(os.Environ(), "PATH="+filepath.Dir(n.daemon)+":"+os.Getenv("PATH"))
+	n.cmd.Stdout, n.cmd.Stderr = logf, logf
+	n.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := n.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	n.done = done
+	cmd := n.cmd
+	go func() { cmd.Wait(); logf.Close(); close(done) }()
+}
+
+// waitReady waits until the CRI runtime reports ready.
+func (n *criNode) waitReady(t *testing.T) {
+	t.Helper()
 	ctrdWaitFor(t, 60*time.Second, "containerd's CRI answers on "+n.sock, func() bool {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
@@ -174,7 +190,30 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 		}
 		return true
 	})
-	return n
+}
+
+// restartDaemon stops and starts containerd; the containers keep running
+// under their shims, as on a node whose containerd is upgraded.
+func (n *criNode) restartDaemon(t *testing.T) {
+	t.Helper()
+	n.stopDaemon()
+	n.startDaemon(t)
+	n.waitReady(t)
+}
+
+func (n *criNode) stopDaemon() {
+	select {
+	case <-n.done:
+		return
+	default:
+	}
+	syscall.Kill(-n.cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-n.done:
+	case <-time.After(20 * time.Second):
+		syscall.Kill(-n.cmd.Process.Pid, syscall.SIGKILL)
+		<-n.done
+	}
 }
 
 // stop removes every pod (as a node's drain would) and stops containerd.
@@ -190,18 +229,7 @@ func (n *criNode) stop(t *testing.T) {
 		cancel()
 		n.conn.Close()
 	}
-	select {
-	case <-n.done:
-		return
-	default:
-	}
-	syscall.Kill(-n.cmd.Process.Pid, syscall.SIGTERM)
-	select {
-	case <-n.done:
-	case <-time.After(20 * time.Second):
-		syscall.Kill(-n.cmd.Process.Pid, syscall.SIGKILL)
-		<-n.done
-	}
+	n.stopDaemon()
 }
 
 func (n *criNode) ctx(t *testing.T, d time.Duration) context.Context {

@@ -117,6 +117,17 @@ func TestChartPodCRI(t *testing.T) {
 		t.Fatalf("%s on the host: %d bytes, digest %s, want %s", fusePath, len(got), Digest(got), layer)
 	}
 
+	// containerd restarts under the running pod, as in an upgrade: it
+	// replaces its socket, and peerd reconnects through the socket's folder.
+	reconnects := peerd.Metric(t, "peerd_containerd_reconnects_total")
+	n.restartDaemon(t)
+	if s := pod.status(t, main.Name); s.State != runtimeapi.ContainerState_CONTAINER_RUNNING {
+		t.Fatalf("peerd's container is %v after the containerd restart", s.State)
+	}
+	ctrdWaitFor(t, 60*time.Second, "the containerised peerd reconnects to the restarted containerd", func() bool {
+		return peerd.Metric(t, "peerd_containerd_reconnects_total") > reconnects && peerd.Metric(t, "peerd_containerd_connected") == 1
+	})
+
 	// Stop as kubelet does with the pod's grace period: peerd exits by
 	// itself, unmounts, and the next start finds its cache.
 	st := pod.stop(t, main.Name)
