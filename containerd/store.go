@@ -102,9 +102,10 @@ type entry struct {
 // concurrent use. Run drives it; the read methods work whenever containerd
 // is reachable.
 type Store struct {
-	opts Options
-	log  *slog.Logger
-	m    *metrics
+	opts    Options
+	log     *slog.Logger
+	m       *metrics
+	lastErr atomic.Pointer[string] // why the last session ended (LastError)
 
 	mu      sync.RWMutex
 	be      *Backend // nil while disconnected
@@ -147,6 +148,15 @@ func (s *Store) backend() *Backend {
 
 // Connected reports whether containerd answered the last resync.
 func (s *Store) Connected() bool { return s.backend() != nil }
+
+// LastError is why the last session with containerd ended or could not
+// start ("" before any failure).
+func (s *Store) LastError() string {
+	if p := s.lastErr.Load(); p != nil {
+		return *p
+	}
+	return ""
+}
 
 // Len is the number of blobs advertised.
 func (s *Store) Len() int {

@@ -39,6 +39,10 @@ func (s *Store) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return nil
 		}
+		if err != nil {
+			msg := err.Error()
+			s.lastErr.Store(&msg)
+		}
 		connected := s.Connected()
 		s.disconnect(false)
 		if connected {

@@ -177,6 +177,9 @@ func TestChartPodCRI(t *testing.T) {
 	if err != nil || code != 503 || !strings.Contains(body, "blob filesystem not mounted") || !strings.Contains(body, "no /dev/fuse") || !strings.Contains(body, "fix:") {
 		t.Fatalf("readiness without /dev/fuse: %d %q %v, want 503 naming the blob filesystem and the fix", code, body, err)
 	}
+	if !strings.Contains(body, "containerd not reached") || !strings.Contains(body, bad.socket) {
+		t.Fatalf("readiness without containerd: %q, want the socket named", body)
+	}
 	t.Logf("readiness without /dev/fuse: %d %s", code, strings.TrimSpace(body))
 	if s := bpod.status(t, bmain.Name); s.State != runtimeapi.ContainerState_CONTAINER_RUNNING {
 		t.Fatalf("the container is %v, want running", s.State)

@@ -186,13 +186,16 @@ func (a *app) spawn(ctx context.Context, what string, f func(context.Context)) {
 	})
 }
 
+// ready is nil when every part is ready, else every reason (an operator
+// fixing one should not discover the next only after a restart).
 func (a *app) ready() error {
+	var errs []error
 	for _, c := range a.readyChecks {
 		if err := c(); err != nil {
-			return err
+			errs = append(errs, err)
 		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 func runCmd(args []string) error {

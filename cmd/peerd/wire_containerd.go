@@ -182,6 +182,18 @@ func startContainerd(ctx context.Context, a *app) error {
 	// that read through the cache, read in place by /v2/ and the peer server.
 	a.containerd = store.Source()
 	a.ctrdStore = store
+	// Not ready while containerd is not reached: a wrong --containerd-socket
+	// must show on the probe, not only in the log. The other faces serve.
+	a.readyChecks = append(a.readyChecks, func() error {
+		if store.Connected() {
+			return nil
+		}
+		why := store.LastError()
+		if why == "" {
+			why = "not connected yet"
+		}
+		return fmt.Errorf("containerd not reached at --containerd-socket %s: %s (start containerd, pass the socket it listens on, or --containerd-socket= to run without it)", c.Socket, why)
+	})
 	oci.Local = ociStore{store}
 	if err := enableTagResolution(ctx, a, &oci, store); err != nil {
 		return err
