@@ -61,7 +61,7 @@ test: lint image ## run every test (unit + integration with real processes), aft
 	$(GO) build -o bin/testsummary ./internal/testsummary/cmd/testsummary
 	set -o pipefail; st=0; \
 	PEERD_RELIABILITY_OUT=$(RELIABILITY_ROWS) $(GO) test -json -count=1 -timeout 30m ./... 2>&1 | bin/testsummary -save bin/test.json || st=$$?; \
-	$(GO) test -json -count=1 -race -timeout 15m ./blob/ ./cache/ ./upstream/ ./httpmirror/ ./fusefs/ ./containerd/ ./p2p/ ./k8s/ 2>&1 | bin/testsummary -save bin/test-race.json || st=$$?; \
+	$(GO) test -json -count=1 -race -timeout 15m ./blob/ ./cache/ ./upstream/ ./httpmirror/ ./fusefs/ ./containerd/ ./p2p/ ./k8s/ ./transfer/ ./web/ ./doctor/ ./internal/browser/ 2>&1 | bin/testsummary -save bin/test-race.json || st=$$?; \
 	bin/testsummary -report bin/test.json bin/test-race.json || st=$$((st ? st : 1)); \
 	exit $$st
 

@@ -158,7 +158,7 @@ type conn struct {
 	in      *os.File // commands, Chromium's fd 3
 	out     *os.File // answers and events, Chromium's fd 4
 	profile string
-	stderr  bytes.Buffer
+	stderr  syncBuffer
 
 	mu      sync.Mutex
 	next    int
@@ -337,4 +337,23 @@ func lastLines(s string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, " | ")
+}
+
+// syncBuffer collects Chromium's stderr, written by exec's copying goroutine
+// while read may look at it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
