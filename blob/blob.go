@@ -93,7 +93,10 @@ type Source interface {
 	// Fetch returns a reader of bytes [off, off+n) of the blob and the blob's
 	// total size (-1 when the source cannot tell). When off+n runs past the
 	// end the reader returns the bytes up to the end. A source that does not
-	// hold the blob returns an error wrapping ErrNotFound, quickly.
+	// hold the blob returns an error wrapping ErrNotFound, quickly. An off at
+	// or past the end is not asked (the cache asks only inside a size it
+	// knows, or at 0 to learn it); a source may answer it with an error or
+	// an empty reader.
 	Fetch(ctx context.Context, k Key, off, n int64) (rc io.ReadCloser, size int64, err error)
 }
 
