@@ -100,9 +100,10 @@ fuzz: ## run every fuzz target for FUZZTIME each (default 30s); logs and a summa
 	  for i in $$(git status --porcelain --untracked-files=all -- '*/testdata/fuzz/*' | awk '{print $$2}'); do echo "--- $$i"; cat $$i; done; \
 	  [ "$(FUZZ_FAIL)" = 0 ] && echo "FUZZ_FAIL=0: reported, not failed" || exit 1; fi
 
-e2e: build ## multi-node scenarios in network namespaces (root); knobs in e2e/README.md (E2E_SIZE=large: 8 nodes, 1 GiB)
+# One node runs peerd as the chart's pod from the image of make image, through its containerd's CRI.
+e2e: build image ## multi-node scenarios in network namespaces (root); knobs in e2e/README.md (E2E_SIZE=large: 8 nodes, 1 GiB)
 	bash tools/test-setup.sh
-	mkdir -p bin && PEERD_RELIABILITY_OUT=$(RELIABILITY_ROWS) E2E=1 E2E_PEERD=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 60m -v ./e2e/...
+	mkdir -p bin && PEERD_RELIABILITY_OUT=$(RELIABILITY_ROWS) E2E=1 E2E_PEERD=$(CURDIR)/$(BIN) E2E_IMAGE=$(CURDIR)/$(IMAGE_OUT) $(GO) test -count=1 -timeout 60m -v ./e2e/...
 
 bench: build ## one table of speed, cost and scale next to same-run baselines (BENCH_QUICK=1, BENCH_CLUSTER=1; bench/README.md)
 	$(GO) build -o bin/peerd-bench ./bench

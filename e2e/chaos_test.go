@@ -468,7 +468,7 @@ func (c *cluster) diskFull(t *testing.T) {
 	ds, perr := c.pullAll(ctx, []*node{x}, im.ref)
 	rd, rerr := c.readChecked(ctx, x, url, digest)
 	if err := errors.Join(perr, rerr); err != nil {
-		t.Fatalf("%s with a %s cache file system: pull: %v; /blobs/ read: %v\n%s's log:\n%s", x.name(), human(small), errText(perr), errText(rerr), x.name(), grepLog(x.peerd.Log, "space", 10))
+		t.Fatalf("%s with a %s cache file system: pull: %v; /blobs/ read: %v\n%s's log:\n%s", x.name(), human(small), errText(perr), errText(rerr), x.name(), grepLog(x.peerd.Logs(), "space", 10))
 	}
 	egress := c.egress() - e0
 	c.report(row{scenario: "c5-disk-full", nodes: 2, size: im.size, p50: ds[0], max: rd, egress: egress,
@@ -487,13 +487,9 @@ func errText(err error) string {
 }
 
 // grepLog is the last max lines of a log that contain substr.
-func grepLog(file, substr string, max int) string {
-	b, err := os.ReadFile(file)
-	if err != nil {
-		return err.Error()
-	}
+func grepLog(log, substr string, max int) string {
 	var hits []string
-	for _, l := range strings.Split(string(b), "\n") {
+	for _, l := range strings.Split(log, "\n") {
 		if strings.Contains(strings.ToLower(l), substr) {
 			hits = append(hits, l)
 		}

@@ -63,8 +63,18 @@ func (c *cluster) resetImages() {
 		}
 		if out, err := ctr("images", "ls", "-q"); err == nil {
 			for _, ref := range strings.Fields(out) {
+				if n.containerised && c.criKeeps(ref) {
+					continue
+				}
 				ctr("images", "rm", "--sync", ref)
 			}
+		}
+		if n.containerised {
+			// Its peerd runs from an image in this containerd, on a
+			// snapshot: removing all content and snapshots would delete
+			// the running container's root file system. The synchronous
+			// garbage collection of images rm took the rest.
+			continue
 		}
 		if out, err := ctr("content", "ls", "-q"); err == nil {
 			if ds := strings.Fields(out); len(ds) > 0 {

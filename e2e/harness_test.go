@@ -32,6 +32,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/peerd-project/peerd/internal/cripod"
 	"github.com/peerd-project/peerd/internal/testproc"
 )
 
@@ -64,6 +65,9 @@ type config struct {
 	Keep         bool   // keep the work folder after the run
 	LogLevel     string // peerd --log-level
 	Snapshotter  string // containerd snapshotter the nodes unpack into: native or overlayfs
+	// CRINode: the last containerd 2.x node runs the chart's pod through
+	// CRI instead of a peerd process (E2E_CRI_NODE=0 turns it off).
+	CRINode bool
 }
 
 func loadConfig() (config, error) {
@@ -120,6 +124,7 @@ func loadConfig() (config, error) {
 		}
 		c.Snapshotter = v
 	}
+	c.CRINode = os.Getenv("E2E_CRI_NODE") != "0"
 	c.Keep = os.Getenv("E2E_KEEP") == "1"
 	c.LogLevel = "info"
 	if v := os.Getenv("E2E_LOG_LEVEL"); v != "" {
@@ -421,9 +426,13 @@ type node struct {
 	ctr      string
 	legacy   bool // Debian's containerd 1.6
 	peerID   string
+	// containerised: peerd runs as the chart's pod through this node's
+	// containerd CRI (crinode_test.go), whose client cri is.
+	containerised bool
+	cri           *cripod.Client
 
 	containerd *testproc.Proc
-	peerd      *testproc.Proc
+	peerd      peerdInstance
 }
 
 func (n *node) name() string { return fmt.Sprintf("node%d", n.i) }
@@ -438,6 +447,7 @@ type cluster struct {
 
 	registry *testproc.Proc
 	origin   *testproc.Proc
+	cri      criAssets // of the containerised node
 
 	mu    sync.Mutex
 	procs []*testproc.Proc
@@ -572,6 +582,13 @@ func newCluster(t *testing.T) *cluster {
 	}
 	t.Logf("e2e: %d nodes (last %d on containerd 1.6), image %s in %d layers, origin egress %s, peerd parts: p2p=%v containerd=%v fuse=%v; binaries ready in %v",
 		cfg.Nodes, cfg.Containerd16, human(cfg.ImageSize), cfg.Layers, cfg.Rate, c.feats.p2p, c.feats.containerd, c.feats.fuse, time.Since(start).Round(time.Second))
+	if cfg.CRINode && c.feats.p2p && c.feats.containerd && c.feats.fuse {
+		if err := c.prepareCRI(ctx); err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		c.cfg.CRINode = false
+	}
 	if err := c.network(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -622,6 +639,7 @@ func (c *cluster) network(ctx context.Context) error {
 	for i := 1; i <= c.cfg.Nodes; i++ {
 		n := &node{i: i, ns: fmt.Sprintf("%sn%d", nsPrefix, i), ip: nodeIP(i), dir: filepath.Join(c.dir, fmt.Sprintf("n%d", i))}
 		n.legacy = i > c.cfg.Nodes-c.cfg.Containerd16
+		n.containerised = c.cfg.CRINode && i == criNodeIndex(c.cfg)
 		if err := c.attach(ctx, n.ns, fmt.Sprintf("n%d", i), n.ip); err != nil {
 			return err
 		}
@@ -810,6 +828,11 @@ func (c *cluster) startContainerd(ctx context.Context, n *node) error {
 		n.ctrd, n.ctr = c.bin.ctrd16, c.bin.ctr16
 	}
 	conf, err := testproc.Containerd{Dir: cd, Socket: n.sock, HostsDir: n.hostsDir, V2: !n.legacy, Snapshotter: c.cfg.Snapshotter}.Render()
+	args, env := nsExec(n.ns, n.ctrd, "--config", filepath.Join(cd, "config.toml")), cleanEnv()
+	if n.containerised {
+		conf, err = c.criContainerdConfig(n, cd)
+		args, env = c.criContainerdArgs(n, filepath.Join(cd, "config.toml")), c.criEnv()
+	}
 	if err != nil {
 		return fmt.Errorf("%s: %w", n.name(), err)
 	}
@@ -817,7 +840,7 @@ func (c *cluster) startContainerd(ctx context.Context, n *node) error {
 	if err := os.WriteFile(cfgFile, []byte(conf), 0o644); err != nil {
 		return err
 	}
-	p, err := startProc(n.name()+"/containerd", filepath.Join(n.dir, "containerd.log"), nsExec(n.ns, n.ctrd, "--config", cfgFile)...)
+	p, err := testproc.Start(testproc.Spec{Name: n.name() + "/containerd", Args: args, Log: filepath.Join(n.dir, "containerd.log"), Env: env})
 	if err != nil {
 		return err
 	}
@@ -830,6 +853,9 @@ func (c *cluster) startContainerd(ctx context.Context, n *node) error {
 	})
 	if err != nil {
 		return fmt.Errorf("%s: containerd %s did not come up: %v\n%s", n.name(), n.ctrd, err, p.Tail(15))
+	}
+	if n.containerised {
+		return c.criImport(ctx, n)
 	}
 	return nil
 }
@@ -899,6 +925,9 @@ func (c *cluster) startPeerd(n *node) error {
 	if err := os.MkdirAll(filepath.Join(n.dir, "data"), 0o700); err != nil {
 		return err
 	}
+	if n.containerised {
+		return c.startPeerdCRI(n)
+	}
 	// nsenter, not ip netns exec: peerd joins only the node's network
 	// namespace and stays in the host's mount namespace, so its FUSE mount
 	// is visible machine-wide as on a real node (ip netns exec would give it
@@ -908,7 +937,7 @@ func (c *cluster) startPeerd(n *node) error {
 	if err != nil {
 		return err
 	}
-	n.peerd = c.track(p)
+	n.peerd = procPeerd{c.track(p)}
 	return nil
 }
 
@@ -929,6 +958,10 @@ func (c *cluster) teardown() {
 }
 
 func (c *cluster) doTeardown() {
+	// The containerised peerd stops through CRI while containerd still runs.
+	for _, n := range c.nodes {
+		c.stopCRI(n)
+	}
 	c.mu.Lock()
 	procs := slices.Clone(c.procs)
 	c.mu.Unlock()
@@ -963,10 +996,15 @@ func (c *cluster) nsNames() []string {
 func (c *cluster) dumpLogs() {
 	logs := []string{filepath.Join(c.dir, "registry", "registry.log"), filepath.Join(c.dir, "origin.log")}
 	for _, n := range c.nodes {
-		logs = append(logs, filepath.Join(n.dir, "containerd.log"), filepath.Join(n.dir, "peerd.log"))
+		logs = append(logs, filepath.Join(n.dir, "containerd.log"))
 	}
 	for _, l := range logs {
 		c.t.Logf("--- last lines of %s ---\n%s", l, testproc.Tail(l, 25))
+	}
+	for _, n := range c.nodes {
+		if n.peerd != nil {
+			c.t.Logf("--- last lines of %s's peerd ---\n%s", n.name(), n.peerd.Tail(25))
+		}
 	}
 }
 
