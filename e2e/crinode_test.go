@@ -368,3 +368,47 @@ func (c *cluster) criKeeps(ref string) bool {
 	}
 	return false
 }
+
+// checkCRINode proves the containerised node runs as described: CRI reports
+// the chart's peerd container running from peerd's image, that peerd
+// reaches its containerd and consults its mirror, and its blob filesystem
+// is mounted in the host's mount namespace (the Bidirectional mount).
+func (c *cluster) checkCRINode(n *node) error {
+	x, ok := n.peerd.(*criPeerd)
+	if !ok {
+		return fmt.Errorf("%s: peerd is not a CRI container", n.name())
+	}
+	ctx, cancel := criCtx(time.Minute)
+	defer cancel()
+	st, err := x.pod.Status(ctx, peerdContainer)
+	if err != nil {
+		return fmt.Errorf("%s: %w", n.name(), err)
+	}
+	if st.State != runtimeapi.ContainerState_CONTAINER_RUNNING || st.GetImage().GetImage() != c.cri.imageRef {
+		return fmt.Errorf("%s: CRI reports container %s %v with image %s, want running with %s", n.name(), peerdContainer, st.State, st.GetImage().GetImage(), c.cri.imageRef)
+	}
+	for _, m := range []string{"peerd_containerd_connected", "peerd_containerd_mirror_configured"} {
+		var v float64
+		for range 60 {
+			if v, err = c.metric(n, m, ""); err == nil && v == 1 {
+				break
+			}
+			time.Sleep(time.Second)
+		}
+		if v != 1 {
+			return fmt.Errorf("%s: the containerised peerd's %s is %v (%v), want 1\n%s", n.name(), m, v, err, x.Tail(20))
+		}
+	}
+	mi, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return err
+	}
+	for _, line := range strings.Split(string(mi), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && unescapeMount(f[4]) == n.mount {
+			c.t.Logf("e2e: %s runs peerd as the chart's pod through its containerd's CRI (container %.12s, image %s); its blob filesystem %s is mounted on the host",
+				n.name(), st.Id, c.cri.imageRef, n.mount)
+			return nil
+		}
+	}
+	return fmt.Errorf("%s: the containerised peerd's blob filesystem %s is not mounted in the host's mount namespace\n%s", n.name(), n.mount, x.Tail(20))
+}

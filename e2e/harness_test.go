@@ -797,6 +797,11 @@ func (c *cluster) startNodes(ctx context.Context) error {
 		if err := c.waitReady(ctx, n); err != nil {
 			return err
 		}
+		if n.containerised {
+			if err := c.checkCRINode(n); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }
