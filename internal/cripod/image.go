@@ -27,15 +27,14 @@ import (
 
 // ImportLayout imports the OCI layout at dir into containerd's k8s.io
 // namespace with ctr (as `ctr images import` of an OCI archive), writing the
-// archive next to it as work.
-func ImportLayout(ctr, sock, dir, work, snapshotter string, wrap ...string) error {
+// archive into the folder work, unpacked into snapshotter.
+func ImportLayout(ctr, sock, dir, work, snapshotter string) error {
 	archive := filepath.Join(work, filepath.Base(dir)+".tar")
 	if err := TarDir(dir, archive); err != nil {
 		return err
 	}
-	args := append(append([]string{}, wrap...), ctr, "--address", sock, "--namespace", "k8s.io", "images", "import",
-		"--platform", "linux/"+runtime.GOARCH, "--snapshotter", snapshotter, archive)
-	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+	out, err := exec.Command(ctr, "--address", sock, "--namespace", "k8s.io", "images", "import",
+		"--platform", "linux/"+runtime.GOARCH, "--snapshotter", snapshotter, archive).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("ctr images import %s: %v\n%s", archive, err, out)
 	}
