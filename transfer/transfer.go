@@ -60,7 +60,6 @@ type Log struct {
 	ring []Record
 	next int
 	full bool
-	subs []func(Record)
 }
 
 // NewLog keeps the last n records.
@@ -82,18 +81,6 @@ func (l *Log) Add(r Record) {
 	if l.next == len(l.ring) {
 		l.next, l.full = 0, true
 	}
-	subs := l.subs
-	l.mu.Unlock()
-	for _, f := range subs {
-		f(r)
-	}
-}
-
-// Subscribe calls f with every record added from now on, on the adding
-// goroutine; f must not block.
-func (l *Log) Subscribe(f func(Record)) {
-	l.mu.Lock()
-	l.subs = append(l.subs[:len(l.subs):len(l.subs)], f)
 	l.mu.Unlock()
 }
 

@@ -39,9 +39,7 @@ func (v debugView) Snapshot() web.Snapshot {
 	}
 	s.Containerd = v.containerd()
 	if a.doctor != nil {
-		a.doctor.mu.Lock()
-		rep := a.doctor.last
-		a.doctor.mu.Unlock()
+		rep, _ := a.doctor.lastReport()
 		for _, r := range rep.Results {
 			s.Doctor = append(s.Doctor, web.Finding{Check: r.Check, Status: string(r.Status), Saw: r.Saw, Fix: r.Fix})
 		}

@@ -85,10 +85,13 @@ type daemonDoctor struct {
 	events *k8s.Misconfigured // nil outside Kubernetes
 	input  func() (*doctor.Input, func())
 
-	mu       sync.Mutex // one run at a time
+	mu   sync.Mutex // one run at a time; guards prev
+	prev map[string]doctor.Status
+	// lastMu guards the last report, apart from mu: a run can take up to a
+	// minute, and the debug page must not wait for it.
+	lastMu   sync.Mutex
 	last     doctor.Report
 	lastFull bool // last ran every check, not only the local ones
-	prev     map[string]doctor.Status
 }
 
 var _ http.Handler = (*daemonDoctor)(nil)
@@ -135,7 +138,9 @@ func (d *daemonDoctor) run(ctx context.Context, checks ...doctor.Check) doctor.R
 		}
 	}
 	d.prev = seen
+	d.lastMu.Lock()
 	d.last, d.lastFull = r, len(checks) == len(d.all())
+	d.lastMu.Unlock()
 	return r
 }
 
@@ -147,9 +152,7 @@ func (d *daemonDoctor) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
 		return
 	}
-	d.mu.Lock()
-	rep, full := d.last, d.lastFull
-	d.mu.Unlock()
+	rep, full := d.lastReport()
 	if !full || time.Since(rep.Time) > doctorFresh {
 		// A client that goes away must not leave a half-run report behind.
 		rep = d.run(context.WithoutCancel(r.Context()), d.all()...)
@@ -160,6 +163,13 @@ func (d *daemonDoctor) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	rep.WriteJSON(w)
+}
+
+// lastReport is the last run's report and whether it ran every check.
+func (d *daemonDoctor) lastReport() (doctor.Report, bool) {
+	d.lastMu.Lock()
+	defer d.lastMu.Unlock()
+	return d.last, d.lastFull
 }
 
 // doctorPeers adapts the p2p node to the doctor.
