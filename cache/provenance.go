@@ -13,16 +13,31 @@ func (h *Handle) Served() transfer.Bytes {
 	return h.served
 }
 
-// CountSince makes h count the chunks that landed since earlier opened as
-// fetched, not cached: a face that learned a blob's size with one handle
-// (fetching its first chunk) and reads it with another. It has no effect
-// when earlier is of another incarnation of the blob's entry.
-func (h *Handle) CountSince(earlier *Handle) {
-	if earlier == nil || earlier.e != h.e {
+// Mark is the point from which a handle counts chunks as fetched rather
+// than cached. It holds no source (no credentials), so a face may keep it
+// after the handle closed.
+type Mark struct {
+	e   *entry
+	seq uint64
+}
+
+// Mark is h's counting point (see CountSince).
+func (h *Handle) Mark() Mark {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return Mark{h.e, h.openSeq}
+}
+
+// CountSince makes h count the chunks that landed since m as fetched, not
+// cached: a face that learned a blob's size with one handle (fetching its
+// first chunk) and reads it with another. It has no effect when m is of
+// another incarnation of the blob's entry, or zero.
+func (h *Handle) CountSince(m Mark) {
+	if m.e != h.e {
 		return
 	}
 	h.mu.Lock()
-	h.openSeq = min(h.openSeq, earlier.openSeq)
+	h.openSeq = min(h.openSeq, m.seq)
 	h.mu.Unlock()
 }
 

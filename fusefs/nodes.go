@@ -165,9 +165,10 @@ func (d *dirNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 }
 
 // resolve reports the size and time of k, and where they were learned. When
-// it fetched the blob's first chunk to learn them, mark is its handle, so
-// that the file's first open counts that chunk as fetched, not cached.
-func (f *FS) resolve(ctx context.Context, k blob.Key) (info cache.Info, how string, mark *cache.Handle, err error) {
+// it fetched the blob's first chunk to learn them, mark is its handle's
+// counting point, so that the file's first open counts that chunk as
+// fetched, not cached.
+func (f *FS) resolve(ctx context.Context, k blob.Key) (info cache.Info, how string, mark *cache.Mark, err error) {
 	if info, ok := f.opts.Cache.Stat(k); ok {
 		return withTime(info), "cached", nil, nil
 	}
@@ -195,7 +196,8 @@ func (f *FS) resolve(ctx context.Context, k blob.Key) (info cache.Info, how stri
 	}
 	info = h.Info()
 	info.Size = size
-	return withTime(info), "resolved", h, nil
+	m := h.Mark()
+	return withTime(info), "resolved", &m, nil
 }
 
 func withTime(i cache.Info) cache.Info {
@@ -286,9 +288,9 @@ type blobNode struct {
 	// retries a failed read-ahead page by page at once; without this each
 	// retry would wait the full read timeout again.
 	timedOut []span
-	// lookupMark is the handle of the lookup that fetched the first chunk;
-	// the next lazy open counts from it (cache.Handle.CountSince).
-	lookupMark *cache.Handle
+	// lookupMark is where the lookup that fetched the first chunk started
+	// counting; the next lazy open counts from it (cache.Handle.CountSince).
+	lookupMark *cache.Mark
 }
 
 type span struct {
@@ -376,7 +378,7 @@ func (n *blobNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 	}
 	h := c.Open(n.key, n.f.opts.Plan.Plan(n.key, nil))
 	if n.lookupMark != nil {
-		h.CountSince(n.lookupMark)
+		h.CountSince(*n.lookupMark)
 		n.lookupMark = nil
 	}
 	if n.f.opts.Prefetch {
