@@ -228,6 +228,20 @@ func (h *ociHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.bad(w, r, "", "NAME_INVALID", "escaped characters in path")
 		return
 	}
+	if reg, rest, ok := mirrorPath(r); ok {
+		// containers-registries.conf mirrors (CRI-O, Podman) name the
+		// registry in the path instead of ?ns=: the same request then.
+		if !h.registries[strings.ToLower(reg)] {
+			ociError(w, http.StatusNotFound, "NAME_UNKNOWN", fmt.Sprintf("registry %q is not one this mirror serves (--registries)", trunc(reg)))
+			return
+		}
+		r2 := r.Clone(r.Context())
+		r2.URL.Path = "/v2/" + rest
+		q := r2.URL.Query()
+		q.Set("ns", reg)
+		r2.URL.RawQuery = q.Encode()
+		r = r2
+	}
 	if r.Header.Get(upstream.LoopHeader) != "" {
 		// A pull-through registry redirected peerd back to a peerd mirror.
 		ociError(w, http.StatusLoopDetected, "UNSUPPORTED", "redirect loop: a registry redirected peerd back to a peerd mirror")
@@ -423,4 +437,22 @@ func (h *ociHandler) serveBlob(w http.ResponseWriter, r *http.Request, k blob.Ke
 	}
 	h.served.WithLabelValues("blob", "cache").Inc()
 	h.srv.serveHandle(w, r, br, k, h.recorder(r))
+}
+
+// MirrorPathPrefix starts the mirror location peerd registries-config
+// writes for a registry: <mirror>/peerd/<registry> (containers-registries.conf
+// rewrites the repository path under it instead of adding ?ns=).
+const MirrorPathPrefix = "peerd"
+
+// mirrorPath splits /v2/peerd/<registry>/<rest> of a request without ?ns=.
+func mirrorPath(r *http.Request) (registry, rest string, ok bool) {
+	if r.URL.Query().Has("ns") {
+		return "", "", false
+	}
+	p, ok := strings.CutPrefix(r.URL.Path, "/v2/"+MirrorPathPrefix+"/")
+	if !ok {
+		return "", "", false
+	}
+	registry, rest, ok = strings.Cut(p, "/")
+	return registry, rest, ok && registry != "" && rest != ""
 }
