@@ -51,3 +51,12 @@ func mustReq(t *testing.T, target string) *http.Request {
 	}
 	return r
 }
+
+func TestMirrorPathNameIsOneReferenceComponent(t *testing.T) {
+	for in, want := range map[string]string{"docker.io": "docker.io", "10.0.0.5:5000": "10.0.0.5-5000", "[FD00::1]:5000": "fd00--1-5000", "Ghcr.IO": "ghcr.io"} {
+		got := MirrorPathName(in)
+		if got != want || !nameRE.MatchString(got) {
+			t.Errorf("MirrorPathName(%q) = %q (valid component: %v), want %q", in, got, nameRE.MatchString(got), want)
+		}
+	}
+}

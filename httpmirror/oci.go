@@ -100,6 +100,8 @@ type ociHandler struct {
 	registries map[string]bool
 	served     *prometheus.CounterVec
 	peerShare  prometheus.Histogram
+	// byPathName maps MirrorPathName of each --registries entry back to it.
+	byPathName map[string]string
 }
 
 // NewOCI returns the /v2/ handler.
@@ -117,8 +119,10 @@ func NewOCI(cfg OCIConfig) http.Handler {
 		srv:        &Server{cfg: Config{Prefetch: cfg.Prefetch, PrefetchWorkers: cfg.PrefetchWorkers}, log: log},
 		registries: map[string]bool{},
 	}
+	h.byPathName = map[string]string{}
 	for _, r := range cfg.Registries {
 		h.registries[strings.ToLower(r)] = true
+		h.byPathName[MirrorPathName(r)] = strings.ToLower(r)
 	}
 	h.served = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "peerd_oci_responses_total",
@@ -231,8 +235,9 @@ func (h *ociHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if reg, rest, ok := mirrorPath(r); ok {
 		// containers-registries.conf mirrors (CRI-O, Podman) name the
 		// registry in the path instead of ?ns=: the same request then.
-		if !h.registries[strings.ToLower(reg)] {
-			ociError(w, http.StatusNotFound, "NAME_UNKNOWN", fmt.Sprintf("registry %q is not one this mirror serves (--registries)", trunc(reg)))
+		name := reg
+		if reg = h.byPathName[reg]; reg == "" {
+			ociError(w, http.StatusNotFound, "NAME_UNKNOWN", fmt.Sprintf("registry %q is not one this mirror serves (--registries)", trunc(name)))
 			return
 		}
 		r2 := r.Clone(r.Context())
@@ -440,9 +445,18 @@ func (h *ociHandler) serveBlob(w http.ResponseWriter, r *http.Request, k blob.Ke
 }
 
 // MirrorPathPrefix starts the mirror location peerd registries-config
-// writes for a registry: <mirror>/peerd/<registry> (containers-registries.conf
-// rewrites the repository path under it instead of adding ?ns=).
+// writes for a registry: <mirror>/peerd/<MirrorPathName(registry)>
+// (containers-registries.conf rewrites the repository path under it instead
+// of adding ?ns=).
 const MirrorPathPrefix = "peerd"
+
+// MirrorPathName is a registry (host[:port]) as one path component of an
+// image reference, which allows no ':' or brackets: "10.0.0.5:5000" →
+// "10.0.0.5-5000", "[fd00::1]:5000" → "fd00--1-5000".
+func MirrorPathName(registry string) string {
+	r := strings.NewReplacer("[", "", "]", "", ":", "-")
+	return r.Replace(strings.ToLower(registry))
+}
 
 // mirrorPath splits /v2/peerd/<registry>/<rest> of a request without ?ns=.
 func mirrorPath(r *http.Request) (registry, rest string, ok bool) {

@@ -25,6 +25,7 @@ packages=(
   "e2fsprogs:mkfs.ext4 for itest TestPowerCutMidFill"
   "nftables:nft for e2e TestChaos (packet loss, partitions)"
   "chromium:the headless browser of the debug page's tests (web, internal/browser)"
+  "skopeo:a containers/image client (as CRI-O and Podman) for itest TestRegistriesConfWithARealClient"
   "make:the build"
   "git:the version stamp"
 )
