@@ -24,16 +24,8 @@ import (
 // registry), node B measures it next (from A); B's debug API, its page in a
 // real browser (with and without JavaScript) and `peerd status` all say so.
 func TestDebugPageShowsAPullPeersServed(t *testing.T) {
-	regBin := testenv.LookPath(t, "docker-registry", "docker-registry")
 	browser.Need(t)
-	reg := startCtrdRegistry(t, regBin)
-	img := makeOCIImage(t, "team/app", "v1", 300<<10, 2<<20+17)
-	reg.push(t, img)
-	flags := patient("--registries", "http://"+reg.Host)
-	a := startP2PNode(t, flags...)
-	b := startP2PNode(t, append(flags, "--bootstrap", a.P2PAddr)...)
-	waitReady(t, a.Node)
-	waitReady(t, b.Node)
+	reg, img, a, b := registryAndTwoNodes(t, 300<<10, 2<<20+17)
 
 	ref := reg.Host + "/team/app:v1"
 	ma := measure(t, a.Node, ref)
@@ -167,4 +159,20 @@ func getJSON(t *testing.T, url string, v any) {
 	if err := json.Unmarshal(body, v); err != nil {
 		t.Fatalf("GET %s: %v", url, err)
 	}
+}
+
+// registryAndTwoNodes starts a real registry holding team/app:v1 (layers of
+// the given sizes) and two ready nodes that mirror it, B bootstrapped from
+// A, patient enough that a loaded machine does not send them to the origin.
+func registryAndTwoNodes(t *testing.T, layerSizes ...int) (*ctrdRegistry, *ociImage, *p2pNode, *p2pNode) {
+	t.Helper()
+	reg := startCtrdRegistry(t, testenv.LookPath(t, "docker-registry", "docker-registry"))
+	img := makeOCIImage(t, "team/app", "v1", layerSizes...)
+	reg.push(t, img)
+	flags := patient("--registries", "http://"+reg.Host)
+	a := startP2PNode(t, flags...)
+	b := startP2PNode(t, append(flags, "--bootstrap", a.P2PAddr)...)
+	waitReady(t, a.Node)
+	waitReady(t, b.Node)
+	return reg, img, a, b
 }

@@ -18,16 +18,8 @@ import (
 // bytes, through A), node B pulls it next (from A, through the peer
 // network), and the registry sends B's pull almost nothing.
 func TestRegistriesConfWithARealClient(t *testing.T) {
-	regBin := testenv.LookPath(t, "docker-registry", "docker-registry")
 	skopeo := testenv.LookPath(t, "skopeo", "skopeo")
-	reg := startCtrdRegistry(t, regBin)
-	img := makeOCIImage(t, "team/app", "v1", 400<<10, 3<<20+11)
-	reg.push(t, img)
-	flags := patient("--registries", "http://"+reg.Host)
-	a := startP2PNode(t, flags...)
-	b := startP2PNode(t, append(flags, "--bootstrap", a.P2PAddr)...)
-	waitReady(t, a.Node)
-	waitReady(t, b.Node)
+	reg, img, a, b := registryAndTwoNodes(t, 400<<10, 3<<20+11)
 
 	var imageBytes int64
 	for _, l := range img.layers {
