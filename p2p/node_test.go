@@ -106,6 +106,24 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 	}
 }
 
+// waitForProviders waits until n's cached lookup of k lists at least want
+// providers. A first lookup answers at its first provider and goes on in
+// the background, its full answer replacing the cached one when it ends; a
+// new lookup starts only when a full one had time to end and still saw too
+// few (the records were not stored yet).
+func waitForProviders(t testing.TB, n *testNode, k blob.Key, want int) {
+	t.Helper()
+	asked := time.Now()
+	waitFor(t, fmt.Sprintf("%d providers of %s", want, k), func() bool {
+		ps := n.Source().providers(context.Background(), k)
+		if len(ps) < want && time.Since(asked) > 2*time.Second {
+			n.Source().forgetProviders(k)
+			asked = time.Now()
+		}
+		return len(ps) >= want
+	})
+}
+
 func TestTwoNodesShareABlob(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts libp2p hosts")

@@ -168,13 +168,7 @@ func TestBusyHolderSendsAskersElsewhere(t *testing.T) {
 		waitFor(t, "advertised", func() bool { return counter(t, h.reg, "peerd_p2p_provides_total", "ok") > 0 })
 	}
 	for _, b := range askers {
-		waitFor(t, "asker sees both holders", func() bool {
-			ps := b.Source().providers(context.Background(), k)
-			if len(ps) < 2 {
-				b.Source().forgetProviders(k)
-			}
-			return len(ps) >= 2
-		})
+		waitForProviders(t, b, k, 2)
 	}
 	// One transfer holds a's only slot.
 	occupier := startNode(t, nil, a)

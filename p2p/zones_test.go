@@ -81,11 +81,8 @@ func TestReadsPreferTheSameZone(t *testing.T) {
 		io.Copy(io.Discard, rc)
 		rc.Close()
 	}
-	waitFor(t, "c sees both holders and their zones", func() bool {
-		if ps := c.Source().providers(context.Background(), k); len(ps) < 2 {
-			c.Source().forgetProviders(k)
-			return false
-		}
+	waitForProviders(t, c, k, 2)
+	waitFor(t, "c knows both holders' zones", func() bool {
 		read(0) // asks the zones of holders it does not know yet
 		return c.zones.of(a.ID()) == "z1" && c.zones.of(b.ID()) == "z2"
 	})
