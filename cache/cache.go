@@ -38,8 +38,15 @@ type Options struct {
 	BackgroundFills int
 	// FlushInterval is how often filled chunks are made durable; default 1s.
 	FlushInterval time.Duration
-	Logger        *slog.Logger
-	Registerer    prometheus.Registerer
+	// BufferedWrites makes every write go through the page cache; by
+	// default a blob filled from nothing is written with direct I/O until it
+	// verifies (direct.go).
+	BufferedWrites bool
+	// HeldChunks bounds the chunk buffers fills keep in memory for the
+	// readers and hash that come next (held.go); default 32, negative: none.
+	HeldChunks int
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
 	// Announcer hears when the cache starts and stops holding a blob (the
 	// p2p node advertises and withdraws it); nil announces nothing.
 	Announcer blob.Announcer
@@ -58,6 +65,9 @@ type Cache struct {
 	used atomic.Int64 // bytes of present chunks, including reservations
 
 	bg         chan struct{} // semaphore for background fills
+	direct     atomic.Bool   // blobs filled from nothing use direct I/O (direct.go)
+	heldMu     sync.Mutex    // guards held; taken before any entry.mu
+	held       *list.List    // held chunks, oldest first (held.go)
 	dirtyMu    sync.Mutex
 	dirty      map[*entry]struct{}
 	announceMu sync.RWMutex
@@ -122,6 +132,9 @@ func Open(opts Options) (*Cache, error) {
 	if opts.FlushInterval <= 0 {
 		opts.FlushInterval = time.Second
 	}
+	if opts.HeldChunks == 0 {
+		opts.HeldChunks = 32
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
@@ -130,6 +143,7 @@ func Open(opts Options) (*Cache, error) {
 		log:       opts.Logger.With("component", "cache"),
 		blobs:     map[blob.Key]*entry{},
 		lru:       list.New(),
+		held:      list.New(),
 		bg:        make(chan struct{}, opts.BackgroundFills),
 		dirty:     map[*entry]struct{}{},
 		announcer: opts.Announcer,
@@ -137,6 +151,7 @@ func Open(opts Options) (*Cache, error) {
 		stopped:   make(chan struct{}),
 	}
 	c.life, c.endLife = context.WithCancel(context.Background())
+	c.direct.Store(!opts.BufferedWrites && opts.ChunkSize%directAlign == 0)
 	c.m = newMetrics(c, opts.Registerer)
 	for _, alg := range []string{blob.AlgSHA256, blob.AlgURL} {
 		if err := os.MkdirAll(filepath.Join(opts.Dir, "blobs", alg), 0o700); err != nil {
@@ -358,6 +373,7 @@ func (c *Cache) flusher() {
 			return
 		case <-t.C:
 			c.flushAll()
+			c.dropStaleHeld(time.Now().Add(-heldFor))
 		}
 	}
 }

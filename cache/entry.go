@@ -42,7 +42,13 @@ type entry struct {
 	// sizeTrusted: a trusted source reported (or confirmed) size.
 	sizeTrusted bool
 	f, bm       *os.File // the blob's files, opened on first use (filesLocked)
-	onDisk      bool     // the blob's files exist, open or not
+	// directMode: the blob was laid out fresh this run and has not
+	// verified; df is its data file opened for direct I/O while its files
+	// are open (direct.go).
+	directMode  bool
+	df          *os.File
+	held        map[int]*heldChunk // chunk -> its held copy (held.go)
+	onDisk      bool               // the blob's files exist, open or not
 	inflight    map[int]*fillCall
 	dirtyIdx    []int
 	origins     map[int]servedBy // chunk -> the source and peer that served it (untrusted chunks)
@@ -151,6 +157,11 @@ func (e *entry) filesLocked() (*os.File, error) {
 		return nil, err
 	}
 	e.f, e.bm = f, bm
+	if e.directMode {
+		if e.df = e.openDirectLocked(f.Name()); e.df == nil {
+			e.directMode = false
+		}
+	}
 	return f, nil
 }
 
@@ -207,6 +218,8 @@ func (e *entry) layOutLocked() error {
 		return err
 	}
 	e.f, e.bm, e.onDisk = f, bm, true
+	e.df = e.openDirectLocked(f.Name())
+	e.directMode = e.df != nil
 	return nil
 }
 
@@ -222,19 +235,25 @@ func (e *entry) closeIdleFiles() {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.f != nil && len(e.dirtyIdx) == 0 {
-		e.f.Close()
-		e.bm.Close()
-		e.f, e.bm = nil, nil
+		e.closeFilesLocked()
 	}
+}
+
+// closeFilesLocked closes the blob's open files. e.mu is held.
+func (e *entry) closeFilesLocked() {
+	e.f.Close()
+	e.bm.Close()
+	if e.df != nil {
+		e.df.Close()
+	}
+	e.f, e.bm, e.df = nil, nil, nil
 }
 
 func (e *entry) closeFiles() {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.f != nil {
-		e.f.Close()
-		e.bm.Close()
-		e.f, e.bm = nil, nil
+		e.closeFilesLocked()
 	}
 }
 
@@ -248,10 +267,9 @@ func (e *entry) destroy() bool {
 	e.announced = false
 	e.gone = true
 	e.onDisk = false
+	e.dropHeldLocked()
 	if e.f != nil {
-		e.f.Close()
-		e.bm.Close()
-		e.f, e.bm = nil, nil
+		e.closeFilesLocked()
 	}
 	e.mu.Unlock()
 	os.RemoveAll(e.dir)

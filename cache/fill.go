@@ -103,12 +103,14 @@ func (e *entry) background(j int, p Plan) {
 
 var bufPool = sync.Pool{New: func() any { return new([]byte) }}
 
-// chunkBuf returns a pooled buffer of at least cs bytes; put it back in bufPool.
+// chunkBuf returns a pooled buffer of at least cs bytes, aligned for direct
+// I/O; put it back in bufPool.
 func chunkBuf(cs int64) *[]byte {
 	bp := bufPool.Get().(*[]byte)
 	if int64(cap(*bp)) < cs {
-		*bp = make([]byte, cs)
+		*bp = alignedBuf(cs)
 	}
+	*bp = (*bp)[:cap(*bp)]
 	return bp
 }
 
@@ -118,7 +120,12 @@ func (e *entry) fill(i int, p Plan, call *fillCall) {
 	defer cancel()
 	start := time.Now()
 	bp := chunkBuf(e.c.opts.ChunkSize)
-	defer bufPool.Put(bp)
+	kept := false // the buffer became the chunk's held copy
+	defer func() {
+		if !kept {
+			bufPool.Put(bp)
+		}
+	}()
 	buf := (*bp)[:e.c.opts.ChunkSize]
 	e.mu.Lock()
 	gen := e.gen // bytes fetched before a reset must not land after it
@@ -143,9 +150,22 @@ func (e *entry) fill(i int, p Plan, call *fillCall) {
 		return
 	}
 	e.c.m.fillSeconds.WithLabelValues(st.src.Name()).Observe(time.Since(start).Seconds())
-	if call.pass == nil && e.key.Verifiable() {
-		// The chunk is still in buf: hash it from there when it is next in line.
-		e.c.advanceHash(e, int64(i)*e.c.opts.ChunkSize, gen, buf[:n])
+	if call.pass != nil {
+		return
+	}
+	if e.directRead(i) {
+		// Written around the page cache: keep the bytes for the reader
+		// and the hash that come next.
+		kept = e.c.hold(e, i, gen, bp)
+	}
+	if e.key.Verifiable() {
+		// The chunk is still in buf: hash it from there when it is next in
+		// line. A held buffer must not be the hash's scratch space.
+		scratch := buf[:cap(buf)]
+		if kept {
+			scratch = nil
+		}
+		e.c.advanceHash(e, int64(i)*e.c.opts.ChunkSize, gen, buf[:n], scratch)
 	}
 }
 
@@ -310,9 +330,12 @@ func (e *entry) storeOnce(i int, gen uint64, data []byte, st step, origin string
 		e.c.used.Add(-int64(len(data)))
 		return nil, fmt.Errorf("create cache files for %s: %w", e.key, err)
 	}
-	f := e.f
+	f, df := e.f, e.df
+	if !e.directChunkLocked(i) {
+		df = nil
+	}
 	e.mu.Unlock()
-	if err := e.writeAt(f, data, int64(i)*e.c.opts.ChunkSize); err != nil {
+	if err := e.writeAt(f, df, data, int64(i)*e.c.opts.ChunkSize); err != nil {
 		// Give back what the partial write took: the chunk is absent, so
 		// no reader is told its bytes are there.
 		punchHole(f, int64(i)*e.c.opts.ChunkSize, int64(len(data)))

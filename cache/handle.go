@@ -172,7 +172,14 @@ func (e *entry) hasCheckedChunk(i int) bool {
 	return e.size >= 0 && i < len(e.states) && e.states[i] != stateAbsent && !e.needsCheckLocked(i)
 }
 
+// readFile reads p at off, which lie within one present chunk.
 func (e *entry) readFile(p []byte, off int64) error {
+	cs := e.c.opts.ChunkSize
+	if i := int(off / cs); e.fromMemoryOrDirect(i) {
+		from := off - int64(i)*cs
+		_, err := e.copyChunk(&sliceWriter{p: p}, i, from, from+int64(len(p)))
+		return err
+	}
 	e.mu.Lock()
 	f, err := e.filesLocked()
 	e.mu.Unlock()
@@ -236,6 +243,20 @@ func (h *Handle) writeRange(ctx context.Context, w io.Writer, off, n int64) (int
 			h.c.m.count(hit, int64(m))
 			if err != nil {
 				return written, err
+			}
+			pos = cend
+			continue
+		}
+		if h.e.fromMemoryOrDirect(i) {
+			cend := min(int64(i+1)*cs, end)
+			m, err := h.e.copyChunk(w, i, pos-int64(i)*cs, cend-int64(i)*cs)
+			written += int64(m)
+			h.c.m.count(hit, int64(m))
+			if err != nil {
+				return written, err
+			}
+			if h.e.genNow() != gen {
+				return written, fmt.Errorf("%s: %w", h.e.key, errReset)
 			}
 			pos = cend
 			continue

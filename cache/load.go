@@ -55,7 +55,7 @@ func (c *Cache) load() error {
 		go func() {
 			defer c.wg.Done()
 			defer c.unref(e)
-			c.advanceHash(e, 0, 0, nil)
+			c.advanceHash(e, 0, 0, nil, nil)
 		}()
 	}
 	c.log.Info("cache loaded", "dir", c.opts.Dir, "blobs", len(c.blobs), "bytes", c.used.Load(), "limit", c.opts.MaxBytes)

@@ -41,6 +41,8 @@ func (l *LocalReader) Read(p []byte) (int, error) {
 // File is the cache's backing file of the blob, open read-only, for callers
 // that hand it to the kernel (FUSE passthrough) or read it themselves. It stays valid until
 // Close; callers must use positioned reads and must not close it themselves.
+// It is nil for a blob that has not verified yet and is read with direct
+// I/O (direct.go); callers that want the file open verified blobs only.
 func (l *LocalReader) File() *os.File { return l.f }
 
 // WriteTo lets io.Copy hand the *os.File to the writer (sendfile).
@@ -53,7 +55,12 @@ func (l *LocalReader) WriteTo(w io.Writer) (int64, error) {
 }
 
 func (l *LocalReader) Close() error {
-	l.once.Do(func() { l.f.Close(); l.release() })
+	l.once.Do(func() {
+		if l.f != nil {
+			l.f.Close()
+		}
+		l.release()
+	})
 	return nil
 }
 
@@ -101,6 +108,7 @@ func (c *Cache) OpenLocal(k blob.Key, off, n int64) (*LocalReader, int64, error)
 		}
 	}
 	gen := e.trustedGen.Load() // under e.mu: a reset after this is seen by the reader
+	direct := e.directMode
 	e.mu.Unlock()
 	// Every chunk is checked before the file is handed out (FUSE
 	// passthrough gives it to the kernel whole).
@@ -109,6 +117,13 @@ func (c *Cache) OpenLocal(k blob.Key, off, n int64) (*LocalReader, int64, error)
 			release()
 			return nil, size, fmt.Errorf("%s chunk %d failed its check: %w", k, i, blob.ErrNotFound)
 		}
+	}
+	if direct {
+		// Nothing may read the file through the page cache yet (direct.go).
+		c.mu.Lock()
+		c.lru.MoveToFront(e.elem)
+		c.mu.Unlock()
+		return &LocalReader{r: io.LimitedReader{R: &directReader{e: e, pos: off, end: off + n}, N: n}, e: e, gen: gen, release: release}, size, nil
 	}
 	f, err := openForSendfile(filepath.Join(e.dir, "data"))
 	if err != nil {

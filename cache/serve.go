@@ -21,7 +21,7 @@ import (
 func (h *Handle) completeFile(off int64) (f *os.File, ok bool, err error) {
 	e := h.e
 	e.mu.Lock()
-	ok = e.complete() && e.onDisk && !e.gone && e.unchecked == 0
+	ok = e.complete() && e.onDisk && !e.gone && e.unchecked == 0 && !e.directMode
 	e.mu.Unlock()
 	if !ok {
 		return nil, false, nil

@@ -12,11 +12,11 @@ import (
 // advanceHash feeds newly contiguous chunks to the blob's running hash and,
 // once every byte was hashed, verifies the blob. Concurrent callers never
 // wait: whoever holds the hash lock picks up their chunks. data, when not
-// nil, holds the bytes at off that the caller just stored (of generation gen);
-// once hashed, its buffer (up to its capacity) is the scratch space for
-// chunks read back from the file, so hashing needs no buffer of its own.
-func (c *Cache) advanceHash(e *entry, off int64, gen uint64, data []byte) {
-	scratch := data[:cap(data)]
+// nil, holds the bytes at off that the caller just stored (of generation
+// gen). scratch, when not nil, is a chunk buffer the caller lends for the
+// chunks the hash reads back (their fills finished out of order); without
+// one a pooled buffer is taken.
+func (c *Cache) advanceHash(e *entry, off int64, gen uint64, data, scratch []byte) {
 	for {
 		if !e.hashMu.TryLock() {
 			return
@@ -29,9 +29,11 @@ func (c *Cache) advanceHash(e *entry, off int64, gen uint64, data []byte) {
 				e.hasher, e.hashed, e.hashGen = sha256.New(), 0, cur
 			}
 			if cur == gen && e.hashed == off {
+				i := int(off / c.opts.ChunkSize)
 				e.hasher.Write(data)
-				e.noteSumLocked(int(off/c.opts.ChunkSize), nChunks, chunkSum(data))
+				e.noteSumLocked(i, nChunks, chunkSum(data))
 				e.hashed += int64(len(data))
+				e.markHashed(i)
 			}
 			data = nil
 		}
@@ -45,6 +47,15 @@ func (c *Cache) advanceHash(e *entry, off int64, gen uint64, data []byte) {
 			return
 		}
 	}
+}
+
+// markHashed notes that the hash consumed chunk i, so its held copy may go.
+func (e *entry) markHashed(i int) {
+	e.mu.Lock()
+	if h := e.heldLocked(i); h != nil {
+		h.hashed = true
+	}
+	e.mu.Unlock()
 }
 
 func (e *entry) nextHashable() bool {
@@ -62,12 +73,11 @@ func (e *entry) nextHashable() bool {
 }
 
 // hashLocked hashes present chunks from e.hashed on; e.hashMu is held.
-// Chunks read back from the file (their fills finished out of order or
-// while another fill was hashing) are read whole, one pread each, into
-// scratch, a finished fill's chunk buffer. Without one (re-verification of
-// complete blobs at start, one goroutine per blob) they are read through a
-// small buffer, so a restart with many such blobs does not hold a chunk
-// buffer for each.
+// Chunks come from their held copies when they have one, else are read
+// whole, one read each, into scratch (or a pooled chunk buffer); without
+// either, as for the re-verification of complete blobs at start (one
+// goroutine per blob), they are read through a small buffer, so a restart
+// with many such blobs does not hold a chunk buffer for each.
 func (e *entry) hashLocked(scratch []byte) (bool, error) {
 	var small []byte
 	for {
@@ -88,20 +98,37 @@ func (e *entry) hashLocked(scratch []byte) (bool, error) {
 			e.mu.Unlock()
 			return false, nil
 		}
-		f, err := e.filesLocked()
 		off, n, nChunks := e.hashed, e.chunkLen(i), len(e.states)
-		e.mu.Unlock()
-		if err != nil {
-			return false, err
+		h := e.heldLocked(i)
+		if h != nil {
+			h.refs++
 		}
-		if int64(cap(scratch)) >= n {
-			b := scratch[:n]
-			if _, err := f.ReadAt(b, off); err != nil {
+		direct := e.directChunkLocked(i)
+		f, err := e.filesLocked()
+		e.mu.Unlock()
+		switch {
+		case h != nil:
+			b := (*h.buf)[:n]
+			e.hasher.Write(b)
+			e.noteSumLocked(i, nChunks, chunkSum(b))
+			e.unrefHeld(h)
+		case err != nil:
+			return false, err
+		case int64(cap(scratch)) >= n || direct:
+			b := scratch
+			if int64(cap(b)) < n || (direct && !isAligned(b)) {
+				bp := chunkBuf(e.c.opts.ChunkSize)
+				defer bufPool.Put(bp)
+				scratch = *bp
+				b = scratch
+			}
+			b = b[:n]
+			if _, err := e.readChunkInto(i, b[:cap(b)]); err != nil {
 				return false, err
 			}
 			e.hasher.Write(b)
 			e.noteSumLocked(i, nChunks, chunkSum(b))
-		} else {
+		default:
 			if small == nil {
 				small = make([]byte, 64<<10)
 			}
@@ -112,6 +139,7 @@ func (e *entry) hashLocked(scratch []byte) (bool, error) {
 			e.noteSumLocked(i, nChunks, crc.Sum32())
 		}
 		e.hashed += n
+		e.markHashed(i)
 	}
 }
 
@@ -127,6 +155,7 @@ func (e *entry) finishVerify() error {
 		}
 		e.newSums = nil
 		e.verified = true
+		e.directMode = false // nothing is written any more: reads may use the page cache
 		e.origins = nil
 		// Every chunk was just hashed from the bytes written this run.
 		e.sums, e.checked, e.unchecked = sums, make([]bool, len(sums)), 0
@@ -178,6 +207,7 @@ func (e *entry) reset() {
 	e.announced = false
 	e.origins = nil
 	e.gen++
+	e.dropHeldLocked()
 	untrusted := false
 	for _, s := range e.states {
 		if s == stateUntrusted {
@@ -205,11 +235,10 @@ func (e *entry) reset() {
 		// the next fill lays out fresh files (new inodes: readers that have
 		// the old data file open keep its bytes).
 		if e.f != nil {
-			e.f.Close()
-			e.bm.Close()
-			e.f, e.bm = nil, nil
+			e.closeFilesLocked()
 		}
 		e.onDisk = false
+		e.directMode = false
 		for _, name := range []string{"meta", "chunks", "data"} {
 			os.Remove(filepath.Join(e.dir, name))
 		}

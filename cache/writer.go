@@ -1,6 +1,10 @@
 package cache
 
-import "os"
+import (
+	"errors"
+	"os"
+	"syscall"
+)
 
 // writePiece bounds one pwrite of a chunk's bytes. The kernel sizes the
 // page-cache folios a buffered write allocates after the write's length, so
@@ -20,7 +24,20 @@ const writePiece = 32 << 10
 // need. A fill waiting here keeps holding its own chunk buffer, as it did
 // before, so serialising adds no memory: at most one buffer per fill in
 // flight (Options.BackgroundFills plus the foreground readers) is waiting.
-func (e *entry) writeAt(f *os.File, data []byte, off int64) error {
+//
+// With df (the data file open for direct I/O, for a chunk written that
+// way) the bytes go to the disk in one write around the page cache; a file
+// system that refuses it (EINVAL) turns direct I/O off for the cache and the
+// bytes go the buffered way.
+func (e *entry) writeAt(f, df *os.File, data []byte, off int64) error {
+	if df != nil && off%directAlign == 0 && len(data)%directAlign == 0 && isAligned(data) {
+		_, err := df.WriteAt(data, off)
+		if !errors.Is(err, syscall.EINVAL) {
+			return err
+		}
+		e.c.noDirect(err)
+		e.leaveDirect()
+	}
 	e.writeMu.Lock()
 	defer e.writeMu.Unlock()
 	for len(data) > 0 {

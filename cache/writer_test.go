@@ -36,7 +36,7 @@ func TestWriteAtLandsEveryPiece(t *testing.T) {
 		wg.Add(1)
 		go func(p []byte, off int64) {
 			defer wg.Done()
-			if err := e.writeAt(f, p, off); err != nil {
+			if err := e.writeAt(f, nil, p, off); err != nil {
 				t.Error(err)
 			}
 		}(want[pos:pos+n], offs[i])
@@ -50,7 +50,7 @@ func TestWriteAtLandsEveryPiece(t *testing.T) {
 	if !bytes.Equal(got, want) {
 		t.Fatal("bytes written in pieces read back different")
 	}
-	if err := e.writeAt(f, []byte{1}, -1); err == nil {
+	if err := e.writeAt(f, nil, []byte{1}, -1); err == nil {
 		t.Fatal("a write at a negative offset succeeded")
 	}
 }

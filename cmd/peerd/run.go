@@ -39,6 +39,7 @@ type runConfig struct {
 	UpstreamAllow   listFlag
 	CacheSize       byteSize
 	ChunkSize       byteSize
+	CacheDirectIO   bool
 	Prefetch        bool
 	PrefetchWorkers int
 	LogLevel        string
@@ -67,6 +68,7 @@ func registerCoreFlags(fs *flag.FlagSet, c *runConfig) {
 	fs.Var(&c.UpstreamAllow, "upstream-allow", "origin hosts /blobs/ may fetch from: host, host:port, *.domain, *.domain:port (repeatable, comma-separated)")
 	fs.Var(&c.CacheSize, "cache-size", "bound on the bytes the cache holds (units: KiB MiB GiB TiB, KB MB GB TB)")
 	fs.Var(&c.ChunkSize, "chunk-size", "unit of fetching and caching")
+	fs.BoolVar(&c.CacheDirectIO, "cache-direct-io", true, "write a blob filled from nothing around the page cache (O_DIRECT) until it verifies; false: every write goes through the page cache")
 	fs.BoolVar(&c.Prefetch, "prefetch", false, "on the first read of a blob, fetch the rest of it in the background")
 	fs.IntVar(&c.PrefetchWorkers, "prefetch-workers", 4, "concurrent chunk fetches of one blob's prefetch")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
@@ -244,11 +246,12 @@ func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
 		log.Warn("no --upstream-allow patterns: /blobs/ will refuse every origin")
 	}
 	a.cache, err = cache.Open(cache.Options{
-		Dir:        filepath.Join(cfg.DataDir, "cache"),
-		ChunkSize:  int64(cfg.ChunkSize),
-		MaxBytes:   int64(cfg.CacheSize),
-		Logger:     log,
-		Registerer: a.reg,
+		Dir:            filepath.Join(cfg.DataDir, "cache"),
+		ChunkSize:      int64(cfg.ChunkSize),
+		MaxBytes:       int64(cfg.CacheSize),
+		BufferedWrites: !cfg.CacheDirectIO,
+		Logger:         log,
+		Registerer:     a.reg,
 	})
 	if err != nil {
 		return err
