@@ -16,11 +16,17 @@ type origin struct {
 }
 
 func startOrigin(ctx context.Context, c *config, name string) (*origin, error) {
+	return startPacedOrigin(ctx, c, name, 0)
+}
+
+// startPacedOrigin starts an origin whose responses go out at most rate
+// bytes per second in all (0: no limit).
+func startPacedOrigin(ctx context.Context, c *config, name string, rate int64) (*origin, error) {
 	dir := filepath.Join(c.work, name)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
-	fs, err := startFileServer(ctx, "127.0.0.1", dir)
+	fs, err := startPacedFileServer(ctx, "127.0.0.1", dir, rate)
 	if err != nil {
 		return nil, err
 	}

@@ -151,8 +151,8 @@ func kernel() string {
 }
 
 func main() {
-	if len(os.Args) == 4 && os.Args[1] == "fileserver" {
-		runFileServer(os.Args[2], os.Args[3])
+	if (len(os.Args) == 4 || len(os.Args) == 5) && os.Args[1] == "fileserver" {
+		runFileServer(os.Args[2:])
 		return
 	}
 	if len(os.Args) == 2 && os.Args[1] == "dht-host" {

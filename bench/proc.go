@@ -227,11 +227,22 @@ type fileServer struct {
 }
 
 func startFileServer(ctx context.Context, ip, dir string) (*fileServer, error) {
+	return startPacedFileServer(ctx, ip, dir, 0)
+}
+
+// startPacedFileServer starts a file server whose response bodies, over all
+// its connections together, go out at most rate bytes per second (0: no
+// limit), as from an origin behind a link of that speed.
+func startPacedFileServer(ctx context.Context, ip, dir string, rate int64) (*fileServer, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(self, "fileserver", ip, dir)
+	args := []string{"fileserver", ip, dir}
+	if rate > 0 {
+		args = append(args, strconv.FormatInt(rate, 10))
+	}
+	cmd := exec.Command(self, args...)
 	cmd.Stderr = os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.StdoutPipe()
@@ -275,15 +286,28 @@ func (f *fileServer) Stop() {
 	f.cmd.Wait()
 }
 
-// runFileServer is the child side of startFileServer.
-func runFileServer(ip, dir string) {
+// runFileServer is the child side of startPacedFileServer: `peerd-bench
+// fileserver IP DIR [BYTES_PER_SEC]`.
+func runFileServer(args []string) {
+	ip, dir := args[0], args[1]
+	var h http.Handler = http.FileServer(http.Dir(dir))
+	if len(args) > 2 {
+		rate, err := strconv.ParseInt(args[2], 10, 64)
+		if err != nil || rate <= 0 {
+			fmt.Fprintf(os.Stderr, "fileserver: rate %q: want a positive number of bytes per second\n", args[2])
+			os.Exit(2)
+		}
+		// A burst of four pieces lets a sleep that overshoots be made up
+		// by the next pieces without exceeding the rate over any longer span.
+		h = paced(h, newPacer(rate, 4*pacePiece, time.Now))
+	}
 	ln, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "fileserver:", err)
 		os.Exit(1)
 	}
 	fmt.Printf("http://%s\n", ln.Addr())
-	srv := &http.Server{Handler: http.FileServer(http.Dir(dir)), ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		sig := make(chan os.Signal, 1)
 		signalNotify(sig)
