@@ -57,9 +57,14 @@ func getBody(ctx context.Context, url string) ([]byte, error) {
 	return io.ReadAll(resp.Body)
 }
 
-// readAll GETs url (a Range of [off, off+n) when n > 0) and discards the
+// readRange GETs url (a Range of [off, off+n) when n > 0) and discards the
 // body, checking its length. It returns the bytes read.
 func readRange(ctx context.Context, url string, off, n, want int64) (int64, error) {
+	return readRangeWith(ctx, client, url, off, n, want)
+}
+
+// readRangeWith is readRange through the given client.
+func readRangeWith(ctx context.Context, client *http.Client, url string, off, n, want int64) (int64, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, "GET", url, nil)

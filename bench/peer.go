@@ -17,38 +17,12 @@ import (
 // byte of blobs nobody holds, through B and straight from the origin.
 func benchPeer(ctx context.Context, c *config, t *table) error {
 	size := c.size()
-	o, err := startOrigin(ctx, c, "origin-peer")
+	s, err := startPeerSetup(ctx, c, "peer")
 	if err != nil {
 		return err
 	}
-	defer o.fs.Stop()
-	common := []string{"--upstream-allow", o.host(), "--cache-size", fmt.Sprintf("%dMiB", int64(c.rounds+2)*c.sizeMB+64)}
-	common = append(common, strings.Fields(os.Getenv("BENCH_PEER_ARGS"))...)
-	a, err := startNode(ctx, c, filepath.Join(c.work, "peer-a"), nodeOpts{args: common})
-	if err != nil {
-		return err
-	}
-	defer a.Stop()
-	// B is a new node every round, its data deleted afterwards: its cache
-	// writes then reuse memory the page cache already had, as the plain
-	// download's do (the file it saved is deleted too), instead of touching
-	// RAM the VM never handed out before.
-	startB := func(r int) (*node, error) {
-		b, err := startNode(ctx, c, filepath.Join(c.work, fmt.Sprintf("peer-b%d", r)), nodeOpts{args: slices.Concat(common, []string{"--bootstrap", a.P2PAddr})})
-		if err != nil {
-			return nil, err
-		}
-		if err := b.waitReady(ctx, 30*time.Second); err != nil {
-			b.Stop()
-			return nil, err
-		}
-		return b, nil
-	}
-	plain, err := startFileServer(ctx, a.IP, filepath.Join(a.DataDir, "cache", "blobs", "sha256"))
-	if err != nil {
-		return err
-	}
-	defer plain.Stop()
+	defer s.Stop()
+	o, a, plain := s.o, s.a, s.plain
 
 	// Baselines, all on the same loopback path to A's address: a plain
 	// download that keeps the file on B's disk (as B's cache must), the same
@@ -59,27 +33,20 @@ func benchPeer(ctx context.Context, c *config, t *table) error {
 		return err
 	}
 	var peer, kept, discarded, cold, cpuPeer, cpuPlain []float64
-	settle := time.Duration(envInt("BENCH_SETTLE_MS", 3000)) * time.Millisecond
+	var cpuA, cpuB, cpuServer, cpuClient []float64
 	gib := float64(size) / (1 << 30)
 	var fromPeers, total float64
 	var cur *node // this round's B, stopped however the round ends
 	defer func() { cur.Stop() }()
 	for r := 0; r <= c.rounds; r++ {
 		// A advertises only with a peer in its routing table: B first.
-		b, err := startB(r)
+		b, err := s.startB(ctx, fmt.Sprintf("peer-b%d", r))
 		if err != nil {
 			return err
 		}
 		cur = b
-		provided, err := a.metric(ctx, "peerd_p2p_provides_total", "result=ok")
+		hexd, rel, err := s.fillA(ctx, size)
 		if err != nil {
-			return err
-		}
-		hexd, rel, err := fill(ctx, a, o, size)
-		if err != nil {
-			return err
-		}
-		if err := a.waitMetric(ctx, provided+1, time.Minute, "peerd_p2p_provides_total", "result=ok"); err != nil {
 			return err
 		}
 		_, relCold, err := writeBlob(o.dir, size)
@@ -87,7 +54,7 @@ func benchPeer(ctx context.Context, c *config, t *table) error {
 			return err
 		}
 		recv0, _ := b.metric(ctx, "peerd_p2p_received_bytes_total")
-		var p, k, d, cf, cp, cf0 float64
+		var p, k, d, cf, ca, cb, cf0, ck, cc float64
 		runs := []func() error{
 			func() error {
 				if c.pprof != "" && r == 1 {
@@ -108,16 +75,22 @@ func benchPeer(ctx context.Context, c *config, t *table) error {
 				if err != nil {
 					return err
 				}
-				if p, cp, err = measured(b.PID(), func() (float64, error) { return download(ctx, b.URL("/blobs/"+o.url(rel)), size, 0) }); err != nil {
+				if p, cb, err = measured(b.PID(), func() (float64, error) { return download(ctx, b.URL("/blobs/"+o.url(rel)), size, 0) }); err != nil {
 					return err
 				}
 				a1, err := cpuSeconds(a.PID())
-				cp += a1 - a0
+				ca = a1 - a0
 				return err
 			},
 			func() error {
+				// This process does nothing else meanwhile: its own CPU is
+				// the client's (socket reads, page-cache writes, fsync).
+				c0 := selfCPU()
 				var err error
-				k, err = downloadToFile(ctx, plain.URL+"/"+hexd+"/data", filepath.Join(keepDir, hexd), size)
+				k, ck, err = measured(plain.PID(), func() (float64, error) {
+					return downloadToFile(ctx, plain.URL+"/"+hexd+"/data", filepath.Join(keepDir, hexd), size)
+				})
+				cc = selfCPU() - c0
 				return err
 			},
 			func() error {
@@ -140,23 +113,8 @@ func benchPeer(ctx context.Context, c *config, t *table) error {
 				return err
 			},
 		}
-		// Rotate the order round by round so load bursts hit every kind.
-		for i := range runs {
-			// Every run starts with no dirty pages: on a VM whose disk
-			// writes a few hundred MiB/s, earlier runs' writeback would
-			// otherwise slow whoever comes next.
-			syscall.Sync()
-			// ... and with the same free memory: on a VM that reports free
-			// pages to its host (virtio-balloon free page reporting, 2 s
-			// after they are freed), the first write into a reported page
-			// faults on the host, and a run right after another run freed
-			// its pages would write into memory the next run cannot have.
-			if err := sleep(ctx, settle); err != nil {
-				return err
-			}
-			if err := runs[(i+r)%len(runs)](); err != nil {
-				return err
-			}
+		if err := rotateRuns(ctx, s.settle, runs, r); err != nil {
+			return err
 		}
 		recv1, _ := b.metric(ctx, "peerd_p2p_received_bytes_total")
 		os.Remove(filepath.Join(o.dir, rel))
@@ -173,7 +131,9 @@ func benchPeer(ctx context.Context, c *config, t *table) error {
 			continue
 		}
 		peer, kept, discarded, cold = append(peer, p), append(kept, k), append(discarded, d), append(cold, cf)
-		cpuPeer, cpuPlain = append(cpuPeer, cp/gib), append(cpuPlain, cf0/gib)
+		cpuPeer, cpuPlain = append(cpuPeer, (ca+cb)/gib), append(cpuPlain, cf0/gib)
+		cpuA, cpuB = append(cpuA, ca/gib), append(cpuB, cb/gib)
+		cpuServer, cpuClient = append(cpuServer, ck/gib), append(cpuClient, cc/gib)
 		fromPeers += recv1 - recv0
 		total += float64(size)
 	}
@@ -185,18 +145,138 @@ func benchPeer(ctx context.Context, c *config, t *table) error {
 		peerd: mibs(median(peer)), baseline: mibs(median(discarded)) + " plain HTTP → /dev/null", ratio: fmt.Sprintf("%.2f", rd), goal: "≥ 0.8", verdict: atLeast(rd, 0.8)})
 	t.add(row{group: "3", what: "peer transfer CPU per GiB: A + B (TLS both ways, verification, cache write) vs the file server",
 		peerd: fmt.Sprintf("%.2f s", median(cpuPeer)), baseline: fmt.Sprintf("%.2f s", median(cpuPlain)), ratio: fmt.Sprintf("%.2f", median(ratios(cpuPeer, cpuPlain)))})
+	t.add(row{group: "3", what: "peer transfer CPU per GiB, A (serving) / B (receiving, verifying, caching) separately, vs the plain download saved to disk: file server / client (socket read, page-cache write, fsync: the write any cache pays)",
+		peerd:    fmt.Sprintf("A %.2f s / B %.2f s", median(cpuA), median(cpuB)),
+		baseline: fmt.Sprintf("server %.2f s / client %.2f s", median(cpuServer), median(cpuClient)),
+		ratio:    fmt.Sprintf("%.2f / %.2f", median(ratios(cpuA, cpuServer)), median(ratios(cpuB, cpuClient)))})
 	rc := median(ratios(peer, cold))
 	t.add(row{group: "3", what: "peer transfer, vs B filling from the origin (same cache writes, no peers)",
 		peerd: mibs(median(peer)), baseline: mibs(median(cold)) + " B cold from origin", ratio: fmt.Sprintf("%.2f", rc)})
 	if total > 0 && fromPeers < 0.99*total {
 		t.note("row 3: only %.1f%% of B's bytes came from A", 100*fromPeers/total)
 	}
-	b, err := startB(c.rounds + 1)
+	b, err := s.startB(ctx, fmt.Sprintf("peer-b%d", c.rounds+1))
 	if err != nil {
 		return err
 	}
 	defer b.Stop()
 	return missTTFB(ctx, c, t, o, b, "2 nodes")
+}
+
+// peerSetup is what rows 3 and 3b share: an origin, node A that fills
+// blobs from it and serves them to peers, and a plain file server on A's
+// address serving A's own cache folder (the baseline's copy is A's).
+type peerSetup struct {
+	c      *config
+	o      *origin
+	a      *node
+	plain  *fileServer
+	common []string // flags of every node: A and its readers
+	settle time.Duration
+}
+
+// startPeerSetup starts the origin, A and the file server; name prefixes
+// their folders.
+func startPeerSetup(ctx context.Context, c *config, name string) (s *peerSetup, err error) {
+	s = &peerSetup{c: c, settle: settleTime()}
+	defer func() {
+		if err != nil {
+			s.Stop()
+		}
+	}()
+	if s.o, err = startOrigin(ctx, c, "origin-"+name); err != nil {
+		return nil, err
+	}
+	s.common = []string{"--upstream-allow", s.o.host(), "--cache-size", fmt.Sprintf("%dMiB", int64(c.rounds+2)*c.sizeMB+64)}
+	s.common = append(s.common, strings.Fields(os.Getenv("BENCH_PEER_ARGS"))...)
+	if s.a, err = startNode(ctx, c, filepath.Join(c.work, name+"-a"), nodeOpts{args: s.common}); err != nil {
+		return nil, err
+	}
+	if s.plain, err = startFileServer(ctx, s.a.IP, filepath.Join(s.a.DataDir, "cache", "blobs", "sha256")); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *peerSetup) Stop() {
+	s.plain.Stop()
+	s.a.Stop()
+	if s.o != nil {
+		s.o.fs.Stop()
+	}
+}
+
+// startB starts a reader bootstrapped to A and waits until it is ready.
+// Readers are new nodes every round, their data deleted afterwards: their
+// cache writes then reuse memory the page cache already had, as the plain
+// downloads' do (the files they saved are deleted too), instead of touching
+// RAM the VM never handed out before.
+func (s *peerSetup) startB(ctx context.Context, name string) (*node, error) {
+	b, err := startNode(ctx, s.c, filepath.Join(s.c.work, name), nodeOpts{args: slices.Concat(s.common, []string{"--bootstrap", s.a.P2PAddr})})
+	if err != nil {
+		return nil, err
+	}
+	if err := b.waitReady(ctx, 30*time.Second); err != nil {
+		b.Stop()
+		return nil, err
+	}
+	return b, nil
+}
+
+// fillA has A fetch a new blob from the origin, verify it and advertise it
+// (A advertises only with a peer in its routing table: start a reader
+// first). It returns the digest hex and the blob's path on the origin.
+func (s *peerSetup) fillA(ctx context.Context, size int64) (string, string, error) {
+	provided, err := s.a.metric(ctx, "peerd_p2p_provides_total", "result=ok")
+	if err != nil {
+		return "", "", err
+	}
+	hexd, rel, err := fill(ctx, s.a, s.o, size)
+	if err != nil {
+		return "", "", err
+	}
+	if err := s.a.waitMetric(ctx, provided+1, time.Minute, "peerd_p2p_provides_total", "result=ok"); err != nil {
+		return "", "", err
+	}
+	return hexd, rel, nil
+}
+
+// settleTime is the pause before each run of rows 3, 3b and 7.
+func settleTime() time.Duration {
+	return time.Duration(envInt("BENCH_SETTLE_MS", 3000)) * time.Millisecond
+}
+
+// rotateRuns runs round r's runs one after another, each after a sync and
+// a pause of settle, starting one further along each round so load bursts
+// from elsewhere hit every kind.
+func rotateRuns(ctx context.Context, settle time.Duration, runs []func() error, r int) error {
+	for i := range runs {
+		// Every run starts with no dirty pages: on a VM whose disk
+		// writes a few hundred MiB/s, earlier runs' writeback would
+		// otherwise slow whoever comes next.
+		syscall.Sync()
+		// ... and with the same free memory: on a VM that reports free
+		// pages to its host (virtio-balloon free page reporting, 2 s
+		// after they are freed), the first write into a reported page
+		// faults on the host, and a run right after another run freed
+		// its pages would write into memory the next run cannot have.
+		if err := sleep(ctx, settle); err != nil {
+			return err
+		}
+		if err := runs[(i+r)%len(runs)](); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// selfCPU is this process's user+system CPU time so far, in seconds.
+func selfCPU() float64 {
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
 }
 
 // missTTFB is row 4: time to first byte of blobs nobody holds, through
