@@ -37,13 +37,13 @@ func parseE2ERows(r io.Reader) map[string]e2eRow {
 	return out
 }
 
-// benchCluster is row 7: the e2e harness's staggered and cold-burst pulls
+// benchCluster is row 8: the e2e harness's staggered and cold-burst pulls
 // (network namespaces, containerd, a rate-limited registry; root). The lone
 // pull is the staggered scenario's first node, which pulls with nobody to
 // share with; the slowest follower of each scenario is put next to it.
 func benchCluster(ctx context.Context, c *config, t *table) error {
 	if os.Geteuid() != 0 {
-		t.add(row{group: "7", what: "cluster", peerd: "skipped: needs root", verdict: "skipped"})
+		t.add(row{group: "8", what: "cluster", peerd: "skipped: needs root", verdict: "skipped"})
 		return nil
 	}
 	// The harness waits up to 30 min for another e2e run's lock; the
@@ -68,7 +68,7 @@ func benchCluster(ctx context.Context, c *config, t *table) error {
 		if slowest, err := time.ParseDuration(r.max); err == nil && lone > 0 {
 			rt = fmt.Sprintf("%.2f", float64(slowest)/float64(lone))
 		}
-		t.add(row{group: "7", what: fmt.Sprintf("cluster %s: %s nodes, image %s; registry egress ÷ image %s; peer-served %s", name, r.nodes, r.size, r.egress, r.peerServed),
+		t.add(row{group: "8", what: fmt.Sprintf("cluster %s: %s nodes, image %s; registry egress ÷ image %s; peer-served %s", name, r.nodes, r.size, r.egress, r.peerServed),
 			peerd: fmt.Sprintf("slowest node %s (p50 %s)", r.max, r.p50), baseline: "lone pull " + rows["1-staggered"].first, ratio: rt})
 	}
 	if runErr != nil {

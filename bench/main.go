@@ -6,7 +6,8 @@
 // median is reported; nothing here asserts a wall-clock time. Knobs (env):
 //
 //	BENCH_QUICK=1       small sizes, one counted round: a couple of minutes
-//	BENCH_SIZE_MB       blob size for rows 1-3 and 6 (default 1024; quick 128)
+//	BENCH_SIZE_MB       blob size for rows 1-3b and 6 (default 1024; quick 128)
+//	BENCH_OBD_MB        blob size for row 7 (default 512; quick 128)
 //	BENCH_ROUNDS        counted rounds after the uncounted warm-up (default 3; quick 1)
 //	BENCH_DHT_NODES     nodes of the in-process DHT (default 100; quick 30); 0 skips row 5
 //	BENCH_DHT_KEYS      lookups per kind in row 5 (default 200; quick 50)
@@ -14,7 +15,8 @@
 //	BENCH_DHT_PER_PROCESS  most row-5 nodes in one process (default 100, 25 above 100 nodes); the rest run in child processes
 //	BENCH_DHT_LOG       row-5 nodes log at this level (debug, info, warn) to stderr; child processes to <work>/dht-*.log
 //	BENCH_STREAMS       concurrent range streams in row 6 (default 100)
-//	BENCH_ONLY          comma-separated rows to run: hit,fuse,peer,miss,dht,mem,cluster
+//	BENCH_ONLY          comma-separated rows to run: hit,fuse,peer,peer4,dht,mem,obd,cluster
+//	BENCH_SETTLE_MS     pause before each run of rows 3, 3b and 7 (default 3000)
 //	BENCH_CLUSTER=1     also run the e2e cluster scenarios (root; slow)
 //	BENCH_PPROF=<dir>   save CPU profiles of peerd while it serves (rows 1 and 3)
 //	BENCH_DIR=<dir>     work folder (default a temp dir; removed afterwards)
@@ -53,6 +55,7 @@ type config struct {
 	// dhtResolve is the row-5 peerd nodes' --resolve-timeout.
 	dhtResolve time.Duration
 	streams    int
+	obdMB      int64
 	only       map[string]bool
 	cluster    bool
 	pprof      string
@@ -197,6 +200,11 @@ func main() {
 		c.dhtResolve = d
 	}
 	c.streams = max(1, envInt("BENCH_STREAMS", 100))
+	c.obdMB = int64(envInt("BENCH_OBD_MB", def(512, 128)))
+	if c.obdMB < 1 {
+		fmt.Fprintln(os.Stderr, "bench: BENCH_OBD_MB must be at least 1")
+		os.Exit(2)
+	}
 	c.cluster = os.Getenv("BENCH_CLUSTER") != "" && os.Getenv("BENCH_CLUSTER") != "0"
 	c.pprof = os.Getenv("BENCH_PPROF")
 	if v := os.Getenv("BENCH_ONLY"); v != "" {
@@ -267,8 +275,10 @@ func run(ctx context.Context, c *config) int {
 		{"hit", "1", benchHit},
 		{"fuse", "2", benchFUSE},
 		{"peer", "3", benchPeer},
+		{"peer4", "3b", benchPeer4},
 		{"dht", "5", benchDHT},
 		{"mem", "6", benchMemory},
+		{"obd", "7", benchOBD},
 	}
 	for _, s := range sections {
 		if !c.want(s.name) {
@@ -286,7 +296,7 @@ func run(ctx context.Context, c *config) int {
 	}
 	if c.cluster && ctx.Err() == nil {
 		if err := benchCluster(ctx, c, t); err != nil {
-			t.fail("7", err)
+			t.fail("8", err)
 		}
 	}
 	t.print(os.Stdout, c)
