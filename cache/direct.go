@@ -81,12 +81,27 @@ func (e *entry) directChunkLocked(i int) bool {
 // direct I/O when the blob is in direct mode, else from the page cache. It
 // returns the chunk's length.
 func (e *entry) readChunkInto(i int, buf []byte) (int64, error) {
+	n, err := e.readSpan(i, 0, -1, buf)
+	return n, err
+}
+
+// readSpan reads bytes [from, to) of present chunk i (offsets within the
+// chunk; to < 0: its end) into buf[from-start:], where start is from
+// rounded down to directAlign, and returns to. It reads from a held copy
+// when there is one, with one direct read of the aligned span when the
+// blob is in direct mode (buf must be aligned and hold the span), else from
+// the page cache.
+func (e *entry) readSpan(i int, from, to int64, buf []byte) (int64, error) {
 	e.mu.Lock()
 	n := e.chunkLen(i)
+	if to < 0 || to > n {
+		to = n
+	}
+	start := from &^ (directAlign - 1)
 	if h := e.heldLocked(i); h != nil {
-		copy(buf, (*h.buf)[:n])
+		copy(buf[from-start:], (*h.buf)[from:to])
 		e.mu.Unlock()
-		return n, nil
+		return to, nil
 	}
 	direct := e.directChunkLocked(i)
 	f := e.df
@@ -98,14 +113,79 @@ func (e *entry) readChunkInto(i int, buf []byte) (int64, error) {
 		}
 	}
 	e.mu.Unlock()
-	off := int64(i) * e.c.opts.ChunkSize
-	if direct && !isAligned(buf) {
-		return 0, errors.New("direct read into an unaligned buffer")
+	base := int64(i) * e.c.opts.ChunkSize
+	if !direct {
+		_, err := f.ReadAt(buf[from-start:to-start], base+from)
+		return to, err
 	}
-	if _, err := f.ReadAt(buf[:n], off); err != nil && !(errors.Is(err, io.EOF)) {
+	end := min((to+directAlign-1)&^(directAlign-1), n)
+	if !isAligned(buf) || int64(len(buf)) < end-start {
+		return 0, errors.New("direct read into an unaligned or short buffer")
+	}
+	if _, err := f.ReadAt(buf[:end-start], base+start); err != nil {
 		return 0, err
 	}
+	return to, nil
+}
+
+// copyChunk writes bytes [from, to) of present chunk i (offsets within the
+// chunk) to w, from a held chunk or read with direct I/O into a pooled
+// buffer. It is the read path of a blob in direct mode.
+func (e *entry) copyChunk(w io.Writer, i int, from, to int64) (int, error) {
+	if h := e.refHeld(i); h != nil {
+		defer e.unrefHeld(h)
+		return w.Write((*h.buf)[from:to])
+	}
+	bp := chunkBuf(e.c.opts.ChunkSize)
+	defer bufPool.Put(bp)
+	if _, err := e.readSpan(i, from, to, *bp); err != nil {
+		return 0, err
+	}
+	start := from &^ (directAlign - 1)
+	return w.Write((*bp)[from-start : to-start])
+}
+
+// directReader reads a range of a blob in direct mode: what OpenLocal hands
+// out for such a blob. It reads each chunk's part of the range once (from
+// its held copy, else with one direct read) and serves the caller's reads
+// from there, however small they are.
+type directReader struct {
+	e        *entry
+	pos, end int64
+	bp       *[]byte // pooled chunk buffer holding buf
+	buf      []byte  // bytes at [pos, pos+len(buf)) of the blob
+}
+
+func (r *directReader) Read(p []byte) (int, error) {
+	if r.pos >= r.end {
+		return 0, io.EOF
+	}
+	if len(r.buf) == 0 {
+		cs := r.e.c.opts.ChunkSize
+		i := int(r.pos / cs)
+		from := r.pos - int64(i)*cs
+		to := min(int64(i+1)*cs, r.end) - int64(i)*cs
+		if r.bp == nil {
+			r.bp = chunkBuf(cs)
+		}
+		if _, err := r.e.readSpan(i, from, to, *r.bp); err != nil {
+			return 0, err
+		}
+		start := from &^ (directAlign - 1)
+		r.buf = (*r.bp)[from-start : to-start]
+	}
+	n := copy(p, r.buf)
+	r.buf = r.buf[n:]
+	r.pos += int64(n)
 	return n, nil
+}
+
+// Close gives the reader's buffer back.
+func (r *directReader) Close() {
+	if r.bp != nil {
+		bufPool.Put(r.bp)
+		r.bp, r.buf = nil, nil
+	}
 }
 
 // leaveDirect switches the blob to buffered I/O for good (direct I/O was
@@ -131,47 +211,6 @@ func (e *entry) directRead(i int) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.directChunkLocked(i)
-}
-
-// copyChunk writes bytes [from, to) of present chunk i (offsets within the
-// chunk) to w, from a held chunk or read with direct I/O into a pooled
-// buffer. It is the read path of a blob in direct mode.
-func (e *entry) copyChunk(w io.Writer, i int, from, to int64) (int, error) {
-	if h := e.refHeld(i); h != nil {
-		defer e.unrefHeld(h)
-		return w.Write((*h.buf)[from:to])
-	}
-	bp := chunkBuf(e.c.opts.ChunkSize)
-	defer bufPool.Put(bp)
-	n, err := e.readChunkInto(i, *bp)
-	if err != nil {
-		return 0, err
-	}
-	if to > n {
-		return 0, fmt.Errorf("chunk %d has %d bytes, read up to %d", i, n, to)
-	}
-	return w.Write((*bp)[from:to])
-}
-
-// directReader reads a range of a blob in direct mode chunk by chunk
-// through copyChunk: what OpenLocal hands out for such a blob.
-type directReader struct {
-	e        *entry
-	pos, end int64
-}
-
-func (r *directReader) Read(p []byte) (int, error) {
-	if r.pos >= r.end {
-		return 0, io.EOF
-	}
-	cs := r.e.c.opts.ChunkSize
-	i := int(r.pos / cs)
-	from := r.pos - int64(i)*cs
-	to := min(int64(i+1)*cs, r.end) - int64(i)*cs
-	to = min(to, from+int64(len(p)))
-	n, err := r.e.copyChunk(&sliceWriter{p: p}, i, from, to)
-	r.pos += int64(n)
-	return n, err
 }
 
 // sliceWriter copies what it is given into p.

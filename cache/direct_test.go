@@ -185,33 +185,43 @@ func TestDirectModeRandomReads(t *testing.T) {
 }
 
 // OpenLocal of a blob still filling in direct mode hands out a reader that
-// reads around the page cache (no file), with the right bytes.
+// reads around the page cache (no file), with the right bytes, for readers
+// of any size at any offset, from held copies or the disk.
 func TestOpenLocalInDirectMode(t *testing.T) {
-	c := directCache(t, Options{})
-	requireDirect(t, c)
-	src := newFake("upstream", true)
-	data, k := randBlob(t, 16*64<<10)
-	src.blobs[k] = data
-	h := c.Open(k, src.plan())
-	defer h.Close()
-	half := int64(len(data) / 2)
-	if _, err := h.WriteRange(context.Background(), io.Discard, 0, half); err != nil {
-		t.Fatal(err)
-	}
-	lr, _, err := c.OpenLocal(k, 100, half-100)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lr.Close()
-	if lr.File() != nil {
-		t.Fatal("a reader of a blob in direct mode exposes its file")
-	}
-	got, err := io.ReadAll(lr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(got, data[100:half]) {
-		t.Fatal("bytes differ")
+	for _, held := range []int{0, -1} {
+		c := directCache(t, Options{HeldChunks: held})
+		requireDirect(t, c)
+		src := newFake("upstream", true)
+		data, k := randBlob(t, 16*64<<10)
+		src.blobs[k] = data
+		half := int64(len(data) / 2)
+		// The second half stays missing, so the blob stays in direct mode.
+		never := make(chan struct{})
+		for off := half; off < int64(len(data)); off += 64 << 10 {
+			src.block[off] = never
+		}
+		h := c.Open(k, src.plan())
+		if _, err := h.WriteRange(context.Background(), io.Discard, 0, half); err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range []struct{ off, n, piece int64 }{{100, half - 100, 1000}, {64<<10 - 5, 3*64<<10 + 9, 4096}, {0, half, 64 << 10}} {
+			lr, _, err := c.OpenLocal(k, r.off, r.n)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if lr.File() != nil {
+				t.Fatal("a reader of a blob in direct mode exposes its file")
+			}
+			var got bytes.Buffer
+			if _, err := io.CopyBuffer(&got, struct{ io.Reader }{lr}, make([]byte, r.piece)); err != nil {
+				t.Fatal(err)
+			}
+			lr.Close()
+			if !bytes.Equal(got.Bytes(), data[r.off:r.off+r.n]) {
+				t.Fatalf("held %d: range %d+%d read in %d-byte pieces differs", held, r.off, r.n, r.piece)
+			}
+		}
+		h.Close()
 	}
 }
 
@@ -254,6 +264,7 @@ func TestStaleHeldChunksGo(t *testing.T) {
 	if got := readAll(t, h); !bytes.Equal(got, data) {
 		t.Fatal("bytes differ")
 	}
+	waitFor(t, "verification", func() bool { return h.Info().Verified })
 	if c.heldCount() == 0 {
 		t.Fatal("no chunk held after a fill")
 	}

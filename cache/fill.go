@@ -134,6 +134,11 @@ func (e *entry) fill(i int, p Plan, call *fillCall) {
 	if err == nil {
 		call.pass, err = e.store(i, gen, buf[:n], st, origin)
 	}
+	if err == nil && call.pass == nil && e.directRead(i) {
+		// Written around the page cache: keep the bytes for the readers
+		// waiting for them (so before they are woken) and the hash.
+		kept = e.c.hold(e, i, gen, bp)
+	}
 	e.mu.Lock()
 	delete(e.inflight, i)
 	if err != nil {
@@ -152,11 +157,6 @@ func (e *entry) fill(i int, p Plan, call *fillCall) {
 	e.c.m.fillSeconds.WithLabelValues(st.src.Name()).Observe(time.Since(start).Seconds())
 	if call.pass != nil {
 		return
-	}
-	if e.directRead(i) {
-		// Written around the page cache: keep the bytes for the reader
-		// and the hash that come next.
-		kept = e.c.hold(e, i, gen, bp)
 	}
 	if e.key.Verifiable() {
 		// The chunk is still in buf: hash it from there when it is next in

@@ -123,7 +123,8 @@ func (c *Cache) OpenLocal(k blob.Key, off, n int64) (*LocalReader, int64, error)
 		c.mu.Lock()
 		c.lru.MoveToFront(e.elem)
 		c.mu.Unlock()
-		return &LocalReader{r: io.LimitedReader{R: &directReader{e: e, pos: off, end: off + n}, N: n}, e: e, gen: gen, release: release}, size, nil
+		dr := &directReader{e: e, pos: off, end: off + n}
+		return &LocalReader{r: io.LimitedReader{R: dr, N: n}, e: e, gen: gen, release: func() { dr.Close(); release() }}, size, nil
 	}
 	f, err := openForSendfile(filepath.Join(e.dir, "data"))
 	if err != nil {
