@@ -202,6 +202,9 @@ func testContainerdMirror(t *testing.T, build ctrdBuild, registryBin string) {
 	ctrdWaitFor(t, 60*time.Second, "A's peerd follows the restarted containerd", func() bool {
 		return a.peerd.Metric(t, "peerd_containerd_connected") == 1
 	})
+	if a.peerd.Metric(t, "peerd_runtime_mode", "mode=containerd") != 1 || a.peerd.Metric(t, "peerd_runtime_mode", "mode=none") != 0 {
+		t.Fatal("a node following containerd: peerd_runtime_mode does not say containerd")
+	}
 	if a.peerd.Metric(t, "peerd_containerd_reconnects_total") <= reconnects {
 		t.Fatal("peerd_containerd_reconnects_total did not grow over a containerd restart")
 	}

@@ -53,6 +53,11 @@ func TestRegistriesConfWithARealClient(t *testing.T) {
 		}
 		return reg.blobBytes.Load() - before
 	}
+	for _, n := range []*p2pNode{a, b} {
+		if n.Metric(t, "peerd_runtime_mode", "mode=none") != 1 || n.Metric(t, "peerd_runtime_mode", "mode=containerd") != 0 {
+			t.Fatalf("%s runs without containerd but peerd_runtime_mode does not say none", n.Name)
+		}
+	}
 	fromRegA := pull(a)
 	if served := a.Metric(t, "peerd_oci_responses_total", "kind=blob"); served < float64(len(img.layers)) {
 		t.Fatalf("A's mirror answered %v blob requests: the client did not use it", served)

@@ -162,6 +162,21 @@ type app struct {
 	closers []func(context.Context) error // run in reverse order at shutdown
 }
 
+// The runtime modes (the debug page, status, peerd_runtime_mode).
+const (
+	runtimeContainerd = "containerd"
+	runtimeNone       = "none"
+)
+
+// runtimeMode says whether this node shares through containerd's content
+// store or only through its own cache.
+func (a *app) runtimeMode() string {
+	if a.ctrdStore != nil {
+		return runtimeContainerd
+	}
+	return runtimeNone
+}
+
 func (a *app) onStop(f func(context.Context) error) {
 	a.mu.Lock()
 	a.closers = append(a.closers, f)
@@ -233,6 +248,18 @@ func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
 	a := &app{cfg: cfg, log: log, reg: prometheus.NewRegistry(), extra: map[string]http.Handler{},
 		started: time.Now(), transfers: transfer.NewLog(transferLogSize)}
 	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	for _, mode := range []string{runtimeContainerd, runtimeNone} {
+		a.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name:        "peerd_runtime_mode",
+			Help:        "1 for the mode this node runs in: containerd (it reads and follows containerd's content store) or none (what it pulls through stays in its own cache and is shared from there, as for CRI-O and Podman).",
+			ConstLabels: prometheus.Labels{"mode": mode},
+		}, func() float64 {
+			if a.runtimeMode() == mode {
+				return 1
+			}
+			return 0
+		}))
+	}
 	log.Info("starting peerd", "version", version, "data-dir", cfg.DataDir, "http-addr", cfg.HTTPAddr)
 
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {

@@ -49,14 +49,11 @@ func (v debugView) Snapshot() web.Snapshot {
 
 func (v debugView) node() web.Node {
 	a := v.a
-	n := web.Node{Version: version, Started: a.started, Bootstrap: a.cfg.K8s.BootstrapMode, Runtime: "none"}
+	n := web.Node{Version: version, Started: a.started, Bootstrap: a.cfg.K8s.BootstrapMode, Runtime: a.runtimeMode()}
 	if err := a.ready(); err != nil {
 		n.ReadyReason = err.Error()
 	} else {
 		n.Ready = true
-	}
-	if a.ctrdStore != nil {
-		n.Runtime = "containerd"
 	}
 	if a.p2p != nil {
 		n.PeerID = a.p2p.ID().String()
