@@ -214,6 +214,16 @@ func TestHelmChart(t *testing.T) {
 	} else {
 		t.Logf("NOTES:%s", out[strings.Index(out, "NOTES:")+len("NOTES:"):])
 	}
+	// The same for CRI-O nodes: the server accepts the objects, and NOTES
+	// name the registries.conf drop-in instead of hosts.toml.
+	out, err = helm(t, "install", "peerd", chartDir, "--namespace", "peerd", "--dry-run=server", "--set", "runtime=crio",
+		"--kubeconfig", api.Kubeconfig(t, "admin"))
+	if err != nil {
+		t.Fatalf("helm install --dry-run=server --set runtime=crio: %v", err)
+	}
+	if notes := out[strings.Index(out, "NOTES:")+1:]; !strings.Contains(notes, "CRI-O and Podman on each node") || strings.Contains(notes, "hosts.toml") {
+		t.Errorf("NOTES for CRI-O nodes:%s", notes)
+	}
 	for name, values := range chartValueSets {
 		t.Run(name, func(t *testing.T) {
 			if values != "" {
@@ -758,4 +768,89 @@ func TestGrafanaDashboardMetricsExist(t *testing.T) {
 	if n < 10 {
 		t.Fatalf("found only %d metric references in the dashboard", n)
 	}
+}
+
+// With runtime: crio the chart writes CRI-O's registries.conf drop-in
+// instead of containerd's hosts.toml, runs peerd without containerd, mounts
+// nothing of containerd's, and its uninstall hook removes the drop-in. The
+// init container's and the hook's args are run with the real binary on a
+// folder standing for the node's registries.conf.d.
+func TestHelmChartCRIO(t *testing.T) {
+	objs := renderChart(t, "runtime: crio\n")
+	if n := checkPeerdArgs(t, objs); n < 4 {
+		t.Errorf("checked the args of %d peerd containers, want 4", n)
+	}
+	ds := find(t, objs, "DaemonSet", "peerd").u
+	pod, _, _ := unstructured.NestedMap(ds.Object, "spec", "template", "spec")
+	inits, _ := pod["initContainers"].([]any)
+	if len(inits) != 1 {
+		t.Fatalf("%d init containers, want 1", len(inits))
+	}
+	initArgs := stringArgs(inits[0])
+	if len(initArgs) == 0 || initArgs[0] != "registries-config" || !slices.Contains(initArgs, "--conf-dir=/etc/containers/registries.conf.d") {
+		t.Fatalf("init container args %v: want registries-config --conf-dir=/etc/containers/registries.conf.d", initArgs)
+	}
+	ctrs, _ := pod["containers"].([]any)
+	args := stringArgs(ctrs[0])
+	if !slices.Contains(args, "--containerd-socket=") {
+		t.Errorf("peerd args %v: want --containerd-socket= (no containerd)", args)
+	}
+	for _, a := range args {
+		if strings.HasPrefix(a, "--containerd-") && a != "--containerd-socket=" {
+			t.Errorf("peerd args pass %s on a CRI-O node", a)
+		}
+	}
+	vols := fmt.Sprint(pod["volumes"])
+	if strings.Contains(vols, "containerd") || !strings.Contains(vols, "path:/etc/containers/registries.conf.d") {
+		t.Errorf("volumes %s: want registries.conf.d and nothing of containerd's", vols)
+	}
+	hook := find(t, objs, "DaemonSet", "peerd-cleanup").u
+	hookInits, _, _ := unstructured.NestedSlice(hook.Object, "spec", "template", "spec", "initContainers")
+	if len(hookInits) != 1 {
+		t.Fatalf("uninstall hook: %d init containers, want 1", len(hookInits))
+	}
+	removeArgs := stringArgs(hookInits[0])
+	if len(removeArgs) < 2 || removeArgs[0] != "registries-config" || !slices.Contains(removeArgs, "--remove") {
+		t.Fatalf("uninstall hook args %v: want registries-config --remove", removeArgs)
+	}
+
+	// The rendered commands, on a folder standing for the node's.
+	dir := t.TempDir()
+	run := func(a []string) {
+		t.Helper()
+		var real []string
+		for _, s := range a {
+			if v, ok := strings.CutPrefix(s, "--conf-dir="); ok && v == "/etc/containers/registries.conf.d" {
+				s = "--conf-dir=" + dir
+			}
+			real = append(real, s)
+		}
+		if out, err := exec.Command(peerdBin, real...).CombinedOutput(); err != nil {
+			t.Fatalf("peerd %v: %v\n%s", real, err, out)
+		}
+	}
+	run(initArgs)
+	conf, err := os.ReadFile(filepath.Join(dir, "zz-peerd.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(conf), "location = '127.0.0.1:30000/peerd/docker.io'") {
+		t.Fatalf("drop-in written by the init container does not name the node's mirror:\n%s", conf)
+	}
+	run(initArgs) // a restarted pod changes nothing
+	run(removeArgs)
+	if _, err := os.Stat(filepath.Join(dir, "zz-peerd.conf")); !os.IsNotExist(err) {
+		t.Fatalf("the uninstall hook left the drop-in: %v", err)
+	}
+}
+
+// stringArgs returns a rendered container's args.
+func stringArgs(c any) []string {
+	raw, _ := c.(map[string]any)["args"].([]any)
+	var out []string
+	for _, a := range raw {
+		s, _ := a.(string)
+		out = append(out, s)
+	}
+	return out
 }

@@ -90,3 +90,13 @@ kubelet's default, the pod IP, which is the node IP under hostNetwork). */}}
 {{- fail "monitoring needs http.bindAddress reachable by Prometheus (e.g. 0.0.0.0); on loopback only the node itself can scrape" -}}
 {{- end -}}
 {{- end -}}
+
+{{/* "true" when the nodes run CRI-O (registries.conf) rather than containerd. */}}
+{{- define "peerd.crio" -}}
+{{- if eq .Values.runtime "crio" }}true{{ end -}}
+{{- end }}
+
+{{/* "true" when the chart writes the runtime's mirror configuration. */}}
+{{- define "peerd.configureMirror" -}}
+{{- if include "peerd.crio" . }}{{ if .Values.crio.configureMirror }}true{{ end }}{{ else if .Values.containerd.configureMirror }}true{{ end -}}
+{{- end }}
