@@ -43,7 +43,7 @@ type Options struct {
 	// verifies (direct.go).
 	BufferedWrites bool
 	// HeldChunks bounds the chunk buffers fills keep in memory for the
-	// readers and hash that come next (held.go); default 32, negative: none.
+	// readers and hash that come next (held.go); default 8, negative: none.
 	HeldChunks int
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
@@ -133,7 +133,7 @@ func Open(opts Options) (*Cache, error) {
 		opts.FlushInterval = time.Second
 	}
 	if opts.HeldChunks == 0 {
-		opts.HeldChunks = 32
+		opts.HeldChunks = 8
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()

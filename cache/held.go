@@ -17,7 +17,7 @@ import (
 
 // heldFor is how long a chunk stays held at most: the reader of a fill
 // comes for it within the read-ahead window, well inside this.
-const heldFor = 5 * time.Second
+const heldFor = 2 * time.Second
 
 type heldChunk struct {
 	e       *entry
