@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
 	"syscall"
 	"unsafe"
 )
@@ -128,31 +129,55 @@ func (e *entry) readSpan(i int, from, to int64, buf []byte) (int64, error) {
 	return to, nil
 }
 
+// directSpan bounds one direct read of a blob in direct mode that has no
+// held copy: a reader holds one such buffer, so many concurrent readers
+// (peers served while the blob fills) cost little memory.
+const directSpan = 128 << 10
+
+var spanPool = sync.Pool{New: func() any { b := alignedBuf(directSpan); return &b }}
+
+// nextSpan returns the end of the piece of [from, to) one direct read
+// covers: it starts at from rounded down to directAlign and holds at most
+// directSpan bytes.
+func nextSpan(from, to int64) int64 {
+	return min(to, from&^(directAlign-1)+directSpan)
+}
+
 // copyChunk writes bytes [from, to) of present chunk i (offsets within the
-// chunk) to w, from a held chunk or read with direct I/O into a pooled
-// buffer. It is the read path of a blob in direct mode.
+// chunk) to w, from a held chunk or read with direct I/O a span at a time.
+// It is the read path of a blob in direct mode.
 func (e *entry) copyChunk(w io.Writer, i int, from, to int64) (int, error) {
 	if h := e.refHeld(i); h != nil {
 		defer e.unrefHeld(h)
 		return w.Write((*h.buf)[from:to])
 	}
-	bp := chunkBuf(e.c.opts.ChunkSize)
-	defer bufPool.Put(bp)
-	if _, err := e.readSpan(i, from, to, *bp); err != nil {
-		return 0, err
+	bp := spanPool.Get().(*[]byte)
+	defer spanPool.Put(bp)
+	written := 0
+	for from < to {
+		end := nextSpan(from, to)
+		if _, err := e.readSpan(i, from, end, *bp); err != nil {
+			return written, err
+		}
+		start := from &^ (directAlign - 1)
+		n, err := w.Write((*bp)[from-start : end-start])
+		written += n
+		if err != nil {
+			return written, err
+		}
+		from = end
 	}
-	start := from &^ (directAlign - 1)
-	return w.Write((*bp)[from-start : to-start])
+	return written, nil
 }
 
 // directReader reads a range of a blob in direct mode: what OpenLocal hands
-// out for such a blob. It reads each chunk's part of the range once (from
-// its held copy, else with one direct read) and serves the caller's reads
-// from there, however small they are.
+// out for such a blob. It reads a span at a time (from the chunk's held
+// copy, else with one direct read) and serves the caller's reads from
+// there, however small they are.
 type directReader struct {
 	e        *entry
 	pos, end int64
-	bp       *[]byte // pooled chunk buffer holding buf
+	bp       *[]byte // pooled span buffer holding buf
 	buf      []byte  // bytes at [pos, pos+len(buf)) of the blob
 }
 
@@ -164,9 +189,9 @@ func (r *directReader) Read(p []byte) (int, error) {
 		cs := r.e.c.opts.ChunkSize
 		i := int(r.pos / cs)
 		from := r.pos - int64(i)*cs
-		to := min(int64(i+1)*cs, r.end) - int64(i)*cs
+		to := nextSpan(from, min(int64(i+1)*cs, r.end)-int64(i)*cs)
 		if r.bp == nil {
-			r.bp = chunkBuf(cs)
+			r.bp = spanPool.Get().(*[]byte)
 		}
 		if _, err := r.e.readSpan(i, from, to, *r.bp); err != nil {
 			return 0, err
@@ -183,7 +208,7 @@ func (r *directReader) Read(p []byte) (int, error) {
 // Close gives the reader's buffer back.
 func (r *directReader) Close() {
 	if r.bp != nil {
-		bufPool.Put(r.bp)
+		spanPool.Put(r.bp)
 		r.bp, r.buf = nil, nil
 	}
 }

@@ -14,6 +14,8 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.org/x/sys/unix"
 )
 
@@ -50,7 +52,9 @@ func directCache(t *testing.T, opts Options) *Cache {
 	if opts.Dir == "" {
 		opts.Dir = t.TempDir()
 	}
-	opts.ChunkSize = 64 << 10
+	if opts.ChunkSize == 0 {
+		opts.ChunkSize = 64 << 10
+	}
 	c, err := Open(opts)
 	if err != nil {
 		t.Fatal(err)
@@ -275,5 +279,85 @@ func TestStaleHeldChunksGo(t *testing.T) {
 	c.dropStaleHeld(time.Now().Add(time.Second))
 	if n := c.heldCount(); n != 0 {
 		t.Fatalf("%d held chunks left after they went stale", n)
+	}
+}
+
+// Chunks larger than one direct read's span are read a span at a time, at
+// any offset, by the faces and by OpenLocal's reader, with the right bytes.
+func TestDirectReadsSpanLargeChunks(t *testing.T) {
+	c := directCache(t, Options{ChunkSize: 1 << 20, HeldChunks: -1})
+	requireDirect(t, c)
+	src := newFake("upstream", true)
+	data, k := randBlob(t, 5<<20+300)
+	src.blobs[k] = data
+	never := make(chan struct{})
+	src.block[5<<20] = never // the last (unaligned, buffered) chunk stays missing: the blob stays in direct mode
+	h := c.Open(k, src.plan())
+	defer h.Close()
+	if _, err := h.WriteRange(context.Background(), io.Discard, 0, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []struct{ off, n int64 }{{0, 4 << 20}, {5, directSpan}, {directSpan - 7, 3*directSpan + 11}, {1<<20 - 100, 200}, {3<<20 + 4095, 1<<20 - 4095}} {
+		var got bytes.Buffer
+		if _, err := h.WriteRange(context.Background(), &got, r.off, r.n); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got.Bytes(), data[r.off:r.off+r.n]) {
+			t.Fatalf("WriteRange %d+%d differs", r.off, r.n)
+		}
+		p := make([]byte, r.n)
+		if _, err := h.ReadAt(context.Background(), p, r.off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(p, data[r.off:r.off+r.n]) {
+			t.Fatalf("ReadAt %d+%d differs", r.off, r.n)
+		}
+		lr, _, err := c.OpenLocal(k, r.off, r.n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := io.ReadAll(struct{ io.Reader }{lr})
+		lr.Close()
+		if err != nil || !bytes.Equal(b, data[r.off:r.off+r.n]) {
+			t.Fatalf("OpenLocal %d+%d: %v, bytes equal %v", r.off, r.n, err, bytes.Equal(b, data[r.off:r.off+r.n]))
+		}
+	}
+	if pages := residentPages(t, filepath.Join(blobDir(c.opts.Dir, k), "data")); pages != 0 {
+		t.Fatalf("reads of a blob in direct mode left %d pages in the page cache", pages)
+	}
+}
+
+// A fill hashes from its chunk buffer after holding it; with a bound of one
+// held chunk, other fills' holds push it out meanwhile, and its buffer must
+// not be reused under the hash (a blob from a trusted origin would fail
+// verification).
+func TestHeldBufferOutlivesItsFillsHash(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	c := directCache(t, Options{HeldChunks: 1, ReadAhead: 16, BackgroundFills: 16, Registerer: reg})
+	requireDirect(t, c)
+	for range 5 {
+		src := newFake("upstream", true)
+		data, k := randBlob(t, 64*64<<10)
+		src.blobs[k] = data
+		h := c.Open(k, src.plan())
+		var wg sync.WaitGroup
+		for w := range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				off := int64(w) * int64(len(data)) / 4
+				p := make([]byte, len(data)/4)
+				if _, err := h.ReadAt(context.Background(), p, off); err != nil && !errors.Is(err, io.EOF) {
+					t.Error(err)
+				}
+			}()
+		}
+		wg.Wait()
+		readAll(t, h)
+		waitFor(t, "verification", func() bool { return h.Info().Verified })
+		h.Close()
+	}
+	if bad := testutil.ToFloat64(c.m.verify.WithLabelValues("mismatch")); bad != 0 {
+		t.Fatalf("%v blobs from a trusted origin failed verification", bad)
 	}
 }

@@ -120,10 +120,12 @@ func (e *entry) fill(i int, p Plan, call *fillCall) {
 	defer cancel()
 	start := time.Now()
 	bp := chunkBuf(e.c.opts.ChunkSize)
-	kept := false // the buffer became the chunk's held copy
+	var kept *heldChunk // the buffer became the chunk's held copy
 	defer func() {
-		if !kept {
+		if kept == nil {
 			bufPool.Put(bp)
+		} else {
+			e.unrefHeld(kept) // the held copy may go from now on
 		}
 	}()
 	buf := (*bp)[:e.c.opts.ChunkSize]
@@ -162,7 +164,7 @@ func (e *entry) fill(i int, p Plan, call *fillCall) {
 		// The chunk is still in buf: hash it from there when it is next in
 		// line. A held buffer must not be the hash's scratch space.
 		scratch := buf[:cap(buf)]
-		if kept {
+		if kept != nil {
 			scratch = nil
 		}
 		e.c.advanceHash(e, int64(i)*e.c.opts.ChunkSize, gen, buf[:n], scratch)

@@ -75,33 +75,35 @@ func (e *entry) dropHeldLocked() {
 }
 
 // hold keeps bp, the buffer chunk i of generation gen was just written
-// from, as the chunk's held copy. It reports whether it took the buffer;
-// when it did not (the bound is 0, the chunk is no longer current), the
-// caller still owns it.
-func (c *Cache) hold(e *entry, i int, gen uint64, bp *[]byte) bool {
+// from, as the chunk's held copy, and returns it with a reference for the
+// caller, who goes on reading the buffer (the hash) and gives the
+// reference back with unrefHeld. It returns nil when it did not take the
+// buffer (the bound is 0, the chunk is no longer current); the caller then
+// still owns it.
+func (c *Cache) hold(e *entry, i int, gen uint64, bp *[]byte) *heldChunk {
 	if c.opts.HeldChunks <= 0 {
-		return false
+		return nil
 	}
 	c.heldMu.Lock()
 	defer c.heldMu.Unlock()
 	for c.held.Len() >= c.opts.HeldChunks {
 		if !c.dropOldestHeldLocked() {
-			return false
+			return nil
 		}
 	}
 	e.mu.Lock()
 	if e.gone || e.gen != gen || e.df == nil || i >= len(e.states) || e.states[i] == stateAbsent || e.held[i] != nil {
 		e.mu.Unlock()
-		return false
+		return nil
 	}
-	h := &heldChunk{e: e, i: i, buf: bp, hashed: !e.key.Verifiable(), at: time.Now()}
+	h := &heldChunk{e: e, i: i, buf: bp, refs: 1, hashed: !e.key.Verifiable(), at: time.Now()}
 	if e.held == nil {
 		e.held = map[int]*heldChunk{}
 	}
 	e.held[i] = h
 	e.mu.Unlock()
 	h.elem = c.held.PushBack(h)
-	return true
+	return h
 }
 
 // dropOldestHeldLocked drops one held chunk: the oldest hashed one nobody
