@@ -12,6 +12,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
@@ -101,11 +102,15 @@ func (n *Node) ServeDialBack() {
 		}
 		select {
 		case busy <- struct{}{}:
-			defer func() { <-busy }()
 		default:
 			enc.Encode(dialBackClock{Err: "busy with another dial-back"})
 			return
 		}
+		// The slot guards the dialling; it is free again before the answer
+		// goes out, so an asker's next request never finds it taken by its
+		// own last one.
+		release := sync.OnceFunc(func() { <-busy })
+		defer release()
 		if enc.Encode(dialBackClock{UnixNano: time.Now().UnixNano()}) != nil {
 			return
 		}
@@ -118,6 +123,7 @@ func (n *Node) ServeDialBack() {
 			}
 			out = append(out, r)
 		}
+		release()
 		enc.Encode(out)
 	})
 }
