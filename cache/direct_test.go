@@ -14,6 +14,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/peerd-project/peerd/blob"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.org/x/sys/unix"
@@ -61,6 +62,22 @@ func directCache(t *testing.T, opts Options) *Cache {
 	}
 	t.Cleanup(func() { c.Close() })
 	return c
+}
+
+// filledBlob fills a random blob of size into c from a trusted origin,
+// reads it whole and waits until it verified.
+func filledBlob(t *testing.T, c *Cache, size int) blob.Key {
+	t.Helper()
+	src := newFake("upstream", true)
+	data, k := randBlob(t, size)
+	src.blobs[k] = data
+	h := c.Open(k, src.plan())
+	defer h.Close()
+	if got := readAll(t, h); !bytes.Equal(got, data) {
+		t.Fatal("bytes differ")
+	}
+	waitFor(t, "verification", func() bool { return h.Info().Verified })
+	return k
 }
 
 // requireDirect skips when the test's file system refuses direct I/O: the
@@ -241,15 +258,7 @@ func TestDirectRefusedFallsBackToBuffered(t *testing.T) {
 	}
 	defer func() { openDirectFile = old }()
 	c := directCache(t, Options{})
-	src := newFake("upstream", true)
-	data, k := randBlob(t, 8*64<<10)
-	src.blobs[k] = data
-	h := c.Open(k, src.plan())
-	defer h.Close()
-	if got := readAll(t, h); !bytes.Equal(got, data) {
-		t.Fatal("bytes differ")
-	}
-	waitFor(t, "verification", func() bool { return h.Info().Verified })
+	k := filledBlob(t, c, 8*64<<10)
 	if c.direct.Load() {
 		t.Fatal("direct I/O still on after the file system refused it")
 	}
@@ -263,15 +272,7 @@ func TestDirectRefusedFallsBackToBuffered(t *testing.T) {
 func TestStaleHeldChunksGo(t *testing.T) {
 	c := directCache(t, Options{})
 	requireDirect(t, c)
-	src := newFake("upstream", true)
-	data, k := randBlob(t, 8*64<<10)
-	src.blobs[k] = data
-	h := c.Open(k, src.plan())
-	defer h.Close()
-	if got := readAll(t, h); !bytes.Equal(got, data) {
-		t.Fatal("bytes differ")
-	}
-	waitFor(t, "verification", func() bool { return h.Info().Verified })
+	filledBlob(t, c, 8*64<<10)
 	if c.heldCount() == 0 {
 		t.Fatal("no chunk held after a fill")
 	}
