@@ -43,15 +43,20 @@ func isAligned(p []byte) bool {
 }
 
 // openDirectLocked opens the data file for direct I/O when the cache uses
-// it; nil when it does not, or when the file system refuses O_DIRECT (the
-// cache then stays buffered for every blob). e.mu is held.
+// it; nil when it does not. A file system that refuses O_DIRECT (EINVAL)
+// turns it off for every blob; any other failure (out of descriptors, say)
+// leaves this blob buffered only. e.mu is held.
 func (e *entry) openDirectLocked(path string) *os.File {
 	if !e.c.direct.Load() {
 		return nil
 	}
 	df, err := openDirectFile(path)
-	if err != nil {
+	if errors.Is(err, syscall.EINVAL) {
 		e.c.noDirect(fmt.Errorf("open %s with O_DIRECT: %w", path, err))
+		return nil
+	}
+	if err != nil {
+		e.c.log.Warn("blob written through the page cache: cannot open it for direct I/O", "key", e.key, "err", err)
 		return nil
 	}
 	return df

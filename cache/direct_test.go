@@ -367,3 +367,19 @@ func TestHeldBufferOutlivesItsFillsHash(t *testing.T) {
 		t.Fatalf("%v blobs from a trusted origin failed verification", bad)
 	}
 }
+
+// Only a refusal of O_DIRECT itself turns it off for the cache; another
+// failure to open (here: no such file) leaves that one blob buffered.
+func TestDirectOpenFailureOtherThanEINVAL(t *testing.T) {
+	old := openDirectFile
+	openDirectFile = func(path string) (*os.File, error) {
+		return nil, &os.PathError{Op: "open", Path: path, Err: syscall.EMFILE}
+	}
+	defer func() { openDirectFile = old }()
+	c := directCache(t, Options{})
+	requireDirect(t, c)
+	filledBlob(t, c, 8*64<<10)
+	if !c.direct.Load() {
+		t.Fatal("a failure other than EINVAL turned direct I/O off for the cache")
+	}
+}
