@@ -292,6 +292,9 @@ log:
 // pod (sandbox and init container, which writes the hosts folder again),
 // then a new attempt of the peerd container.
 func (c *cluster) startPeerdCRI(n *node) error {
+	if len(n.extra) > 0 {
+		return fmt.Errorf("%s runs the chart's pod: extra peerd flags %q need chart values, not flags", n.name(), n.extra)
+	}
 	if x, ok := n.peerd.(*criPeerd); ok {
 		return x.start()
 	}

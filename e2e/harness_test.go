@@ -50,6 +50,8 @@ const (
 	ctrdNS     = "k8s.io"
 	lockFile   = "/run/lock/peerd-e2e.lock"
 	registryID = originIP + ":" + regPort
+	zoneLinkA  = "za" // the zone link's end on br0 (config.Zones)
+	zoneLinkB  = "zb" // its end on br1
 )
 
 func nodeIP(i int) string { return fmt.Sprintf("10.213.7.%d", 10+i) }
@@ -68,6 +70,11 @@ type config struct {
 	// CRINode: the last containerd 2.x node runs the chart's pod through
 	// CRI instead of a peerd process (E2E_CRI_NODE=0 turns it off).
 	CRINode bool
+	// Zones: the first half of the nodes (and the origin) sit on bridge br0
+	// (zone "a"), the rest on br1 (zone "b"); one veth link joins the two
+	// bridges (zoneLinkA/zoneLinkB), so its counters are the bytes that
+	// cross zones. Set by the tests that need it, not by the environment.
+	Zones bool
 }
 
 func loadConfig() (config, error) {
@@ -430,6 +437,8 @@ type node struct {
 	// containerd CRI (crinode_test.go), whose client cri is.
 	containerised bool
 	cri           *cripod.Client
+	zone          string   // "a" or "b" when the cluster has zones (config.Zones)
+	extra         []string // more peerd flags for this node's next start
 
 	containerd *testproc.Proc
 	peerd      peerdInstance
@@ -536,6 +545,13 @@ func requireTools(cfg config) error {
 // thing, so a failure half-way still removes everything.
 func newCluster(t *testing.T) *cluster {
 	t.Helper()
+	return newClusterWith(t, nil)
+}
+
+// newClusterWith is newCluster with the environment's config adjusted by
+// adjust (when non-nil) before anything starts.
+func newClusterWith(t *testing.T, adjust func(*config)) *cluster {
+	t.Helper()
 	if !enabled() {
 		t.Skip("the e2e cluster runs with `make e2e` (or E2E=1 go test -v ./e2e/), not with go test ./...")
 	}
@@ -545,6 +561,9 @@ func newCluster(t *testing.T) *cluster {
 	cfg, err := loadConfig()
 	if err != nil {
 		t.Fatal(err)
+	}
+	if adjust != nil {
+		adjust(&cfg)
 	}
 	if err := requireTools(cfg); err != nil {
 		t.Fatal(err)
@@ -617,12 +636,22 @@ func (c *cluster) network(ctx context.Context) error {
 		{"ip", "-n", switchNS, "link", "add", "br0", "type", "bridge"},
 		{"ip", "-n", switchNS, "link", "set", "br0", "up"},
 	}
+	if c.cfg.Zones {
+		// Zone b's bridge, joined to br0 by one veth pair born in the
+		// switch namespace: everything between the zones crosses it.
+		steps = append(steps,
+			[]string{"ip", "-n", switchNS, "link", "add", "br1", "type", "bridge"},
+			[]string{"ip", "-n", switchNS, "link", "set", "br1", "up"},
+			[]string{"ip", "-n", switchNS, "link", "add", zoneLinkA, "type", "veth", "peer", "name", zoneLinkB},
+			[]string{"ip", "-n", switchNS, "link", "set", zoneLinkA, "master", "br0", "up"},
+			[]string{"ip", "-n", switchNS, "link", "set", zoneLinkB, "master", "br1", "up"})
+	}
 	for _, s := range steps {
 		if _, err := sh(ctx, s...); err != nil {
 			return err
 		}
 	}
-	if err := c.attach(ctx, originNS, "origin", originIP); err != nil {
+	if err := c.attach(ctx, originNS, "origin", originIP, "br0"); err != nil {
 		return err
 	}
 	// tbf on the origin's egress: registry and file origin share this link,
@@ -640,7 +669,14 @@ func (c *cluster) network(ctx context.Context) error {
 		n := &node{i: i, ns: fmt.Sprintf("%sn%d", nsPrefix, i), ip: nodeIP(i), dir: filepath.Join(c.dir, fmt.Sprintf("n%d", i))}
 		n.legacy = i > c.cfg.Nodes-c.cfg.Containerd16
 		n.containerised = c.cfg.CRINode && i == criNodeIndex(c.cfg)
-		if err := c.attach(ctx, n.ns, fmt.Sprintf("n%d", i), n.ip); err != nil {
+		bridge := "br0"
+		if c.cfg.Zones {
+			n.zone = "a"
+			if i > c.cfg.Nodes/2 {
+				n.zone, bridge = "b", "br1"
+			}
+		}
+		if err := c.attach(ctx, n.ns, fmt.Sprintf("n%d", i), n.ip, bridge); err != nil {
 			return err
 		}
 		c.nodes = append(c.nodes, n)
@@ -688,15 +724,16 @@ func tcRateBits(r string) (int64, error) {
 	return 0, fmt.Errorf("E2E_RATE=%q: want a tc rate like 200mbit, 1gbit or 50mbps", r)
 }
 
-// attach creates namespace ns with lo up and eth0 (ip/24) on the switch's bridge.
-func (c *cluster) attach(ctx context.Context, ns, port, ip string) error {
+// attach creates namespace ns with lo up and eth0 (ip/24) on the switch's
+// bridge.
+func (c *cluster) attach(ctx context.Context, ns, port, ip, bridge string) error {
 	steps := [][]string{
 		{"ip", "netns", "add", ns},
 		{"ip", "-n", ns, "link", "set", "lo", "up"},
 		// Both ends are born in their namespaces: the root namespace never
 		// holds an interface of the cluster, even for a moment.
 		{"ip", "link", "add", port, "netns", switchNS, "type", "veth", "peer", "name", "eth0", "netns", ns},
-		{"ip", "-n", switchNS, "link", "set", port, "master", "br0", "up"},
+		{"ip", "-n", switchNS, "link", "set", port, "master", bridge, "up"},
 		{"ip", "-n", ns, "addr", "add", ip + "/24", "dev", "eth0"},
 		{"ip", "-n", ns, "link", "set", "eth0", "up"},
 	}
@@ -923,7 +960,7 @@ func (c *cluster) peerdArgs(n *node) []string {
 		n.mount = filepath.Join(n.dir, "mnt")
 		args = append(args, "--mount", n.mount)
 	}
-	return args
+	return append(args, n.extra...)
 }
 
 func (c *cluster) startPeerd(n *node) error {
