@@ -173,6 +173,10 @@ func (s *Store) Has(k blob.Key) bool {
 	return ok
 }
 
+// HoldsWhole reports whether containerd holds k: containerd commits content
+// only once its digest checked, so what it holds is whole and verified.
+func (s *Store) HoldsWhole(k blob.Key) bool { return s.Has(k) }
+
 // Keys lists the advertised blobs, sorted.
 func (s *Store) Keys() []blob.Key {
 	s.mu.RLock()

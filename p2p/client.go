@@ -238,6 +238,12 @@ func (c *dataClient) GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key,
 	} else {
 		req.Header.Set("Range", fmt.Sprintf("bytes=%d-", off))
 	}
+	if z := c.n.Zone(); z != "" {
+		req.Header.Set(zoneHeader, z)
+	}
+	if insisting(ctx) {
+		req.Header.Set(insistHeader, "1")
+	}
 	resp, err := pc.client.Do(req)
 	if err != nil {
 		if ctx.Err() == nil {
@@ -256,7 +262,8 @@ func (c *dataClient) GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key,
 		io.Copy(io.Discard, io.LimitReader(resp.Body, 4096))
 		resp.Body.Close()
 		c.n.m.busyReceived.Inc()
-		return nil, -1, &BusyError{Peer: ai.ID, RetryAfter: retryAfter(resp.Header.Get("Retry-After"))}
+		return nil, -1, &BusyError{Peer: ai.ID, Reason: resp.Header.Get(busyHeader),
+			RetryAfter: retryAfter(resp.Header.Get("Retry-After"), resp.Header.Get(retryMsHeader))}
 	case http.StatusRequestedRangeNotSatisfiable:
 		io.Copy(io.Discard, io.LimitReader(resp.Body, 4096))
 		resp.Body.Close()
@@ -274,7 +281,7 @@ func (c *dataClient) GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key,
 		c.n.m.peerErrors.WithLabelValues("status").Inc()
 		return nil, -1, fmt.Errorf("peer %s: bad Content-Range %q", ai.ID, resp.Header.Get("Content-Range"))
 	}
-	return &countingBody{rc: resp.Body, n: c.n, p: ai.ID}, total, nil
+	return &countingBody{rc: resp.Body, n: c.n, p: ai.ID, whole: resp.Header.Get(wholeHeader) != ""}, total, nil
 }
 
 // countingBody counts received bytes in the metrics as they arrive and tells
@@ -285,7 +292,12 @@ type countingBody struct {
 	p     peer.ID
 	total int64
 	once  sync.Once
+	whole bool // the holder served from a whole, verified copy
 }
+
+var _ wholeBody = (*countingBody)(nil)
+
+func (b *countingBody) fromWhole() bool { return b.whole }
 
 func (b *countingBody) Read(p []byte) (int, error) {
 	m, err := b.rc.Read(p)

@@ -26,8 +26,10 @@ var (
 // applies (sendfile cannot cross TLS), so io.Copy would move the bytes in
 // 32 KiB reads; this reads sendBufSize at a time and, when the connection
 // batches (bc != nil), sends the TLS records each write becomes in one
-// write(2) instead of one per 16 KiB record.
-func copyBatched(w io.Writer, r io.Reader, bc *batchConn) (int64, error) {
+// write(2) instead of one per 16 KiB record. sent (when non-nil) is told
+// each write's bytes as they go, so counters follow a long transfer instead
+// of jumping at its end.
+func copyBatched(w io.Writer, r io.Reader, bc *batchConn, sent func(int64)) (int64, error) {
 	bp := sendBufPool.Get().(*[]byte)
 	defer sendBufPool.Put(bp)
 	buf := *bp
@@ -41,6 +43,9 @@ func copyBatched(w io.Writer, r io.Reader, bc *batchConn) (int64, error) {
 		if m > 0 {
 			k, err := w.Write(buf[:m])
 			written += int64(k)
+			if sent != nil && k > 0 {
+				sent(int64(k))
+			}
 			if err == nil && bc != nil {
 				err = bc.flush()
 			}

@@ -22,6 +22,21 @@ type LocalStore interface {
 	OpenLocal(k blob.Key, off, n int64) (io.ReadCloser, int64, error)
 }
 
+// WholeStore is a LocalStore that can tell whether it holds a blob whole
+// and verified. The server hands such a blob to a few askers at a time
+// (fan-out, uploads.go): those serve the others once they verified it.
+type WholeStore interface {
+	LocalStore
+	HoldsWhole(k blob.Key) bool
+}
+
+// holdsWhole reports whether st holds k whole and verified (false for a
+// store that cannot say).
+func holdsWhole(st LocalStore, k blob.Key) bool {
+	ws, ok := st.(WholeStore)
+	return ok && ws.HoldsWhole(k)
+}
+
 // LocalStoreFunc adapts a function to LocalStore.
 type LocalStoreFunc func(k blob.Key, off, n int64) (io.ReadCloser, int64, error)
 
@@ -35,6 +50,23 @@ const (
 	addrProtocol = protocol.ID("/peerd/data-addr/1.0.0")
 	// notHeldHeader marks a 404 that means "I don't hold these bytes".
 	notHeldHeader = "X-Peerd-Not-Held"
+	// zoneHeader carries the asker's --zone, so a holder can let one asker
+	// per other zone cross at a time (uploads.go, fan-out).
+	zoneHeader = "X-Peerd-Zone"
+	// insistHeader marks a request whose asker waited its turn for the
+	// longest it waits (--swarm-wait): the holder serves it past its
+	// fan-out (still within its stream and rate bounds).
+	insistHeader = "X-Peerd-Insist"
+	// busyHeader says why a 503 "busy" was sent: "streams" (the node's
+	// upload bound), "fanout" (enough askers of this blob being served)
+	// or "zone" (an asker of the same zone is already crossing for it).
+	busyHeader = "X-Peerd-Busy"
+	// wholeHeader on a 206 says the holder serves from a whole, verified
+	// copy: the asker's swarm pull of the blob needs no origin.
+	wholeHeader = "X-Peerd-Whole"
+	// retryMsHeader is a busy answer's retry delay in milliseconds, finer
+	// than Retry-After's whole seconds.
+	retryMsHeader = "X-Peerd-Retry-Ms"
 	// maxPeerHeaderBytes bounds a peer request's header block: peers send
 	// a request line and a few short headers, and a larger block gets 431
 	// rather than up to a megabyte buffered per connection.

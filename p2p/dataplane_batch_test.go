@@ -114,7 +114,7 @@ func TestCopyBatchedSendsEverything(t *testing.T) {
 		}
 		return len(p), nil
 	})
-	n, err := copyBatched(w, bytes.NewReader(data), bc)
+	n, err := copyBatched(w, bytes.NewReader(data), bc, nil)
 	if err != nil || n != int64(len(data)) {
 		t.Fatalf("copied %d, err %v; want %d", n, err, len(data))
 	}
@@ -128,10 +128,12 @@ func TestCopyBatchedSendsEverything(t *testing.T) {
 	if bc.buf != nil {
 		t.Fatal("copyBatched left the connection batching")
 	}
-	// Without a batching connection it copies all the same.
+	// Without a batching connection it copies all the same, and tells
+	// every byte it sent as it goes.
 	var out bytes.Buffer
-	if n, err := copyBatched(&out, io.LimitReader(bytes.NewReader(data), 100000), nil); err != nil || n != 100000 || !bytes.Equal(out.Bytes(), data[:100000]) {
-		t.Fatalf("unbatched copy: n=%d err=%v", n, err)
+	var counted int64
+	if n, err := copyBatched(&out, io.LimitReader(bytes.NewReader(data), 100000), nil, func(b int64) { counted += b }); err != nil || n != 100000 || counted != 100000 || !bytes.Equal(out.Bytes(), data[:100000]) {
+		t.Fatalf("unbatched copy: n=%d counted=%d err=%v", n, counted, err)
 	}
 }
 

@@ -50,7 +50,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 		serveRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "peerd_p2p_serve_requests_total",
-			Help: "Peer data-plane requests this node answered, by result (ok, not_found, refused, busy, bad_request, error).",
+			Help: "Peer data-plane requests this node answered, by result (ok, not_found, refused, busy: at the upload bound, fanout: this blob goes to enough askers at once, bad_request, error).",
 		}, []string{"result"}),
 		peerErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "peerd_p2p_peer_errors_total",

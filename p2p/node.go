@@ -242,7 +242,14 @@ func (n *Node) watchConnections() {
 		},
 		// A peer that connects again (a restarted node) gets a fresh chance:
 		// its dial failures while it was down say nothing about it now.
-		ConnectedF: func(_ network.Network, c network.Conn) { n.source.succeeded(c.RemotePeer()) },
+		// With zones, its zone is asked at once (in the background), so the
+		// first chunks of a rollout already know which holders share ours.
+		ConnectedF: func(_ network.Network, c network.Conn) {
+			n.source.succeeded(c.RemotePeer())
+			if n.Zone() != "" && n.client != nil {
+				n.client.learnZones([]peer.AddrInfo{{ID: c.RemotePeer()}})
+			}
+		},
 	})
 }
 
@@ -350,19 +357,6 @@ func (n *Node) OnPeerBytes(f func(dir Direction, p peer.ID, bytes int64)) {
 	n.hooksMu.Lock()
 	n.hooks = append(n.hooks, f)
 	n.hooksMu.Unlock()
-}
-
-func (n *Node) peerBytes(dir Direction, p peer.ID, b int64) {
-	if b <= 0 {
-		return
-	}
-	if dir == Received {
-		n.m.receivedBytes.Add(float64(b))
-	} else {
-		n.m.servedBytes.Add(float64(b))
-	}
-	n.stats.add(dir, p, b)
-	n.peerHooks(dir, p, b)
 }
 
 func (n *Node) peerHooks(dir Direction, p peer.ID, b int64) {

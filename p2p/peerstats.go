@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/transfer"
 )
 
@@ -135,6 +136,11 @@ type namedStore struct {
 	LocalStore
 	name string
 }
+
+var _ WholeStore = namedStore{}
+
+// HoldsWhole forwards to the named store when it can tell.
+func (s namedStore) HoldsWhole(k blob.Key) bool { return holdsWhole(s.LocalStore, k) }
 
 // recordServe adds a transfer to a peer to the log, folded into the record
 // of the same peer and blob when it follows it closely.

@@ -25,6 +25,7 @@ type dataServer struct {
 	ln  net.Listener
 	srv *http.Server
 	up  *uploads // admits and paces transfers to peers
+	fan *fanout  // how many askers a whole blob goes to at once
 
 	mu     sync.RWMutex
 	stores []LocalStore
@@ -74,7 +75,7 @@ func newDataServer(n *Node, addr string, stores []LocalStore) (*dataServer, erro
 		return nil, fmt.Errorf("listen on --peer-addr %s: %w", addr, err)
 	}
 	s := &dataServer{n: n, ln: tls.NewListener(batchListener{ln}, conf), stores: stores,
-		up: newUploads(n.cfg.UploadStreams, n.cfg.UploadRate, n.m.uploadsInFlight)}
+		up: newUploads(n.cfg.UploadStreams, n.cfg.UploadRate, n.m.uploadsInFlight), fan: &fanout{}}
 	s.srv = &http.Server{
 		Handler:           s,
 		ReadHeaderTimeout: 5 * time.Second,
@@ -184,8 +185,7 @@ func (s *dataServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if !s.up.admit(from) {
 		s.n.m.serveRequests.WithLabelValues("busy").Inc()
-		w.Header().Set("Retry-After", "1")
-		http.Error(w, "busy", http.StatusServiceUnavailable)
+		s.busy(w, "streams", time.Second)
 		return
 	}
 	defer s.up.release(from)
@@ -218,6 +218,16 @@ func (s *dataServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			http.Error(w, "range not satisfiable", http.StatusRequestedRangeNotSatisfiable)
 			return
 		}
+		if holdsWhole(st, k) {
+			why := s.fan.admit(k, from, cleanZone(r.Header.Get(zoneHeader)), s.n.Zone(), r.Header.Get(insistHeader) != "", time.Now())
+			if why != "" {
+				rc.Close()
+				s.n.m.serveRequests.WithLabelValues("fanout").Inc()
+				s.busy(w, why, fanoutRetry)
+				return
+			}
+			w.Header().Set(wholeHeader, "1")
+		}
 		start := time.Now()
 		written, err := s.send(w, r, rc, k, from, off, n, size, cp.batch)
 		s.n.recordServe(st, string(k), from.String(), start, written, err)
@@ -247,8 +257,13 @@ func (s *dataServer) send(w http.ResponseWriter, r *http.Request, rc io.ReadClos
 		s.n.m.serveRequests.WithLabelValues("ok").Inc()
 		return 0, nil
 	}
-	written, err := copyBatched(w, s.up.paced(r.Context(), rc), bc)
-	s.n.peerBytes(Served, from, written)
+	// Counted as written, so a scrape sees the rate cap hold over any
+	// window; the hooks (slow-ish) hear of the transfer once.
+	written, err := copyBatched(w, s.up.paced(r.Context(), rc), bc, func(b int64) {
+		s.n.m.servedBytes.Add(float64(b))
+		s.n.stats.add(Served, from, b)
+	})
+	s.n.peerHooks(Served, from, written)
 	if err != nil {
 		s.n.m.serveRequests.WithLabelValues("error").Inc()
 		s.n.log.Debug("serving peer interrupted", "key", k, "peer", from.String(), "written", written, "err", err)
@@ -256,6 +271,16 @@ func (s *dataServer) send(w http.ResponseWriter, r *http.Request, rc io.ReadClos
 	}
 	s.n.m.serveRequests.WithLabelValues("ok").Inc()
 	return written, nil
+}
+
+// busy answers 503 at once: why is busyHeader's value, retry the delay
+// the asker should wait before asking this node again.
+func (s *dataServer) busy(w http.ResponseWriter, why string, retry time.Duration) {
+	h := w.Header()
+	h.Set("Retry-After", strconv.Itoa(max(1, int((retry+time.Second-1)/time.Second))))
+	h.Set(retryMsHeader, strconv.FormatInt(retry.Milliseconds(), 10))
+	h.Set(busyHeader, why)
+	http.Error(w, "busy", http.StatusServiceUnavailable)
 }
 
 func (s *dataServer) refuse(w http.ResponseWriter, p peer.ID, err error) {

@@ -68,6 +68,12 @@ type Source struct {
 	// learnZones asks, in the background, the zones not known yet.
 	zones      *zones
 	learnZones func([]peer.AddrInfo)
+	// crossing: blobs for which an asker of this node's zone is being
+	// served from another zone, until when (markCrossing).
+	crossing map[blob.Key]time.Time
+	// whole: blobs a provider lately said it holds whole, until when
+	// (markWhole).
+	whole map[blob.Key]time.Time
 }
 
 func newSource(self peer.ID, f providerFinder, g rangeGetter, m *metrics, log *slog.Logger, timeout time.Duration, retries int) *Source {
@@ -124,7 +130,8 @@ func (s *Source) Fetch(ctx context.Context, k blob.Key, off, n int64) (io.ReadCl
 	}
 	// Each chunk starts at a holder of its own (spread), so the nodes
 	// reading a blob do not all start at the holder the DHT lists first.
-	res, rest, err := s.hedged(ctx, s.spread(k, off, ps), k, off, n)
+	again := func() []peer.AddrInfo { return s.spread(k, off, s.order(s.providers(ctx, k))) }
+	res, rest, err := s.hedgedOpt(ctx, s.spread(k, off, ps), again, k, off, n, true)
 	if err != nil {
 		return nil, -1, err
 	}
@@ -145,44 +152,246 @@ type attempt struct {
 	cancel context.CancelFunc
 }
 
-// hedged asks providers one after the other: the next on an error or "don't
-// have" at once, or after the hedge delay when the current one is slow. The
-// first answer wins; the others are cancelled. It also returns the providers
-// not yet asked, for resuming.
-func (s *Source) hedged(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off, n int64) (*attempt, []peer.AddrInfo, error) {
-	return s.hedgedOpt(ctx, ps, k, off, n, true)
-}
-
-// hedgedOpt is hedged; learn says whether first-byte times feed the hedge
+// hedgedOpt asks providers one after the other: the next on an error or
+// "don't have" at once, or after the hedge delay when the current one is
+// slow. The first answer wins; the others are cancelled. It also returns
+// the providers not yet asked, for resuming. learn says whether first-byte times feed the hedge
 // delay (not for swarm requests, whose answers wait for in-flight chunks).
-// When every
-// holder answers "busy", it waits its turn and asks again, up to the busy
+// When every holder answers "busy", it waits its turn and asks again (the
+// list again gives, when non-nil: holders come and go), up to the busy
 // wait; then the answer is "don't have", and the origin fills the chunk.
-func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off, n int64, learn bool) (*attempt, []peer.AddrInfo, error) {
+// When a holder sent it to wait for other askers of the blob (fan-out or
+// zone, see uploads.go) it does not go to the origin after the wait: it
+// asks every holder once more, insisting, and is served.
+func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, again func() []peer.AddrInfo, k blob.Key, off, n int64, learn bool) (*attempt, []peer.AddrInfo, error) {
 	var start time.Time
+	insisted, forOthers := false, false
+	var held []peer.AddrInfo // holders that sent us to wait for others
 	for {
-		res, rest, err := s.hedgedOnce(ctx, ps, k, off, n, learn)
+		ask, gated, rctx := ps, false, ctx
+		if insisted || s.zoneCrosser(k, ps) {
+			rctx = insist(ctx)
+		} else {
+			ask, gated = s.zoneGate(k, ps)
+		}
+		res, rest, err := s.hedgedOnce(rctx, ask, k, off, n, learn)
 		var be *BusyError
-		if err == nil || !errors.As(err, &be) {
+		busy := errors.As(err, &be)
+		if err == nil || insisted || !(busy || gated && errors.Is(err, blob.ErrNotFound)) {
 			if !start.IsZero() {
 				s.m.busyWait.Observe(s.now().Sub(start).Seconds())
 			}
 			return res, rest, err
 		}
+		if busy && be.waitsForOthers() {
+			s.markWhole(k)
+		}
+		if busy && be.Reason == "zone" || gated {
+			// Renewed while this fetch waits for its zone's copy.
+			s.markCrossing(k)
+		}
+		forOthers = forOthers || gated || busy && be.waitsForOthers()
 		if start.IsZero() {
 			start = s.now()
 		}
 		waited := s.now().Sub(start)
 		if waited >= s.busyWait {
+			if forOthers {
+				insisted = true
+				continue
+			}
 			s.m.busyWait.Observe(waited.Seconds())
 			return nil, nil, fmt.Errorf("%s range %d+%d: %w (every holder busy for %s)", k, off, n, blob.ErrNotFound, waited.Round(time.Millisecond))
+		}
+		delay := fanoutRetry
+		if busy {
+			delay = be.RetryAfter
 		}
 		select {
 		case <-ctx.Done():
 			return nil, nil, ctx.Err()
-		case <-s.after(min(be.RetryAfter, s.busyWait-waited)):
+		case <-s.after(min(delay, s.busyWait-waited)):
+		}
+		if busy {
+			held = addMissing(held, be.holders)
+		}
+		if again != nil {
+			// Holders come and go, but one that sent us to wait for
+			// others is asked again even when a fresh list lacks it: it
+			// holds the blob, and "don't have" from the rest must not send
+			// the chunk to the origin.
+			ps = addMissing(again(), held)
 		}
 	}
+}
+
+// addMissing appends to ps the peers of more it lacks.
+func addMissing(ps, more []peer.AddrInfo) []peer.AddrInfo {
+	for _, m := range more {
+		if !slices.ContainsFunc(ps, func(p peer.AddrInfo) bool { return p.ID == m.ID }) {
+			ps = append(ps, m)
+		}
+	}
+	return ps
+}
+
+// zoneHold is how long a "zone" busy answer for a blob keeps this node
+// asking only the holders of its own zone (each such answer renews it).
+const zoneHold = 2 * time.Second
+
+// markCrossing notes that another asker of this node's zone is being served
+// k across zones (a holder's "zone" busy answer).
+func (s *Source) markCrossing(k blob.Key) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	if s.crossing == nil {
+		s.crossing = map[blob.Key]time.Time{}
+	}
+	if len(s.crossing) >= maxFanoutBlobs {
+		for key, until := range s.crossing {
+			if now.After(until) {
+				delete(s.crossing, key)
+			}
+		}
+	}
+	s.crossing[k] = now.Add(zoneHold)
+}
+
+// wholeBody is a peer's answer that can say it came from a whole,
+// verified copy (wholeHeader).
+type wholeBody interface{ fromWhole() bool }
+
+// wholeHold is how long knowing of a whole copy of a blob among its
+// providers lasts after the last sign of one.
+const wholeHold = time.Minute
+
+// markWhole notes that a provider holds k whole and verified: a swarm pull
+// of k then needs no chunk owners (FetchShared, Owns): every chunk can come
+// from a holder, and the holders' fan-out spreads the copies.
+func (s *Source) markWhole(k blob.Key) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	if s.whole == nil {
+		s.whole = map[blob.Key]time.Time{}
+	}
+	if until, ok := s.whole[k]; ok && until.Sub(now) > wholeHold/2 {
+		return // fresh enough: most answers change nothing
+	}
+	if len(s.whole) >= maxFanoutBlobs {
+		for key, until := range s.whole {
+			if now.After(until) {
+				delete(s.whole, key)
+			}
+		}
+	}
+	s.whole[k] = now.Add(wholeHold)
+}
+
+// knowsWhole reports whether a provider lately said it holds k whole.
+func (s *Source) knowsWhole(k blob.Key) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	until, ok := s.whole[k]
+	return ok && s.now().Before(until)
+}
+
+// zoneGate keeps only the holders in this node's zone when the blob should
+// reach the zone once and spread inside it: while another asker of the zone
+// is crossing for k (markCrossing), and, once a provider is known to hold k
+// whole (markWhole), whenever this node is not the zone's crosser for k,
+// the first by rendezvous of itself and the providers known in its zone.
+// Every node of the zone that sees the same providers picks the same
+// crosser, which serves them once it verified the blob. gated reports that
+// the list was cut.
+func (s *Source) zoneGate(k blob.Key, ps []peer.AddrInfo) ([]peer.AddrInfo, bool) {
+	if s.zones == nil {
+		return ps, false
+	}
+	mine := s.zones.mine()
+	if mine == "" {
+		return ps, false
+	}
+	var same []peer.AddrInfo
+	ids := []peer.ID{s.self}
+	for _, p := range ps {
+		if s.zones.of(p.ID) == mine {
+			same = append(same, p)
+			ids = append(ids, p.ID)
+		}
+	}
+	if len(same) == len(ps) {
+		return ps, false // nothing to cut
+	}
+	s.mu.Lock()
+	until, crossing := s.crossing[k]
+	s.mu.Unlock()
+	if crossing && s.now().Before(until) {
+		return same, true
+	}
+	if len(same) > 0 && s.knowsWhole(k) && rank(k, 0, ids)[0] != s.self {
+		return same, true
+	}
+	return ps, false
+}
+
+// zoneCrosser reports whether this node is its zone's crosser for k (see
+// zoneGate) among providers ps: it then insists, so that a holder in
+// another zone whose turn for the zone went to a node that crossed before
+// the zone agreed serves it all the same, and the others wait for it.
+func (s *Source) zoneCrosser(k blob.Key, ps []peer.AddrInfo) bool {
+	if s.zones == nil || !s.knowsWhole(k) {
+		return false
+	}
+	mine := s.zones.mine()
+	if mine == "" {
+		return false
+	}
+	ids := []peer.ID{s.self}
+	cross := false
+	for _, p := range ps {
+		switch z := s.zones.of(p.ID); {
+		case z == mine:
+			ids = append(ids, p.ID)
+		case z != "":
+			cross = true
+		}
+	}
+	return cross && len(ids) > 1 && rank(k, 0, ids)[0] == s.self
+}
+
+// worseBusy is the busy answer that decides the asker's wait: "zone" over
+// "fanout" over a loaded holder (a holder that waits for others means a copy
+// is coming), then the shorter wait among those, the longer among loaded ones.
+func worseBusy(a, b *BusyError) *BusyError {
+	if a == nil {
+		return b
+	}
+	rank := func(e *BusyError) int {
+		switch e.Reason {
+		case "zone":
+			return 2
+		case "fanout":
+			return 1
+		}
+		return 0
+	}
+	switch ra, rb := rank(a), rank(b); {
+	case ra != rb:
+		if rb > ra {
+			return b
+		}
+		return a
+	case ra > 0:
+		if b.RetryAfter < a.RetryAfter {
+			return b
+		}
+		return a
+	case b.RetryAfter > a.RetryAfter:
+		return b
+	}
+	return a
 }
 
 // spread orders the providers of the chunk at off by their rendezvous
@@ -219,8 +428,7 @@ func spread(k blob.Key, off int64, ps []peer.AddrInfo) []peer.AddrInfo {
 }
 
 // hedgedOnce asks every provider once (hedgedOpt). When no provider served
-// and at least one was busy, the error is the busy answer with the longest
-// Retry-After.
+// and at least one was busy, the error is the busy answer worseBusy keeps.
 func (s *Source) hedgedOnce(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off, n int64, learn bool) (*attempt, []peer.AddrInfo, error) {
 	type body struct {
 		rc    io.ReadCloser
@@ -238,6 +446,9 @@ func (s *Source) hedgedOnce(ctx context.Context, ps []peer.AddrInfo, k blob.Key,
 	get := func(actx context.Context, i int) (body, error) {
 		start := s.now()
 		rc, total, err := s.getter.GetRange(actx, ps[i], k, off, n)
+		if wb, ok := rc.(wholeBody); ok && err == nil && wb.fromWhole() {
+			s.markWhole(k)
+		}
 		if err == nil {
 			if learn {
 				s.lat.add(s.now().Sub(start))
@@ -249,6 +460,7 @@ func (s *Source) hedgedOnce(ctx context.Context, ps []peer.AddrInfo, k blob.Key,
 	var errs []error
 	allNotFound := true
 	var busy *BusyError
+	var waiting []peer.AddrInfo // holders that sent us to wait for others
 	failed := func(i int, err error) error {
 		p := ps[i]
 		if errors.Is(err, ErrRangeNotSatisfiable) {
@@ -263,9 +475,10 @@ func (s *Source) hedgedOnce(ctx context.Context, ps []peer.AddrInfo, k blob.Key,
 		var be *BusyError
 		if errors.As(err, &be) {
 			// Busy is no failure: no avoidance; the others are asked.
-			if busy == nil || be.RetryAfter > busy.RetryAfter {
-				busy = be
+			if be.waitsForOthers() {
+				waiting = append(waiting, p)
 			}
+			busy = worseBusy(busy, be)
 			return nil
 		}
 		if !errors.Is(err, blob.ErrNotFound) {
@@ -285,7 +498,9 @@ func (s *Source) hedgedOnce(ctx context.Context, ps []peer.AddrInfo, k blob.Key,
 	}
 	err = errors.Join(errs...)
 	if allNotFound && busy != nil {
-		return nil, nil, busy
+		b := *busy
+		b.holders = waiting
+		return nil, nil, &b
 	}
 	if allNotFound {
 		return nil, nil, fmt.Errorf("%s range %d+%d: %w (no provider holds it: %v)", k, off, n, blob.ErrNotFound, err)

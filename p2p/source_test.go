@@ -61,6 +61,7 @@ func (f *fakeFinder) FindProviders(ctx context.Context, k blob.Key, _ func([]pee
 type call struct {
 	p      peer.ID
 	off, n int64
+	insist bool // the request insisted (waited its turn for others)
 }
 
 // fakeGetter serves ranges of data per peer according to a behaviour.
@@ -69,7 +70,9 @@ type fakeGetter struct {
 	mu   sync.Mutex
 	log  []call
 	// behave decides per peer: "ok", "err", "notfound", "slow", "break"
-	// (half then error), "past-end" (416 for an offset at or past the end).
+	// (half then error), "past-end" (416 for an offset at or past the end),
+	// "busy" (at its upload bound), "fanout" and "zone" (busy for others'
+	// sake unless the request insists).
 	behave map[peer.ID]string
 	// cancelled records attempts whose context ended.
 	cancelled atomic.Int32
@@ -77,7 +80,7 @@ type fakeGetter struct {
 
 func (g *fakeGetter) GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
 	g.mu.Lock()
-	g.log = append(g.log, call{ai.ID, off, n})
+	g.log = append(g.log, call{ai.ID, off, n, insisting(ctx)})
 	b := g.behave[ai.ID]
 	g.mu.Unlock()
 	size := int64(len(g.data))
@@ -87,6 +90,10 @@ func (g *fakeGetter) GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key,
 		return nil, -1, errors.New("connection refused")
 	case "busy":
 		return nil, -1, &BusyError{Peer: ai.ID, RetryAfter: time.Second}
+	case "fanout", "zone":
+		if !insisting(ctx) {
+			return nil, -1, &BusyError{Peer: ai.ID, Reason: b, RetryAfter: fanoutRetry}
+		}
 	case "notfound":
 		return nil, -1, fmt.Errorf("not held: %w", blob.ErrNotFound)
 	case "past-end":

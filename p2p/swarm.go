@@ -118,20 +118,16 @@ func (s *Source) FetchShared(ctx context.Context, k blob.Key, off, n int64) (blo
 		}
 		return blob.Share{}, fmt.Errorf("%s: %w (no peer advertises it)", k, blob.ErrNotFound)
 	}
-	own := s.owner(k, off, ps)
-	if own == s.self {
-		// Providers answer at once unless they hold the chunk, fetch it from
-		// the origin right now, or believe they own it too (then they answer
-		// within the cache's peerStageWait): no cycle of waits is possible.
+	if s.owner(k, off, ps) == s.self {
 		s.swarmChunks.WithLabelValues("self").Inc()
-		ps = s.spread(k, off, ps)
 	} else {
 		s.swarmChunks.WithLabelValues("peer").Inc()
-		// The owner first; the others behind it, spread like any chunk.
-		i := slices.IndexFunc(ps, func(p peer.AddrInfo) bool { return p.ID == own })
-		ps = append([]peer.AddrInfo{ps[i]}, s.spread(k, off, slices.Delete(slices.Clone(ps), i, i+1))...)
 	}
-	res, rest, err := s.hedgedOpt(ctx, ps, k, off, n, false)
+	again := func() []peer.AddrInfo {
+		ps, _ := s.swarmProviders(ctx, k, swarmRefresh)
+		return s.swarmOrder(k, off, s.order(ps))
+	}
+	res, rest, err := s.hedgedOpt(ctx, s.swarmOrder(k, off, ps), again, k, off, n, false)
 	if err != nil {
 		return blob.Share{}, err
 	}
@@ -141,6 +137,27 @@ func (s *Source) FetchShared(ctx context.Context, k blob.Key, off, n int64) (blo
 	}
 	return blob.Share{Body: &peerReader{s: s, ctx: ctx, k: k, off: off, want: want, total: res.total,
 		cur: res, rest: rest, origins: []string{res.p.ID.String()}}, Size: res.total}, nil
+}
+
+// swarmOrder orders a swarm chunk's providers: when this node owns the
+// chunk, spread like any chunk (providers answer at once unless they hold
+// the chunk, fetch it from the origin right now, or believe they own it too,
+// then they answer within the cache's peerStageWait: no cycle of waits is
+// possible); otherwise the owner first and the others behind it, spread.
+func (s *Source) swarmOrder(k blob.Key, off int64, ps []peer.AddrInfo) []peer.AddrInfo {
+	if s.knowsWhole(k) {
+		// A holder has it whole: chunks need no owner, only a holder.
+		return s.spread(k, off, ps)
+	}
+	own := s.owner(k, off, ps)
+	if own == s.self {
+		return s.spread(k, off, ps)
+	}
+	i := slices.IndexFunc(ps, func(p peer.AddrInfo) bool { return p.ID == own })
+	if i < 0 {
+		return s.spread(k, off, ps)
+	}
+	return append([]peer.AddrInfo{ps[i]}, s.spread(k, off, slices.Delete(slices.Clone(ps), i, i+1))...)
 }
 
 // Yields reports, once a speculative first chunk's gathering ended, whether
@@ -160,7 +177,13 @@ func (s *Source) Yields(k blob.Key, off int64) bool {
 // It never starts a lookup: the node's own pull keeps the list fresh, and a
 // list it has not got yet (its first lookup is still gathering) counts as
 // "only me" — the asker named this node the owner, so fetching is right.
+// A blob a provider holds whole has no owners.
 func (s *Source) Owns(k blob.Key, off int64) bool {
+	if s.knowsWhole(k) {
+		// Nobody needs this node to fetch a chunk from the origin: a
+		// provider holds the blob whole (markWhole).
+		return false
+	}
 	ctx, cancel := context.WithTimeout(s.bg, ownerLookup)
 	defer cancel()
 	return s.owner(k, off, s.order(s.knownProviders(ctx, k))) == s.self

@@ -97,3 +97,16 @@ func TestReadsPreferTheSameZone(t *testing.T) {
 		t.Fatalf("16 chunks: %v bytes from the same zone, %v across; want all %d from the same zone", same, cross, len(data))
 	}
 }
+
+// A node with a zone asks a peer's zone as soon as the peer connects, so
+// a rollout's first chunks already know which holders share its zone.
+func TestZoneIsLearnedWhenAPeerConnects(t *testing.T) {
+	a := startNode(t, nil)
+	a.SetZone("z1")
+	b := startNode(t, nil)
+	b.SetZone("z2")
+	if err := b.Connect(context.Background(), peer.AddrInfo{ID: a.ID(), Addrs: a.Host().Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "b learns a's zone without reading anything", func() bool { return b.zones.of(a.ID()) == "z1" })
+}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/cache"
+	"github.com/peerd-project/peerd/containerd"
 	ctrd "github.com/peerd-project/peerd/containerd"
 	"github.com/peerd-project/peerd/httpmirror"
 	"github.com/peerd-project/peerd/p2p"
@@ -323,3 +324,6 @@ func enableTagResolution(ctx context.Context, a *app, oci *httpmirror.OCIConfig,
 	})
 	return nil
 }
+
+// containerd's content store is whole and verified (p2p's fan-out).
+var _ p2p.WholeStore = (*containerd.Store)(nil)

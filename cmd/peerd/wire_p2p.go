@@ -108,25 +108,7 @@ func startP2P(ctx context.Context, a *app) error {
 		Zone:              c.Zone,
 		UploadStreams:     c.UploadStreams,
 		UploadRate:        int64(c.UploadRate),
-		Stores: []p2p.LocalStore{p2p.LocalStoreFunc(func(k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
-			src := swarm.Load()
-			if c.SwarmWait <= 0 || src == nil {
-				r, size, err := a.cache.OpenLocal(k, off, n)
-				if err != nil {
-					return nil, size, err
-				}
-				return r, size, nil
-			}
-			// A chunk this node is to fetch from the origin for a blob
-			// others pull too is worth a short wait (README: Swarming).
-			ctx, cancel := context.WithTimeout(context.Background(), c.SwarmWait)
-			defer cancel()
-			r, size, err := a.cache.AwaitLocal(ctx, k, off, n, func(o int64) bool { return src.Owns(k, o) })
-			if err != nil {
-				return nil, size, err // never a typed nil inside the interface
-			}
-			return r, size, nil
-		})},
+		Stores:            []p2p.LocalStore{cacheStore{a: a, swarmWait: c.SwarmWait, swarm: &swarm}},
 	}
 	if c.SwarmKeyFile != "" {
 		if cfg.SwarmKey, err = p2p.LoadSwarmKey(c.SwarmKeyFile); err != nil {
@@ -160,4 +142,39 @@ func startP2P(ctx context.Context, a *app) error {
 	a.peers = src
 	a.readyChecks = append(a.readyChecks, node.Ready)
 	return nil
+}
+
+// cacheStore is the cache as the peer server's store.
+type cacheStore struct {
+	a         *app
+	swarmWait time.Duration
+	swarm     *atomic.Pointer[p2p.Source]
+}
+
+var _ p2p.WholeStore = cacheStore{}
+
+func (s cacheStore) OpenLocal(k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
+	src := s.swarm.Load()
+	if s.swarmWait <= 0 || src == nil {
+		r, size, err := s.a.cache.OpenLocal(k, off, n)
+		if err != nil {
+			return nil, size, err
+		}
+		return r, size, nil
+	}
+	// A chunk this node is to fetch from the origin for a blob
+	// others pull too is worth a short wait (README: Swarming).
+	ctx, cancel := context.WithTimeout(context.Background(), s.swarmWait)
+	defer cancel()
+	r, size, err := s.a.cache.AwaitLocal(ctx, k, off, n, func(o int64) bool { return src.Owns(k, o) })
+	if err != nil {
+		return nil, size, err // never a typed nil inside the interface
+	}
+	return r, size, nil
+}
+
+// HoldsWhole: a verified blob is whole; its askers can serve each other.
+func (s cacheStore) HoldsWhole(k blob.Key) bool {
+	i, ok := s.a.cache.Stat(k)
+	return ok && i.Verified
 }

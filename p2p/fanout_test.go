@@ -1,0 +1,218 @@
+package p2p
+
+import (
+	"bytes"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/peerd-project/peerd/blob"
+)
+
+func TestFanoutGivesABlobToAFewAskers(t *testing.T) {
+	var f fanout
+	k := testKey()
+	now := time.Now()
+	a, b, c, d := newPeerID(t), newPeerID(t), newPeerID(t), newPeerID(t)
+	if f.admit(k, a, "a", "a", false, now) != "" || f.admit(k, b, "", "a", false, now) != "" {
+		t.Fatal("the first two askers of the holder's zone (or an unknown one) are refused")
+	}
+	if why := f.admit(k, c, "a", "a", false, now); why != "fanout" {
+		t.Fatalf("a third asker of the zone: %q, want fanout", why)
+	}
+	// An asker with its turn keeps it for its next chunks.
+	if f.admit(k, a, "a", "a", false, now.Add(copiesWindow/2)) != "" {
+		t.Fatal("an asker with its turn is refused its next chunk")
+	}
+	// Another blob is counted on its own.
+	if f.admit(testKeyN(7), c, "a", "a", false, now) != "" {
+		t.Fatal("an asker of another blob is refused")
+	}
+	// One asker per other zone crosses, whatever the local count.
+	if f.admit(k, d, "b", "a", false, now) != "" {
+		t.Fatal("the first asker from zone b is refused")
+	}
+	e := newPeerID(t)
+	if why := f.admit(k, e, "b", "a", false, now); why != "zone" {
+		t.Fatalf("a second asker from zone b: %q, want zone", why)
+	}
+	if f.admit(k, newPeerID(t), "c", "a", false, now) != "" {
+		t.Fatal("the first asker from zone c is refused")
+	}
+	// An asker that waited its turn is served past both bounds.
+	if f.admit(k, e, "b", "a", true, now) != "" || f.admit(k, c, "a", "a", true, now) != "" {
+		t.Fatal("insisting askers are refused")
+	}
+	// Turns end copiesWindow after the asker's last request: b's first.
+	later := now.Add(copiesWindow)
+	if f.admit(k, newPeerID(t), "a", "a", false, later.Add(-time.Millisecond)) != "fanout" {
+		t.Fatal("a turn ended before copiesWindow")
+	}
+	// At later, b's and c's turns ended; a's (renewed at window/2) not.
+	if f.admit(k, newPeerID(t), "a", "a", false, later) != "" {
+		t.Fatal("a turn outlived copiesWindow after its asker's last request")
+	}
+	if f.admit(k, newPeerID(t), "a", "a", false, later) != "fanout" {
+		t.Fatal("the renewed turn was dropped")
+	}
+}
+
+func TestFanoutForgetsOldTurnsPastItsBound(t *testing.T) {
+	var f fanout
+	now := time.Now()
+	p := newPeerID(t)
+	for i := range maxFanoutBlobs + 10 {
+		f.admit(testKeyN(i), p, "", "", false, now)
+		now = now.Add(copiesWindow / 1000)
+	}
+	if n := len(f.byBlob); n > maxFanoutBlobs {
+		t.Fatalf("%d blobs tracked, bound %d", n, maxFanoutBlobs)
+	}
+}
+
+// A holder that sends the asker to wait for others is waited for, then
+// asked once more, insisting: the bytes come from it, never "don't have"
+// (which would send the chunk to the origin).
+func TestSourceInsistsAfterWaitingForOthers(t *testing.T) {
+	s, _, g, ids := setup(t, "fanout", "fanout")
+	var mu sync.Mutex
+	clock := time.Now()
+	var waits []time.Duration
+	s.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	s.after = func(d time.Duration) <-chan time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		waits = append(waits, d)
+		clock = clock.Add(d)
+		ch := make(chan time.Time, 1)
+		ch <- clock
+		return ch
+	}
+	s.SetBusyWait(time.Second)
+	b, origin, err := readAll(t, s, 0, 1<<20)
+	if err != nil || !bytes.Equal(b, g.data[:1<<20]) || origin != ids[0].String() {
+		t.Fatalf("%d bytes from %s, %v; want the first holder, insisting", len(b), origin, err)
+	}
+	if len(waits) != int(time.Second/fanoutRetry) {
+		t.Fatalf("waited %v, want turns of %v for a second", waits, fanoutRetry)
+	}
+	calls := g.calls()
+	if last := calls[len(calls)-1]; !last.insist || last.p != ids[0] {
+		t.Fatalf("last request %+v, want an insisting one to the first holder", last)
+	}
+	for _, c := range calls[:len(calls)-1] {
+		if c.insist {
+			t.Fatalf("insisted before the wait was over: %+v", calls)
+		}
+	}
+}
+
+// A "zone" answer (another node of this zone is crossing for the blob)
+// makes the asker ask only its zone's holders until the one crossing
+// serves it, not the other zone's holders.
+func TestZoneBusyKeepsAskingTheZone(t *testing.T) {
+	s, _, g, ids := setup(t, "zone", "notfound", "ok")
+	s.zones = &zones{}
+	mine := "b"
+	s.zones.self.Store(&mine)
+	s.zones.learn(ids[0], "a")
+	s.zones.learn(ids[1], "b") // crossing now; holds the blob once verified
+	s.zones.learn(ids[2], "a") // another holder in zone a
+	// This node is not its zone's crosser for the blob (ids[1] is).
+	for rank(testKey(), 0, []peer.ID{s.self, ids[1]})[0] != ids[1] {
+		s.self = newPeerID(t)
+	}
+	var mu sync.Mutex
+	clock := time.Now()
+	turns := 0
+	s.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	s.after = func(d time.Duration) <-chan time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		clock = clock.Add(d)
+		if turns++; turns == 3 {
+			g.mu.Lock()
+			g.behave[ids[1]] = "ok" // verified: it serves its zone
+			g.mu.Unlock()
+		}
+		ch := make(chan time.Time, 1)
+		ch <- clock
+		return ch
+	}
+	s.SetBusyWait(8 * time.Second)
+	// ids[2] (zone a) holds it too, but is asked only in the first round,
+	// after the zone answer: the order is zone b first, then a.
+	s.noSpread = true
+	g.mu.Lock()
+	g.behave[ids[2]] = "zone"
+	g.mu.Unlock()
+	b, origin, err := readAll(t, s, 0, 1<<20)
+	if err != nil || !bytes.Equal(b, g.data[:1<<20]) || origin != ids[1].String() {
+		t.Fatalf("%d bytes from %s, %v; want the holder of this zone once it could serve", len(b), origin, err)
+	}
+	// Every request after the second to this zone's holder went to it.
+	seen := 0
+	for _, c := range g.calls() {
+		if c.p == ids[1] {
+			seen++
+			continue
+		}
+		if seen >= 2 {
+			t.Fatalf("asked %s of zone a after its zone answer: %+v", c.p, g.calls())
+		}
+	}
+	if seen < 3 {
+		t.Fatalf("this zone's holder asked %d times, want a turn until it served", seen)
+	}
+}
+
+func testKeyN(i int) blob.Key { return blob.Key(fmt.Sprintf("sha256:%064x", i)) }
+
+// Once a provider is known to hold a blob whole, the nodes of a zone let
+// one of them cross for it (the first by rendezvous of themselves and the
+// providers known in their zone) and ask only their zone otherwise.
+func TestZoneCrosserIsTheSameForEveryNodeOfTheZone(t *testing.T) {
+	seed, x, y := newPeerID(t), newPeerID(t), newPeerID(t)
+	source := func(self peer.ID) *Source {
+		s := newSource(self, &fakeFinder{}, &fakeGetter{}, nil, nil, time.Second, 1)
+		s.zones = &zones{}
+		b := "b"
+		s.zones.self.Store(&b)
+		s.zones.learn(seed, "a")
+		s.zones.learn(x, "b")
+		s.zones.learn(y, "b")
+		return s
+	}
+	sx, sy := source(x), source(y)
+	crossers := 0
+	for i := range 20 {
+		k := testKeyN(100 + i)
+		for _, s := range []*Source{sx, sy} {
+			if _, gated := s.zoneGate(k, []peer.AddrInfo{{ID: seed}, {ID: x}, {ID: y}}); gated {
+				t.Fatal("gated before any provider was known to hold the blob whole")
+			}
+			s.markWhole(k)
+		}
+		lx, gx := sx.zoneGate(k, []peer.AddrInfo{{ID: seed}, {ID: y}})
+		ly, gy := sy.zoneGate(k, []peer.AddrInfo{{ID: seed}, {ID: x}})
+		if gx == gy {
+			t.Fatalf("blob %d: x gated %v, y gated %v: want exactly one crosser", i, gx, gy)
+		}
+		if gx && (len(lx) != 1 || lx[0].ID != y) || gy && (len(ly) != 1 || ly[0].ID != x) {
+			t.Fatalf("blob %d: the gated node asks %v / %v, want only its zone's crosser", i, lx, ly)
+		}
+		if !gx {
+			crossers++
+		}
+		// The crosser insists: a holder whose turn for the zone went to
+		// another node serves it all the same.
+		if sx.zoneCrosser(k, []peer.AddrInfo{{ID: seed}, {ID: y}}) == gx || sy.zoneCrosser(k, []peer.AddrInfo{{ID: seed}, {ID: x}}) == gy {
+			t.Fatalf("blob %d: the crosser is not the node left ungated", i)
+		}
+	}
+	if crossers == 0 || crossers == 20 {
+		t.Fatalf("x crossed for %d of 20 blobs: the crosser should vary by blob", crossers)
+	}
+}
