@@ -54,12 +54,12 @@ const (
 	// per other zone cross at a time (uploads.go, fan-out).
 	zoneHeader = "X-Peerd-Zone"
 	// insistHeader marks a request whose asker waited its turn for the
-	// longest it waits (--swarm-wait): the holder serves it past its
+	// longest it waits for others (fanoutWait): the holder serves it past its
 	// fan-out (still within its stream and rate bounds).
 	insistHeader = "X-Peerd-Insist"
 	// busyHeader says why a 503 "busy" was sent: "streams" (the node's
-	// upload bound), "fanout" (enough askers of this blob being served)
-	// or "zone" (an asker of the same zone is already crossing for it).
+	// upload bound), "fanout" (this blob went to enough askers lately)
+	// or "zone" (an asker of the same zone has its turn for it).
 	busyHeader = "X-Peerd-Busy"
 	// wholeHeader on a 206 says the holder serves from a whole, verified
 	// copy: the asker's swarm pull of the blob needs no origin.

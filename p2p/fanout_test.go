@@ -9,6 +9,7 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/peerd-project/peerd/blob"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 func TestFanoutGivesABlobToAFewAskers(t *testing.T) {
@@ -214,5 +215,85 @@ func TestZoneCrosserIsTheSameForEveryNodeOfTheZone(t *testing.T) {
 	}
 	if crossers == 0 || crossers == 20 {
 		t.Fatalf("x crossed for %d of 20 blobs: the crosser should vary by blob", crossers)
+	}
+}
+
+// With zones, a blob's first fetch finds out alone whether a whole copy
+// exists; the read-ahead waits for its answer and then, this node not being
+// its zone's crosser, asks only its zone instead of crossing too.
+func TestZoneProbeHoldsTheReadAheadUntilTheFirstAnswer(t *testing.T) {
+	s, _, g, ids := setup(t, "whole", "notfound")
+	seed, y := ids[0], ids[1]
+	s.zones = &zones{}
+	b := "b"
+	s.zones.self.Store(&b)
+	s.zones.learn(seed, "a")
+	s.zones.learn(y, "b")
+	for rank(testKey(), 0, []peer.ID{s.self, y})[0] != y {
+		s.self = newPeerID(t) // y is the zone's crosser
+	}
+	s.SetBusyWait(0) // the waiting read-ahead gives up at once, insisting
+	g.hold = make(chan struct{})
+	first := make(chan error, 1)
+	go func() { _, _, err := readAll(t, s, 0, 1<<20); first <- err }()
+	waitFor(t, "the first fetch asks the holder", func() bool {
+		for _, c := range g.calls() {
+			if c.p == seed {
+				return true
+			}
+		}
+		return false
+	})
+	second := make(chan error, 1)
+	go func() { _, _, err := readAll(t, s, 1<<20, 1<<20); second <- err }()
+	time.Sleep(50 * time.Millisecond) // the read-ahead waits, asking nobody
+	for _, c := range g.calls() {
+		if c.off == 1<<20 {
+			t.Fatalf("the read-ahead asked %s before the first fetch's answer", c.p)
+		}
+	}
+	close(g.hold)
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-second; err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range g.calls() {
+		if c.off == 1<<20 && c.p == seed && !c.insist {
+			t.Fatalf("the read-ahead crossed zones without waiting for its zone: %+v", g.calls())
+		}
+	}
+}
+
+// A transfer that crawls is left for another holder without penalty; when
+// the only other holder had sent the fetch to wait for others, it is asked
+// again, insisting, and serves the rest.
+func TestSlowTransferMovesToTheHolderThatSaidWait(t *testing.T) {
+	s, _, g, ids := setup(t, "fanout", "trickle")
+	var mu sync.Mutex
+	clock := time.Now()
+	s.now = func() time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		clock = clock.Add(100 * time.Millisecond)
+		return clock
+	}
+	b, origin, err := readAll(t, s, 0, 1<<20)
+	if err != nil || !bytes.Equal(b, g.data[:1<<20]) {
+		t.Fatalf("%d bytes, %v", len(b), err)
+	}
+	if origin != ids[1].String()+","+ids[0].String() {
+		t.Fatalf("origin %q, want the crawling peer then the holder that said wait", origin)
+	}
+	calls := g.calls()
+	if last := calls[len(calls)-1]; last.p != ids[0] || !last.insist || last.off == 0 {
+		t.Fatalf("last request %+v, want the rest from the first holder, insisting", last)
+	}
+	if len(s.order([]peer.AddrInfo{{ID: ids[1]}})) != 1 {
+		t.Fatal("the slow peer is avoided")
+	}
+	if got := testutil.ToFloat64(s.m.peerErrors.WithLabelValues("slow")); got != 1 {
+		t.Fatalf("slow transfers counted %v, want 1", got)
 	}
 }

@@ -29,6 +29,7 @@ type metrics struct {
 	busyReceived    prometheus.Counter
 	busyWait        prometheus.Histogram
 	receivedByZone  *prometheus.CounterVec // relation: same, cross, unknown
+	servedByZone    *prometheus.CounterVec // the asker's zone against ours
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -54,7 +55,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}, []string{"result"}),
 		peerErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "peerd_p2p_peer_errors_total",
-			Help: "Failed reads from peers, by kind (dial, status, read, timeout, size, not_found).",
+			Help: "Failed reads from peers, by kind (dial, status, read, timeout, slow: under 256 KiB/s and left for another holder without penalty, size, not_found).",
 		}, []string{"kind"}),
 		hedges: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "peerd_p2p_hedged_requests_total", Help: "Requests to a second provider because the first was slow.",
@@ -97,8 +98,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "peerd_p2p_received_bytes_by_zone_total",
 			Help: "Blob bytes received from peers by zone relation: same (the peer told the same --zone), cross, unknown (either zone not set).",
 		}, []string{"relation"}),
+		servedByZone: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "peerd_p2p_served_bytes_by_zone_total",
+			Help: "Blob bytes served to peers by the asker's zone relation: same (it told the same --zone), cross, unknown (either zone not set).",
+		}, []string{"relation"}),
 		busyWait: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "peerd_p2p_busy_wait_seconds", Help: "Time a fetch waited because every provider holding the bytes was busy (up to --swarm-wait, then the origin).",
+			Name: "peerd_p2p_busy_wait_seconds", Help: "Time a fetch waited because every provider holding the bytes was busy or sent it to wait for other askers (up to --swarm-wait, then the origin; 4 s for other askers, then it insists).",
 			Buckets: []float64{0.1, 0.25, 0.5, 1, 2, 4, 8, 16},
 		}),
 		refused: prometheus.NewCounter(prometheus.CounterOpts{
@@ -109,7 +114,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	if reg != nil {
 		reg.MustRegister(m.lookupSeconds, m.lookupCache, m.receivedBytes, m.servedBytes, m.serveRequests,
 			m.peerErrors, m.hedges, m.resumes, m.blames, m.provides, m.provideSecs, m.advertised, m.dials, m.records, m.refused, m.handshakes,
-			m.uploadsInFlight, m.busyReceived, m.busyWait, m.receivedByZone)
+			m.uploadsInFlight, m.busyReceived, m.busyWait, m.receivedByZone, m.servedByZone)
 	}
 	return m
 }

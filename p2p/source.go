@@ -74,6 +74,9 @@ type Source struct {
 	// whole: blobs a provider lately said it holds whole, until when
 	// (markWhole).
 	whole map[blob.Key]time.Time
+	// probes: blobs whose first fetch is finding out whether a whole copy
+	// exists; closed when it knows (zoneProbe).
+	probes map[blob.Key]chan struct{}
 }
 
 func newSource(self peer.ID, f providerFinder, g rangeGetter, m *metrics, log *slog.Logger, timeout time.Duration, retries int) *Source {
@@ -140,7 +143,7 @@ func (s *Source) Fetch(ctx context.Context, k blob.Key, off, n int64) (io.ReadCl
 		want = res.total - off
 	}
 	return &peerReader{s: s, ctx: ctx, k: k, off: off, want: want, total: res.total,
-		cur: res, rest: rest, origins: []string{res.p.ID.String()}}, res.total, nil
+		cur: res, rest: rest, held: res.held, origins: []string{res.p.ID.String()}}, res.total, nil
 }
 
 // attempt is one provider's answer to a range request: the body being read,
@@ -150,6 +153,7 @@ type attempt struct {
 	rc     io.ReadCloser
 	total  int64
 	cancel context.CancelFunc
+	held   []peer.AddrInfo // holders that sent the fetch to wait for others
 }
 
 // hedgedOpt asks providers one after the other: the next on an error or
@@ -161,12 +165,23 @@ type attempt struct {
 // list again gives, when non-nil: holders come and go), up to the busy
 // wait; then the answer is "don't have", and the origin fills the chunk.
 // When a holder sent it to wait for other askers of the blob (fan-out or
-// zone, see uploads.go) it does not go to the origin after the wait: it
-// asks every holder once more, insisting, and is served.
+// zone, see uploads.go) it waits at most fanoutWait and does not go to the
+// origin after the wait: it asks every holder once more, insisting, and is
+// served.
 func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, again func() []peer.AddrInfo, k blob.Key, off, n int64, learn bool) (*attempt, []peer.AddrInfo, error) {
 	var start time.Time
 	insisted, forOthers := false, false
 	var held []peer.AddrInfo // holders that sent us to wait for others
+	if wait, probed := s.zoneProbe(k, ps); wait != nil {
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return nil, nil, ctx.Err()
+		case <-s.after(zoneProbeWait):
+		}
+	} else if probed != nil {
+		defer probed() // (idempotent) also when the first answer is an error
+	}
 	for {
 		ask, gated, rctx := ps, false, ctx
 		if insisted || s.zoneCrosser(k, ps) {
@@ -175,11 +190,15 @@ func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, again func()
 			ask, gated = s.zoneGate(k, ps)
 		}
 		res, rest, err := s.hedgedOnce(rctx, ask, k, off, n, learn)
+		s.endZoneProbe(k)
 		var be *BusyError
 		busy := errors.As(err, &be)
 		if err == nil || insisted || !(busy || gated && errors.Is(err, blob.ErrNotFound)) {
 			if !start.IsZero() {
 				s.m.busyWait.Observe(s.now().Sub(start).Seconds())
+			}
+			if res != nil {
+				res.held = addMissing(res.held, held)
 			}
 			return res, rest, err
 		}
@@ -195,7 +214,11 @@ func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, again func()
 			start = s.now()
 		}
 		waited := s.now().Sub(start)
-		if waited >= s.busyWait {
+		limit := s.busyWait
+		if forOthers {
+			limit = min(limit, fanoutWait)
+		}
+		if waited >= limit {
 			if forOthers {
 				insisted = true
 				continue
@@ -210,7 +233,7 @@ func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, again func()
 		select {
 		case <-ctx.Done():
 			return nil, nil, ctx.Err()
-		case <-s.after(min(delay, s.busyWait-waited)):
+		case <-s.after(min(delay, limit-waited)):
 		}
 		if busy {
 			held = addMissing(held, be.holders)
@@ -234,6 +257,12 @@ func addMissing(ps, more []peer.AddrInfo) []peer.AddrInfo {
 	}
 	return ps
 }
+
+// fanoutWait bounds how long a fetch waits for other askers of a blob (a
+// holder's fan-out or zone answer, or its own zone's crosser) before it
+// insists: the askers served first may be slow or gone, and a rollout's
+// tree needs only a blob's transfer and check per hop.
+const fanoutWait = 4 * time.Second
 
 // zoneHold is how long a "zone" busy answer for a blob keeps this node
 // asking only the holders of its own zone (each such answer renews it).
@@ -334,6 +363,61 @@ func (s *Source) zoneGate(k blob.Key, ps []peer.AddrInfo) ([]peer.AddrInfo, bool
 		return same, true
 	}
 	return ps, false
+}
+
+// zoneProbeWait bounds how long a fetch waits for the first fetch of the
+// same blob to hear whether a whole copy exists (zoneProbe).
+const zoneProbeWait = 500 * time.Millisecond
+
+// zoneProbe: with zones, before this node knows whether a whole copy of k
+// exists, its first fetch of k goes alone and the others (its read-ahead)
+// wait for that fetch's first answer (at most zoneProbeWait): a whole
+// copy's answer gates them to the zone (zoneGate), so a blob's read-ahead
+// does not cross zones before the zone agreed on one crosser. It returns
+// the channel to wait on, or, for the fetch that goes first, the function
+// that ends the probe (endZoneProbe does the same by key); both nil when
+// there is nothing to probe (no zones, no holder in another zone or none in
+// this one, a whole copy already known).
+func (s *Source) zoneProbe(k blob.Key, ps []peer.AddrInfo) (<-chan struct{}, func()) {
+	if s.zones == nil || s.knowsWhole(k) {
+		return nil, nil
+	}
+	mine := s.zones.mine()
+	if mine == "" {
+		return nil, nil
+	}
+	same, other := false, false
+	for _, p := range ps {
+		switch z := s.zones.of(p.ID); {
+		case z == mine:
+			same = true
+		case z != "":
+			other = true
+		}
+	}
+	if !same || !other {
+		return nil, nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ch, ok := s.probes[k]; ok {
+		return ch, nil
+	}
+	if s.probes == nil {
+		s.probes = map[blob.Key]chan struct{}{}
+	}
+	s.probes[k] = make(chan struct{})
+	return nil, func() { s.endZoneProbe(k) }
+}
+
+// endZoneProbe ends k's probe, if any: its fetch has its first answer.
+func (s *Source) endZoneProbe(k blob.Key) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ch, ok := s.probes[k]; ok {
+		close(ch)
+		delete(s.probes, k)
+	}
 }
 
 // zoneCrosser reports whether this node is its zone's crosser for k (see
@@ -492,7 +576,7 @@ func (s *Source) hedgedOnce(ctx context.Context, ps []peer.AddrInfo, k blob.Key,
 	win, asked, err := h.run(ctx, len(ps), get, failed)
 	switch {
 	case err == nil:
-		return &attempt{p: ps[win.idx], rc: win.v.rc, total: win.v.total, cancel: win.cancel}, slices.Clone(ps[asked:]), nil
+		return &attempt{p: ps[win.idx], rc: win.v.rc, total: win.v.total, cancel: win.cancel, held: waiting}, slices.Clone(ps[asked:]), nil
 	case !errors.Is(err, errTriesFailed):
 		return nil, nil, err
 	}

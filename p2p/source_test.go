@@ -72,11 +72,32 @@ type fakeGetter struct {
 	// behave decides per peer: "ok", "err", "notfound", "slow", "break"
 	// (half then error), "past-end" (416 for an offset at or past the end),
 	// "busy" (at its upload bound), "fanout" and "zone" (busy for others'
-	// sake unless the request insists).
+	// sake unless the request insists), "whole" (served from a whole copy),
+	// "trickle" (one byte per read).
 	behave map[peer.ID]string
 	// cancelled records attempts whose context ended.
 	cancelled atomic.Int32
+	// hold, when set, holds "whole" answers until it is closed.
+	hold chan struct{}
 }
+
+// crawlReader hands out one byte per read: a peer whose link crawls.
+type crawlReader struct{ b []byte }
+
+func (r *crawlReader) Read(p []byte) (int, error) {
+	if len(r.b) == 0 {
+		return 0, io.EOF
+	}
+	p[0] = r.b[0]
+	r.b = r.b[1:]
+	return 1, nil
+}
+
+// wholeReader is a holder's answer from a whole copy (wholeHeader).
+type wholeReader struct{ *bytes.Reader }
+
+func (wholeReader) Close() error    { return nil }
+func (wholeReader) fromWhole() bool { return true }
 
 func (g *fakeGetter) GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
 	g.mu.Lock()
@@ -94,6 +115,13 @@ func (g *fakeGetter) GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key,
 		if !insisting(ctx) {
 			return nil, -1, &BusyError{Peer: ai.ID, Reason: b, RetryAfter: fanoutRetry}
 		}
+	case "trickle":
+		return io.NopCloser(&crawlReader{b: g.data[off:end]}), size, nil
+	case "whole":
+		if g.hold != nil {
+			<-g.hold
+		}
+		return wholeReader{bytes.NewReader(g.data[off:end])}, size, nil
 	case "notfound":
 		return nil, -1, fmt.Errorf("not held: %w", blob.ErrNotFound)
 	case "past-end":

@@ -136,7 +136,7 @@ func (s *Source) FetchShared(ctx context.Context, k blob.Key, off, n int64) (blo
 		want = res.total - off
 	}
 	return blob.Share{Body: &peerReader{s: s, ctx: ctx, k: k, off: off, want: want, total: res.total,
-		cur: res, rest: rest, origins: []string{res.p.ID.String()}}, Size: res.total}, nil
+		cur: res, rest: rest, held: res.held, origins: []string{res.p.ID.String()}}, Size: res.total}, nil
 }
 
 // swarmOrder orders a swarm chunk's providers: when this node owns the

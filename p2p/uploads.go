@@ -171,7 +171,8 @@ func retryAfter(h, ms string) time.Duration {
 // (the trust rule), so a rollout's copies spread as a tree from many nodes
 // instead of a star from the first holder. An asker keeps its turn until
 // copiesWindow after its last request; one that waited its turn for
-// --swarm-wait is served regardless (insistHeader).
+// fanoutWait (or --swarm-wait, if shorter) is served regardless
+// (insistHeader).
 const (
 	blobCopies   = 2
 	copiesWindow = 30 * time.Second

@@ -66,8 +66,10 @@ func (z *zones) of(p peer.ID) string {
 }
 
 // relation is "same" or "cross" when both zones are known, else "unknown".
-func (z *zones) relation(p peer.ID) string {
-	mine, theirs := z.mine(), z.of(p)
+func (z *zones) relation(p peer.ID) string { return zoneRelation(z.mine(), z.of(p)) }
+
+// zoneRelation is "same" or "cross" when both zones are set, else "unknown".
+func zoneRelation(mine, theirs string) string {
 	switch {
 	case mine == "" || theirs == "":
 		return "unknown"

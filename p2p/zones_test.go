@@ -96,6 +96,10 @@ func TestReadsPreferTheSameZone(t *testing.T) {
 	if cross != 0 || same != float64(len(data)) {
 		t.Fatalf("16 chunks: %v bytes from the same zone, %v across; want all %d from the same zone", same, cross, len(data))
 	}
+	// The holder counts what it served by the asker's zone (told per request).
+	if got := testutil.ToFloat64(a.m.servedByZone.WithLabelValues("same")); got < float64(len(data)) {
+		t.Fatalf("a served %v bytes to its own zone, want at least %d", got, len(data))
+	}
 }
 
 // A node with a zone asks a peer's zone as soon as the peer connects, so
