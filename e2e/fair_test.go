@@ -359,11 +359,24 @@ func (c *cluster) fairZones(t *testing.T) {
 	}
 	crossed := func(name string, seed uint64, note string) (float64, image) {
 		z0 := c.zoneLinkBytes(t)
-		cross0 := c.sumMetric(c.nodes, "peerd_p2p_received_bytes_by_zone_total", `relation="cross"`)
+		crossBy := func() map[int]int64 {
+			m := map[int]int64{}
+			for _, n := range c.nodes {
+				v, _ := c.metric(n, "peerd_p2p_received_bytes_by_zone_total", `relation="cross"`)
+				m[n.i] = int64(v)
+			}
+			return m
+		}
+		cross0 := crossBy()
 		im, _ := c.rollout(t, name, seed, note)
 		x := float64(c.zoneLinkBytes(t)-z0) / float64(im.size)
-		cross := c.sumMetric(c.nodes, "peerd_p2p_received_bytes_by_zone_total", `relation="cross"`) - cross0
-		t.Logf("%s: the zone link carried %.2f× the image; peers' bytes told as cross-zone: %s", name, x, human(int64(cross)))
+		var cross int64
+		got := crossBy()
+		for i := range got {
+			got[i] -= cross0[i]
+			cross += got[i]
+		}
+		t.Logf("%s: the zone link carried %.2f× the image; peers' bytes told as cross-zone: %s (%s)", name, x, human(cross), perNode(got))
 		return x, im
 	}
 	off, im := crossed("f4-zones-off", 304, fmt.Sprintf("no --zone; zone link %s", rate))

@@ -2,6 +2,7 @@ package p2p
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"sync"
 	"testing"
@@ -295,5 +296,67 @@ func TestSlowTransferMovesToTheHolderThatSaidWait(t *testing.T) {
 	}
 	if got := testutil.ToFloat64(s.m.peerErrors.WithLabelValues("slow")); got != 1 {
 		t.Fatalf("slow transfers counted %v, want 1", got)
+	}
+}
+
+// A holder that says "wait for others" forever, even to an insisting
+// request, is no failure and holds the fetch no longer than the fan-out
+// wait: then the answer is an error the cache takes to the origin.
+func TestFanoutForeverEndsAtTheOrigin(t *testing.T) {
+	s, _, g, ids := setup(t, "fanout-forever")
+	var mu sync.Mutex
+	clock := time.Now()
+	var waited time.Duration
+	s.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	s.after = func(d time.Duration) <-chan time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		clock = clock.Add(d)
+		waited += d
+		ch := make(chan time.Time, 1)
+		ch <- clock
+		return ch
+	}
+	s.SetBusyWait(8 * time.Second)
+	_, _, err := readAll(t, s, 0, 1<<20)
+	if !errors.Is(err, blob.ErrNotFound) {
+		t.Fatalf("a holder that never serves: %v, want ErrNotFound (the origin's turn)", err)
+	}
+	if waited > fanoutWait {
+		t.Fatalf("waited %v, want at most the fan-out wait %v", waited, fanoutWait)
+	}
+	if last := g.calls()[len(g.calls())-1]; !last.insist {
+		t.Fatalf("last request %+v, want an insisting one", last)
+	}
+	if len(s.order([]peer.AddrInfo{{ID: ids[0]}})) != 1 {
+		t.Fatal("the holder is avoided for saying busy")
+	}
+}
+
+// A holder says "wait for others" while the only other holder is slow to
+// answer at all: the fetch does not wait on the slow one; it waits its turn
+// at the holder and, insisting, reads from it.
+func TestFanoutHolderBeatsAProviderSlowToAnswer(t *testing.T) {
+	s, _, g, ids := setup(t, "fanout", "slow")
+	var mu sync.Mutex
+	clock := time.Now()
+	s.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	s.after = func(d time.Duration) <-chan time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		clock = clock.Add(d)
+		ch := make(chan time.Time, 1)
+		ch <- clock
+		return ch
+	}
+	b, origin, err := readAll(t, s, 0, 1<<20)
+	if err != nil || !bytes.Equal(b, g.data[:1<<20]) || origin != ids[0].String() {
+		t.Fatalf("%d bytes from %s, %v; want the holder that said wait, not the slow one", len(b), origin, err)
+	}
+	if g.cancelled.Load() == 0 {
+		t.Fatal("the slow provider's request was never given up")
+	}
+	if len(s.order([]peer.AddrInfo{{ID: ids[1]}})) != 1 {
+		t.Fatal("the slow provider is avoided")
 	}
 }

@@ -21,6 +21,10 @@ type hedge[T any] struct {
 	// drop, when not nil, releases what a try returned after it lost the
 	// race or the run ended without it (called in the background).
 	drop func(T)
+	// stuck, when not nil, is asked (in run's goroutine) every delay() while
+	// every try has started and some are still in flight: a non-nil return
+	// ends the run at once with that error, cancelling them.
+	stuck func() error
 }
 
 // hedgeWin is the try that won: its index, its value, and the cancel
@@ -118,6 +122,12 @@ func (h hedge[T]) run(ctx context.Context, n int, try func(ctx context.Context, 
 				}
 				launch()
 				inflight++
+				timer.Reset(h.delay())
+			} else if h.stuck != nil {
+				if err := h.stuck(); err != nil {
+					stop(-1)
+					return zero, 0, err
+				}
 				timer.Reset(h.delay())
 			}
 		case <-ctx.Done():

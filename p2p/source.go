@@ -165,12 +165,12 @@ type attempt struct {
 // list again gives, when non-nil: holders come and go), up to the busy
 // wait; then the answer is "don't have", and the origin fills the chunk.
 // When a holder sent it to wait for other askers of the blob (fan-out or
-// zone, see uploads.go) it waits at most fanoutWait and does not go to the
-// origin after the wait: it asks every holder once more, insisting, and is
-// served.
+// zone, see uploads.go) it waits at most fanoutWait (for its zone's copy:
+// the busy wait) and does not go to the origin after the wait: it asks
+// every holder once more, insisting, and is served.
 func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, again func() []peer.AddrInfo, k blob.Key, off, n int64, learn bool) (*attempt, []peer.AddrInfo, error) {
 	var start time.Time
-	insisted, forOthers := false, false
+	insisted, forOthers, forZone := false, false, false
 	var held []peer.AddrInfo // holders that sent us to wait for others
 	if wait, probed := s.zoneProbe(k, ps); wait != nil {
 		select {
@@ -200,6 +200,10 @@ func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, again func()
 			if res != nil {
 				res.held = addMissing(res.held, held)
 			}
+			if busy && insisted {
+				// Busy even to an insisting asker: the origin's turn.
+				err = fmt.Errorf("%s range %d+%d: %w (every holder busy: %v)", k, off, n, blob.ErrNotFound, err)
+			}
 			return res, rest, err
 		}
 		if busy && be.waitsForOthers() {
@@ -210,12 +214,15 @@ func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, again func()
 			s.markCrossing(k)
 		}
 		forOthers = forOthers || gated || busy && be.waitsForOthers()
+		forZone = forZone || gated || busy && be.Reason == "zone"
 		if start.IsZero() {
 			start = s.now()
 		}
 		waited := s.now().Sub(start)
 		limit := s.busyWait
-		if forOthers {
+		if forOthers && !forZone {
+			// Waiting for the zone's copy may take the whole --swarm-wait:
+			// crossing zones again costs more than waiting.
 			limit = min(limit, fanoutWait)
 		}
 		if waited >= limit {
@@ -259,9 +266,9 @@ func addMissing(ps, more []peer.AddrInfo) []peer.AddrInfo {
 }
 
 // fanoutWait bounds how long a fetch waits for other askers of a blob (a
-// holder's fan-out or zone answer, or its own zone's crosser) before it
-// insists: the askers served first may be slow or gone, and a rollout's
-// tree needs only a blob's transfer and check per hop.
+// holder's fan-out answer) before it insists: the askers served first may
+// be slow or gone, and a rollout's tree needs only a blob's transfer and
+// check per hop. A wait for the zone's copy may take the whole busy wait.
 const fanoutWait = 4 * time.Second
 
 // zoneHold is how long a "zone" busy answer for a blob keeps this node
@@ -570,6 +577,18 @@ func (s *Source) hedgedOnce(ctx context.Context, ps []peer.AddrInfo, k blob.Key,
 			if ctx.Err() == nil {
 				s.penalize(p.ID, err)
 			}
+		}
+		return nil
+	}
+	// A holder that sent us to wait for other askers, while the only tries
+	// left are slow to answer (a crawling link): end the round as busy, so
+	// the wait, and at its end an insisting request, goes on at the holder
+	// rather than on the slow provider.
+	h.stuck = func() error {
+		if busy != nil && busy.waitsForOthers() {
+			b := *busy
+			b.holders = waiting
+			return &b
 		}
 		return nil
 	}

@@ -115,6 +115,8 @@ func (g *fakeGetter) GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key,
 		if !insisting(ctx) {
 			return nil, -1, &BusyError{Peer: ai.ID, Reason: b, RetryAfter: fanoutRetry}
 		}
+	case "fanout-forever":
+		return nil, -1, &BusyError{Peer: ai.ID, Reason: "fanout", RetryAfter: fanoutRetry}
 	case "trickle":
 		return io.NopCloser(&crawlReader{b: g.data[off:end]}), size, nil
 	case "whole":
