@@ -70,10 +70,10 @@ type Source struct {
 	learnZones func([]peer.AddrInfo)
 	// crossing: blobs for which an asker of this node's zone is being
 	// served from another zone, until when (markCrossing).
-	crossing map[blob.Key]time.Time
+	crossing deadlines
 	// whole: blobs a provider lately said it holds whole, until when
 	// (markWhole).
-	whole map[blob.Key]time.Time
+	whole deadlines
 	// probes: blobs whose first fetch is finding out whether a whole copy
 	// exists; closed when it knows (zoneProbe).
 	probes map[blob.Key]chan struct{}
@@ -281,17 +281,33 @@ func (s *Source) markCrossing(k blob.Key) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.now()
-	if s.crossing == nil {
-		s.crossing = map[blob.Key]time.Time{}
+	s.crossing = s.crossing.set(k, now.Add(zoneHold), now)
+}
+
+// deadlines maps blobs to the time a mark on them ends, bounded to
+// maxFanoutBlobs: at the bound, marks that ended are dropped first.
+type deadlines map[blob.Key]time.Time
+
+// set marks k until then and returns the map (made on first use).
+func (d deadlines) set(k blob.Key, until, now time.Time) deadlines {
+	if d == nil {
+		d = deadlines{}
 	}
-	if len(s.crossing) >= maxFanoutBlobs {
-		for key, until := range s.crossing {
-			if now.After(until) {
-				delete(s.crossing, key)
+	if len(d) >= maxFanoutBlobs {
+		for key, u := range d {
+			if now.After(u) {
+				delete(d, key)
 			}
 		}
 	}
-	s.crossing[k] = now.Add(zoneHold)
+	d[k] = until
+	return d
+}
+
+// live reports whether k's mark has not ended at now.
+func (d deadlines) live(k blob.Key, now time.Time) bool {
+	until, ok := d[k]
+	return ok && now.Before(until)
 }
 
 // wholeBody is a peer's answer that can say it came from a whole,
@@ -309,28 +325,17 @@ func (s *Source) markWhole(k blob.Key) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.now()
-	if s.whole == nil {
-		s.whole = map[blob.Key]time.Time{}
-	}
 	if until, ok := s.whole[k]; ok && until.Sub(now) > wholeHold/2 {
 		return // fresh enough: most answers change nothing
 	}
-	if len(s.whole) >= maxFanoutBlobs {
-		for key, until := range s.whole {
-			if now.After(until) {
-				delete(s.whole, key)
-			}
-		}
-	}
-	s.whole[k] = now.Add(wholeHold)
+	s.whole = s.whole.set(k, now.Add(wholeHold), now)
 }
 
 // knowsWhole reports whether a provider lately said it holds k whole.
 func (s *Source) knowsWhole(k blob.Key) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	until, ok := s.whole[k]
-	return ok && s.now().Before(until)
+	return s.whole.live(k, s.now())
 }
 
 // zoneGate keeps only the holders in this node's zone when the blob should
@@ -361,9 +366,9 @@ func (s *Source) zoneGate(k blob.Key, ps []peer.AddrInfo) ([]peer.AddrInfo, bool
 		return ps, false // nothing to cut
 	}
 	s.mu.Lock()
-	until, crossing := s.crossing[k]
+	crossing := s.crossing.live(k, s.now())
 	s.mu.Unlock()
-	if crossing && s.now().Before(until) {
+	if crossing {
 		return same, true
 	}
 	if len(same) > 0 && s.knowsWhole(k) && rank(k, 0, ids)[0] != s.self {
