@@ -347,23 +347,9 @@ func (s *Source) knowsWhole(k blob.Key) bool {
 // crosser, which serves them once it verified the blob. gated reports that
 // the list was cut.
 func (s *Source) zoneGate(k blob.Key, ps []peer.AddrInfo) ([]peer.AddrInfo, bool) {
-	if s.zones == nil {
-		return ps, false
-	}
-	mine := s.zones.mine()
-	if mine == "" {
-		return ps, false
-	}
-	var same []peer.AddrInfo
-	ids := []peer.ID{s.self}
-	for _, p := range ps {
-		if s.zones.of(p.ID) == mine {
-			same = append(same, p)
-			ids = append(ids, p.ID)
-		}
-	}
-	if len(same) == len(ps) {
-		return ps, false // nothing to cut
+	same, _, ok := s.zoneSplit(ps)
+	if !ok || len(same) == len(ps) {
+		return ps, false // no zones, or nothing to cut
 	}
 	s.mu.Lock()
 	crossing := s.crossing.live(k, s.now())
@@ -371,10 +357,43 @@ func (s *Source) zoneGate(k blob.Key, ps []peer.AddrInfo) ([]peer.AddrInfo, bool
 	if crossing {
 		return same, true
 	}
-	if len(same) > 0 && s.knowsWhole(k) && rank(k, 0, ids)[0] != s.self {
+	if len(same) > 0 && s.knowsWhole(k) && !s.crossesFor(k, same) {
 		return same, true
 	}
 	return ps, false
+}
+
+// zoneSplit sorts providers by this node's zone: same are those known to be
+// in it, other reports whether any is known to be in another; ok is false
+// when this node has no zone.
+func (s *Source) zoneSplit(ps []peer.AddrInfo) (same []peer.AddrInfo, other, ok bool) {
+	if s.zones == nil {
+		return nil, false, false
+	}
+	mine := s.zones.mine()
+	if mine == "" {
+		return nil, false, false
+	}
+	for _, p := range ps {
+		switch z := s.zones.of(p.ID); {
+		case z == mine:
+			same = append(same, p)
+		case z != "":
+			other = true
+		}
+	}
+	return same, other, true
+}
+
+// crossesFor reports whether this node is its zone's crosser for k: the
+// first by rendezvous of itself and same, the providers known in its zone.
+func (s *Source) crossesFor(k blob.Key, same []peer.AddrInfo) bool {
+	ids := make([]peer.ID, 0, len(same)+1)
+	ids = append(ids, s.self)
+	for _, p := range same {
+		ids = append(ids, p.ID)
+	}
+	return rank(k, 0, ids)[0] == s.self
 }
 
 // zoneProbeWait bounds how long a fetch waits for the first fetch of the
@@ -391,23 +410,10 @@ const zoneProbeWait = 500 * time.Millisecond
 // there is nothing to probe (no zones, no holder in another zone or none in
 // this one, a whole copy already known).
 func (s *Source) zoneProbe(k blob.Key, ps []peer.AddrInfo) (<-chan struct{}, func()) {
-	if s.zones == nil || s.knowsWhole(k) {
+	if s.knowsWhole(k) {
 		return nil, nil
 	}
-	mine := s.zones.mine()
-	if mine == "" {
-		return nil, nil
-	}
-	same, other := false, false
-	for _, p := range ps {
-		switch z := s.zones.of(p.ID); {
-		case z == mine:
-			same = true
-		case z != "":
-			other = true
-		}
-	}
-	if !same || !other {
+	if same, other, ok := s.zoneSplit(ps); !ok || len(same) == 0 || !other {
 		return nil, nil
 	}
 	s.mu.Lock()
@@ -437,24 +443,11 @@ func (s *Source) endZoneProbe(k blob.Key) {
 // another zone whose turn for the zone went to a node that crossed before
 // the zone agreed serves it all the same, and the others wait for it.
 func (s *Source) zoneCrosser(k blob.Key, ps []peer.AddrInfo) bool {
-	if s.zones == nil || !s.knowsWhole(k) {
+	if !s.knowsWhole(k) {
 		return false
 	}
-	mine := s.zones.mine()
-	if mine == "" {
-		return false
-	}
-	ids := []peer.ID{s.self}
-	cross := false
-	for _, p := range ps {
-		switch z := s.zones.of(p.ID); {
-		case z == mine:
-			ids = append(ids, p.ID)
-		case z != "":
-			cross = true
-		}
-	}
-	return cross && len(ids) > 1 && rank(k, 0, ids)[0] == s.self
+	same, other, ok := s.zoneSplit(ps)
+	return ok && other && len(same) > 0 && s.crossesFor(k, same)
 }
 
 // worseBusy is the busy answer that decides the asker's wait: "zone" over
