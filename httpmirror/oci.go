@@ -232,7 +232,8 @@ func (h *ociHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.bad(w, r, "", "NAME_INVALID", "escaped characters in path")
 		return
 	}
-	if reg, rest, ok := mirrorPath(r); ok {
+	reg, rest, viaPath := mirrorPath(r)
+	if viaPath {
 		// containers-registries.conf mirrors (CRI-O, Podman) name the
 		// registry in the path instead of ?ns=: the same request then.
 		name := reg
@@ -265,8 +266,11 @@ func (h *ociHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if req.key == "" {
 		k, err := h.resolveTag(r.Context(), registry, req.name, req.ref, localOnly)
+		if err != nil && viaPath && !localOnly && h.registries[registry] {
+			k, err = h.resolveAtRegistry(r, registry, req.name, req.ref)
+		}
 		if err != nil {
-			h.miss(w, "manifest", "MANIFEST_UNKNOWN", err)
+			h.missOrChallenge(w, "manifest", "MANIFEST_UNKNOWN", err)
 			return
 		}
 		req.key = k

@@ -3,6 +3,8 @@ package httpmirror
 import (
 	"bytes"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"io"
 	"log/slog"
 	"net/http"
@@ -31,6 +33,10 @@ type fakeRegistry struct {
 	bytes    atomic.Int64
 	auths    []string // Authorization headers seen by /v2/ and /storage/
 	accepts  []string
+	// headDigest: manifests are answered with Docker-Content-Digest, as
+	// registries do (a test without it sees the GET fallback).
+	headDigest bool
+	methods    []string // "<method> <path>" of every manifest request
 }
 
 func newFakeRegistry(t *testing.T) *fakeRegistry {
@@ -45,8 +51,9 @@ func (r *fakeRegistry) serve(w http.ResponseWriter, req *http.Request) {
 	r.auths = append(r.auths, req.Header.Get("Authorization"))
 	if strings.Contains(req.URL.Path, "/manifests/") {
 		r.accepts = append(r.accepts, req.Header.Get("Accept"))
+		r.methods = append(r.methods, req.Method+" "+req.URL.Path)
 	}
-	token, redirect, fail := r.token, r.redirect, r.fail
+	token, redirect, fail, headDigest := r.token, r.redirect, r.fail, r.headDigest
 	r.mu.Unlock()
 	if fail != 0 {
 		http.Error(w, "failing", fail)
@@ -73,6 +80,10 @@ func (r *fakeRegistry) serve(w http.ResponseWriter, req *http.Request) {
 	if !ok {
 		http.Error(w, "unknown", http.StatusNotFound)
 		return
+	}
+	if headDigest && strings.Contains(path, "/manifests/") {
+		sum := sha256.Sum256(b)
+		w.Header().Set("Docker-Content-Digest", "sha256:"+hex.EncodeToString(sum[:]))
 	}
 	cw := &countWriter{ResponseWriter: w, n: &r.bytes}
 	http.ServeContent(cw, req, "", time.Time{}, bytes.NewReader(b))
