@@ -439,6 +439,9 @@ type node struct {
 	cri           *cripod.Client
 	zone          string   // "a" or "b" when the cluster has zones (config.Zones)
 	extra         []string // more peerd flags for this node's next start
+	// podman: this node's Podman folder (TestPodman: its storage,
+	// registries.conf drop-in and HOME), "" on a containerd node.
+	podman, podmanDriver string
 
 	containerd *testproc.Proc
 	peerd      peerdInstance

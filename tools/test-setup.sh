@@ -26,6 +26,7 @@ packages=(
   "nftables:nft for e2e TestChaos (packet loss, partitions)"
   "chromium:the headless browser of the debug page's tests (web, internal/browser)"
   "skopeo:a containers/image client (as CRI-O and Podman) for itest TestRegistriesConfWithARealClient"
+  "podman:the Podman nodes of e2e TestPodman"
   "make:the build"
   "git:the version stamp"
 )
