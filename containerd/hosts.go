@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/remotes/docker/config"
+	"github.com/peerd-project/peerd/internal/atomicfile"
 	"github.com/pelletier/go-toml/v2"
 )
 
@@ -187,7 +188,7 @@ func WriteHosts(c HostsConfig) ([]string, error) {
 		}
 		if exists && !bytes.Contains(old, []byte(blockBegin)) {
 			// Not (or no longer) peerd's: this is the original to restore.
-			if err := writeAtomic(path+BackupSuffix, old, 0o644); err != nil {
+			if err := atomicfile.Write(path+BackupSuffix, old, 0o644); err != nil {
 				return changed, fmt.Errorf("back up %s: %w", path, err)
 			}
 		}
@@ -204,7 +205,7 @@ func WriteHosts(c HostsConfig) ([]string, error) {
 		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 			return changed, err
 		}
-		if err := writeAtomic(path, next, 0o644); err != nil {
+		if err := atomicfile.Write(path, next, 0o644); err != nil {
 			return changed, err
 		}
 		changed = append(changed, path)
@@ -242,7 +243,7 @@ func RemoveHosts(dir string, registries []string) ([]string, error) {
 		orig, err := os.ReadFile(backup)
 		switch {
 		case err == nil:
-			if err := writeAtomic(path, orig, 0o644); err != nil {
+			if err := atomicfile.Write(path, orig, 0o644); err != nil {
 				return changed, err
 			}
 			if err := os.Remove(backup); err != nil {
@@ -257,7 +258,7 @@ func RemoveHosts(dir string, registries []string) ([]string, error) {
 			}
 			os.Remove(filepath.Dir(path)) // only if empty
 		default:
-			if err := writeAtomic(path, stripBlock(cur), 0o644); err != nil {
+			if err := atomicfile.Write(path, stripBlock(cur), 0o644); err != nil {
 				return changed, err
 			}
 		}
@@ -420,36 +421,4 @@ func stripComment(line string) string {
 		}
 	}
 	return line
-}
-
-func writeAtomic(path string, data []byte, mode os.FileMode) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-				return err
-			}
-			tmp, err = os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-		}
-		if err != nil {
-			return err
-		}
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Chmod(mode); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
 }

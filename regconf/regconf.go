@@ -16,6 +16,7 @@ import (
 
 	ctrd "github.com/peerd-project/peerd/containerd"
 	"github.com/peerd-project/peerd/httpmirror"
+	"github.com/peerd-project/peerd/internal/atomicfile"
 	"github.com/pelletier/go-toml/v2"
 )
 
@@ -115,14 +116,8 @@ func Write(c Config) (bool, error) {
 	case err != nil && !errors.Is(err, fs.ErrNotExist):
 		return false, err
 	}
-	if err := os.MkdirAll(c.Dir, 0o755); err != nil {
-		return false, err
-	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, next, 0o644); err != nil {
-		return false, err
-	}
-	return true, os.Rename(tmp, path)
+	// Atomic: a crash or a full disk leaves the old drop-in or the new one.
+	return true, atomicfile.Write(path, next, 0o644)
 }
 
 // Remove deletes peerd's drop-in; it reports whether there was one.

@@ -118,3 +118,35 @@ func TestWriteRefusesAndWritesNothing(t *testing.T) {
 		})
 	}
 }
+
+// A refused rewrite keeps the drop-in peerd wrote before, byte for byte, and
+// leaves no temporary file: peerd writes no file but its own, so that file is
+// the only state to keep.
+func TestRefusedRewriteKeepsThePreviousDropIn(t *testing.T) {
+	dir := setup(t, "", nil)
+	if _, err := Write(Config{Dir: dir, Registries: []string{"docker.io"}, Mirror: "http://127.0.0.1:30000"}); err != nil {
+		t.Fatal(err)
+	}
+	before, err := os.ReadFile(filepath.Join(dir, FileName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "50-m.conf"), []byte("[[registry]]\nprefix = \"ghcr.io\"\n[[registry.mirror]]\nlocation = \"m.example/ghcr\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, regs := range [][]string{{"docker.io/library"}, {"docker.io", "ghcr.io"}} {
+		if _, err := Write(Config{Dir: dir, Registries: regs, Mirror: "http://127.0.0.1:30000"}); err == nil {
+			t.Fatalf("registries %v: written", regs)
+		}
+		after, _ := os.ReadFile(filepath.Join(dir, FileName))
+		if string(after) != string(before) {
+			t.Fatalf("registries %v: a refused rewrite changed the drop-in:\n%s", regs, after)
+		}
+	}
+	es, _ := os.ReadDir(dir)
+	for _, e := range es {
+		if e.Name() != FileName && e.Name() != "50-m.conf" {
+			t.Fatalf("left behind: %s", e.Name())
+		}
+	}
+}
