@@ -359,24 +359,44 @@ func (c *cluster) fairZones(t *testing.T) {
 	}
 	crossed := func(name string, seed uint64, note string) (float64, image) {
 		z0 := c.zoneLinkBytes(t)
-		crossBy := func() map[int]int64 {
+		crossBy := func(metric string) map[int]int64 {
 			m := map[int]int64{}
 			for _, n := range c.nodes {
-				v, _ := c.metric(n, "peerd_p2p_received_bytes_by_zone_total", `relation="cross"`)
+				v, _ := c.metric(n, metric, `relation="cross"`)
 				m[n.i] = int64(v)
 			}
 			return m
 		}
-		cross0 := crossBy()
+		const recv, sent = "peerd_p2p_received_bytes_by_zone_total", "peerd_p2p_served_bytes_by_zone_total"
+		cross0, served0 := crossBy(recv), crossBy(sent)
+		// Transfers abandoned mid-way: a hedge that lost, a slow or broken one.
+		abandoned := func() (h, s, r float64) {
+			for _, n := range c.nodes {
+				v, _ := c.metric(n, "peerd_p2p_hedged_requests_total", "")
+				h += v
+				v, _ = c.metric(n, "peerd_p2p_peer_errors_total", `kind="slow"`)
+				s += v
+				v, _ = c.metric(n, "peerd_p2p_resumed_transfers_total", "")
+				r += v
+			}
+			return
+		}
+		h0, sl0, r0 := abandoned()
 		im, _ := c.rollout(t, name, seed, note)
 		x := float64(c.zoneLinkBytes(t)-z0) / float64(im.size)
-		var cross int64
-		got := crossBy()
+		var cross, servedCross int64
+		got, served := crossBy(recv), crossBy(sent)
 		for i := range got {
 			got[i] -= cross0[i]
 			cross += got[i]
+			served[i] -= served0[i]
+			servedCross += served[i]
 		}
-		t.Logf("%s: the zone link carried %.2f× the image; peers' bytes told as cross-zone: %s (%s)", name, x, human(cross), perNode(got))
+		// Bytes served across that no asker received were cut off in
+		// flight (a cancelled or abandoned transfer): they crossed all the same.
+		h1, sl1, r1 := abandoned()
+		t.Logf("%s: the zone link carried %.2f× the image; peers' bytes received across zones: %s (%s); served across zones: %s (%s); hedged requests %v, slow transfers %v, resumed %v",
+			name, x, human(cross), perNode(got), human(servedCross), perNode(served), h1-h0, sl1-sl0, r1-r0)
 		return x, im
 	}
 	off, im := crossed("f4-zones-off", 304, fmt.Sprintf("no --zone; zone link %s", rate))

@@ -265,6 +265,20 @@ func TestZoneProbeHoldsTheReadAheadUntilTheFirstAnswer(t *testing.T) {
 			t.Fatalf("the read-ahead crossed zones without waiting for its zone: %+v", g.calls())
 		}
 	}
+	// Not the zone's designated crosser, the first fetch found out with a
+	// one-byte range: its chunk crossed only when it insisted.
+	probed := false
+	for _, c := range g.calls() {
+		switch {
+		case c.p != seed:
+		case !probed && (c.off != 0 || c.n != 1):
+			t.Fatalf("the first request to the holder was %d bytes at %d, want a one-byte probe", c.n, c.off)
+		case !probed:
+			probed = true
+		case !c.insist:
+			t.Fatalf("a chunk crossed zones before this node waited for its zone: %d bytes at %d", c.n, c.off)
+		}
+	}
 }
 
 // A transfer that crawls is left for another holder without penalty; when
@@ -358,5 +372,64 @@ func TestFanoutHolderBeatsAProviderSlowToAnswer(t *testing.T) {
 	}
 	if len(s.order([]peer.AddrInfo{{ID: ids[1]}})) != 1 {
 		t.Fatal("the slow provider is avoided")
+	}
+}
+
+// The nodes of a zone agree on the crosser of a blob from its first chunk,
+// before their provider lists show each other: it is designated among the
+// zone members they know. The others wait for it while it is among the
+// providers; when it has not shown up crosserGrace after they first asked
+// (it may not pull the blob), they choose among the providers they see.
+func TestDesignatedCrosserAgreesBeforeTheProvidersShow(t *testing.T) {
+	seed, x, y := newPeerID(t), newPeerID(t), newPeerID(t)
+	clock := time.Now()
+	source := func(self peer.ID) *Source {
+		s := newSource(self, &fakeFinder{}, &fakeGetter{}, nil, nil, time.Second, 1)
+		s.now = func() time.Time { return clock }
+		s.zones = &zones{}
+		b := "b"
+		s.zones.self.Store(&b)
+		s.zones.learn(seed, "a")
+		s.zones.learn(x, "b")
+		s.zones.learn(y, "b")
+		return s
+	}
+	sx, sy := source(x), source(y)
+	onlySeed := []peer.AddrInfo{{ID: seed}}
+	for i := range 10 {
+		k := testKeyN(200 + i)
+		sx.markWhole(k)
+		sy.markWhole(k)
+		designated, other := sx, sy
+		if sx.zones.designated(k, x) != x {
+			designated, other = sy, sx
+		}
+		if _, gated := designated.zoneGate(k, onlySeed); gated || !designated.zoneCrosser(k, onlySeed) {
+			t.Fatalf("blob %d: the designated crosser is gated or does not insist", i)
+		}
+		if l, gated := other.zoneGate(k, onlySeed); !gated || len(l) != 0 {
+			t.Fatalf("blob %d: the other node may ask %v (gated %v), want it to wait for its zone", i, l, gated)
+		}
+		// The designated crosser shows up as a provider: the other waits
+		// for it past the grace, asking only it.
+		withD := []peer.AddrInfo{{ID: seed}, {ID: designated.self}}
+		clock = clock.Add(2 * crosserGrace)
+		if l, gated := other.zoneGate(k, withD); !gated || len(l) != 1 || l[0].ID != designated.self {
+			t.Fatalf("blob %d: with the crosser among the providers the other asks %v (gated %v)", i, l, gated)
+		}
+		// It never shows up (a blob it does not pull): past the grace the
+		// other chooses among the providers it sees, here only itself.
+		k2 := testKeyN(300 + i)
+		other.markWhole(k2)
+		if other.zones.designated(k2, other.self) == other.self {
+			continue
+		}
+		if _, gated := other.zoneGate(k2, onlySeed); !gated {
+			t.Fatalf("blob %d: crossed before the grace for the designated crosser ended", i)
+		}
+		clock = clock.Add(crosserGrace + time.Millisecond)
+		if _, gated := other.zoneGate(k2, onlySeed); gated {
+			t.Fatalf("blob %d: still waiting for a designated crosser that is no provider, past the grace", i)
+		}
 	}
 }

@@ -22,9 +22,13 @@ type hedge[T any] struct {
 	// race or the run ended without it (called in the background).
 	drop func(T)
 	// stuck, when not nil, is asked (in run's goroutine) every delay() while
-	// every try has started and some are still in flight: a non-nil return
+	// no further try may start and some are still in flight: a non-nil return
 	// ends the run at once with that error, cancelling them.
 	stuck func() error
+	// hedgeTo, when not nil, says whether try i may start because the ones
+	// in flight are slow; when it may not, the run waits for those (try i
+	// still starts when one fails).
+	hedgeTo func(i int) bool
 }
 
 // hedgeWin is the try that won: its index, its value, and the cancel
@@ -116,7 +120,7 @@ func (h hedge[T]) run(ctx context.Context, n int, try func(ctx context.Context, 
 				return zero, 0, errTriesFailed
 			}
 		case <-timer.C:
-			if len(cancels) < n {
+			if len(cancels) < n && (h.hedgeTo == nil || h.hedgeTo(len(cancels))) {
 				if h.hedged != nil {
 					h.hedged()
 				}

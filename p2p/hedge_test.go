@@ -201,3 +201,37 @@ func TestHedgeContextEnds(t *testing.T) {
 	}
 	waitFor(t, "try cancelled", func() bool { _, c, _ := p.lens(); return c == 1 })
 }
+
+// A try hedgeTo refuses never starts because the ones in flight are slow;
+// it starts when one fails.
+func TestHedgeToRefusedWaitsForAFailure(t *testing.T) {
+	var p hedgeProbe
+	h := p.hedge(time.Millisecond)
+	h.hedgeTo = func(i int) bool { return i != 1 }
+	release := make(chan struct{})
+	done := make(chan struct{})
+	var win hedgeWin[string]
+	var asked int
+	var err error
+	go func() {
+		defer close(done)
+		win, asked, err = h.run(context.Background(), 3, func(ctx context.Context, i int) (string, error) {
+			p.start(i)
+			if i == 0 {
+				<-release
+				return "", errors.New("broke")
+			}
+			return fmt.Sprintf("try %d", i), nil
+		}, noFailure)
+	}()
+	time.Sleep(50 * time.Millisecond) // fifty hedge delays
+	if s, _, _ := p.lens(); s != 1 || p.hedges.Load() != 0 {
+		t.Fatalf("%d tries started, %d hedges, while the refused try's turn came: want 1 and 0", s, p.hedges.Load())
+	}
+	close(release)
+	<-done
+	if err != nil || win.idx != 1 || asked != 2 {
+		t.Fatalf("run = %+v, asked %d, %v; want try 1 to win after try 0 failed", win, asked, err)
+	}
+	win.cancel()
+}

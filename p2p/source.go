@@ -74,6 +74,9 @@ type Source struct {
 	// whole: blobs a provider lately said it holds whole, until when
 	// (markWhole).
 	whole deadlines
+	// crosserWait: for each blob, until when this node waits for its zone's
+	// designated crosser to show up as a provider (zoneGate).
+	crosserWait deadlines
 	// probes: blobs whose first fetch is finding out whether a whole copy
 	// exists; closed when it knows (zoneProbe).
 	probes map[blob.Key]chan struct{}
@@ -133,7 +136,15 @@ func (s *Source) Fetch(ctx context.Context, k blob.Key, off, n int64) (io.ReadCl
 	}
 	// Each chunk starts at a holder of its own (spread), so the nodes
 	// reading a blob do not all start at the holder the DHT lists first.
-	again := func() []peer.AddrInfo { return s.spread(k, off, s.order(s.providers(ctx, k))) }
+	again := func() []peer.AddrInfo {
+		// While this node waits for its zone's copy, a list at most
+		// zoneRefresh old: the zone's other pullers announce by the second.
+		var maxAge time.Duration
+		if s.zoneWaiting(k) {
+			maxAge = zoneRefresh
+		}
+		return s.spread(k, off, s.order(s.providersWithin(ctx, k, maxAge)))
+	}
 	res, rest, err := s.hedgedOpt(ctx, s.spread(k, off, ps), again, k, off, n, true)
 	if err != nil {
 		return nil, -1, err
@@ -181,6 +192,7 @@ func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, again func()
 		}
 	} else if probed != nil {
 		defer probed() // (idempotent) also when the first answer is an error
+		s.probeWhole(ctx, ps, k, off)
 	}
 	for {
 		ask, gated, rctx := ps, false, ctx
@@ -227,6 +239,7 @@ func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, again func()
 		}
 		if waited >= limit {
 			if forOthers {
+				s.log.Debug("waited for other askers' copy; insisting", "key", k, "off", off, "waited", waited.Round(time.Millisecond), "zone", forZone, "providers", len(ps))
 				insisted = true
 				continue
 			}
@@ -273,8 +286,9 @@ func (s *Source) hedgedOnce(ctx context.Context, ps []peer.AddrInfo, k blob.Key,
 		total int64
 	}
 	h := hedge[body]{
-		delay:  s.lat.hedgeDelay,
-		hedged: s.m.hedges.Inc,
+		delay:   s.lat.hedgeDelay,
+		hedged:  s.m.hedges.Inc,
+		hedgeTo: func(i int) bool { return !s.otherZone(ps[i]) },
 		drop: func(b body) {
 			if b.rc != nil {
 				b.rc.Close()

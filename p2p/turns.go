@@ -5,6 +5,9 @@ package p2p
 // holders every node computes the same way.
 
 import (
+	"context"
+	"errors"
+	"slices"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -87,14 +90,11 @@ func (s *Source) knowsWhole(k blob.Key) bool {
 // zoneGate keeps only the holders in this node's zone when the blob should
 // reach the zone once and spread inside it: while another asker of the zone
 // is crossing for k (markCrossing), and, once a provider is known to hold k
-// whole (markWhole), whenever this node is not the zone's crosser for k,
-// the first by rendezvous of itself and the providers known in its zone.
-// Every node of the zone that sees the same providers picks the same
-// crosser, which serves them once it verified the blob. gated reports that
-// the list was cut.
+// whole (markWhole), whenever this node is not the zone's crosser for k
+// (isCrosser). gated reports that the list was cut.
 func (s *Source) zoneGate(k blob.Key, ps []peer.AddrInfo) ([]peer.AddrInfo, bool) {
-	same, _, ok := s.zoneSplit(ps)
-	if !ok || len(same) == len(ps) {
+	same, other, ok := s.zoneSplit(ps)
+	if !ok || !other {
 		return ps, false // no zones, or nothing to cut
 	}
 	s.mu.Lock()
@@ -103,7 +103,7 @@ func (s *Source) zoneGate(k blob.Key, ps []peer.AddrInfo) ([]peer.AddrInfo, bool
 	if crossing {
 		return same, true
 	}
-	if len(same) > 0 && s.knowsWhole(k) && !s.crossesFor(k, same) {
+	if s.knowsWhole(k) && !s.isCrosser(k, ps, same) {
 		return same, true
 	}
 	return ps, false
@@ -131,15 +131,68 @@ func (s *Source) zoneSplit(ps []peer.AddrInfo) (same []peer.AddrInfo, other, ok 
 	return same, other, true
 }
 
-// crossesFor reports whether this node is its zone's crosser for k: the
-// first by rendezvous of itself and same, the providers known in its zone.
-func (s *Source) crossesFor(k blob.Key, same []peer.AddrInfo) bool {
-	ids := make([]peer.ID, 0, len(same)+1)
-	ids = append(ids, s.self)
+// crosserGrace is how long the nodes of a zone wait for their designated
+// crosser of a blob to show up as a provider (it announces when its pull
+// starts) before they fall back to choosing among the providers they see.
+const crosserGrace = time.Second
+
+// zoneRefresh bounds the age of the provider list a fetch waiting for its
+// zone's copy asks again with.
+const zoneRefresh = 250 * time.Millisecond
+
+// isCrosser reports whether this node is its zone's crosser for k, the one
+// node of the zone that reads k from another zone while the others wait
+// for it. The designated crosser is the first by rendezvous of this node and
+// every peer it knows in its zone: nodes that know the same zone members
+// agree on it from the first chunk, whatever order their provider lists
+// fill in. While the designated crosser is not among the providers ps (it
+// may not pull k at all) the others wait crosserGrace for it; then the
+// crosser is the first by rendezvous of this node and same, the providers
+// known in its zone.
+func (s *Source) isCrosser(k blob.Key, ps, same []peer.AddrInfo) bool {
+	d := s.zones.designated(k, s.self)
+	switch {
+	case d == s.self:
+		return true
+	case slices.ContainsFunc(ps, func(p peer.AddrInfo) bool { return p.ID == d }):
+		return false
+	case s.inCrosserGrace(k):
+		return false
+	}
+	ids := []peer.ID{s.self}
 	for _, p := range same {
 		ids = append(ids, p.ID)
 	}
-	return rank(k, 0, ids)[0] == s.self
+	first := rank(k, 0, ids)[0] == s.self
+	s.log.Debug("zone's designated crosser not among the providers; choosing among them", "key", k, "designated", d.String(), "crosses", first, "providers", len(ps))
+	return first
+}
+
+// inCrosserGrace reports whether this node still waits for k's designated
+// crosser: for crosserGrace from the first time it asked, again after a
+// long quiet (a later pull of the blob).
+func (s *Source) inCrosserGrace(k blob.Key) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	until, ok := s.crosserWait[k]
+	if !ok || now.After(until.Add(wholeHold)) {
+		s.crosserWait = s.crosserWait.set(k, now.Add(crosserGrace), now)
+		return true
+	}
+	return now.Before(until)
+}
+
+// zoneWaiting reports whether a fetch of k may be waiting for its zone's
+// copy (its provider list should then be fresh).
+func (s *Source) zoneWaiting(k blob.Key) bool {
+	if s.zones == nil || s.zones.mine() == "" {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	return s.crossing.live(k, now) || s.whole.live(k, now)
 }
 
 // zoneProbeWait bounds how long a fetch waits for the first fetch of the
@@ -174,6 +227,26 @@ func (s *Source) zoneProbe(k blob.Key, ps []peer.AddrInfo) (<-chan struct{}, fun
 	return nil, func() { s.endZoneProbe(k) }
 }
 
+// probeWhole asks, with a one-byte range, whether a whole copy of k exists
+// (the answer's whole mark, or a holder's wait for other askers), unless
+// this node is its zone's designated crosser for k: every other node of the
+// zone then waits for that copy (zoneGate), and its first chunk does not
+// cross zones only to learn that.
+func (s *Source) probeWhole(ctx context.Context, ps []peer.AddrInfo, k blob.Key, off int64) {
+	if s.zones.designated(k, s.self) == s.self {
+		return
+	}
+	res, _, err := s.hedgedOnce(ctx, ps, k, off, 1, false)
+	if err == nil {
+		res.rc.Close()
+		res.cancel()
+		return
+	}
+	if be := (*BusyError)(nil); errors.As(err, &be) && be.waitsForOthers() {
+		s.markWhole(k)
+	}
+}
+
 // endZoneProbe ends k's probe, if any: its fetch has its first answer.
 func (s *Source) endZoneProbe(k blob.Key) {
 	s.mu.Lock()
@@ -193,7 +266,7 @@ func (s *Source) zoneCrosser(k blob.Key, ps []peer.AddrInfo) bool {
 		return false
 	}
 	same, other, ok := s.zoneSplit(ps)
-	return ok && other && len(same) > 0 && s.crossesFor(k, same)
+	return ok && other && s.isCrosser(k, ps, same)
 }
 
 // worseBusy is the busy answer that decides the asker's wait: "zone" over
@@ -260,4 +333,16 @@ func spread(k blob.Key, off int64, ps []peer.AddrInfo) []peer.AddrInfo {
 		out = append(out, byID[id])
 	}
 	return out
+}
+
+// otherZone reports whether p is known to be in a zone other than this
+// node's. A hedge never goes there: the loser's bytes in flight would cross
+// zones for nothing, and those are the bytes zones exist to save.
+func (s *Source) otherZone(p peer.AddrInfo) bool {
+	if s.zones == nil {
+		return false
+	}
+	mine := s.zones.mine()
+	z := s.zones.of(p.ID)
+	return mine != "" && z != "" && z != mine
 }

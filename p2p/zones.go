@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/peerd-project/peerd/blob"
 )
 
 // maxZoneLen bounds a zone name: it is opaque (any label a cloud uses), but
@@ -63,6 +64,25 @@ func (z *zones) of(p peer.ID) string {
 	z.mu.Lock()
 	defer z.mu.Unlock()
 	return z.peers[p]
+}
+
+// members lists the peers known to be in zone.
+func (z *zones) members(zone string) []peer.ID {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	var out []peer.ID
+	for p, pz := range z.peers {
+		if pz == zone {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// designated is k's designated crosser in this node's zone: the first by
+// rendezvous of self and every peer known to be in the zone (isCrosser).
+func (z *zones) designated(k blob.Key, self peer.ID) peer.ID {
+	return rank(k, 0, append(z.members(z.mine()), self))[0]
 }
 
 // relation is "same" or "cross" when both zones are known, else "unknown".
