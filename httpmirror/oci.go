@@ -85,6 +85,10 @@ type OCIConfig struct {
 	PullThrough map[string]string
 	// Upstream fetches from PullThrough registries (needed with it).
 	Upstream *upstream.Client
+	// ExpectPeers, when set, is told the blobs an image manifest names
+	// when that manifest came from peers: their holders are likely peers
+	// too, so a swarm pull of them need not start at the origin.
+	ExpectPeers func([]blob.Key)
 	// Transfers, when set, records every blob GET.
 	Transfers       *transfer.Log
 	Prefetch        bool

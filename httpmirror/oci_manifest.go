@@ -57,6 +57,7 @@ func (h *ociHandler) readManifest(ctx context.Context, k blob.Key, localOnly boo
 		return nil, "", "", fmt.Errorf("%s: %w", k, blob.ErrNotFound)
 	}
 	var body []byte
+	fromPeers := false
 	if localOnly {
 		lr, size, err := h.cfg.Cache.OpenLocal(k, 0, -1)
 		if err != nil {
@@ -83,14 +84,50 @@ func (h *ociHandler) readManifest(ctx context.Context, k blob.Key, localOnly boo
 		if n, err := hd.ReadAt(ctx, body, 0); int64(n) != size || (err != nil && err != io.EOF) {
 			return nil, "", "", fmt.Errorf("read %s: %d of %d bytes: %v", k, n, size, err)
 		}
+		fromPeers = hd.Served().Peers > 0
 	}
 	// Bytes from peers are checked before containerd sees them.
 	if sum := sha256.Sum256(body); "sha256:"+hex.EncodeToString(sum[:]) != string(k) {
 		return nil, "", "", fmt.Errorf("%s: content does not match its digest: %w", k, blob.ErrNotFound)
 	}
 	mt, err := manifestMediaType(body, "", k)
+	if err == nil && fromPeers && h.cfg.ExpectPeers != nil {
+		if ks := manifestRefs(body); len(ks) > 0 {
+			h.cfg.ExpectPeers(ks)
+		}
+	}
 	return body, mt, "cache", err
 }
+
+// manifestRefs lists the digests a manifest names: its config and layers,
+// or an index's manifests (at most maxManifestRefs).
+func manifestRefs(body []byte) []blob.Key {
+	type desc struct {
+		Digest string `json:"digest"`
+	}
+	var m struct {
+		Config    *desc  `json:"config"`
+		Layers    []desc `json:"layers"`
+		Manifests []desc `json:"manifests"`
+	}
+	if json.Unmarshal(body, &m) != nil {
+		return nil
+	}
+	all := append(m.Layers, m.Manifests...)
+	if m.Config != nil {
+		all = append(all, *m.Config)
+	}
+	var out []blob.Key
+	for _, d := range all {
+		if k, err := blob.ParseDigest(d.Digest); err == nil && len(out) < maxManifestRefs {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// maxManifestRefs bounds the digests taken from one manifest.
+const maxManifestRefs = 256
 
 func readAllAt(r io.ReaderAt, size int64) ([]byte, error) {
 	if size > maxManifestBytes {

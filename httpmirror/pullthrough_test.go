@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -106,7 +107,10 @@ type ptFixture struct {
 	peer  *peerSource
 }
 
-func newPTFixture(t *testing.T) *ptFixture {
+func newPTFixture(t *testing.T) *ptFixture { t.Helper(); return newPTFixtureWith(t, nil) }
+
+// newPTFixtureWith is newPTFixture with the handler's config adjusted.
+func newPTFixtureWith(t *testing.T, adjust func(*OCIConfig)) *ptFixture {
 	t.Helper()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	c, err := cache.Open(cache.Options{Dir: t.TempDir(), ChunkSize: 64 << 10, Logger: log})
@@ -115,7 +119,7 @@ func newPTFixture(t *testing.T) *ptFixture {
 	}
 	t.Cleanup(func() { c.Close() })
 	fx := &ptFixture{reg: newFakeRegistry(t), cache: c, peer: &peerSource{blobs: map[blob.Key][]byte{}}}
-	h := NewOCI(OCIConfig{
+	cfg := OCIConfig{
 		Cache:       c,
 		Plan:        func(k blob.Key, o blob.Source) cache.Plan { return cache.Plan{Peers: fx.peer, Origin: o} },
 		Registries:  []string{"registry.example", "other.example"},
@@ -123,7 +127,11 @@ func newPTFixture(t *testing.T) *ptFixture {
 		Upstream:    upstream.NewClient(upstream.Options{Logger: log}),
 		Logger:      log,
 		Registry:    prometheus.NewRegistry(),
-	})
+	}
+	if adjust != nil {
+		adjust(&cfg)
+	}
+	h := NewOCI(cfg)
 	fx.srv = httptest.NewServer(New(Config{Cache: c, OCI: h, Logger: log}))
 	t.Cleanup(fx.srv.Close)
 	return fx
@@ -307,5 +315,37 @@ func TestPullThroughNeverContactsUnlistedRegistry(t *testing.T) {
 	defer unlisted.mu.Unlock()
 	if n := len(unlisted.auths); n != 0 {
 		t.Fatalf("the unlisted registry got %d requests", n)
+	}
+}
+
+// A manifest that came from peers names blobs peers likely hold: the mirror
+// tells ExpectPeers its config and layers (an index: its manifests). One from
+// the registry tells nothing.
+func TestManifestFromPeersExpectsItsBlobsThere(t *testing.T) {
+	var mu sync.Mutex
+	var told [][]blob.Key
+	fx := newPTFixtureWith(t, func(c *OCIConfig) {
+		c.ExpectPeers = func(ks []blob.Key) { mu.Lock(); told = append(told, ks); mu.Unlock() }
+	})
+	layer, config := keyOf([]byte("layer")), keyOf([]byte("config"))
+	m := []byte(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"digest":"` + string(config) +
+		`"},"layers":[{"digest":"` + string(layer) + `"},{"digest":"sha256:bad"}]}`)
+	idx := []byte(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"digest":"` + string(keyOf(m)) + `"}]}`)
+	fromReg := []byte(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"digest":"` + string(layer) + `"},"layers":[]}`)
+	fx.peer.blobs[keyOf(m)] = m
+	fx.peer.blobs[keyOf(idx)] = idx
+	fx.reg.blobs["lib/app/manifests/"+string(keyOf(fromReg))] = fromReg
+
+	for _, b := range [][]byte{m, idx, fromReg} {
+		resp, body := fx.get(t, "/v2/lib/app/manifests/"+string(keyOf(b))+"?ns=registry.example")
+		if resp.StatusCode != http.StatusOK || !bytes.Equal(body, b) {
+			t.Fatalf("status %d (%s)", resp.StatusCode, body)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	want := [][]blob.Key{{layer, config}, {keyOf(m)}}
+	if fmt.Sprint(told) != fmt.Sprint(want) {
+		t.Fatalf("ExpectPeers told %v, want %v (nothing for the registry's manifest)", told, want)
 	}
 }

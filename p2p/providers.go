@@ -209,7 +209,11 @@ func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry)
 	}()
 	var hedge <-chan time.Time
 	if g != nil {
-		t := time.NewTimer(s.hedge)
+		d := s.hedge
+		if s.expectsHeld(k) {
+			d = max(d, expectWait)
+		}
+		t := time.NewTimer(d)
 		defer t.Stop()
 		hedge = t.C
 	}

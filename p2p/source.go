@@ -74,6 +74,8 @@ type Source struct {
 	// whole: blobs a provider lately said it holds whole, until when
 	// (markWhole).
 	whole deadlines
+	// expected: blobs whose image manifest came from a peer (ExpectHeld).
+	expected deadlines
 	// crosserWait: for each blob, until when this node waits for its zone's
 	// designated crosser to show up as a provider (zoneGate).
 	crosserWait deadlines

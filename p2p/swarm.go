@@ -212,3 +212,33 @@ func newSwarmChunks() *prometheus.CounterVec {
 func (s *Source) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{s.swarmChunks}
 }
+
+// expectWait is how long a swarm pull's first chunk waits for the first
+// lookup of a blob peers are expected to hold (ExpectHeld) before it starts
+// from the origin anyway; expectHold is how long that expectation lasts.
+const (
+	expectWait = 500 * time.Millisecond
+	expectHold = 2 * time.Minute
+)
+
+// ExpectHeld notes that peers likely hold ks: the image manifest naming
+// them came from a peer. A swarm pull of one of them then waits for its
+// first lookup (up to expectWait) instead of --miss-hedge before its first
+// chunk goes to the origin, so the nodes of a rollout, whose lookups are
+// slow under the load of the rollout itself, do not each fetch a first
+// chunk the first node holds. A lookup that finds nobody still ends the
+// wait at once.
+func (s *Source) ExpectHeld(ks []blob.Key) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	for _, k := range ks {
+		s.expected = s.expected.set(k, now.Add(expectHold), now)
+	}
+}
+
+func (s *Source) expectsHeld(k blob.Key) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.expected.live(k, s.now())
+}

@@ -416,3 +416,44 @@ func fetchShared(s *Source, k blob.Key, off int64) (io.ReadCloser, int64, error)
 	}
 	return sh.Body, sh.Size, nil
 }
+
+// A blob named by an image manifest that came from a peer (ExpectHeld): its
+// first chunk waits for a slow first lookup, past --miss-hedge, and goes to
+// the holder the lookup finds instead of the origin. Another blob's first
+// chunk does not wait.
+func TestExpectedBlobWaitsForItsFirstLookup(t *testing.T) {
+	for _, expected := range []bool{true, false} {
+		t.Run(fmt.Sprintf("expected=%v", expected), func(t *testing.T) {
+			s, _, g := swarmFixture(t, 0)
+			s.SetMissHedge(time.Millisecond)
+			f := s.finder.(*fakeFinder)
+			windowEnd := windowByHand(s)
+			release := make(chan struct{})
+			holder := peer.AddrInfo{ID: newPeerID(t)}
+			g.behave[holder.ID] = "ok"
+			f.mu.Lock()
+			f.peers = []peer.AddrInfo{holder}
+			f.block = release // answers 50 ms in: well past --miss-hedge
+			f.mu.Unlock()
+			k := testKey()
+			if expected {
+				s.ExpectHeld([]blob.Key{k})
+			}
+			go func() { time.Sleep(50 * time.Millisecond); close(release); close(windowEnd) }()
+			sh, err := s.FetchShared(context.Background(), k, 0, 1<<20)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if sh.Body != nil {
+				sh.Body.Close()
+			}
+			hedged := testutil.ToFloat64(s.m.lookupCache.WithLabelValues("hedged"))
+			if expected && (hedged != 0 || sh.Body == nil) {
+				t.Fatalf("expected blob: hedged lookups %v, body %v; want the holder's bytes after the lookup", hedged, sh.Body != nil)
+			}
+			if !expected && (hedged != 1 || sh.Gathering == nil) {
+				t.Fatalf("other blob: hedged lookups %v; want the first chunk to go ahead (a Share still gathering)", hedged)
+			}
+		})
+	}
+}

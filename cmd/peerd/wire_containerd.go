@@ -107,6 +107,9 @@ func startContainerd(ctx context.Context, a *app) error {
 		Logger:          a.log,
 		Registry:        a.reg,
 	}
+	if a.peers != nil {
+		oci.ExpectPeers = a.peers.ExpectHeld
+	}
 	if c.PullThrough && len(oci.Registries) > 0 {
 		oci.PullThrough = c.pullThroughServers()
 		oci.Upstream = a.upstream
