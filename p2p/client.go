@@ -311,7 +311,9 @@ func (b *countingBody) Read(p []byte) (int, error) {
 func (b *countingBody) Close() error {
 	b.once.Do(func() {
 		b.n.stats.add(Received, b.p, b.total)
-		b.n.m.receivedByZone.WithLabelValues(b.n.zones.relation(b.p)).Add(float64(b.total))
+		rel := b.n.zones.relation(b.p)
+		b.n.m.receivedByZone.WithLabelValues(rel).Add(float64(b.total))
+		b.n.zoneBytes.received[relationIndex(rel)].Add(b.total)
 		b.n.peerHooks(Received, b.p, b.total)
 	})
 	return b.rc.Close()

@@ -116,6 +116,8 @@ type Node struct {
 	hooks   []func(Direction, peer.ID, int64)
 	stats   peerStats // bytes to and from each peer
 	zones   zones     // this node's zone and its peers'
+	// zoneBytes: blob bytes received and served by zone relation.
+	zoneBytes zoneCounters
 
 	closeOnce sync.Once
 	closeErr  error

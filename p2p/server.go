@@ -259,10 +259,12 @@ func (s *dataServer) send(w http.ResponseWriter, r *http.Request, rc io.ReadClos
 	}
 	// Counted as written, so a scrape sees the rate cap hold over any
 	// window; the hooks (slow-ish) hear of the transfer once.
-	byZone := s.n.m.servedByZone.WithLabelValues(zoneRelation(s.n.Zone(), cleanZone(r.Header.Get(zoneHeader))))
+	rel := zoneRelation(s.n.Zone(), cleanZone(r.Header.Get(zoneHeader)))
+	byZone, zoneTotal := s.n.m.servedByZone.WithLabelValues(rel), &s.n.zoneBytes.served[relationIndex(rel)]
 	written, err := copyBatched(w, s.up.paced(r.Context(), rc), bc, func(b int64) {
 		s.n.m.servedBytes.Add(float64(b))
 		byZone.Add(float64(b))
+		zoneTotal.Add(b)
 		s.n.stats.add(Served, from, b)
 	})
 	s.n.peerHooks(Served, from, written)

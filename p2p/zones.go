@@ -159,3 +159,34 @@ func (c *dataClient) learnZones(ps []peer.AddrInfo) {
 		}(p)
 	}
 }
+
+// ZoneBytes is what this node received from and served to peers, by the
+// peer's zone against this node's.
+type ZoneBytes struct {
+	ReceivedSame, ReceivedCross, ReceivedUnknown int64
+	ServedSame, ServedCross, ServedUnknown       int64
+}
+
+// zoneCounters keep ZoneBytes for the debug page (the metrics have them too).
+type zoneCounters struct {
+	received, served [3]atomic.Int64 // by relationIndex
+}
+
+func relationIndex(rel string) int {
+	switch rel {
+	case "same":
+		return 0
+	case "cross":
+		return 1
+	}
+	return 2
+}
+
+// ZoneBytes reports the blob bytes received and served by zone relation.
+func (n *Node) ZoneBytes() ZoneBytes {
+	c := &n.zoneBytes
+	return ZoneBytes{
+		ReceivedSame: c.received[0].Load(), ReceivedCross: c.received[1].Load(), ReceivedUnknown: c.received[2].Load(),
+		ServedSame: c.served[0].Load(), ServedCross: c.served[1].Load(), ServedUnknown: c.served[2].Load(),
+	}
+}

@@ -100,6 +100,14 @@ func TestReadsPreferTheSameZone(t *testing.T) {
 	if got := testutil.ToFloat64(a.m.servedByZone.WithLabelValues("same")); got < float64(len(data)) {
 		t.Fatalf("a served %v bytes to its own zone, want at least %d", got, len(data))
 	}
+	// The debug page's totals agree with the metrics.
+	if zb := c.ZoneBytes(); float64(zb.ReceivedSame) != testutil.ToFloat64(c.m.receivedByZone.WithLabelValues("same")) ||
+		float64(zb.ReceivedCross) != testutil.ToFloat64(c.m.receivedByZone.WithLabelValues("cross")) || zb.ServedSame+zb.ServedCross != 0 {
+		t.Fatalf("c's zone bytes %+v disagree with its metrics", zb)
+	}
+	if zb := a.ZoneBytes(); float64(zb.ServedSame) != testutil.ToFloat64(a.m.servedByZone.WithLabelValues("same")) || zb.ServedSame < int64(len(data)) {
+		t.Fatalf("a's zone bytes %+v disagree with its metrics", zb)
+	}
 }
 
 // A node with a zone asks a peer's zone as soon as the peer connects, so

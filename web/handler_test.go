@@ -353,3 +353,25 @@ func TestFormat(t *testing.T) {
 		}
 	}
 }
+
+// The node's peer bytes by zone relation are on the page and in the API
+// when p2p is on, and absent otherwise.
+func TestZoneBytes(t *testing.T) {
+	f := sample()
+	f.snap.Node.Zone = "eu-1a"
+	f.snap.Node.ZoneBytes = &ZoneBytes{ReceivedSame: 300 << 20, ReceivedCross: 100 << 20, ServedSame: 5 << 20, ServedCross: 2 << 20, ServedUnknown: 1 << 20}
+	h := Handler(f, opts())
+	page := do(t, h, "GET", "/debug/", nil)
+	for _, want := range []string{"Peer bytes by zone", "same zone 300 MiB, other zones 100 MiB, unknown 0 B", "same zone 5 MiB, other zones 2 MiB, unknown 1 MiB"} {
+		if !strings.Contains(page.body, want) {
+			t.Fatalf("page lacks %q", want)
+		}
+	}
+	if api := do(t, h, "GET", "/debug/api/snapshot", nil); !strings.Contains(api.body, `"receivedCross": 104857600`) {
+		t.Fatalf("snapshot lacks the zone bytes: %.400s", api.body)
+	}
+	f.snap.Node.ZoneBytes = nil
+	if page := do(t, Handler(f, opts()), "GET", "/debug/", nil); strings.Contains(page.body, "Peer bytes by zone") {
+		t.Fatal("zone bytes shown without p2p")
+	}
+}

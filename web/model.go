@@ -51,6 +51,19 @@ type Node struct {
 	RoutingTable int       `json:"routingTable"`          // peers in the DHT routing table
 	Runtime      string    `json:"runtime"`               // "containerd" or "none"
 	Zone         string    `json:"zone,omitempty"`
+	// ZoneBytes: blob bytes received from and served to peers, by the
+	// peer's zone against this node's (nil when p2p is off).
+	ZoneBytes *ZoneBytes `json:"zoneBytes,omitempty"`
+}
+
+// ZoneBytes is a node's peer bytes by zone relation.
+type ZoneBytes struct {
+	ReceivedSame    int64 `json:"receivedSame"`
+	ReceivedCross   int64 `json:"receivedCross"`
+	ReceivedUnknown int64 `json:"receivedUnknown"`
+	ServedSame      int64 `json:"servedSame"`
+	ServedCross     int64 `json:"servedCross"`
+	ServedUnknown   int64 `json:"servedUnknown"`
 }
 
 // Peer is a node this one is connected to or has dealt with.

@@ -63,6 +63,9 @@ func (v debugView) node() web.Node {
 		n.PeerAddr = a.p2p.PeerAddr()
 		n.RoutingTable = a.p2p.RoutingTableSize()
 		n.Zone = a.p2p.Zone()
+		zb := a.p2p.ZoneBytes()
+		n.ZoneBytes = &web.ZoneBytes{ReceivedSame: zb.ReceivedSame, ReceivedCross: zb.ReceivedCross, ReceivedUnknown: zb.ReceivedUnknown,
+			ServedSame: zb.ServedSame, ServedCross: zb.ServedCross, ServedUnknown: zb.ServedUnknown}
 	} else {
 		n.Bootstrap = "none (p2p off)"
 	}
