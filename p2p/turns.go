@@ -134,7 +134,7 @@ func (s *Source) zoneSplit(ps []peer.AddrInfo) (same []peer.AddrInfo, other, ok 
 // crosserGrace is how long the nodes of a zone wait for their designated
 // crosser of a blob to show up as a provider (it announces when its pull
 // starts) before they fall back to choosing among the providers they see.
-const crosserGrace = time.Second
+const crosserGrace = 3 * time.Second
 
 // zoneRefresh bounds the age of the provider list a fetch waiting for its
 // zone's copy asks again with.
