@@ -226,7 +226,9 @@ var awsMetadataV6 = netip.MustParseAddr("fd00:ec2::254")
 func (c *dataClient) GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key, off, n int64) (io.ReadCloser, int64, error) {
 	pc, err := c.conn(ctx, ai)
 	if err != nil {
-		c.n.m.peerErrors.WithLabelValues("dial").Inc()
+		if ctx.Err() == nil { // not a caller that gave up
+			c.n.m.peerErrors.WithLabelValues("dial").Inc()
+		}
 		return nil, -1, err
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+pc.addr+"/blobs/"+string(k), nil)

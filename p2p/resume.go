@@ -83,6 +83,11 @@ func (r *peerReader) Read(p []byte) (int, error) {
 		if err == io.EOF {
 			err = io.ErrUnexpectedEOF
 		}
+		if r.ctx.Err() != nil {
+			// The caller gave up (a hedge lost, a pull cancelled): the body
+			// failed for that, not for anything the peer did.
+			return m, r.switchFrom(err, false)
+		}
 		if stalled {
 			err = fmt.Errorf("no progress for %v: %w", stallTimeout, err)
 			r.s.m.peerErrors.WithLabelValues("timeout").Inc()

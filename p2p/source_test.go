@@ -137,6 +137,11 @@ func (g *fakeGetter) GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key,
 			return nil, -1, ctx.Err()
 		case <-time.After(10 * time.Second):
 		}
+	case "hang":
+		// Half the range, then a body that waits like an HTTP body does: it
+		// fails only when the request's context ends.
+		half := off + (end-off)/2
+		return io.NopCloser(io.MultiReader(bytes.NewReader(g.data[off:half]), ctxReader{ctx})), size, nil
 	case "break":
 		half := off + (end-off)/2
 		return io.NopCloser(io.MultiReader(bytes.NewReader(g.data[off:half]), errReader{})), size, nil
@@ -148,6 +153,14 @@ func (g *fakeGetter) calls() []call {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	return append([]call(nil), g.log...)
+}
+
+// ctxReader blocks until ctx ends and then fails with its error.
+type ctxReader struct{ ctx context.Context }
+
+func (r ctxReader) Read([]byte) (int, error) {
+	<-r.ctx.Done()
+	return 0, r.ctx.Err()
 }
 
 type errReader struct{}
@@ -315,6 +328,31 @@ func TestSourceFailsOverAndRemembersFailures(t *testing.T) {
 	s.now = func() time.Time { return time.Now().Add(errorAvoid + time.Second) }
 	if got := s.order([]peer.AddrInfo{{ID: ids[0]}}); len(got) != 1 {
 		t.Fatal("penalty never ends")
+	}
+}
+
+// A reader whose caller gives up (a hedge lost, a pod deleted) fails its
+// read, but the peer did nothing wrong: no peer error, no penalty.
+func TestSourceCallerGivingUpIsNoPeerFailure(t *testing.T) {
+	s, _, _, ids := setup(t, "hang", "ok")
+	ctx, cancel := context.WithCancel(context.Background())
+	rc, _, err := s.Fetch(ctx, testKey(), 0, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	if _, err := io.ReadFull(rc, make([]byte, 1<<19)); err != nil {
+		t.Fatalf("first half: %v", err)
+	}
+	time.AfterFunc(50*time.Millisecond, cancel)
+	if _, err := rc.Read(make([]byte, 1024)); !errors.Is(err, context.Canceled) {
+		t.Fatalf("read after the caller gave up: %v, want context.Canceled", err)
+	}
+	if n := testutil.CollectAndCount(s.m.peerErrors); n != 0 {
+		t.Fatalf("%d peer error series after the caller gave up, want none", n)
+	}
+	if got := s.order([]peer.AddrInfo{{ID: ids[0]}, {ID: ids[1]}}); len(got) != 2 {
+		t.Fatalf("order after the caller gave up: %v; the holder it was reading from is avoided", got)
 	}
 }
 
