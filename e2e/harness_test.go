@@ -1051,6 +1051,30 @@ func (c *cluster) dumpLogs() {
 			c.t.Logf("--- last lines of %s's peerd ---\n%s", n.name(), n.peerd.Tail(25))
 		}
 	}
+	// Last, where a summary of the output still shows them: each node's
+	// latest warnings and errors (a failed fill says which source refused).
+	for _, n := range c.nodes {
+		if n.peerd != nil {
+			c.t.Logf("--- latest warnings of %s's peerd ---\n%s", n.name(), warnings(n.peerd.Logs(), 6))
+		}
+	}
+}
+
+// warnings is the last n WARN or ERROR lines of a log.
+func warnings(log string, n int) string {
+	var out []string
+	for _, line := range strings.Split(log, "\n") {
+		if strings.Contains(line, "level=WARN") || strings.Contains(line, "level=ERROR") {
+			out = append(out, line)
+		}
+	}
+	if len(out) > n {
+		out = out[len(out)-n:]
+	}
+	if len(out) == 0 {
+		return "(none)"
+	}
+	return strings.Join(out, "\n")
 }
 
 // --- measurements ------------------------------------------------------------
