@@ -55,6 +55,8 @@ type Options struct {
 	Transfers *transfer.Log
 	// Catalogs list further blobs this node knows.
 	Catalogs []Catalog
+	// Artifacts, when set, resolves the references of the oci folder.
+	Artifacts Artifacts
 	// LookupTimeout bounds resolving a digest the node does not hold; default 5s.
 	LookupTimeout time.Duration
 	// ReadTimeout bounds one read request: a read that cannot be served in
@@ -100,6 +102,9 @@ type FS struct {
 
 	closeOnce sync.Once
 	closeErr  error
+
+	logMu  sync.Mutex
+	logged map[string]time.Time // logOnce
 }
 
 // Mount prepares the mountpoint (creating it, clearing a stale mount a crash

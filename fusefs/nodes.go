@@ -19,6 +19,7 @@ import (
 const (
 	dirName = blob.AlgSHA256
 	dirIno  = 2
+	ociIno  = 3
 )
 
 // readOnly answers every change with EROFS. The mount is read-only in the
@@ -103,11 +104,18 @@ type rootNode struct {
 func (r *rootNode) OnAdd(ctx context.Context) {
 	d := &dirNode{f: r.f, readOnlyDir: readOnlyDir{readOnly{r.f}}}
 	r.AddChild(dirName, r.NewPersistentInode(ctx, d, gofs.StableAttr{Mode: syscall.S_IFDIR, Ino: dirIno}), false)
+	if r.f.opts.Artifacts != nil {
+		o := &ociDir{f: r.f, readOnlyDir: readOnlyDir{readOnly{r.f}}}
+		r.AddChild(ociDirName, r.NewPersistentInode(ctx, o, gofs.StableAttr{Mode: syscall.S_IFDIR, Ino: ociIno}), false)
+	}
 }
 
 func (r *rootNode) Getattr(ctx context.Context, _ gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	out.Mode = syscall.S_IFDIR | 0o555
 	out.Nlink = 3
+	if r.f.opts.Artifacts != nil {
+		out.Nlink++
+	}
 	out.SetTimes(&r.f.started, &r.f.started, &r.f.started)
 	return 0
 }
@@ -146,15 +154,11 @@ func (d *dirNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 		return nil, syscall.ENOENT
 	}
 	d.f.m.lookups.WithLabelValues(how).Inc()
-	n := &blobNode{f: d.f, readOnly: readOnly{d.f}, key: k, size: info.Size, mtime: info.ModTime}
-	ch := d.NewInode(ctx, n, gofs.StableAttr{Mode: syscall.S_IFREG, Ino: inoOf(k)})
-	got, ok := ch.Operations().(*blobNode)
-	if !ok || got.key != k {
-		// Two digests share the 64 bits the inode number is made of. Serving
-		// the other blob's node would return the wrong bytes.
-		d.f.log.Error("inode number collision between digests; refusing lookup", "key", k)
-		return nil, syscall.EIO
+	ch, errno := d.f.blobInode(ctx, &d.Inode, k, info.Size, info.ModTime, nil)
+	if errno != 0 {
+		return nil, errno
 	}
+	got := ch.Operations().(*blobNode)
 	if mark != nil {
 		got.mu.Lock()
 		got.lookupMark = mark
@@ -220,8 +224,8 @@ func (f *FS) opCtx(req context.Context, d time.Duration) (context.Context, conte
 func inoOf(k blob.Key) uint64 {
 	b, _ := hex.DecodeString(k.Hex()[:16])
 	ino := binary.BigEndian.Uint64(b)
-	if ino <= dirIno {
-		ino += dirIno + 1
+	if ino <= ociIno {
+		ino += ociIno + 1
 	}
 	return ino
 }
@@ -272,6 +276,10 @@ type blobNode struct {
 	mtime time.Time
 
 	mu sync.Mutex
+	// origin is where missing bytes come from beyond this node and its
+	// peers: the registry of the oci tree that named the blob (nil: the
+	// origin a /blobs/ request recently named, if any).
+	origin blob.Source
 	// The kernel refuses (EIO) a passthrough open while a file of the same
 	// inode is open through the page cache, and the other way round; these
 	// counts keep every open on one side.
@@ -376,7 +384,7 @@ func (n *blobNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 		}
 		n.f.log.Debug("verified blob not readable locally; reading through the cache", "key", n.key, "err", err)
 	}
-	h := c.Open(n.key, n.f.opts.Plan.Plan(n.key, nil))
+	h := c.Open(n.key, n.f.opts.Plan.Plan(n.key, n.origin))
 	if n.lookupMark != nil {
 		h.CountSince(*n.lookupMark)
 		n.lookupMark = nil

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/peerd-project/peerd/artifact"
 	"github.com/peerd-project/peerd/fusefs"
 )
 
@@ -19,6 +20,7 @@ type fuseConfig struct {
 	ReadTimeout   time.Duration
 	LookupTimeout time.Duration
 	Passthrough   bool
+	OCI           bool
 }
 
 // blobCatalog is another store whose blobs the mount lists and finds (the
@@ -30,6 +32,7 @@ func registerFUSEFlags(fs *flag.FlagSet, c *fuseConfig) {
 	fs.StringVar(&c.Mount, "mount", "/peerd/blobs", "where to mount the blob filesystem (<mount>/sha256/<hex>, read-only, lazily loaded); --mount= disables it")
 	fs.DurationVar(&c.ReadTimeout, "mount-read-timeout", 30*time.Second, "a read under the mount that no source can serve within this time fails with EIO")
 	fs.DurationVar(&c.LookupTimeout, "mount-lookup-timeout", 5*time.Second, "how long a lookup of a digest the node does not hold asks peers before answering ENOENT")
+	fs.BoolVar(&c.OCI, "mount-oci", true, "show <mount>/oci/<registry>/<repository>:<tag>/ (or @sha256:<hex>): an image's or artifact's files by title, resolved at the registry (only --registries), read lazily through the cache and peers")
 	fs.BoolVar(&c.Passthrough, "mount-passthrough", true, "let the kernel read cached, verified blobs straight from the cache file (FUSE passthrough, Linux 6.9+; falls back when unavailable)")
 }
 
@@ -51,7 +54,18 @@ func startFUSE(ctx context.Context, a *app) error {
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
+	var arts fusefs.Artifacts
+	if servers := a.cfg.Containerd.pullThroughServers(); c.OCI && len(servers) > 0 {
+		arts = artifact.New(artifact.Options{
+			Registries: servers,
+			Upstream:   a.upstream,
+			Cache:      a.cache,
+			Plan:       a.planner(faceFUSE),
+			Logger:     a.log,
+		})
+	}
 	f, err := fusefs.Mount(fusefs.Options{
+		Artifacts:          arts,
 		Mountpoint:         c.Mount,
 		Cache:              a.cache,
 		Plan:               a.planner(faceFUSE),
