@@ -459,3 +459,48 @@ func (r *Resolver) askTag(ctx context.Context, base, repo, tag string) (blob.Key
 	sum := sha256.Sum256(m)
 	return blob.Key("sha256:" + hex.EncodeToString(sum[:])), nil
 }
+
+// Target is a whole reference: registry, namespace and the last component.
+type Target struct {
+	Registry  string
+	Namespace string
+	Ref       Reference
+}
+
+func (t Target) String() string {
+	s := t.Registry + "/"
+	if t.Namespace != "" {
+		s += t.Namespace + "/"
+	}
+	if t.Ref.Digest != "" {
+		return s + t.Ref.Name + "@" + string(t.Ref.Digest)
+	}
+	return s + t.Ref.Name + ":" + t.Ref.Tag
+}
+
+// ParseTarget parses "<registry>/<repository>:<tag>" or
+// "<registry>/<repository>@sha256:<hex>" (the registry as in an image
+// reference, host[:port]; no default registry, no default tag).
+func ParseTarget(s string) (Target, error) {
+	registry, rest, ok := strings.Cut(s, "/")
+	if !ok || registry == "" || rest == "" {
+		return Target{}, fmt.Errorf("reference %q: want <registry>/<repository>:<tag> or @sha256:<hex>", trunc(s))
+	}
+	ns, last := "", rest
+	if i := strings.LastIndex(rest, "/"); i >= 0 && !strings.Contains(rest[:i], "@") {
+		ns, last = rest[:i], rest[i+1:]
+	}
+	for _, c := range strings.Split(ns, "/") {
+		if ns != "" && !ValidRepoComponent(c) {
+			return Target{}, fmt.Errorf("reference %q: %q is not a repository name component", trunc(s), trunc(c))
+		}
+	}
+	if !IsReference(last) {
+		return Target{}, fmt.Errorf("reference %q: name a tag (:<tag>) or a digest (@sha256:<hex>)", trunc(s))
+	}
+	ref, err := ParseReference(last)
+	if err != nil {
+		return Target{}, err
+	}
+	return Target{Registry: registry, Namespace: ns, Ref: ref}, nil
+}

@@ -184,7 +184,7 @@ func TestArtifactTitlesThatCannotBeNames(t *testing.T) {
 func TestArtifactIndexPicksThePlatform(t *testing.T) {
 	reg := newRegistry(t)
 	mk := func(tag string) v1.Image {
-		return reg.pushArtifact(t, "multi:"+tag, file(tag + ".bin", randomBytes(100)))
+		return reg.pushArtifact(t, "multi:"+tag, file(tag+".bin", randomBytes(100)))
 	}
 	amd, arm := mk("amd64"), mk("arm64")
 	artifacttest.PushIndex(t, reg.Host, "multi:v1",
@@ -277,6 +277,26 @@ func TestParseReference(t *testing.T) {
 	for in, want := range map[string]bool{"models": true, "a.b-c__d": true, "A": false, "..": false, "-a": false, "a--b": true, strings.Repeat("a", 256): false} {
 		if got := ValidRepoComponent(in); got != want {
 			t.Errorf("ValidRepoComponent(%q) = %v", in, got)
+		}
+	}
+}
+
+func TestParseTarget(t *testing.T) {
+	d := "sha256:" + strings.Repeat("cd", 32)
+	good := map[string]Target{
+		"10.0.0.5:5000/models/demo:v1": {Registry: "10.0.0.5:5000", Namespace: "models", Ref: Reference{Name: "demo", Tag: "v1"}},
+		"ghcr.io/a/b/c@" + d:           {Registry: "ghcr.io", Namespace: "a/b", Ref: Reference{Name: "c", Digest: blob.Key(d)}},
+		"localhost/m:latest":           {Registry: "localhost", Ref: Reference{Name: "m", Tag: "latest"}},
+	}
+	for in, want := range good {
+		got, err := ParseTarget(in)
+		if err != nil || got != want || got.String() != in {
+			t.Errorf("%q: %+v (%s), %v; want %+v", in, got, got.String(), err, want)
+		}
+	}
+	for _, in := range []string{"", "demo:v1", "ghcr.io/", "ghcr.io/models/demo", "ghcr.io/Models/demo:v1", "ghcr.io/a//b:v1", "ghcr.io/../b:v1", "ghcr.io/b:v1:x/y"} {
+		if got, err := ParseTarget(in); err == nil {
+			t.Errorf("%q parsed as %+v", in, got)
 		}
 	}
 }

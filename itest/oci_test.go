@@ -2,11 +2,15 @@ package itest
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/peerd-project/peerd/artifact/artifacttest"
 	"github.com/peerd-project/peerd/internal/testenv"
@@ -109,4 +113,123 @@ func TestFUSEArtifactByReference(t *testing.T) {
 	if float64(burst) > 1.25*float64(len(big)) {
 		t.Fatalf("the registry sent %d bytes (%.2f×) for a file 3 nodes read at once; want ≤ 1.25×", burst, float64(burst)/float64(len(big)))
 	}
+}
+
+// TestWarm: `peerd warm <reference>` on one node fetches an artifact into its
+// cache from the registry, on a second node from the first; the progress
+// shows on a terminal (captured through script(1)) and as plain lines; bad
+// references fail with the daemon's reason and exit status 1.
+func TestWarm(t *testing.T) {
+	reg := startCtrdRegistry(t, testenv.LookPath(t, "docker-registry", "docker-registry"))
+	const size = 20<<20 + 7
+	model := artifacttest.Random(size)
+	artifacttest.Push(t, reg.direct, "models/warm:v1", artifacttest.Artifact(t,
+		artifacttest.File{Title: "model.safetensors", Data: model}, artifacttest.File{Title: "tokenizer.json", Data: []byte(`{}`)}))
+	ref := reg.Host + "/models/warm:v1"
+	a := startP2PNode(t, patient("--registries", "http://"+reg.Host, "--warm-rate", "0")...)
+	b := startP2PNode(t, patient("--registries", "http://"+reg.Host, "--warm-rate", "0", "--bootstrap", a.P2PAddr)...)
+	for _, n := range []*p2pNode{a, b} {
+		waitReady(t, n.Node)
+		waitMetric(t, n.Node, "peerd_p2p_connected_peers", 1)
+	}
+	warm := func(n *p2pNode, args ...string) (string, error) {
+		out, err := exec.Command(peerdBin, append([]string{"warm", "--http-addr", n.HTTPAddr}, args...)...).CombinedOutput()
+		return string(out), err
+	}
+
+	before := reg.blobBytes.Load()
+	out, err := warm(a, "--plain", ref)
+	if err != nil {
+		t.Fatalf("peerd warm on node 1: %v\n%s", err, out)
+	}
+	t.Logf("node 1, plain:\n%s", out)
+	if !strings.Contains(out, "model.safetensors") || !strings.Contains(out, "warmed "+ref+": 4 files") {
+		t.Fatalf("plain output lacks a file line or the summary:\n%s", out)
+	}
+	first := reg.blobBytes.Load() - before
+	waitMetric(t, a.Node, "peerd_p2p_provides_total", 4, "result=ok")
+	if first < size || first > size+size/20 {
+		t.Fatalf("node 1's warm took %d bytes from the registry for a %d-byte model", first, size)
+	}
+
+	// Node 2 on a terminal: the progress bar, then the summary; from node 1.
+	before = reg.blobBytes.Load()
+	script, err := exec.LookPath("script")
+	if err != nil {
+		t.Fatalf("script(1) (bsdutils) is needed to capture a terminal: %v", err)
+	}
+	cmd := exec.Command(script, "-qefc", fmt.Sprintf("%s warm --http-addr %s %s", peerdBin, b.HTTPAddr, ref), "/dev/null")
+	raw, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("peerd warm on node 2 (terminal): %v\n%q", err, raw)
+	}
+	t.Logf("node 2, terminal (%d bytes written; the last screen):\n%s", len(raw), lastScreen(string(raw)))
+	if out := os.Getenv("PEERD_WARM_CAPTURE"); out != "" {
+		os.WriteFile(out, raw, 0o644) // the raw terminal output, to look at
+	}
+	if !strings.Contains(string(raw), "] ") || !strings.Contains(string(raw), "%") || !strings.Contains(string(raw), "\033[K") {
+		t.Fatalf("no progress bar drawn on the terminal:\n%q", raw)
+	}
+	if !strings.Contains(lastScreen(string(raw)), "warmed "+ref) || !strings.Contains(lastScreen(string(raw)), "peers 20.0 MiB") {
+		t.Fatalf("terminal's last screen lacks the summary with the peers' bytes:\n%s", lastScreen(string(raw)))
+	}
+	if second := reg.blobBytes.Load() - before; second > size/20 {
+		t.Fatalf("node 2's warm took %d bytes from the registry while node 1 held the model", second)
+	}
+	if got := b.Metric(t, "peerd_p2p_received_bytes_total"); got < size {
+		t.Fatalf("node 2 received %v bytes from peers, want the model's %d", got, size)
+	}
+
+	// Refusals: the daemon's reason, exit status 1.
+	for args, want := range map[string]string{
+		reg.Host + "/models/nope:v1":   "404",
+		"10.9.9.9:5000/models/warm:v1": "not in --registries",
+		reg.Host + "/models/warm":      "name a tag",
+		reg.Host + "/Models/warm:v1":   "not a repository name",
+	} {
+		out, err := warm(a, "--plain", args)
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(out, want) {
+			t.Errorf("peerd warm %s: %v, output %q; want exit status 1 and %q", args, err, out, want)
+		}
+	}
+	// --warm: a node that starts with the list warms it once it is ready.
+	before = reg.blobBytes.Load()
+	c := startP2PNode(t, patient("--registries", "http://"+reg.Host, "--warm", ref, "--bootstrap", a.P2PAddr)...)
+	deadline := time.Now().Add(60 * time.Second)
+	for !strings.Contains(c.Log(), "msg=warmed") {
+		if time.Now().After(deadline) {
+			c.DumpLog(40)
+			t.Fatal("a node started with --warm did not warm its reference within 60s")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if got, took := c.Metric(t, "peerd_p2p_received_bytes_total"), reg.blobBytes.Load()-before; got < size || took > size/20 {
+		t.Fatalf("--warm: %v bytes from peers, %d from the registry; want the model from its peers", got, took)
+	}
+
+	// Only peerd warm's request is taken: a page's cross-site POST lacks the header.
+	code, _, body := Get(t, "POST", a.URL("/api/warm?ref="+ref), nil)
+	if code != 403 {
+		t.Errorf("POST without the warm header: %d %s", code, body)
+	}
+	if code, _, _ := Get(t, "GET", a.URL("/api/warm?ref="+ref), map[string]string{"X-Peerd-Warm": "1"}); code != 405 {
+		t.Errorf("GET: %d, want 405", code)
+	}
+}
+
+// lastScreen is what a terminal shows at the end of raw output: each line
+// after its last carriage return, escape sequences left out.
+func lastScreen(raw string) string {
+	var out []string
+	for _, line := range strings.Split(strings.ReplaceAll(raw, "\r\n", "\n"), "\n") {
+		if i := strings.LastIndex(line, "\r"); i >= 0 {
+			line = line[i+1:]
+		}
+		line = strings.ReplaceAll(line, "\033[K", "")
+		if line != "" {
+			out = append(out, line)
+		}
+	}
+	return strings.Join(out, "\n")
 }

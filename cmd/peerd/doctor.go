@@ -38,6 +38,7 @@ mount's passthrough come from the running daemon at --http-addr.`)
 	registerCoreFlags(fset, cfg)
 	registerP2PFlags(fset, &cfg.P2P)
 	registerFUSEFlags(fset, &cfg.FUSE)
+	registerWarmFlags(fset, &cfg.Warm)
 	registerContainerdFlags(fset, &cfg.Containerd)
 	registerK8sFlags(fset, &cfg.K8s)
 	var jsonOut, local bool

@@ -37,11 +37,15 @@ func parse(fs *flag.FlagSet, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
+	if fs.NArg() > 0 && !positional[fs] {
 		return fmt.Errorf("unexpected arguments: %q", fs.Args())
 	}
 	return nil
 }
+
+// positional marks the flag sets of commands that take arguments after
+// their flags (fs.Args).
+var positional = map[*flag.FlagSet]bool{}
 
 // listFlag is a repeatable flag; each value may also hold comma-separated
 // items. Values from the environment and the command line add up.

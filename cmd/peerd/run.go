@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/peerd-project/peerd/artifact"
 	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/cache"
 	ctrd "github.com/peerd-project/peerd/containerd"
@@ -51,6 +52,7 @@ type runConfig struct {
 	FUSE       fuseConfig
 	Containerd containerdConfig
 	K8s        k8sConfig
+	Warm       warmConfig
 
 	// settings are the effective flag values, for the debug page.
 	settings []web.Setting
@@ -97,6 +99,9 @@ func (c *runConfig) validate() error {
 	if c.PrefetchWorkers < 1 || c.PrefetchWorkers > 64 {
 		errs = append(errs, fmt.Errorf("--prefetch-workers %d: want 1 to 64", c.PrefetchWorkers))
 	}
+	if err := c.Warm.validate(c.Containerd.pullThroughServers()); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 
@@ -138,6 +143,9 @@ type app struct {
 	oci http.Handler
 	// extra HTTP routes.
 	extra map[string]http.Handler
+	// art resolves references for the mount and warming (see artifacts).
+	art     *artifact.Resolver
+	artOnce sync.Once
 	// blobCatalogs list further blobs the FUSE mount shows (set by the containerd part).
 	blobCatalogs []blobCatalog
 
@@ -221,6 +229,7 @@ func runCmd(args []string) error {
 	registerCoreFlags(fs, cfg)
 	registerP2PFlags(fs, &cfg.P2P)
 	registerFUSEFlags(fs, &cfg.FUSE)
+	registerWarmFlags(fs, &cfg.Warm)
 	registerContainerdFlags(fs, &cfg.Containerd)
 	registerK8sFlags(fs, &cfg.K8s)
 	if err := parse(fs, args); err != nil {
@@ -316,7 +325,7 @@ func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
 	// Parts start in dependency order; each registers its own shutdown. The
 	// mount comes before the HTTP face, so a node that answers /healthz has
 	// every face up.
-	for _, start := range []func(context.Context, *app) error{startP2P, startContainerd, startK8s, startFUSE, startDoctor, startDebug} {
+	for _, start := range []func(context.Context, *app) error{startP2P, startContainerd, startK8s, startFUSE, startDoctor, startDebug, startWarm} {
 		if err := start(ctx, a); err != nil {
 			return err
 		}

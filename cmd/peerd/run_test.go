@@ -41,3 +41,30 @@ func TestCoreFlagsValidate(t *testing.T) {
 		}
 	}
 }
+
+// --warm's references must parse and name a registry of --registries.
+func TestWarmFlagsValidate(t *testing.T) {
+	for args, want := range map[string]string{
+		"--warm=ghcr.io/m:v1":                                                                    "needs --registries",
+		"--registries=ghcr.io --warm=ghcr.io/m":                                                  "name a tag",
+		"--registries=ghcr.io --warm=quay.io/m:v1":                                               "not in --registries",
+		"--registries=ghcr.io --warm=ghcr.io/M:v1":                                               "not a repository name",
+		"--registries=http://10.0.0.5:5000 --warm=10.0.0.5:5000/a/m:v1":                          "",
+		"--registries=ghcr.io --warm=ghcr.io/a/m:v1,ghcr.io/b@sha256:" + strings.Repeat("0", 64): "",
+	} {
+		var c runConfig
+		fs := flag.NewFlagSet("run", flag.ContinueOnError)
+		fs.SetOutput(io.Discard)
+		registerCoreFlags(fs, &c)
+		registerFUSEFlags(fs, &c.FUSE)
+		registerContainerdFlags(fs, &c.Containerd)
+		registerWarmFlags(fs, &c.Warm)
+		if err := fs.Parse(strings.Fields(args)); err != nil {
+			t.Fatalf("%s: %v", args, err)
+		}
+		err := c.Warm.validate(c.Containerd.pullThroughServers())
+		if (want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), want)) {
+			t.Errorf("%s: %v, want %q", args, err, want)
+		}
+	}
+}

@@ -10,7 +10,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/peerd-project/peerd/artifact"
 	"github.com/peerd-project/peerd/fusefs"
 )
 
@@ -55,14 +54,8 @@ func startFUSE(ctx context.Context, a *app) error {
 		return err
 	}
 	var arts fusefs.Artifacts
-	if servers := a.cfg.Containerd.pullThroughServers(); c.OCI && len(servers) > 0 {
-		arts = artifact.New(artifact.Options{
-			Registries: servers,
-			Upstream:   a.upstream,
-			Cache:      a.cache,
-			Plan:       a.planner(faceFUSE),
-			Logger:     a.log,
-		})
+	if res := a.artifacts(); c.OCI && res != nil {
+		arts = res
 	}
 	f, err := fusefs.Mount(fusefs.Options{
 		Artifacts:          arts,
