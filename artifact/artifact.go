@@ -84,6 +84,8 @@ type Options struct {
 	Registries map[string]string
 	// Upstream makes the registry requests.
 	Upstream *upstream.Client
+	// Auth answers registries' credential challenges (nil: anonymous).
+	Auth upstream.Authorizer
 	// Cache reads manifests by digest; Plan says from where.
 	Cache *cache.Cache
 	Plan  cache.Planner
@@ -346,6 +348,9 @@ func (r *Resolver) origin(base, repo, kind string, k blob.Key) blob.Source {
 	if kind == "manifests" {
 		hdr = http.Header{"Accept": {manifestAccept}}
 	}
+	if r.opts.Auth != nil {
+		return r.opts.Upstream.SourceWithAuth(u, hdr, nil, r.opts.Auth)
+	}
 	return r.opts.Upstream.Source(u, hdr, nil)
 }
 
@@ -415,16 +420,43 @@ func (r *Resolver) askTag(ctx context.Context, base, repo, tag string) (blob.Key
 		return "", fmt.Errorf("tag %s:%s: no registry client: %w", repo, tag, blob.ErrNotFound)
 	}
 	u := base + "/v2/" + repo + "/manifests/" + tag
-	ask := func(method string) (*http.Response, error) {
+	pu, err := url.Parse(u)
+	if err != nil {
+		return "", fmt.Errorf("tag %s:%s: %w", repo, tag, blob.ErrNotFound)
+	}
+	do := func(method, authorization string) (*http.Response, error) {
 		req, err := http.NewRequestWithContext(ctx, method, u, nil)
 		if err != nil {
 			return nil, fmt.Errorf("tag %s:%s: %w", repo, tag, blob.ErrNotFound)
 		}
 		req.Header.Set("Accept", manifestAccept)
 		req.Header.Set(upstream.LoopHeader, "1")
+		if authorization != "" {
+			req.Header.Set("Authorization", authorization)
+		}
 		resp, err := r.opts.Upstream.HTTPClient().Do(req)
 		if err != nil {
 			return nil, fmt.Errorf("tag %s:%s: %s: %w", repo, tag, upstream.RedactText(err.Error()), blob.ErrNotFound)
+		}
+		return resp, nil
+	}
+	ask := func(method string) (*http.Response, error) {
+		var a string
+		if r.opts.Auth != nil {
+			if a, err = r.opts.Auth.Authorization(ctx, pu, nil); err != nil {
+				return nil, fmt.Errorf("%w: tag %s:%s: %w", ErrDenied, repo, tag, err)
+			}
+		}
+		resp, err := do(method, a)
+		if err == nil && resp.StatusCode == http.StatusUnauthorized && r.opts.Auth != nil {
+			resp.Body.Close()
+			if a, err = r.opts.Auth.Authorization(ctx, pu, resp.Header); err != nil {
+				return nil, fmt.Errorf("%w: tag %s:%s: %w", ErrDenied, repo, tag, err)
+			}
+			resp, err = do(method, a)
+		}
+		if err != nil {
+			return nil, err
 		}
 		if resp.StatusCode != http.StatusOK {
 			resp.Body.Close()

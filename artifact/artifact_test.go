@@ -16,6 +16,7 @@ import (
 	"github.com/peerd-project/peerd/artifact/artifacttest"
 	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/cache"
+	"github.com/peerd-project/peerd/regauth"
 	"github.com/peerd-project/peerd/upstream"
 )
 
@@ -297,6 +298,53 @@ func TestParseTarget(t *testing.T) {
 	for _, in := range []string{"", "demo:v1", "ghcr.io/", "ghcr.io/models/demo", "ghcr.io/Models/demo:v1", "ghcr.io/a//b:v1", "ghcr.io/../b:v1", "ghcr.io/b:v1:x/y"} {
 		if got, err := ParseTarget(in); err == nil {
 			t.Errorf("%q parsed as %+v", in, got)
+		}
+	}
+}
+
+func TestArtifactBehindRegistryCredentials(t *testing.T) {
+	for _, basic := range []bool{false, true} {
+		reg := newRegistry(t)
+		model := randomBytes(200 << 10)
+		reg.pushArtifact(t, "private/m:v1", file("model.bin", model))
+		reg.SetAuth(&artifacttest.Auth{Prefix: "private/", User: "alice", Pass: "s3cret-pass", Basic: basic})
+		up := upstream.NewClient(upstream.Options{Logger: slog.New(slog.DiscardHandler)})
+		for _, tc := range []struct {
+			name, config string
+			ok           bool
+		}{
+			{"no credentials", `{"auths":{}}`, false},
+			{"wrong password", `{"auths":{"` + reg.Host + `":{"username":"alice","password":"wrong"}}}`, false},
+			{"right", `{"auths":{"http://` + reg.Host + `":{"username":"alice","password":"s3cret-pass"}}}`, true},
+		} {
+			kc, err := regauth.Parse([]byte(tc.config), up.HTTPClient())
+			if err != nil {
+				t.Fatal(err)
+			}
+			r, c := newResolver(t, reg)
+			r.opts.Auth = kc
+			tree, err := r.Resolve(context.Background(), reg.Host, "private", mustRef(t, "m:v1"))
+			if !tc.ok {
+				if !errors.Is(err, ErrDenied) {
+					t.Fatalf("basic=%v %s: %v, want ErrDenied", basic, tc.name, err)
+				}
+				if err != nil && strings.Contains(err.Error(), "s3cret") {
+					t.Fatalf("the error shows the password: %v", err)
+				}
+				continue
+			}
+			if err != nil {
+				t.Fatalf("basic=%v %s: %v", basic, tc.name, err)
+			}
+			tokens := reg.TokenRequests.Load()
+			for _, f := range tree.Files {
+				if f.Name == "model.bin" && !bytes.Equal(readFile(t, c, f), model) {
+					t.Fatalf("basic=%v: model.bin differs", basic)
+				}
+			}
+			if !basic && reg.TokenRequests.Load() != tokens {
+				t.Fatalf("reading the files asked the token service %d more times; the token is kept", reg.TokenRequests.Load()-tokens)
+			}
 		}
 	}
 }

@@ -85,6 +85,9 @@ type OCIConfig struct {
 	PullThrough map[string]string
 	// Upstream fetches from PullThrough registries (needed with it).
 	Upstream *upstream.Client
+	// Auth, when set, answers a registry's challenge for a request that
+	// came without the client's own Authorization.
+	Auth upstream.Authorizer
 	// ExpectPeers, when set, is told the blobs an image manifest names
 	// when that manifest came from peers: their holders are likely peers
 	// too, so a swarm pull of them need not start at the origin.
@@ -331,6 +334,8 @@ func (h *ociHandler) origin(r *http.Request, k blob.Key, kind string, hdr http.H
 			hdr = http.Header{}
 		}
 		hdr.Set("Authorization", a)
+	} else if h.cfg.Auth != nil {
+		return h.cfg.Upstream.SourceWithAuth(u, hdr, nil, h.cfg.Auth)
 	}
 	// Registries redirect to storage hosts nobody lists: a redirect is held
 	// to the forbidden-address, loop and hop rules only.

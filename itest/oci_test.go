@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -232,4 +233,49 @@ func lastScreen(raw string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// TestFUSEArtifactWithRegistryCredentials: a registry that wants a Bearer
+// token from its token service (Basic credentials) serves a real peerd's
+// mount with --registry-auth-file; without the file the folder is EACCES;
+// the password shows nowhere in peerd's log.
+func TestFUSEArtifactWithRegistryCredentials(t *testing.T) {
+	fuseNeedDevice(t)
+	reg := artifacttest.NewRegistry(t)
+	data := artifacttest.Random(3<<20 + 9)
+	artifacttest.Push(t, reg.Host, "private/m:v1", artifacttest.Artifact(t, artifacttest.File{Title: "weights.bin", Data: data}))
+	const secret = "p4ss-not-for-logs"
+	reg.SetAuth(&artifacttest.Auth{Prefix: "private/", User: "alice", Pass: secret})
+	cfg := filepath.Join(t.TempDir(), "config.json")
+	if err := os.WriteFile(cfg, []byte(`{"auths":{"`+reg.Host+`":{"username":"alice","password":"`+secret+`"}}}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mpWith, mpWithout := fuseMountDir(t), fuseMountDir(t)
+	with := StartNode(t, NodeOpts{Args: []string{"--registries", "http://" + reg.Host, "--mount", mpWith, "--registry-auth-file", cfg}})
+	without := StartNode(t, NodeOpts{Args: []string{"--registries", "http://" + reg.Host, "--mount", mpWithout}})
+	fuseWaitMounted(t, mpWith)
+	fuseWaitMounted(t, mpWithout)
+	path := func(mp string) string { return filepath.Join(mp, "oci", reg.Host, "private", "m:v1", "weights.bin") }
+	if b, err := os.ReadFile(path(mpWith)); err != nil || !bytes.Equal(b, data) {
+		with.DumpLog(30)
+		t.Fatalf("with credentials: %d bytes, %v", len(b), err)
+	}
+	if _, err := os.ReadDir(filepath.Dir(path(mpWithout))); !errors.Is(err, syscall.EACCES) {
+		t.Fatalf("without credentials: %v, want EACCES", err)
+	}
+	if reg.TokenRequests.Load() == 0 {
+		t.Fatal("the registry's token service was never asked")
+	}
+	for _, n := range []*Node{with, without} {
+		if strings.Contains(n.Log(), secret) || strings.Contains(n.Log(), "tok-1") {
+			t.Fatalf("%s's log shows a credential", n.Name)
+		}
+	}
+	// A file that is not a registry config stops the daemon at start, with the reason.
+	bad := filepath.Join(t.TempDir(), "bad.json")
+	os.WriteFile(bad, []byte("not json"), 0o600)
+	out, err := exec.Command(peerdBin, "run", "--data-dir", t.TempDir(), "--http-addr", "127.0.0.1:1", "--registry-auth-file", bad).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "--registry-auth-file") {
+		t.Fatalf("a bad --registry-auth-file: %v\n%s", err, out)
+	}
 }

@@ -163,6 +163,22 @@ func (c *Client) Source(u *url.URL, header http.Header, allow *AllowList) blob.S
 	return &origin{c: c, url: u.String(), redacted: Bound(redact(u)), header: header, allow: allow}
 }
 
+// Authorizer answers a registry's credential challenge.
+type Authorizer interface {
+	// Authorization returns the Authorization value for a request to u:
+	// with challenge nil, one learned before (empty when none); with the
+	// headers of a 401 (WWW-Authenticate), one that answers it.
+	Authorization(ctx context.Context, u *url.URL, challenge http.Header) (string, error)
+}
+
+// SourceWithAuth is Source whose requests carry auth's Authorization, asked
+// again once when the origin answers 401.
+func (c *Client) SourceWithAuth(u *url.URL, header http.Header, allow *AllowList, auth Authorizer) blob.Source {
+	o := c.Source(u, header, allow).(*origin)
+	o.auth, o.u = auth, u
+	return o
+}
+
 func redact(u *url.URL) string {
 	r := *u
 	r.RawQuery = ""
@@ -179,6 +195,8 @@ type origin struct {
 	redacted string
 	header   http.Header
 	allow    *AllowList
+	auth     Authorizer // nil: header alone
+	u        *url.URL
 }
 
 func (o *origin) Name() string   { return "upstream" }
@@ -225,6 +243,26 @@ func retryable(err error) bool {
 var errBadResponse = errors.New("bad origin response")
 
 func (o *origin) fetchOnce(ctx context.Context, off, n int64) (io.ReadCloser, int64, error) {
+	if o.auth == nil {
+		return o.fetchWith(ctx, off, n, "")
+	}
+	a, err := o.auth.Authorization(ctx, o.u, nil)
+	if err != nil {
+		return nil, -1, err
+	}
+	rc, size, err := o.fetchWith(ctx, off, n, a)
+	var se *StatusError
+	if !errors.As(err, &se) || se.Code != http.StatusUnauthorized {
+		return rc, size, err
+	}
+	if a, err = o.auth.Authorization(ctx, o.u, se.Header); err != nil {
+		return nil, -1, fmt.Errorf("%w: %w", se, err) // still the origin's 401, with why it stands
+	}
+	return o.fetchWith(ctx, off, n, a)
+}
+
+// fetchWith is one GET, with authorization when not empty.
+func (o *origin) fetchWith(ctx context.Context, off, n int64, authorization string) (io.ReadCloser, int64, error) {
 	if o.allow != nil {
 		ctx = context.WithValue(ctx, allowKey{}, o.allow)
 	}
@@ -234,6 +272,9 @@ func (o *origin) fetchOnce(ctx context.Context, off, n int64) (io.ReadCloser, in
 	}
 	for k, vs := range o.header {
 		req.Header[k] = vs
+	}
+	if authorization != "" {
+		req.Header.Set("Authorization", authorization)
 	}
 	req.Header.Set("User-Agent", o.c.opts.UserAgent)
 	req.Header.Set(LoopHeader, "1")

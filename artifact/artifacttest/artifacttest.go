@@ -5,11 +5,13 @@ package artifacttest
 
 import (
 	"crypto/rand"
+	"fmt"
 	"io"
 	"log"
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -32,16 +34,81 @@ type Registry struct {
 	Host string // 127.0.0.1:port
 	// Deny, when it returns true for a request, answers 401 with a challenge.
 	Deny atomic.Pointer[func(*http.Request) bool]
-	// TagRequests counts manifest requests by tag.
-	TagRequests atomic.Int64
+	// TagRequests counts manifest requests by tag; TokenRequests the
+	// token endpoint's answers.
+	TagRequests   atomic.Int64
+	TokenRequests atomic.Int64
+
+	auth   atomic.Pointer[Auth]
+	mu     sync.Mutex
+	issued map[string]bool
+}
+
+// Auth guards the repositories under Prefix: with Basic, HTTP Basic
+// User:Pass; else Bearer tokens from the registry's own /token endpoint,
+// which wants Basic User:Pass (the way Docker Hub and GHCR do it).
+type Auth struct {
+	Prefix, User, Pass string
+	Basic              bool
+}
+
+// SetAuth guards repositories from now on (nil: none).
+func (r *Registry) SetAuth(a *Auth) { r.auth.Store(a) }
+
+// guard answers for a guarded repository: true when it wrote a 401.
+func (r *Registry) guard(w http.ResponseWriter, req *http.Request) bool {
+	a := r.auth.Load()
+	if req.URL.Path == "/token" {
+		r.TokenRequests.Add(1)
+		if u, p, ok := req.BasicAuth(); a == nil || !ok || u != a.User || p != a.Pass {
+			http.Error(w, "bad credentials", http.StatusUnauthorized)
+			return true
+		}
+		r.mu.Lock()
+		tok := fmt.Sprintf("tok-%d", len(r.issued)+1)
+		r.issued[tok] = true
+		r.mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"token":%q,"expires_in":300}`, tok)
+		return true
+	}
+	if a == nil || !strings.HasPrefix(req.URL.Path, "/v2/"+a.Prefix) {
+		return false
+	}
+	got := req.Header.Get("Authorization")
+	if a.Basic {
+		if u, p, ok := req.BasicAuth(); ok && u == a.User && p == a.Pass {
+			return false
+		}
+		w.Header().Set("WWW-Authenticate", `Basic realm="peerd-test"`)
+	} else {
+		r.mu.Lock()
+		ok := strings.HasPrefix(got, "Bearer ") && r.issued[strings.TrimPrefix(got, "Bearer ")]
+		r.mu.Unlock()
+		if ok {
+			return false
+		}
+		repo := strings.TrimPrefix(req.URL.Path, "/v2/")
+		for _, k := range []string{"/manifests/", "/blobs/"} {
+			if i := strings.Index(repo, k); i > 0 {
+				repo = repo[:i]
+			}
+		}
+		w.Header().Set("WWW-Authenticate", fmt.Sprintf(`Bearer realm="%s/token",service="peerd-test",scope="repository:%s:pull"`, r.URL, repo))
+	}
+	http.Error(w, "credentials needed", http.StatusUnauthorized)
+	return true
 }
 
 // NewRegistry starts a registry for the test's duration.
 func NewRegistry(t testing.TB) *Registry {
 	t.Helper()
-	r := &Registry{}
+	r := &Registry{issued: map[string]bool{}}
 	h := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		if r.guard(w, req) {
+			return
+		}
 		if d := r.Deny.Load(); d != nil && (*d)(req) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="http://127.0.0.1/token"`)
 			http.Error(w, "credentials needed", http.StatusUnauthorized)

@@ -25,6 +25,7 @@ import (
 	"github.com/peerd-project/peerd/httpmirror"
 	"github.com/peerd-project/peerd/k8s"
 	"github.com/peerd-project/peerd/p2p"
+	"github.com/peerd-project/peerd/regauth"
 	"github.com/peerd-project/peerd/transfer"
 	"github.com/peerd-project/peerd/upstream"
 	"github.com/peerd-project/peerd/web"
@@ -143,6 +144,8 @@ type app struct {
 	oci http.Handler
 	// extra HTTP routes.
 	extra map[string]http.Handler
+	// auth holds --registry-auth-file's credentials (nil without it).
+	auth *regauth.Keychain
 	// art resolves references for the mount and warming (see artifacts).
 	art     *artifact.Resolver
 	artOnce sync.Once
@@ -295,6 +298,14 @@ func run(ctx context.Context, cfg *runConfig, log *slog.Logger) (err error) {
 	a.onStop(func(context.Context) error { return a.cache.Close() })
 	a.upstream = upstream.NewClient(upstream.Options{UserAgent: "peerd/" + version, Logger: log})
 	a.learned = upstream.NewLearned(4096, 30*time.Minute)
+	if f := cfg.Containerd.AuthFile; f != "" {
+		kc, err := regauth.Load(f, a.upstream.HTTPClient())
+		if err != nil {
+			return fmt.Errorf("--registry-auth-file: %w", err)
+		}
+		a.auth = kc
+		log.Info("registry credentials loaded", "file", f, "registries", len(kc.Registries()))
+	}
 	if cfg.DebugPprof {
 		a.extra["/debug/pprof/"] = http.HandlerFunc(pprof.Index)
 		a.extra["/debug/pprof/profile"] = http.HandlerFunc(pprof.Profile)

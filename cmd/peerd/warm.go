@@ -12,6 +12,7 @@ import (
 
 	"github.com/peerd-project/peerd/artifact"
 	"github.com/peerd-project/peerd/transfer"
+	"github.com/peerd-project/peerd/upstream"
 )
 
 // warmPath is the daemon's warm endpoint (on --http-addr). A request must
@@ -327,9 +328,14 @@ func (a *app) artifacts() *artifact.Resolver {
 		if len(servers) == 0 {
 			return
 		}
+		var auth upstream.Authorizer
+		if a.auth != nil {
+			auth = a.auth
+		}
 		a.art = artifact.New(artifact.Options{
 			Registries: servers,
 			Upstream:   a.upstream,
+			Auth:       auth,
 			Cache:      a.cache,
 			Plan:       a.planner(faceFUSE),
 			Logger:     a.log,

@@ -29,6 +29,7 @@ type containerdConfig struct {
 	ConfigFile  string
 	Resync      time.Duration
 	PullThrough bool
+	AuthFile    string
 }
 
 func registerContainerdFlags(fs *flag.FlagSet, c *containerdConfig) {
@@ -39,6 +40,7 @@ func registerContainerdFlags(fs *flag.FlagSet, c *containerdConfig) {
 	fs.StringVar(&c.HostsDir, "containerd-hosts-dir", "/etc/containerd/certs.d", "containerd's hosts.toml folder that 'peerd containerd-config' writes; checked at start")
 	fs.StringVar(&c.ConfigFile, "containerd-config", "/etc/containerd/config.toml", "containerd's config file, read to check that containerd consults --containerd-hosts-dir")
 	fs.BoolVar(&c.PullThrough, "pull-through", true, "on a /v2/ miss, fetch the blob or manifest by digest from the registry ?ns= names (only --registries; https unless listed as http://), stream it to containerd while caching it, and share it with peers pulling it at the same time; off: misses are 404s and containerd goes to the registry itself")
+	fs.StringVar(&c.AuthFile, "registry-auth-file", "", "a Docker-style config.json (\"auths\" by registry) whose credentials answer --registries' challenges for the mount's oci folder, peerd warm and /v2/ pull-through when the client sent none; sent to that registry and its token service only, never to peers, never logged")
 	fs.DurationVar(&c.Resync, "containerd-resync", time.Minute, "how often containerd's whole content store is walked again (1.x sends no event when a blob is committed)")
 }
 
@@ -113,6 +115,9 @@ func startContainerd(ctx context.Context, a *app) error {
 	if c.PullThrough && len(oci.Registries) > 0 {
 		oci.PullThrough = c.pullThroughServers()
 		oci.Upstream = a.upstream
+		if a.auth != nil {
+			oci.Auth = a.auth
+		}
 		a.log.Info("/v2/ pull-through on", "registries", c.Registries.String())
 	}
 	if len(oci.Registries) == 0 {
