@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/peerd-project/peerd/blob"
 	"github.com/peerd-project/peerd/cache"
+	"github.com/peerd-project/peerd/regauth"
 	"github.com/peerd-project/peerd/upstream"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -347,5 +349,33 @@ func TestManifestFromPeersExpectsItsBlobsThere(t *testing.T) {
 	want := [][]blob.Key{{layer, config}, {keyOf(m)}}
 	if fmt.Sprint(told) != fmt.Sprint(want) {
 		t.Fatalf("ExpectPeers told %v, want %v (nothing for the registry's manifest)", told, want)
+	}
+}
+
+// With --registry-auth-file, a pull-through whose client sent no
+// Authorization answers the registry's challenge with the node's own
+// credentials; a client's own Authorization still goes as it is.
+func TestPullThroughUsesTheNodeCredentialsWhenTheClientHasNone(t *testing.T) {
+	fx := newPTFixtureWith(t, func(c *OCIConfig) {
+		host := strings.TrimPrefix(c.PullThrough["registry.example"], "http://")
+		kc, err := regauth.Parse([]byte(`{"auths":{"`+host+`":{"registrytoken":"node-token"}}}`), c.Upstream.HTTPClient())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Auth = kc
+	})
+	data := randBytes(t, 100<<10)
+	k := keyOf(data)
+	fx.reg.blobs["lib/app/blobs/"+string(k)] = data
+	fx.reg.token = "node-token"
+	resp, body := fx.get(t, "/v2/lib/app/blobs/"+string(k)+"?ns=registry.example")
+	if resp.StatusCode != http.StatusOK || !bytes.Equal(body, data) {
+		t.Fatalf("status %d, %d bytes", resp.StatusCode, len(body))
+	}
+	fx.reg.mu.Lock()
+	auths := slices.Clone(fx.reg.auths)
+	fx.reg.mu.Unlock()
+	if !slices.Contains(auths, "Bearer node-token") {
+		t.Fatalf("the registry saw %q, never the node's token", auths)
 	}
 }
