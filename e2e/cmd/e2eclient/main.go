@@ -48,6 +48,8 @@ func main() {
 		err = get(ctx, os.Args[2:])
 	case "wait":
 		err = wait(ctx, os.Args[2:])
+	case "first":
+		err = first(ctx, os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}
@@ -188,6 +190,26 @@ type result struct {
 // -seg bytes in sequential or shuffled order, the way Overlaybd reads a
 // layer: first a bytes=0-0 probe for the size, then the ranges, several at a
 // time. It prints a JSON result line.
+// first times a GET of a URL's first n bytes (a Range request) until they
+// arrived, and prints {"bytes":…,"seconds":…}.
+func first(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("first", flag.ExitOnError)
+	u := fs.String("url", "", "URL to read")
+	n := fs.Int64("n", 1, "bytes from the start")
+	fs.Parse(args)
+	if *u == "" || *n <= 0 {
+		return errors.New("first: -url and a positive -n are required")
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	start := time.Now()
+	b, err := readRange(ctx, client(0), *u, 0, *n-1)
+	if err != nil {
+		return err
+	}
+	return json.NewEncoder(os.Stdout).Encode(map[string]any{"bytes": len(b), "seconds": time.Since(start).Seconds()})
+}
+
 func get(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("get", flag.ExitOnError)
 	u := fs.String("url", "", "URL to read")
