@@ -102,9 +102,16 @@ type Resolver struct {
 	log   *slog.Logger
 	names []string
 
-	mu   sync.Mutex
-	tags map[string]tagAnswer // "registry/repo:tag"
-	now  func() time.Time
+	mu     sync.Mutex
+	tags   map[string]tagAnswer // "registry/repo:tag"
+	asking map[string]*tagCall  // tags being asked now
+	now    func() time.Time
+}
+
+type tagCall struct {
+	done chan struct{}
+	k    blob.Key
+	err  error
 }
 
 type tagAnswer struct {
@@ -123,7 +130,7 @@ func New(opts Options) *Resolver {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	r := &Resolver{opts: opts, log: opts.Logger.With("component", "artifact"), tags: map[string]tagAnswer{}, now: time.Now}
+	r := &Resolver{opts: opts, log: opts.Logger.With("component", "artifact"), tags: map[string]tagAnswer{}, asking: map[string]*tagCall{}, now: time.Now}
 	for name := range opts.Registries {
 		r.names = append(r.names, name)
 	}
@@ -393,26 +400,40 @@ func denied(err error) error {
 func (r *Resolver) resolveTag(ctx context.Context, registry, base, repo, tag string) (blob.Key, error) {
 	key := registry + "/" + repo + ":" + tag
 	r.mu.Lock()
-	a, ok := r.tags[key]
-	r.mu.Unlock()
-	if ok && r.now().Sub(a.at) < r.opts.TagTTL {
+	if a, ok := r.tags[key]; ok && r.now().Sub(a.at) < r.opts.TagTTL {
+		r.mu.Unlock()
 		return a.k, nil
 	}
-	k, err := r.askTag(ctx, base, repo, tag)
-	if err != nil {
-		return "", err
-	}
-	r.mu.Lock()
-	if len(r.tags) >= maxTags {
-		for old, a := range r.tags {
-			if r.now().Sub(a.at) >= r.opts.TagTTL || len(r.tags) >= maxTags {
-				delete(r.tags, old)
-			}
+	// One request per tag at a time: a burst of lookups of a new tag (every
+	// process of a pod starting) waits for the first one's answer.
+	if c, ok := r.asking[key]; ok {
+		r.mu.Unlock()
+		select {
+		case <-c.done:
+			return c.k, c.err
+		case <-ctx.Done():
+			return "", fmt.Errorf("tag %s:%s: %w (%w)", repo, tag, blob.ErrNotFound, ctx.Err())
 		}
 	}
-	r.tags[key] = tagAnswer{k: k, at: r.now()}
+	c := &tagCall{done: make(chan struct{})}
+	r.asking[key] = c
 	r.mu.Unlock()
-	return k, nil
+	c.k, c.err = r.askTag(ctx, base, repo, tag)
+	r.mu.Lock()
+	delete(r.asking, key)
+	if c.err == nil {
+		if len(r.tags) >= maxTags {
+			for old, a := range r.tags {
+				if r.now().Sub(a.at) >= r.opts.TagTTL || len(r.tags) >= maxTags {
+					delete(r.tags, old)
+				}
+			}
+		}
+		r.tags[key] = tagAnswer{k: c.k, at: r.now()}
+	}
+	r.mu.Unlock()
+	close(c.done)
+	return c.k, c.err
 }
 
 func (r *Resolver) askTag(ctx context.Context, base, repo, tag string) (blob.Key, error) {

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -346,5 +347,27 @@ func TestArtifactBehindRegistryCredentials(t *testing.T) {
 				t.Fatalf("reading the files asked the token service %d more times; the token is kept", reg.TokenRequests.Load()-tokens)
 			}
 		}
+	}
+}
+
+func TestArtifactConcurrentLookupsAskTheTagOnce(t *testing.T) {
+	reg := newRegistry(t)
+	reg.pushArtifact(t, "m:v1", file("a", randomBytes(10)))
+	r, _ := newResolver(t, reg)
+	before := reg.TagRequests.Load() // the push's
+	var wg sync.WaitGroup
+	for range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := r.Resolve(context.Background(), reg.Host, "", mustRef(t, "m:v1")); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	// HEAD, and GET only when the registry names no digest: at most 2.
+	if n := reg.TagRequests.Load() - before; n > 2 {
+		t.Fatalf("20 concurrent lookups made %d tag requests", n)
 	}
 }
