@@ -209,6 +209,13 @@ func TestWarm(t *testing.T) {
 		t.Fatalf("--warm: %v bytes from peers, %d from the registry; want the model from its peers", got, took)
 	}
 
+	// A node without --registries says why.
+	plainNode := StartNode(t, NodeOpts{})
+	raw, err = exec.Command(peerdBin, "warm", "--http-addr", plainNode.HTTPAddr, ref).CombinedOutput()
+	if err == nil || !strings.Contains(string(raw), "no --registries") {
+		t.Errorf("peerd warm on a node without --registries: %v, %s", err, raw)
+	}
+
 	// Only peerd warm's request is taken: a page's cross-site POST lacks the header.
 	code, _, body := Get(t, "POST", a.URL("/api/warm?ref="+ref), nil)
 	if code != 403 {

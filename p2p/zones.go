@@ -103,6 +103,9 @@ func zoneRelation(mine, theirs string) string {
 // topology label in Kubernetes): askers in the same zone prefer it.
 func (n *Node) SetZone(zone string) {
 	z := cleanZone(zone)
+	if z != strings.TrimSpace(zone) {
+		n.log.Warn("zone name shortened to 63 bytes and non-printable bytes replaced", "zone", z)
+	}
 	n.zones.self.Store(&z)
 }
 

@@ -91,7 +91,11 @@ func startWarm(ctx context.Context, a *app) error {
 	c := a.cfg.Warm
 	res := a.artifacts()
 	if res == nil {
-		return nil // no --registries, so no --warm (validate)
+		// No --registries (so no --warm: validate): say so to peerd warm.
+		a.extra[warmPath] = http.HandlerFunc(func(rw http.ResponseWriter, _ *http.Request) {
+			http.Error(rw, "this node has no --registries: a reference is resolved at its registry", http.StatusBadRequest)
+		})
+		return nil
 	}
 	w := &warmer{a: a, res: res}
 	a.extra[warmPath] = w
