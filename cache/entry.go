@@ -50,6 +50,7 @@ type entry struct {
 	held        map[int]*heldChunk // chunk -> its held copy (held.go)
 	onDisk      bool               // the blob's files exist, open or not
 	inflight    map[int]*fillCall
+	sized       chan struct{} // closed when the size is learned (made by a waiter)
 	dirtyIdx    []int
 	origins     map[int]servedBy // chunk -> the source and peer that served it (untrusted chunks)
 	blamers     map[string]blob.Blamer
@@ -94,10 +95,57 @@ type fillCall struct {
 	// may wait for it without risk of waiting for each other (AwaitLocal).
 	atOrigin   chan struct{}
 	originOnce sync.Once
+
+	// The chunk's bytes as they arrive, for readers that need only a
+	// prefix of it (a header): they copy from the fill's buffer instead of
+	// waiting for the whole chunk (copyIfIn). Guarded by pmu; pbuf is nil
+	// once the buffer may be reused.
+	pmu   sync.Mutex
+	pbuf  []byte
+	pgot  int64
+	pgrew chan struct{} // closed when pgot grows or the buffer is retired
+	pgone bool
 }
 
 func newFillCall() *fillCall {
-	return &fillCall{done: make(chan struct{}), atOrigin: make(chan struct{})}
+	return &fillCall{done: make(chan struct{}), atOrigin: make(chan struct{}), pgrew: make(chan struct{})}
+}
+
+// publish says the first got bytes of buf hold the chunk's bytes.
+func (c *fillCall) publish(buf []byte, got int64) {
+	c.pmu.Lock()
+	defer c.pmu.Unlock()
+	if c.pgone || got <= c.pgot {
+		return
+	}
+	c.pbuf, c.pgot = buf, got
+	close(c.pgrew)
+	c.pgrew = make(chan struct{})
+}
+
+// retire ends publishing: the fill's buffer may be reused from now on.
+func (c *fillCall) retire() {
+	c.pmu.Lock()
+	defer c.pmu.Unlock()
+	if !c.pgone {
+		c.pgone, c.pbuf = true, nil
+		close(c.pgrew)
+	}
+}
+
+// copyIfIn copies the chunk's bytes [from, from+len(dst)) into dst when
+// they have arrived; otherwise it returns a channel closed when more do.
+func (c *fillCall) copyIfIn(dst []byte, from int64) (bool, <-chan struct{}) {
+	c.pmu.Lock()
+	defer c.pmu.Unlock()
+	if c.pbuf != nil && from+int64(len(dst)) <= c.pgot {
+		copy(dst, c.pbuf[from:])
+		return true, nil
+	}
+	if c.pgone {
+		return false, nil
+	}
+	return false, c.pgrew
 }
 
 func (c *fillCall) reachedOrigin() bool {
@@ -124,6 +172,10 @@ func (e *entry) chunkLen(i int) int64 {
 
 func (e *entry) setSize(size int64) {
 	e.size = size
+	if e.sized != nil {
+		close(e.sized)
+		e.sized = nil
+	}
 	e.states = make([]byte, numChunks(size, e.c.opts.ChunkSize))
 	e.from = make([]uint64, len(e.states))
 }

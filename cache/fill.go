@@ -15,6 +15,48 @@ import (
 // caller already is. It returns pass != nil when the chunk could not be
 // stored and its bytes are handed over directly.
 func (e *entry) ensure(ctx context.Context, i int, p Plan, background bool) (pass []byte, err error) {
+	call, err := e.begin(i, p, background)
+	if call == nil || err != nil {
+		return nil, err
+	}
+	select {
+	case <-call.done:
+		return call.pass, call.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// ensureInto is ensure for a reader that needs bytes [from, from+len(dst))
+// of chunk i: when they arrive before the rest of the chunk, they are
+// copied into dst at once (copied), so a reader of a blob's header does
+// not wait for a whole chunk from a slow origin.
+func (e *entry) ensureInto(ctx context.Context, i int, p Plan, dst []byte, from int64) (copied bool, pass []byte, err error) {
+	call, err := e.begin(i, p, false)
+	if call == nil || err != nil {
+		return false, nil, err
+	}
+	for {
+		ok, grew := call.copyIfIn(dst, from)
+		if ok {
+			return true, nil, nil
+		}
+		if grew == nil { // the buffer is gone: the fill is ending
+			grew = call.done
+		}
+		select {
+		case <-call.done:
+			return false, call.pass, call.err
+		case <-grew:
+		case <-ctx.Done():
+			return false, nil, ctx.Err()
+		}
+	}
+}
+
+// begin starts filling chunk i under plan p unless it is present (nil) or
+// another caller fills it already (that fill).
+func (e *entry) begin(i int, p Plan, background bool) (*fillCall, error) {
 	e.mu.Lock()
 	if e.size >= 0 && i < len(e.states) && e.needsCheckLocked(i) {
 		// First read of a verified chunk since the start: check it (a
@@ -52,12 +94,7 @@ func (e *entry) ensure(ctx context.Context, i int, p Plan, background bool) (pas
 	if !background {
 		e.readAhead(i, p)
 	}
-	select {
-	case <-call.done:
-		return call.pass, call.err
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
+	return call, nil
 }
 
 // readAhead starts background fills of the chunks after i when the reader
@@ -132,7 +169,10 @@ func (e *entry) fill(i int, p Plan, call *fillCall) {
 	e.mu.Lock()
 	gen := e.gen // bytes fetched before a reset must not land after it
 	e.mu.Unlock()
-	n, st, origin, err := e.fetch(ctx, i, p, buf, call)
+	n, st, origin, err := e.fetch(ctx, i, p, buf, call, call)
+	// From here buf is stored, held or used as the hash's scratch space:
+	// readers of a prefix read the chunk as stored, like everyone.
+	call.retire()
 	if err == nil {
 		call.pass, err = e.store(i, gen, buf[:n], st, origin)
 	}
@@ -172,8 +212,9 @@ func (e *entry) fill(i int, p Plan, call *fillCall) {
 }
 
 // fetch reads chunk i into buf from the first of the plan's sources that
-// has it, and reports which.
-func (e *entry) fetch(ctx context.Context, i int, p Plan, buf []byte, call *fillCall) (int, step, string, error) {
+// has it, and reports which. pub, when not nil, is told the bytes as they
+// arrive (fillCall.publish).
+func (e *entry) fetch(ctx context.Context, i int, p Plan, buf []byte, call, pub *fillCall) (int, step, string, error) {
 	cs := e.c.opts.ChunkSize
 	off := int64(i) * cs
 	var errs []error
@@ -200,7 +241,7 @@ func (e *entry) fetch(ctx context.Context, i int, p Plan, buf []byte, call *fill
 			sh, err = sw.FetchShared(ctx, e.key, off, want)
 			switch {
 			case err == nil && sh.Body == nil && sh.Gathering != nil && call != nil:
-				return e.speculate(ctx, i, p, sw, sh.Gathering, buf, call)
+				return e.speculate(ctx, i, p, sw, sh.Gathering, buf, call, pub)
 			case err == nil && sh.Body == nil:
 				// Still gathering, inside a fill that already speculated:
 				// the origin is next.
@@ -237,7 +278,7 @@ func (e *entry) fetch(ctx context.Context, i int, p Plan, buf []byte, call *fill
 			e.c.m.sourceErrors.WithLabelValues(s.Name()).Inc()
 			continue
 		}
-		n, err := io.ReadFull(rc, buf[:want])
+		n, err := readChunk(rc, buf[:want], pub)
 		origin := ""
 		if a, ok := rc.(blob.Attributed); ok {
 			origin = a.Origin()
@@ -272,6 +313,34 @@ func (e *entry) fetch(ctx context.Context, i int, p Plan, buf []byte, call *fill
 		return 0, step{}, "", fmt.Errorf("%s chunk %d: %w (no source has it)", e.key, i, blob.ErrNotFound)
 	}
 	return 0, step{}, "", fmt.Errorf("%s chunk %d: %w", e.key, i, errors.Join(errs...))
+}
+
+// readChunk reads len(buf) bytes from rc like io.ReadFull, telling pub
+// (when not nil) how many have arrived after each read.
+func readChunk(rc io.Reader, buf []byte, pub *fillCall) (int, error) {
+	if pub == nil {
+		return io.ReadFull(rc, buf)
+	}
+	n := 0
+	for n < len(buf) {
+		m, err := rc.Read(buf[n:])
+		n += m
+		if m > 0 {
+			pub.publish(buf, int64(n))
+		}
+		if err != nil {
+			if err == io.EOF {
+				if n == len(buf) {
+					break
+				}
+				if n > 0 {
+					err = io.ErrUnexpectedEOF
+				}
+			}
+			return n, err
+		}
+	}
+	return n, nil
 }
 
 func (e *entry) learnSize(size int64) error {

@@ -68,9 +68,28 @@ func (h *Handle) Size(ctx context.Context) (int64, error) {
 	// Learning the size fills chunk 0 and nothing more: a HEAD or a stat
 	// must not start the read-ahead (whether it did depended on which of
 	// the caller and the fill got to the entry first). A read of the blob
-	// starts it with its own chunk.
-	if _, err := h.e.ensure(ctx, 0, h.plan, true); err != nil {
+	// starts it with its own chunk. The size is known once the source
+	// answered, before the chunk's bytes arrived: no need to wait for them.
+	call, err := h.e.begin(0, h.plan, true)
+	if err != nil {
 		return -1, err
+	}
+	if call != nil {
+		h.e.mu.Lock()
+		if h.e.size < 0 && h.e.sized == nil {
+			h.e.sized = make(chan struct{})
+		}
+		sized := h.e.sized
+		h.e.mu.Unlock()
+		select {
+		case <-call.done:
+			if call.err != nil {
+				return -1, call.err
+			}
+		case <-sized: // nil once the size is known: never ready, the size is read below
+		case <-ctx.Done():
+			return -1, ctx.Err()
+		}
 	}
 	h.e.mu.Lock()
 	defer h.e.mu.Unlock()
@@ -106,12 +125,14 @@ func (h *Handle) readAt(ctx context.Context, p []byte, off int64) (int, error) {
 		cend := min(int64(i+1)*cs, end)
 		hit := h.e.hasChunk(i)
 		gen := h.e.genNow()
-		pass, err := h.e.ensure(ctx, i, h.plan, false)
+		dst := p[pos-off : cend-off]
+		copied, pass, err := h.e.ensureInto(ctx, i, h.plan, dst, pos-int64(i)*cs)
 		if err != nil {
 			return int(pos - off), err
 		}
-		dst := p[pos-off : cend-off]
-		if pass != nil {
+		if copied {
+			// The bytes came from the fill's buffer as they arrived.
+		} else if pass != nil {
 			copy(dst, pass[pos-int64(i)*cs:])
 		} else {
 			err := h.e.readFile(dst, pos)

@@ -207,7 +207,7 @@ func waitCall(ctx context.Context, call *fillCall) error {
 // Until the swarm decided, the fill does not count as "at the origin" for
 // askers (awaitFill): only a fill that will not turn to a peer may be waited
 // for by anyone, or two nodes could wait for each other.
-func (e *entry) speculate(ctx context.Context, i int, p Plan, sw blob.Swarm, gathering <-chan struct{}, buf []byte, call *fillCall) (int, step, string, error) {
+func (e *entry) speculate(ctx context.Context, i int, p Plan, sw blob.Swarm, gathering <-chan struct{}, buf []byte, call, pub *fillCall) (int, step, string, error) {
 	octx, abandon := context.WithCancel(ctx)
 	defer abandon()
 	off := int64(i) * e.c.opts.ChunkSize
@@ -227,7 +227,7 @@ func (e *entry) speculate(ctx context.Context, i int, p Plan, sw blob.Swarm, gat
 		}
 		call.originOnce.Do(func() { close(call.atOrigin) })
 	}()
-	n, st, origin, err := e.fetch(octx, i, Plan{Origin: p.Origin}, buf, nil)
+	n, st, origin, err := e.fetch(octx, i, Plan{Origin: p.Origin}, buf, nil, pub)
 	close(finished)
 	<-decided
 	if err == nil {
@@ -243,7 +243,7 @@ func (e *entry) speculate(ctx context.Context, i int, p Plan, sw blob.Swarm, gat
 		case <-ctx.Done():
 			return n, st, origin, err
 		}
-		pn, pst, porigin, perr := e.fetch(ctx, i, Plan{Peers: p.Peers}, buf, nil)
+		pn, pst, porigin, perr := e.fetch(ctx, i, Plan{Peers: p.Peers}, buf, nil, pub)
 		if perr != nil {
 			return 0, step{}, "", errors.Join(err, perr)
 		}
@@ -252,7 +252,7 @@ func (e *entry) speculate(ctx context.Context, i int, p Plan, sw blob.Swarm, gat
 	e.c.log.Debug("first chunk yielded to the node that owns it", "key", e.key, "chunk", i)
 	// Through the swarm again, now with every node in view; the origin
 	// stays behind it in case the owner fails.
-	return e.fetch(ctx, i, Plan{Peers: p.Peers, Origin: p.Origin}, buf, call)
+	return e.fetch(ctx, i, Plan{Peers: p.Peers, Origin: p.Origin}, buf, call, pub)
 }
 
 // PullInfo describes a swarm pull in progress on this node.
