@@ -42,8 +42,10 @@ const (
 	// asked at the registry again: a pushed tag shows up within it, and a
 	// tree read by thousands of processes costs one request per interval.
 	DefaultTagTTL = 30 * time.Second
-	// maxTags bounds the remembered tag answers.
-	maxTags = 4096
+	// maxTags bounds the remembered tag answers, maxKeptManifest the
+	// manifest each keeps (larger ones are read by digest again).
+	maxTags         = 1024
+	maxKeptManifest = 16 << 10
 	// TitleAnnotation names a layer's file (ORAS and most artifact tools set it).
 	TitleAnnotation = "org.opencontainers.image.title"
 	// ManifestName and ConfigName are the tree's own files.
@@ -111,12 +113,14 @@ type Resolver struct {
 type tagCall struct {
 	done chan struct{}
 	k    blob.Key
+	body []byte
 	err  error
 }
 
 type tagAnswer struct {
-	k  blob.Key
-	at time.Time
+	k    blob.Key
+	body []byte // the manifest, when at most maxKeptManifest bytes
+	at   time.Time
 }
 
 // New returns a Resolver.
@@ -215,15 +219,18 @@ func (r *Resolver) Resolve(ctx context.Context, registry, namespace string, ref 
 		return Tree{}, fmt.Errorf("repository name of %d bytes, over %d: %w", len(repo), MaxRepositoryLen, blob.ErrNotFound)
 	}
 	k := ref.Digest
+	var body []byte
 	if k == "" {
 		var err error
-		if k, err = r.resolveTag(ctx, registry, base, repo, ref.Tag); err != nil {
+		if k, body, err = r.resolveTag(ctx, registry, base, repo, ref.Tag); err != nil {
 			return Tree{}, err
 		}
 	}
-	body, err := r.readManifest(ctx, base, repo, k)
-	if err != nil {
-		return Tree{}, err
+	if body == nil {
+		var err error
+		if body, err = r.readManifest(ctx, base, repo, k); err != nil {
+			return Tree{}, err
+		}
 	}
 	m, err := r.pickManifest(ctx, base, repo, k, body)
 	if err != nil {
@@ -396,13 +403,14 @@ func denied(err error) error {
 }
 
 // resolveTag asks the registry which digest a tag names, at most once per
-// TagTTL per tag.
-func (r *Resolver) resolveTag(ctx context.Context, registry, base, repo, tag string) (blob.Key, error) {
+// TagTTL per tag; body is the manifest when that answer brought it (nil:
+// read it by digest).
+func (r *Resolver) resolveTag(ctx context.Context, registry, base, repo, tag string) (blob.Key, []byte, error) {
 	key := registry + "/" + repo + ":" + tag
 	r.mu.Lock()
 	if a, ok := r.tags[key]; ok && r.now().Sub(a.at) < r.opts.TagTTL {
 		r.mu.Unlock()
-		return a.k, nil
+		return a.k, a.body, nil
 	}
 	// One request per tag at a time: a burst of lookups of a new tag (every
 	// process of a pod starting) waits for the first one's answer.
@@ -410,15 +418,18 @@ func (r *Resolver) resolveTag(ctx context.Context, registry, base, repo, tag str
 		r.mu.Unlock()
 		select {
 		case <-c.done:
-			return c.k, c.err
+			return c.k, c.body, c.err
 		case <-ctx.Done():
-			return "", fmt.Errorf("tag %s:%s: %w (%w)", repo, tag, blob.ErrNotFound, ctx.Err())
+			return "", nil, fmt.Errorf("tag %s:%s: %w (%w)", repo, tag, blob.ErrNotFound, ctx.Err())
 		}
 	}
 	c := &tagCall{done: make(chan struct{})}
 	r.asking[key] = c
 	r.mu.Unlock()
-	c.k, c.err = r.askTag(ctx, base, repo, tag)
+	c.k, c.body, c.err = r.askTag(ctx, base, repo, tag)
+	if len(c.body) > maxKeptManifest {
+		c.body = nil // read by digest through the cache when needed
+	}
 	r.mu.Lock()
 	delete(r.asking, key)
 	if c.err == nil {
@@ -429,21 +440,21 @@ func (r *Resolver) resolveTag(ctx context.Context, registry, base, repo, tag str
 				}
 			}
 		}
-		r.tags[key] = tagAnswer{k: c.k, at: r.now()}
+		r.tags[key] = tagAnswer{k: c.k, body: c.body, at: r.now()}
 	}
 	r.mu.Unlock()
 	close(c.done)
-	return c.k, c.err
+	return c.k, c.body, c.err
 }
 
-func (r *Resolver) askTag(ctx context.Context, base, repo, tag string) (blob.Key, error) {
+func (r *Resolver) askTag(ctx context.Context, base, repo, tag string) (blob.Key, []byte, error) {
 	if r.opts.Upstream == nil {
-		return "", fmt.Errorf("tag %s:%s: no registry client: %w", repo, tag, blob.ErrNotFound)
+		return "", nil, fmt.Errorf("tag %s:%s: no registry client: %w", repo, tag, blob.ErrNotFound)
 	}
 	u := base + "/v2/" + repo + "/manifests/" + tag
 	pu, err := url.Parse(u)
 	if err != nil {
-		return "", fmt.Errorf("tag %s:%s: %w", repo, tag, blob.ErrNotFound)
+		return "", nil, fmt.Errorf("tag %s:%s: %w", repo, tag, blob.ErrNotFound)
 	}
 	do := func(method, authorization string) (*http.Response, error) {
 		req, err := http.NewRequestWithContext(ctx, method, u, nil)
@@ -489,28 +500,26 @@ func (r *Resolver) askTag(ctx context.Context, base, repo, tag string) (blob.Key
 		}
 		return resp, nil
 	}
-	// HEAD first: the registry names the digest without sending the body.
-	resp, err := ask(http.MethodHead)
+	// GET, not HEAD: the manifest comes with the answer, so a cold lookup
+	// costs one request instead of a HEAD and a manifest fetch.
+	resp, err := ask(http.MethodGet)
 	if err != nil {
-		return "", err
-	}
-	resp.Body.Close()
-	if k, err := blob.ParseDigest(resp.Header.Get("Docker-Content-Digest")); err == nil && k.Verifiable() {
-		return k, nil
-	}
-	if resp, err = ask(http.MethodGet); err != nil {
-		return "", err
+		return "", nil, err
 	}
 	defer resp.Body.Close()
 	m, err := io.ReadAll(io.LimitReader(resp.Body, MaxManifestBytes+1))
 	if err != nil {
-		return "", fmt.Errorf("tag %s:%s: reading the manifest: %w", repo, tag, blob.ErrNotFound)
+		return "", nil, fmt.Errorf("tag %s:%s: reading the manifest: %w", repo, tag, blob.ErrNotFound)
 	}
 	if len(m) > MaxManifestBytes {
-		return "", fmt.Errorf("tag %s:%s: manifest over %d bytes: %w", repo, tag, MaxManifestBytes, blob.ErrNotFound)
+		return "", nil, fmt.Errorf("tag %s:%s: manifest over %d bytes: %w", repo, tag, MaxManifestBytes, blob.ErrNotFound)
 	}
 	sum := sha256.Sum256(m)
-	return blob.Key("sha256:" + hex.EncodeToString(sum[:])), nil
+	k := blob.Key("sha256:" + hex.EncodeToString(sum[:]))
+	if d := resp.Header.Get("Docker-Content-Digest"); d != "" && d != string(k) {
+		return "", nil, fmt.Errorf("tag %s:%s: the registry names %s but sent a manifest hashing to %s: %w", repo, tag, upstream.Bound(d), k, blob.ErrNotFound)
+	}
+	return k, m, nil
 }
 
 // Target is a whole reference: registry, namespace and the last component.

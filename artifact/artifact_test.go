@@ -250,9 +250,11 @@ func TestArtifactManifestOverTheBound(t *testing.T) {
 	defer srv.Close()
 	reg := testRegistry{&artifacttest.Registry{URL: srv.URL, Host: strings.TrimPrefix(srv.URL, "http://")}}
 	r, _ := newResolver(t, reg)
-	_, err := r.Resolve(context.Background(), reg.Host, "", mustRef(t, "m:v1"))
-	if !errors.Is(err, blob.ErrNotFound) || !strings.Contains(err.Error(), "over the") {
-		t.Fatalf("a manifest of %d bytes: %v", len(big), err)
+	for _, ref := range []string{"m:v1", "m@sha256:" + strings.Repeat("1", 64)} {
+		_, err := r.Resolve(context.Background(), reg.Host, "", mustRef(t, ref))
+		if !errors.Is(err, blob.ErrNotFound) || !strings.Contains(err.Error(), "over") {
+			t.Fatalf("%s, a manifest of %d bytes: %v", ref, len(big), err)
+		}
 	}
 }
 
