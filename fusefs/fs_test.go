@@ -314,6 +314,15 @@ func waitVerified(t *testing.T, c *cache.Cache, k blob.Key) {
 	t.Fatalf("%s never verified", k)
 }
 
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+	}
+}
+
 func counter(t *testing.T, reg *prometheus.Registry, name, label string) float64 {
 	t.Helper()
 	mfs, err := reg.Gather()
@@ -645,6 +654,9 @@ func TestReaddir(t *testing.T) {
 	if _, err := os.Stat(m.path(partial)); err != nil { // fills chunk 0 only
 		t.Fatal(err)
 	}
+	// The lookup returns once the source told the size; chunk 0 lands
+	// just after.
+	waitFor(t, "chunk 0 of the partial blob stored", func() bool { i, _ := m.cache.Stat(partial); return i.Present > 0 })
 	ents, err := os.ReadDir(m.dir)
 	if err != nil {
 		t.Fatal(err)
