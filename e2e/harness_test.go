@@ -1224,17 +1224,24 @@ func (c *cluster) pushImage(ctx context.Context, name string, seed uint64) image
 		c.t.Fatal(err)
 	}
 	repo := "e2e/" + name
+	c.pushDir(ctx, dir, repo, im.digest)
+	im.repoRef = registryID + "/" + repo
+	im.ref = im.repoRef + ":v1"
+	return im
+}
+
+// pushDir pushes a generated image or artifact folder to the registry as
+// repo:v1, checks the registry's digest and removes the folder.
+func (c *cluster) pushDir(ctx context.Context, dir, repo, digest string) {
+	c.t.Helper()
 	out, err := shTimeout(ctx, 30*time.Minute, nsExec(originNS, c.bin.client, "push", "-registry", "127.0.0.1:"+regPort, "-repo", repo, "-tag", "v1", "-dir", dir)...)
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	if got := lastLine(out); got != im.digest {
-		c.t.Fatalf("push %s: registry digest %s, generated %s", name, got, im.digest)
+	if got := lastLine(out); got != digest {
+		c.t.Fatalf("push %s: registry digest %s, generated %s", repo, got, digest)
 	}
 	os.RemoveAll(dir) // the registry holds it now
-	im.repoRef = registryID + "/" + repo
-	im.ref = im.repoRef + ":v1"
-	return im
 }
 
 // stats is p50 and max of durations.

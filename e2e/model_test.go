@@ -111,14 +111,7 @@ func (c *cluster) pushModel(ctx context.Context, name string, seed uint64) model
 		c.t.Fatal(err)
 	}
 	repo := "e2e/" + name
-	out, err := shTimeout(ctx, 30*time.Minute, nsExec(originNS, c.bin.client, "push", "-registry", "127.0.0.1:"+regPort, "-repo", repo, "-tag", "v1", "-dir", dir)...)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	if got := lastLine(out); got != digest {
-		c.t.Fatalf("push %s: registry digest %s, generated %s", name, got, digest)
-	}
-	os.RemoveAll(dir)
+	c.pushDir(ctx, dir, repo, digest)
 	m.ref = registryID + "/" + repo + ":v1"
 	return m
 }

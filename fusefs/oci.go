@@ -53,9 +53,14 @@ type ociDir struct {
 }
 
 func (d *ociDir) Getattr(ctx context.Context, _ gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	return d.f.folderAttr(out)
+}
+
+// folderAttr is the attributes of the oci tree's read-only folders.
+func (f *FS) folderAttr(out *fuse.AttrOut) syscall.Errno {
 	out.Mode = syscall.S_IFDIR | 0o555
 	out.Nlink = 2
-	out.SetTimes(&d.f.started, &d.f.started, &d.f.started)
+	out.SetTimes(&f.started, &f.started, &f.started)
 	return 0
 }
 
@@ -136,10 +141,7 @@ type refDir struct {
 }
 
 func (d *refDir) Getattr(ctx context.Context, _ gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	out.Mode = syscall.S_IFDIR | 0o555
-	out.Nlink = 2
-	out.SetTimes(&d.f.started, &d.f.started, &d.f.started)
-	return 0
+	return d.f.folderAttr(out)
 }
 
 func (d *refDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {

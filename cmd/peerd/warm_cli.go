@@ -174,19 +174,8 @@ func warmSummary(e warmEvent) string {
 		time.Duration(e.Seconds*float64(time.Second)).Round(10*time.Millisecond), rate, sourcesAll(e))
 }
 
-// sources names the sources that sent bytes.
-func sources(b transfer.Bytes) string {
-	var parts []string
-	for _, s := range []struct {
-		name string
-		n    int64
-	}{{"cache", b.Cache}, {"containerd", b.Containerd}, {"peers", b.Peers}, {"registry", b.Origin}} {
-		if s.n > 0 {
-			parts = append(parts, s.name+" "+humanBytes(s.n))
-		}
-	}
-	return strings.Join(parts, " · ")
-}
+// sources names the sources that sent bytes: "peers 3.0 MiB · registry 1.0 MiB".
+func sources(b transfer.Bytes) string { return listSources(b, humanBytes, " · ") }
 
 func sourcesAll(e warmEvent) string {
 	return fmt.Sprintf("cache %s, containerd %s, peers %s, registry %s",
@@ -201,17 +190,20 @@ func trimTo(s string, n int) string {
 }
 
 // shortSources is sources for the progress line: "peers 3.0M registry 1.0M".
-func shortSources(b transfer.Bytes) string {
+func shortSources(b transfer.Bytes) string { return listSources(b, shortBytes, " ") }
+
+// listSources lists the sources with bytes, each as name and format(n).
+func listSources(b transfer.Bytes, format func(int64) string, sep string) string {
 	var parts []string
 	for _, s := range []struct {
 		name string
 		n    int64
 	}{{"cache", b.Cache}, {"containerd", b.Containerd}, {"peers", b.Peers}, {"registry", b.Origin}} {
 		if s.n > 0 {
-			parts = append(parts, s.name+" "+shortBytes(s.n))
+			parts = append(parts, s.name+" "+format(s.n))
 		}
 	}
-	return strings.Join(parts, " ")
+	return strings.Join(parts, sep)
 }
 
 // shortBytes is n in binary units, one letter: 670B, 3.0M, 1.2G.
