@@ -76,19 +76,22 @@ func (h *Handle) Size(ctx context.Context) (int64, error) {
 	}
 	if call != nil {
 		h.e.mu.Lock()
-		if h.e.size < 0 && h.e.sized == nil {
+		known := h.e.size >= 0
+		if !known && h.e.sized == nil {
 			h.e.sized = make(chan struct{})
 		}
 		sized := h.e.sized
 		h.e.mu.Unlock()
-		select {
-		case <-call.done:
-			if call.err != nil {
-				return -1, call.err
+		if !known {
+			select {
+			case <-call.done:
+				if call.err != nil {
+					return -1, call.err
+				}
+			case <-sized:
+			case <-ctx.Done():
+				return -1, ctx.Err()
 			}
-		case <-sized: // nil once the size is known: never ready, the size is read below
-		case <-ctx.Done():
-			return -1, ctx.Err()
 		}
 	}
 	h.e.mu.Lock()
