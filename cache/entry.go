@@ -135,15 +135,18 @@ func (c *fillCall) retire() {
 
 // copyIfIn copies the chunk's bytes [from, from+len(dst)) into dst when
 // they have arrived; otherwise it returns a channel closed when more do.
+// Only a strict prefix of the chunk is copied early: a reader that needs
+// the chunk's last byte waits for the chunk to be stored, as it would
+// anyway, and finds it in the cache when its read returns.
 func (c *fillCall) copyIfIn(dst []byte, from int64) (bool, <-chan struct{}) {
 	c.pmu.Lock()
 	defer c.pmu.Unlock()
-	if c.pbuf != nil && from+int64(len(dst)) <= c.pgot {
+	if end := from + int64(len(dst)); c.pbuf != nil && end <= c.pgot && end < int64(len(c.pbuf)) {
 		copy(dst, c.pbuf[from:])
 		return true, nil
 	}
-	if c.pgone {
-		return false, nil
+	if c.pgone || (c.pbuf != nil && from+int64(len(dst)) >= int64(len(c.pbuf))) {
+		return false, nil // wait for the fill to end
 	}
 	return false, c.pgrew
 }
