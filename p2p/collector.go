@@ -38,14 +38,17 @@ func (f *dhtFinder) FindProviders(ctx context.Context, k blob.Key, first func([]
 	if first != nil {
 		gap = providerGap
 	}
-	return collectProviders(ctx, f.n.dht.FindProvidersAsync(ctx, c, 16), first, providerGrace, gap), nil
+	return collectProviders(ctx, f.n.dht.FindProvidersAsync(ctx, c, 16), f.n.host.ID(), first, providerGrace, gap), nil
 }
 
 // collectProviders reads a lookup's providers from ch until it closes, ctx
 // ends, no provider came for gap since the last one, or grace passed since
 // the first (gap <= 0: no bound on pauses). first, when not nil, is called
-// with the first provider.
-func collectProviders(ctx context.Context, ch <-chan peer.AddrInfo, first func([]peer.AddrInfo), grace, gap time.Duration) []peer.AddrInfo {
+// with the first provider. Records of self are dropped and start no timer:
+// the DHT hands out the node's own record (a pull advertises when it
+// starts) before any peer answered, and a grace counted from it would end
+// a lookup on a busy node before the holders' answers arrive, as "nobody".
+func collectProviders(ctx context.Context, ch <-chan peer.AddrInfo, self peer.ID, first func([]peer.AddrInfo), grace, gap time.Duration) []peer.AddrInfo {
 	var out []peer.AddrInfo
 	var graceC, gapC <-chan time.Time
 	var gapT *time.Timer
@@ -54,6 +57,9 @@ func collectProviders(ctx context.Context, ch <-chan peer.AddrInfo, first func([
 		case ai, ok := <-ch:
 			if !ok {
 				return out
+			}
+			if ai.ID == self {
+				continue
 			}
 			out = append(out, ai)
 			if graceC == nil {

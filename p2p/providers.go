@@ -284,13 +284,22 @@ func (s *Source) setLocked(e *provEntry, found []peer.AddrInfo) {
 }
 
 // refresh looks k up again in the background, each try bounded by timeout;
-// it stops when the node closes.
+// it stops when the node closes. An answer that is empty only because every
+// try ran out of time (a busy node or DHT) says nothing about the holders:
+// the known list is kept and looked at again at the next expiry (a holder
+// that left is dropped by the fetch that fails on it), so a slow refresh
+// never sends a blob's chunks to the origin for negativeTTL.
 func (s *Source) refresh(k blob.Key, e *provEntry, timeout time.Duration) {
-	found, _ := s.lookup(s.bg, k, timeout, nil)
+	found, late := s.lookup(s.bg, k, timeout, nil)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e.refreshing = false
 	if s.bg.Err() != nil {
+		return
+	}
+	if late && len(e.peers) > 0 {
+		s.m.lookupCache.WithLabelValues("kept").Inc()
+		s.setLocked(e, e.peers)
 		return
 	}
 	s.setLocked(e, found)

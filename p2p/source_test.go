@@ -497,6 +497,39 @@ func TestSourceRefreshesExpiredAnswersInTheBackground(t *testing.T) {
 	})
 }
 
+// A refresh that ran out of time (a busy node, a slow DHT) keeps the known
+// holders: "nobody" from a lookup that never finished must not send the
+// blob's chunks to the origin until the negative answer expires.
+func TestSourceSlowRefreshKeepsTheHolders(t *testing.T) {
+	s, f, _, ids := setup(t, "ok")
+	var nowMu sync.Mutex
+	now := time.Now()
+	s.now = func() time.Time { nowMu.Lock(); defer nowMu.Unlock(); return now }
+	if _, origin, err := readAll(t, s, 0, 10); err != nil || origin != ids[0].String() {
+		t.Fatalf("first read: %v from %q", err, origin)
+	}
+	f.mu.Lock()
+	f.peers = nil
+	f.mu.Unlock()
+	f.delay = time.Hour // every try ends at its deadline: late
+	nowMu.Lock()
+	now = now.Add(positiveTTL + time.Second)
+	nowMu.Unlock()
+	base := f.calls.Load()
+	if _, _, err := readAll(t, s, 1<<20, 10); err != nil {
+		t.Fatalf("stale answer: %v", err)
+	}
+	waitFor(t, "the refresh to end", func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		e := s.provs[testKey()]
+		return f.calls.Load() > base && e != nil && !e.refreshing
+	})
+	if _, origin, err := readAll(t, s, 2<<20, 10); err != nil || origin != ids[0].String() {
+		t.Fatalf("after a slow refresh: %v from %q, want the holder", err, origin)
+	}
+}
+
 // streamFinder reports its first provider, then holds the query open until
 // released, like a DHT query still walking the network.
 type streamFinder struct {
@@ -555,7 +588,7 @@ func TestCollectProvidersStopsAtTheFirstPause(t *testing.T) {
 		var firstSeen []peer.AddrInfo
 		done := make(chan []peer.AddrInfo, 1)
 		go func() {
-			done <- collectProviders(context.Background(), ch, func(ps []peer.AddrInfo) { firstSeen = slices.Clone(ps) }, time.Hour, 300*time.Millisecond)
+			done <- collectProviders(context.Background(), ch, "", func(ps []peer.AddrInfo) { firstSeen = slices.Clone(ps) }, time.Hour, 300*time.Millisecond)
 		}()
 		for _, id := range ids[:3] {
 			select {
@@ -603,7 +636,7 @@ func TestCollectProvidersGraceBoundsATrickle(t *testing.T) {
 		}
 	}()
 	done := make(chan []peer.AddrInfo, 1)
-	go func() { done <- collectProviders(context.Background(), ch, nil, 50*time.Millisecond, time.Hour) }()
+	go func() { done <- collectProviders(context.Background(), ch, "", nil, 50*time.Millisecond, time.Hour) }()
 	select {
 	case got := <-done:
 		if len(got) == 0 {
@@ -621,12 +654,12 @@ func TestCollectProvidersEndsWithTheQuery(t *testing.T) {
 	id := newPeerID(t)
 	ch <- peer.AddrInfo{ID: id}
 	close(ch)
-	if got := collectProviders(context.Background(), ch, nil, time.Hour, time.Hour); len(got) != 1 || got[0].ID != id {
+	if got := collectProviders(context.Background(), ch, "", nil, time.Hour, time.Hour); len(got) != 1 || got[0].ID != id {
 		t.Fatalf("closed query: got %v", got)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if got := collectProviders(ctx, make(chan peer.AddrInfo), nil, time.Hour, time.Hour); len(got) != 0 {
+	if got := collectProviders(ctx, make(chan peer.AddrInfo), "", nil, time.Hour, time.Hour); len(got) != 0 {
 		t.Fatalf("cancelled query: got %v", got)
 	}
 }

@@ -130,7 +130,7 @@ func (t *Tags) askSome(ctx context.Context, r TagRef, ps []peer.AddrInfo) (TagTa
 func (n *Node) findTagProviders(ctx context.Context, c cid.Cid) []peer.AddrInfo {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	return collectProviders(ctx, n.dht.FindProvidersAsync(ctx, c, 2*tagAskFanout), nil, tagFindGrace, 0)
+	return collectProviders(ctx, n.dht.FindProvidersAsync(ctx, c, 2*tagAskFanout), n.host.ID(), nil, tagFindGrace, 0)
 }
 
 // askTag asks one peer's data plane what a tag points to.
