@@ -111,6 +111,39 @@ func TestSourceInsistsAfterWaitingForOthers(t *testing.T) {
 	}
 }
 
+// The askers a holder served first may have left (their provider records
+// outlive them): when every other provider fails when asked, nobody is left
+// to wait for, and the asker insists at the holder after one turn instead
+// of waiting out fanoutWait.
+func TestSourceInsistsAtOnceWhenTheOthersAreGone(t *testing.T) {
+	s, _, g, ids := setup(t, "fanout", "err", "err")
+	var mu sync.Mutex
+	clock := time.Now()
+	var waits []time.Duration
+	s.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	s.after = func(d time.Duration) <-chan time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		waits = append(waits, d)
+		clock = clock.Add(d)
+		ch := make(chan time.Time, 1)
+		ch <- clock
+		return ch
+	}
+	s.SetBusyWait(time.Minute)
+	b, origin, err := readAll(t, s, 0, 1<<20)
+	if err != nil || !bytes.Equal(b, g.data[:1<<20]) || origin != ids[0].String() {
+		t.Fatalf("%d bytes from %s, %v; want the holder, insisting", len(b), origin, err)
+	}
+	if len(waits) != 1 {
+		t.Fatalf("waited %v, want one turn of %v", waits, fanoutRetry)
+	}
+	calls := g.calls()
+	if last := calls[len(calls)-1]; !last.insist || last.p != ids[0] {
+		t.Fatalf("last request %+v, want an insisting one to the holder", last)
+	}
+}
+
 // A "zone" answer (another node of this zone is crossing for the blob)
 // makes the asker ask only its zone's holders until the one crossing
 // serves it, not the other zone's holders.

@@ -265,7 +265,15 @@ func (s *Source) hedgedOpt(ctx context.Context, ps []peer.AddrInfo, again func()
 			// others is asked again even when a fresh list lacks it: it
 			// holds the blob, and "don't have" from the rest must not send
 			// the chunk to the origin.
+			others := !onlyHolders(ps, held)
 			ps = addMissing(again(), held)
+			if others && onlyHolders(ps, held) && forOthers && !forZone {
+				// The other providers, whose copies we were waiting for,
+				// dropped out of the list (they failed when asked, or
+				// left): waiting out fanoutWait would only stall the pull.
+				s.log.Debug("no other provider left to wait for; insisting", "key", k, "off", off, "waited", s.now().Sub(start).Round(time.Millisecond))
+				insisted = true
+			}
 		}
 	}
 }
@@ -278,6 +286,16 @@ func addMissing(ps, more []peer.AddrInfo) []peer.AddrInfo {
 		}
 	}
 	return ps
+}
+
+// onlyHolders reports whether every provider in ps is one of held.
+func onlyHolders(ps, held []peer.AddrInfo) bool {
+	for _, p := range ps {
+		if !slices.ContainsFunc(held, func(h peer.AddrInfo) bool { return h.ID == p.ID }) {
+			return false
+		}
+	}
+	return len(held) > 0
 }
 
 // hedgedOnce asks every provider once (hedgedOpt). When no provider served
@@ -363,7 +381,10 @@ func (s *Source) hedgedOnce(ctx context.Context, ps []peer.AddrInfo, k blob.Key,
 		return nil, nil, err
 	}
 	err = errors.Join(errs...)
-	if allNotFound && busy != nil {
+	if busy != nil {
+		// A holder that is busy still holds the blob: the providers that
+		// failed are avoided from now on, and the fetch waits its turn at
+		// the busy one rather than sending the chunk to the origin.
 		b := *busy
 		b.holders = waiting
 		return nil, nil, &b
