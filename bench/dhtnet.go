@@ -89,6 +89,10 @@ type nodeSet struct {
 	errMu    sync.Mutex
 	firstErr error
 	stop     context.CancelFunc
+
+	// The start storm's nodes (storm.go).
+	book  *stormBook
+	storm []*stormNode
 }
 
 func newNodeSet() *nodeSet {
@@ -344,18 +348,21 @@ func (s *nodeSet) close() {
 		x.d.Close()
 		x.h.Close()
 	}
+	s.stormClose()
 }
 
 // hostReq and hostResp are the child protocol: one JSON request per line
 // on the child's stdin, one JSON answer per line on its stdout.
 type hostReq struct {
-	Op      string // start, refresh, sizes, provide, provided, memory
+	Op      string // start, refresh, sizes, provide, provided, memory, storm-start, storm-stats, storm-peers
 	Kind    string
 	IPs     []string
 	Boot    string
 	Resolve time.Duration
 	Items   []provideItem
 	Workers int
+	// storm-start: nodes [Lo, Hi) of Total, Kind the bootstrap mode.
+	Lo, Hi, Total int
 }
 
 type hostResp struct {
@@ -365,6 +372,8 @@ type hostResp struct {
 	Count  int
 	Memory float64
 	Fds    int
+	Storm  []stormStat
+	Peers  [][]int
 }
 
 // serve answers one request on s.
@@ -384,6 +393,12 @@ func (s *nodeSet) serve(ctx context.Context, r hostReq) hostResp {
 		out.Count, err = s.provided(ctx)
 	case "memory":
 		out.Memory, out.Fds, err = s.memory(ctx)
+	case "storm-start":
+		err = s.stormStart(ctx, r.Kind, r.Lo, r.Hi, r.Total)
+	case "storm-stats":
+		out.Storm = s.stormStats()
+	case "storm-peers":
+		out.Peers = s.stormPeers()
 	default:
 		err = fmt.Errorf("unknown op %q", r.Op)
 	}

@@ -15,7 +15,8 @@
 //	BENCH_DHT_PER_PROCESS  most row-5 nodes in one process (default 100, 25 above 100 nodes); the rest run in child processes
 //	BENCH_DHT_LOG       row-5 nodes log at this level (debug, info, warn) to stderr; child processes to <work>/dht-*.log
 //	BENCH_STREAMS       concurrent range streams in row 6 (default 100)
-//	BENCH_ONLY          comma-separated rows to run: hit,fuse,peer,peer4,dht,mem,obd,cluster
+//	BENCH_ONLY          comma-separated rows to run: hit,fuse,peer,peer4,dht,mem,obd,cluster,storm (storm only when named)
+//	BENCH_STORM_NODES   nodes of the start storm, row 9 (default 300); BENCH_STORM_MODES k8s-lease,dns; BENCH_STORM_PER_PROCESS (25)
 //	BENCH_SETTLE_MS     pause before each run of rows 3, 3b and 7 (default 3000)
 //	BENCH_CLUSTER=1     also run the e2e cluster scenarios (root; slow)
 //	BENCH_PPROF=<dir>   save CPU profiles of peerd while it serves (rows 1 and 3)
@@ -64,7 +65,13 @@ type config struct {
 
 func (c *config) size() int64 { return c.sizeMB << 20 }
 
-func (c *config) want(row string) bool { return len(c.only) == 0 || c.only[row] }
+func (c *config) want(row string) bool {
+	if row == "storm" {
+		// Hundreds of nodes for minutes: only when asked for.
+		return c.only["storm"]
+	}
+	return len(c.only) == 0 || c.only[row]
+}
 
 func envInt(name string, def int) int {
 	if v := os.Getenv(name); v != "" {
@@ -279,6 +286,7 @@ func run(ctx context.Context, c *config) int {
 		{"dht", "5", benchDHT},
 		{"mem", "6", benchMemory},
 		{"obd", "7", benchOBD},
+		{"storm", "9", benchStorm},
 	}
 	for _, s := range sections {
 		if !c.want(s.name) {
