@@ -27,6 +27,10 @@ func ParseBootstrap(addrs []string) ([]peer.AddrInfo, error) {
 	return peer.AddrInfosFromP2pAddrs(mas...)
 }
 
+// bootstrapTag protects the connections to bootstrap peers from the
+// connection manager's trimming and from releaseWhenJoined.
+const bootstrapTag = "peerd-bootstrap"
+
 // AddBootstrap adds bootstrap peers at runtime (static flags, a Kubernetes
 // Lease holder, ...); the bootstrap loop dials them until one answers.
 func (n *Node) AddBootstrap(ais ...peer.AddrInfo) {
@@ -40,7 +44,7 @@ func (n *Node) AddBootstrap(ais ...peer.AddrInfo) {
 		old.ID = ai.ID
 		old.Addrs = ma.Unique(append(old.Addrs, ai.Addrs...))
 		n.bootstrap[ai.ID] = old
-		n.host.ConnManager().Protect(ai.ID, "peerd-bootstrap")
+		n.host.ConnManager().Protect(ai.ID, bootstrapTag)
 		added++
 	}
 	n.bootMu.Unlock()
@@ -188,6 +192,53 @@ func (n *Node) refreshEveryBucket() bool {
 	}
 	n.adv.kick()
 	return true
+}
+
+// releaseMin is how many other peers a node must be connected to before it
+// lets go of a peer it joined through; releaseWithin bounds how long it
+// watches for that.
+const (
+	releaseMin    = 8
+	releaseWithin = 2 * time.Minute
+)
+
+// releaseWhenJoined closes the connection to p, a peer the node joined
+// through (Connect while connected to nobody), once the node is connected
+// to releaseMin others. Every node of a Kubernetes cluster joins through
+// the same Lease holder (or a few DNS-named peers): kept, those connections
+// fill the holder's inbound limit and hold it full until its connection
+// manager trims them after its grace period, refusing the next joiners
+// meanwhile (bench row 9, the start storm). p stays in the routing table.
+// A static --bootstrap peer is protected and kept: the island check needs
+// it.
+func (n *Node) releaseWhenJoined(p peer.ID) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	deadline := time.Now().Add(releaseWithin)
+	for time.Now().Before(deadline) {
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-t.C:
+		}
+		if !n.connected(p) || n.host.ConnManager().IsProtected(p, bootstrapTag) {
+			return
+		}
+		others := 0
+		for _, q := range n.host.Network().Peers() {
+			if q != p {
+				others++
+			}
+		}
+		if others < releaseMin {
+			continue
+		}
+		if err := n.host.Network().ClosePeer(p); err == nil {
+			n.m.joinReleased.Inc()
+			n.log.Debug("released the peer this node joined through", "peer", p.String(), "connected", others)
+		}
+		return
+	}
 }
 
 // bootstrapPause waits out one round of the bootstrap loop: wait, or less

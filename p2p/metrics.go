@@ -30,6 +30,7 @@ type metrics struct {
 	busyWait        prometheus.Histogram
 	receivedByZone  *prometheus.CounterVec // relation: same, cross, unknown
 	servedByZone    *prometheus.CounterVec // the asker's zone against ours
+	joinReleased    prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -106,6 +107,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "peerd_p2p_busy_wait_seconds", Help: "Time a fetch waited because every provider holding the bytes was busy or sent it to wait for other askers (up to --swarm-wait, then the origin; 4 s for other askers, then it insists).",
 			Buckets: []float64{0.1, 0.25, 0.5, 1, 2, 4, 8, 16},
 		}),
+		joinReleased: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "peerd_p2p_join_peers_released_total",
+			Help: "Connections to the peers this node joined through (a Lease holder, DNS-named peers), closed once the routing table refresh connected it to others: joiners free the holder's inbound slots.",
+		}),
 		refused: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "peerd_p2p_provider_records_refused_total",
 			Help: fmt.Sprintf("Provider records refused because the store holds its maximum (%d); they are dropped until expired records make room.", maxProviderRecords),
@@ -114,7 +119,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	if reg != nil {
 		reg.MustRegister(m.lookupSeconds, m.lookupCache, m.receivedBytes, m.servedBytes, m.serveRequests,
 			m.peerErrors, m.hedges, m.resumes, m.blames, m.provides, m.provideSecs, m.advertised, m.dials, m.records, m.refused, m.handshakes,
-			m.uploadsInFlight, m.busyReceived, m.busyWait, m.receivedByZone, m.servedByZone)
+			m.uploadsInFlight, m.busyReceived, m.busyWait, m.receivedByZone, m.servedByZone, m.joinReleased)
 	}
 	return m
 }

@@ -291,10 +291,14 @@ func (n *Node) Connect(ctx context.Context, ai peer.AddrInfo) error {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	was := n.connected(ai.ID)
+	alone := n.ConnectedPeers() == 0
 	if err := n.host.Connect(ctx, ai); err != nil {
 		return fmt.Errorf("connect to peer %s: %w", ai.ID, err)
 	}
 	if !was {
+		if alone {
+			n.wg.Go(func() { n.releaseWhenJoined(ai.ID) })
+		}
 		n.joined.Store(true)
 		n.kickBootstrap()
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/pnet"
 	"github.com/peerd-project/peerd/blob"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // memStore is a LocalStore over in-memory blobs.
@@ -398,4 +399,43 @@ func TestReachingABootstrapPeerRefreshesEveryBucket(t *testing.T) {
 	waitFor(t, "island's first bucket refreshed after it reached the seed", func() bool {
 		return rt.GetTrackedCplsForRefresh()[0].After(reached)
 	})
+}
+
+// A node that joined through a peer with Connect (the Kubernetes
+// bootstrapper's Lease holder or DNS-named peers) lets go of that
+// connection once the refresh that followed connected it to enough others,
+// so the holder's inbound slots free up for the next joiners; the holder
+// stays in its routing table. Static --bootstrap peers are kept.
+func TestJoinPeerIsReleasedAfterTheRefresh(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts libp2p hosts")
+	}
+	holder := startNode(t, nil)
+	var members []*testNode
+	for range releaseMin + 3 {
+		members = append(members, startNode(t, nil, holder))
+	}
+	for _, m := range members {
+		waitFor(t, "member joined", func() bool { return holder.connected(m.ID()) })
+	}
+	joiner := startNode(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := joiner.Connect(ctx, peer.AddrInfo{ID: holder.ID(), Addrs: holder.Host().Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the joiner to let go of the holder", func() bool {
+		return !joiner.connected(holder.ID()) && joiner.ConnectedPeers() >= releaseMin
+	})
+	if joiner.dht.RoutingTable().Find(holder.ID()) == "" {
+		t.Fatal("the holder left the joiner's routing table")
+	}
+	if got := testutil.ToFloat64(joiner.m.joinReleased); got != 1 {
+		t.Fatalf("peerd_p2p_join_peers_released_total = %v, want 1", got)
+	}
+	for _, m := range members {
+		if !m.connected(holder.ID()) {
+			t.Fatal("a member let go of its static bootstrap peer")
+		}
+	}
 }
