@@ -118,6 +118,8 @@ func (h stormHost) LivePeers() int { return min(h.RoutingTableSize(), h.Connecte
 type stormNode struct {
 	idx    int
 	n      *p2p.Node
+	reg    *prometheus.Registry
+	store  *oneByteStore
 	boot   *k8s.Bootstrapper
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -157,7 +159,7 @@ func (s *nodeSet) stormStart(ctx context.Context, mode string, lo, hi, total int
 		}
 		bctx, cancel := context.WithCancel(context.Background())
 		boot := k8s.NewBootstrapper(stormHost{n}, &stormDiscoverer{mode: mode, self: i, book: s.book}, k8s.BootstrapOptions{Logger: s.quiet})
-		sn := &stormNode{idx: i, n: n, boot: boot, cancel: cancel, done: make(chan struct{})}
+		sn := &stormNode{idx: i, n: n, reg: reg, store: st, boot: boot, cancel: cancel, done: make(chan struct{})}
 		go func() {
 			defer close(sn.done)
 			boot.Run(bctx)
@@ -420,7 +422,79 @@ func stormOnce(ctx context.Context, c *config, t *table, mode string, n int) err
 		t.note("storm (%s): group sizes %s", mode, strings.Join(sizes, ", "))
 	}
 	t.note("storm (%s): sampled for %v; the samples: %d", mode, last.at.Round(time.Second), len(samples))
+	if notReady == 0 {
+		per, took, err := provideCost(ctx, local.storm[0], 200)
+		if err != nil {
+			return err
+		}
+		t.add(row{group: "9", what: fmt.Sprintf("%s: one advertisement (a provide: a walk to the 20 closest nodes, then the record to each), bytes on the wire, all nodes together (200 keys from node 0, loopback counters less the idle rate)", what),
+			peerd: fmt.Sprintf("%.1f KiB", per/1024)})
+		t.note("storm (%s): node 0 advertised 200 keys in %v", mode, took.Round(100*time.Millisecond))
+	}
 	return nil
+}
+
+// provideCost has x advertise keys new keys and returns the loopback bytes
+// one advertisement cost (the traffic of an idle period as long subtracted)
+// and the time they took.
+func provideCost(ctx context.Context, x *stormNode, keys int) (float64, time.Duration, error) {
+	idle := 10 * time.Second
+	b0, err := loopbackBytes()
+	if err != nil {
+		return 0, 0, err
+	}
+	if err := sleep(ctx, idle); err != nil {
+		return 0, 0, err
+	}
+	b1, err := loopbackBytes()
+	if err != nil {
+		return 0, 0, err
+	}
+	rate := float64(b1-b0) / idle.Seconds()
+	ok0 := counterSum(x.reg, "peerd_p2p_provides_total", "result", "ok")
+	start := time.Now()
+	for range keys {
+		k := randomKey()
+		x.store.add(k)
+		x.n.Announcer("bench").Holding(k)
+	}
+	for counterSum(x.reg, "peerd_p2p_provides_total", "result", "ok")-ok0 < float64(keys) {
+		if time.Since(start) > 5*time.Minute {
+			return 0, 0, fmt.Errorf("node 0 advertised %.0f of %d keys in 5 minutes", counterSum(x.reg, "peerd_p2p_provides_total", "result", "ok")-ok0, keys)
+		}
+		if err := sleep(ctx, 100*time.Millisecond); err != nil {
+			return 0, 0, err
+		}
+	}
+	took := time.Since(start)
+	b2, err := loopbackBytes()
+	if err != nil {
+		return 0, 0, err
+	}
+	return (float64(b2-b1) - rate*took.Seconds()) / float64(keys), took, nil
+}
+
+// loopbackBytes is the bytes the loopback interface has carried (each
+// packet once).
+func loopbackBytes() (uint64, error) {
+	raw, err := os.ReadFile("/proc/net/dev")
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		name, rest, ok := strings.Cut(strings.TrimSpace(line), ":")
+		if !ok || name != "lo" {
+			continue
+		}
+		f := strings.Fields(rest)
+		if len(f) < 1 {
+			break
+		}
+		var v uint64
+		_, err := fmt.Sscan(f[0], &v)
+		return v, err
+	}
+	return 0, errors.New("no loopback interface in /proc/net/dev")
 }
 
 func stormVerdict(ok bool) string {
