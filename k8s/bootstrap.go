@@ -98,7 +98,14 @@ type Bootstrapper struct {
 	mu      sync.Mutex
 	done    bool  // a round ended connected or alone
 	lastErr error // why the last round failed, for Ready
+	known   int   // peers the last discovery named (besides this node)
 }
+
+// topUpBelow is the number of live peers under which a joined node runs
+// another round when its discovery named more peers than it has: two nodes
+// that dialled only each other while everyone else refused (a start storm)
+// would otherwise stay an island, each content with one live peer.
+const topUpBelow = 3
 
 // NewBootstrapper makes a bootstrap loop; Run starts it.
 func NewBootstrapper(h Host, d Discoverer, opts BootstrapOptions) *Bootstrapper {
@@ -199,6 +206,10 @@ func (b *Bootstrapper) waitNext(ctx context.Context, check <-chan time.Time, wai
 				b.log.Warn("no live peer left; bootstrapping again")
 				*need, *backoff = true, b.opts.MinBackoff
 				return true
+			case !*need && size < topUpBelow && b.knows() > size:
+				b.log.Info("few live peers while discovery names more; connecting to more", "peers", size, "named", b.knows())
+				*need, *backoff = true, b.opts.MinBackoff
+				return true
 			case *need && size > 0:
 				// Alone or failing, yet the node has live peers (others dialed
 				// it, or it kept some from before a change): joined.
@@ -223,6 +234,9 @@ func (b *Bootstrapper) round(ctx context.Context) (int, error) {
 	}
 	self := b.host.ID()
 	peers = slices.DeleteFunc(peers, func(p peer.AddrInfo) bool { return p.ID == self || len(p.Addrs) == 0 })
+	b.mu.Lock()
+	b.known = len(peers)
+	b.mu.Unlock()
 	if len(peers) == 0 {
 		b.log.Debug("no other peer known; this node is alone for now")
 		b.finish(0, nil)
@@ -282,6 +296,12 @@ func (b *Bootstrapper) finish(connected int, err error) {
 }
 
 // jitter spreads retries of many nodes over [d/2, d).
+func (b *Bootstrapper) knows() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.known
+}
+
 func jitter(d time.Duration) time.Duration {
 	return d/2 + rand.N(d/2+1)
 }

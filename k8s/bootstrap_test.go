@@ -192,3 +192,31 @@ func TestBootstrapDiscoveryErrorIsReported(t *testing.T) {
 		t.Fatalf("Ready() = %v, want the discovery error", err)
 	}
 }
+
+// A joined node with fewer than topUpBelow live peers while its discovery
+// named more (two nodes that found only each other in a start storm) runs
+// more rounds until it has enough; one whose discovery names no more
+// peers than it has stays quiet.
+func TestBootstrapTopsUpAnIsland(t *testing.T) {
+	h := newFakeHost("self")
+	h.setReachable("a", true)
+	d := &fakeDisc{changed: make(chan struct{}, 1)}
+	d.set(nil, "a", "b", "c", "d")
+	b := startBootstrap(t, h, d)
+	eventually(t, "ready", func() bool { return b.Ready() == nil })
+	// Only "a" answers: one live peer of the four named, so it keeps
+	// dialling the others, and stays ready meanwhile.
+	eventually(t, "more rounds", func() bool { return h.dialCount("b")+h.dialCount("c")+h.dialCount("d") >= 6 })
+	if err := b.Ready(); err != nil {
+		t.Fatalf("not ready while topping up: %v", err)
+	}
+	for _, id := range []peer.ID{"b", "c", "d"} {
+		h.setReachable(id, true)
+	}
+	h.table.Store(topUpBelow)
+	eventually(t, "bootstrap stops looking", func() bool {
+		n := d.callCount()
+		time.Sleep(100 * time.Millisecond)
+		return d.callCount() == n
+	})
+}
