@@ -130,7 +130,6 @@ type stormStat struct {
 	Ready   bool
 	Table   int
 	Inbound int
-	Conns   int
 }
 
 // stormStart creates nodes [lo, hi) of a network of total nodes, each
@@ -173,13 +172,12 @@ func (s *nodeSet) stormStats() []stormStat {
 	out := make([]stormStat, len(s.storm))
 	for i, x := range s.storm {
 		in := 0
-		conns := x.n.Host().Network().Conns()
-		for _, c := range conns {
+		for _, c := range x.n.Host().Network().Conns() {
 			if c.Stat().Direction == network.DirInbound {
 				in++
 			}
 		}
-		out[i] = stormStat{Ready: x.boot.Ready() == nil, Table: x.n.RoutingTableSize(), Inbound: in, Conns: len(conns)}
+		out[i] = stormStat{Ready: x.boot.Ready() == nil, Table: x.n.RoutingTableSize(), Inbound: in}
 	}
 	return out
 }
@@ -307,7 +305,6 @@ func stormOnce(ctx context.Context, c *config, t *table, mode string, n int) err
 		case <-tick.C:
 		}
 		all := local.stormStats()
-		parts := parts
 		got := make([][]stormStat, len(parts))
 		for i, p := range parts {
 			wg.Go(func() { got[i], errs[i] = p.stormStats() })

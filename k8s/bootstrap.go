@@ -295,13 +295,14 @@ func (b *Bootstrapper) finish(connected int, err error) {
 	b.markJoined()
 }
 
-// jitter spreads retries of many nodes over [d/2, d).
+// knows is how many peers the last discovery named.
 func (b *Bootstrapper) knows() int {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.known
 }
 
+// jitter spreads retries of many nodes over [d/2, d).
 func jitter(d time.Duration) time.Duration {
 	return d/2 + rand.N(d/2+1)
 }

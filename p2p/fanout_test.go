@@ -74,11 +74,9 @@ func TestFanoutForgetsOldTurnsPastItsBound(t *testing.T) {
 	}
 }
 
-// A holder that sends the asker to wait for others is waited for, then
-// asked once more, insisting: the bytes come from it, never "don't have"
-// (which would send the chunk to the origin).
-func TestSourceInsistsAfterWaitingForOthers(t *testing.T) {
-	s, _, g, ids := setup(t, "fanout", "fanout")
+// stepClock gives s a clock that stands still until s waits, then jumps by
+// the wait at once; it returns the waits, in order.
+func stepClock(s *Source) *[]time.Duration {
 	var mu sync.Mutex
 	clock := time.Now()
 	var waits []time.Duration
@@ -92,13 +90,22 @@ func TestSourceInsistsAfterWaitingForOthers(t *testing.T) {
 		ch <- clock
 		return ch
 	}
+	return &waits
+}
+
+// A holder that sends the asker to wait for others is waited for, then
+// asked once more, insisting: the bytes come from it, never "don't have"
+// (which would send the chunk to the origin).
+func TestSourceInsistsAfterWaitingForOthers(t *testing.T) {
+	s, _, g, ids := setup(t, "fanout", "fanout")
+	waits := stepClock(s)
 	s.SetBusyWait(time.Second)
 	b, origin, err := readAll(t, s, 0, 1<<20)
 	if err != nil || !bytes.Equal(b, g.data[:1<<20]) || origin != ids[0].String() {
 		t.Fatalf("%d bytes from %s, %v; want the first holder, insisting", len(b), origin, err)
 	}
-	if len(waits) != int(time.Second/fanoutRetry) {
-		t.Fatalf("waited %v, want turns of %v for a second", waits, fanoutRetry)
+	if len(*waits) != int(time.Second/fanoutRetry) {
+		t.Fatalf("waited %v, want turns of %v for a second", *waits, fanoutRetry)
 	}
 	calls := g.calls()
 	if last := calls[len(calls)-1]; !last.insist || last.p != ids[0] {
@@ -117,26 +124,14 @@ func TestSourceInsistsAfterWaitingForOthers(t *testing.T) {
 // of waiting out fanoutWait.
 func TestSourceInsistsAtOnceWhenTheOthersAreGone(t *testing.T) {
 	s, _, g, ids := setup(t, "fanout", "err", "err")
-	var mu sync.Mutex
-	clock := time.Now()
-	var waits []time.Duration
-	s.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
-	s.after = func(d time.Duration) <-chan time.Time {
-		mu.Lock()
-		defer mu.Unlock()
-		waits = append(waits, d)
-		clock = clock.Add(d)
-		ch := make(chan time.Time, 1)
-		ch <- clock
-		return ch
-	}
+	waits := stepClock(s)
 	s.SetBusyWait(time.Minute)
 	b, origin, err := readAll(t, s, 0, 1<<20)
 	if err != nil || !bytes.Equal(b, g.data[:1<<20]) || origin != ids[0].String() {
 		t.Fatalf("%d bytes from %s, %v; want the holder, insisting", len(b), origin, err)
 	}
-	if len(waits) != 1 {
-		t.Fatalf("waited %v, want one turn of %v", waits, fanoutRetry)
+	if len(*waits) != 1 {
+		t.Fatalf("waited %v, want one turn of %v", *waits, fanoutRetry)
 	}
 	calls := g.calls()
 	if last := calls[len(calls)-1]; !last.insist || last.p != ids[0] {
