@@ -15,10 +15,10 @@
 //	BENCH_DHT_PER_PROCESS  most row-5 nodes in one process (default 100, 25 above 100 nodes); the rest run in child processes
 //	BENCH_DHT_LOG       row-5 nodes log at this level (debug, info, warn) to stderr; child processes to <work>/dht-*.log
 //	BENCH_STREAMS       concurrent range streams in row 6 (default 100)
-//	BENCH_ONLY          comma-separated rows to run: hit,fuse,peer,peer4,dht,mem,obd,cluster,storm (storm only when named)
+//	BENCH_ONLY          comma-separated rows to run: hit,fuse,peer,peer4,dht,mem,obd,cluster,model,storm (storm only when named)
 //	BENCH_STORM_NODES   nodes of the start storm, row 9 (default 300); BENCH_STORM_MODES k8s-lease,dns; BENCH_STORM_PER_PROCESS (25)
 //	BENCH_SETTLE_MS     pause before each run of rows 3, 3b and 7 (default 3000)
-//	BENCH_CLUSTER=1     also run the e2e cluster scenarios (root; slow)
+//	BENCH_CLUSTER=1     also run the e2e cluster and model scenarios, rows 8 and 10 (root; slow)
 //	BENCH_PPROF=<dir>   save CPU profiles of peerd while it serves (rows 1 and 3)
 //	BENCH_DIR=<dir>     work folder (default a temp dir; removed afterwards)
 //	PEERD_BIN           the peerd binary (default: built from ./cmd/peerd)
@@ -140,7 +140,7 @@ func (t *table) print(w io.Writer, c *config) {
 	fmt.Fprintln(w, "| - | --- | ---: | ---: | ---: | --- | --- |")
 	// Rows in the order of the issue, whichever section measured them.
 	rows := slices.Clone(t.rows)
-	sort.SliceStable(rows, func(i, j int) bool { return rows[i].group < rows[j].group })
+	sort.SliceStable(rows, func(i, j int) bool { return groupLess(rows[i].group, rows[j].group) })
 	for _, r := range rows {
 		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s |\n", r.group, r.what, r.peerd, r.baseline, r.ratio, r.goal, r.verdict)
 	}
@@ -150,6 +150,24 @@ func (t *table) print(w io.Writer, c *config) {
 			fmt.Fprintf(w, "- %s\n", n)
 		}
 	}
+}
+
+// groupLess orders row groups by number, then suffix: 3 < 3b < 9 < 10.
+func groupLess(a, b string) bool {
+	num := func(s string) (int, string) {
+		i := 0
+		for i < len(s) && s[i] >= '0' && s[i] <= '9' {
+			i++
+		}
+		n, _ := strconv.Atoi(s[:i])
+		return n, s[i:]
+	}
+	na, sa := num(a)
+	nb, sb := num(b)
+	if na != nb {
+		return na < nb
+	}
+	return sa < sb
 }
 
 func kernel() string {
@@ -219,7 +237,7 @@ func main() {
 		for _, s := range strings.Split(v, ",") {
 			c.only[strings.TrimSpace(s)] = true
 		}
-		c.cluster = c.cluster || c.only["cluster"]
+		c.cluster = c.cluster || c.only["cluster"] || c.only["model"]
 	}
 
 	raiseFileLimit()

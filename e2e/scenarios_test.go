@@ -29,6 +29,7 @@ func TestE2E(t *testing.T) {
 	c.run(t, "4-fuse", c.fuse)
 	c.run(t, "6-registry-down", c.registryDown)
 	c.run(t, "7-model-burst", c.modelBurst)
+	c.run(t, "8-model-warm", c.modelWarm)
 	c.run(t, "5-node-loss", c.nodeLoss)
 }
 
