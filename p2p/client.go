@@ -257,6 +257,9 @@ func (c *dataClient) GetRange(ctx context.Context, ai peer.AddrInfo, k blob.Key,
 	switch resp.StatusCode {
 	case http.StatusPartialContent:
 	case http.StatusNotFound:
+		// Read the short reason to its end: a body closed early takes its
+		// connection with it, and the next ask would pay a TLS handshake.
+		io.Copy(io.Discard, io.LimitReader(resp.Body, 4096))
 		resp.Body.Close()
 		c.n.m.peerErrors.WithLabelValues("not_found").Inc()
 		return nil, -1, fmt.Errorf("peer %s does not hold %s: %w", ai.ID, k, blob.ErrNotFound)
