@@ -327,7 +327,7 @@ func TestHelmChartShape(t *testing.T) {
 	// RBAC: exactly what peerd uses, nothing cluster-wide beyond events and nodes.
 	role := find(t, objs, "Role", "peerd").u
 	cr := find(t, objs, "ClusterRole", "peerd").u
-	wantRules(t, role, []string{"coordination.k8s.io/leases[peerd-bootstrap]:get,update", "coordination.k8s.io/leases:create"})
+	wantRules(t, role, []string{"coordination.k8s.io/leases[peerd-bootstrap]:get,update,list,watch", "coordination.k8s.io/leases:create"})
 	wantRules(t, cr, []string{"/events:create,patch", "/nodes:get"})
 
 	// The headless Service publishes pods before they are ready (dns bootstrap).

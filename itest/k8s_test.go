@@ -78,6 +78,23 @@ func TestK8sLeaseBootstrapAndEvents(t *testing.T) {
 		})
 	}
 	waitMetric(t, a.Node, "peerd_p2p_routing_table_peers", 2)
+	// The followers read the Lease from their watch (the chart's Role allows
+	// list and watch on its name, asked with a metadata.name field
+	// selector): no GET every retry period (533 ms here).
+	for _, n := range []*p2pNode{b, cc} {
+		waitMetric(t, n.Node, "peerd_k8s_lease_reads_total", 3, "from=watch")
+	}
+	apiReads := func() float64 {
+		return b.Metric(t, "peerd_k8s_lease_reads_total", "from=api") + cc.Metric(t, "peerd_k8s_lease_reads_total", "from=api")
+	}
+	before, watched := apiReads(), b.Metric(t, "peerd_k8s_lease_reads_total", "from=watch")
+	time.Sleep(2 * time.Second)
+	if got := apiReads() - before; got != 0 {
+		t.Errorf("the two followers read the Lease %v times from the API server in 2 s; want 0 (their watches answer)", got)
+	}
+	if got := b.Metric(t, "peerd_k8s_lease_reads_total", "from=watch") - watched; got < 2 {
+		t.Errorf("node-b's election read the watched Lease %v times in 2 s; want one every retry period", got)
+	}
 	if h := leaseHolder(ctx, c); h != "node-a" {
 		t.Fatalf("the Lease moved to %q while node-a was alive", h)
 	}

@@ -39,7 +39,9 @@ func (h *fakeHost) Connect(ctx context.Context, ai peer.AddrInfo) error {
 	if !h.reachable[ai.ID] {
 		return errors.New("connection refused")
 	}
-	h.table.Store(1)
+	// A connection puts the peer in the table; it never shrinks the table
+	// (a round that ends after the test grew it must not undo that).
+	h.table.CompareAndSwap(0, 1)
 	return nil
 }
 func (h *fakeHost) setReachable(id peer.ID, ok bool) {

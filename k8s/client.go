@@ -17,6 +17,18 @@ var ErrNoCluster = errors.New("no Kubernetes API (not running in a pod, and no -
 // NewClient builds a client from kubeconfig, or from the pod's service
 // account when kubeconfig is empty. Every request has a deadline.
 func NewClient(kubeconfig, userAgent string) (kubernetes.Interface, error) {
+	return newClient(kubeconfig, userAgent, 15*time.Second)
+}
+
+// NewWatchClient is NewClient for long-lived watches: no deadline on the
+// whole request (it would end every watch); each watch asks the server to end
+// it and carries its own context deadline, and dialing and TLS keep their
+// timeouts.
+func NewWatchClient(kubeconfig, userAgent string) (kubernetes.Interface, error) {
+	return newClient(kubeconfig, userAgent, 0)
+}
+
+func newClient(kubeconfig, userAgent string, timeout time.Duration) (kubernetes.Interface, error) {
 	var (
 		cfg *rest.Config
 		err error
@@ -36,7 +48,7 @@ func NewClient(kubeconfig, userAgent string) (kubernetes.Interface, error) {
 		}
 	}
 	cfg.UserAgent = userAgent
-	cfg.Timeout = 15 * time.Second
+	cfg.Timeout = timeout
 	// A DaemonSet multiplies every request by the node count: stay gentle.
 	cfg.QPS, cfg.Burst = 5, 10
 	c, err := kubernetes.NewForConfig(cfg)

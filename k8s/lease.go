@@ -34,9 +34,12 @@ type leaderInfo struct {
 
 // LeaseOptions configure Lease bootstrap.
 type LeaseOptions struct {
-	Client    kubernetes.Interface
-	Namespace string
-	Name      string
+	Client kubernetes.Interface
+	// WatchClient follows the Lease with a long-lived watch (a client
+	// without a deadline on the whole request: NewWatchClient); nil: Client.
+	WatchClient kubernetes.Interface
+	Namespace   string
+	Name        string
 	// Identity is this node's name in the election (the Kubernetes node name).
 	Identity string
 	// LeaseDuration is how long a dead leader keeps the Lease (15s); the
@@ -56,6 +59,7 @@ type Lease struct {
 	log  *slog.Logger
 
 	changed chan struct{}
+	watch   *leaseWatch
 
 	mu     sync.Mutex
 	seen   bool   // a Lease record was read at least once
@@ -92,11 +96,17 @@ func NewLease(h Host, opts LeaseOptions) (*Lease, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	wc := opts.WatchClient
+	if wc == nil {
+		wc = opts.Client
+	}
+	log := opts.Logger.With("lease", opts.Namespace+"/"+opts.Name)
 	return &Lease{
 		host:    h,
 		opts:    opts,
-		log:     opts.Logger.With("lease", opts.Namespace+"/"+opts.Name),
+		log:     log,
 		changed: make(chan struct{}, 1),
+		watch:   newLeaseWatch(wc.CoordinationV1().Leases(opts.Namespace), opts.Name, log),
 	}, nil
 }
 
@@ -130,9 +140,23 @@ func (l *Lease) Discover(context.Context) ([]peer.AddrInfo, error) {
 	return slices.Clone(l.addrs), nil
 }
 
+// holding reports whether this node held the Lease when it last read it.
+func (l *Lease) holding() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.seen && l.holder == l.opts.Identity
+}
+
 // Run takes part in the election until ctx ends; a leader that stops releases
-// the Lease so another node takes over at once.
+// the Lease so another node takes over at once. A node that does not hold
+// the Lease reads it from a watch (leaseWatch); the holder reads it from the
+// API server before each renewal.
 func (l *Lease) Run(ctx context.Context) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wctx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	wg.Go(func() { l.watch.run(wctx) })
 	d := l.opts.LeaseDuration
 	cfg := leaderelection.LeaderElectionConfig{
 		Lock:            &leaseLock{l: l},
@@ -263,6 +287,16 @@ func (k *leaseLock) client() interface {
 }
 
 func (k *leaseLock) Get(ctx context.Context) (*rl.LeaderElectionRecord, []byte, error) {
+	if !k.l.holding() {
+		if lease, ok := k.l.watch.current(); ok {
+			k.l.opts.Metrics.leaseRead("watch")
+			if lease == nil {
+				return nil, nil, apierrors.NewNotFound(coordinationv1.Resource("leases"), k.l.opts.Name)
+			}
+			return k.read(lease)
+		}
+	}
+	k.l.opts.Metrics.leaseRead("api")
 	lease, err := k.client().Get(ctx, k.l.opts.Name, metav1.GetOptions{})
 	if err != nil {
 		if !apierrors.IsNotFound(err) { // not found: the election creates it
@@ -270,6 +304,11 @@ func (k *leaseLock) Get(ctx context.Context) (*rl.LeaderElectionRecord, []byte, 
 		}
 		return nil, nil, err
 	}
+	return k.read(lease)
+}
+
+// read takes lease as the current record.
+func (k *leaseLock) read(lease *coordinationv1.Lease) (*rl.LeaderElectionRecord, []byte, error) {
 	k.lease = lease
 	k.l.observe(lease)
 	rec := rl.LeaseSpecToLeaderElectionRecord(&lease.Spec)
@@ -294,6 +333,8 @@ func (k *leaseLock) Create(ctx context.Context, ler rl.LeaderElectionRecord) err
 	if err != nil {
 		if !apierrors.IsAlreadyExists(err) { // lost a race to create: normal
 			k.l.apiFailed(fmt.Errorf("create: %w", err))
+		} else {
+			k.l.watch.stale()
 		}
 		return err
 	}
@@ -313,6 +354,8 @@ func (k *leaseLock) Update(ctx context.Context, ler rl.LeaderElectionRecord) err
 	if err != nil {
 		if !apierrors.IsConflict(err) { // lost a race to update: normal
 			k.l.apiFailed(fmt.Errorf("update: %w", err))
+		} else {
+			k.l.watch.stale()
 		}
 		return err
 	}

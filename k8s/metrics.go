@@ -7,6 +7,7 @@ type Metrics struct {
 	rounds *prometheus.CounterVec
 	leader prometheus.Gauge
 	events *prometheus.CounterVec
+	reads  *prometheus.CounterVec
 }
 
 // NewMetrics registers the package's metrics on reg.
@@ -24,9 +25,13 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "peerd_k8s_events_total",
 			Help: "Kubernetes Events emitted on the node's Node object, by reason.",
 		}, []string{"reason"}),
+		reads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "peerd_k8s_lease_reads_total",
+			Help: "Reads of the bootstrap Lease by the election, by where they were answered: watch (this node's watched copy, no request) or api (a GET: the holder before renewing, or while the watch is not in sync).",
+		}, []string{"from"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.rounds, m.leader, m.events)
+		reg.MustRegister(m.rounds, m.leader, m.events, m.reads)
 	}
 	return m
 }
@@ -45,6 +50,12 @@ func (m *Metrics) setLeader(v bool) {
 		m.leader.Set(1)
 	} else {
 		m.leader.Set(0)
+	}
+}
+
+func (m *Metrics) leaseRead(from string) {
+	if m != nil {
+		m.reads.WithLabelValues(from).Inc()
 	}
 }
 

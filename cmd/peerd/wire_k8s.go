@@ -145,8 +145,13 @@ func startK8s(ctx context.Context, a *app) error {
 	var disc k8s.Discoverer
 	switch c.BootstrapMode {
 	case modeLease:
+		watchClient, err := k8s.NewWatchClient(c.Kubeconfig, "peerd/"+version)
+		if err != nil {
+			return err
+		}
 		lease, err := k8s.NewLease(host, k8s.LeaseOptions{
 			Client:        client,
+			WatchClient:   watchClient,
 			Namespace:     c.Namespace,
 			Name:          c.LeaseName,
 			Identity:      c.NodeName,
