@@ -149,8 +149,8 @@ func (l *Lease) holding() bool {
 
 // Run takes part in the election until ctx ends; a leader that stops releases
 // the Lease so another node takes over at once. A node that does not hold
-// the Lease reads it from a watch (leaseWatch); the holder reads it from the
-// API server before each renewal.
+// the Lease reads it from a watch (leaseWatch); the holder's renewals (and
+// any read it needs) go to the API server.
 func (l *Lease) Run(ctx context.Context) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -194,8 +194,9 @@ func (l *Lease) Run(ctx context.Context) {
 }
 
 // observe learns holder and leader addresses from every Lease the election
-// reads or writes: the election polls the Lease each retry period anyway, so
-// following the leader costs no extra API call.
+// reads or writes: the election reads the Lease each retry period anyway
+// (from the watch, or the API server), so following the leader costs no
+// extra API call.
 func (l *Lease) observe(lease *coordinationv1.Lease) {
 	holder := ""
 	if lease.Spec.HolderIdentity != nil {
