@@ -567,7 +567,7 @@ func peerdAtScale(ctx context.Context, c *config, t *table, pn []*peerdNode, siz
 		return err
 	}
 	hwm, _ := rssMiB(n.PID(), "VmHWM")
-	t.add(row{group: "5", what: fmt.Sprintf("discovery: RSS of a peerd process connected to %.0f peers (peak %.1f MiB)", peers, hwm),
+	t.add(row{group: "5", what: fmt.Sprintf("discovery: RSS of a peerd process connected to %.0f peers (peak %.1f MiB; %s)", peers, hwm, rssParts(n.PID())),
 		peerd: fmt.Sprintf("%.1f MiB", rss), goal: "≤ 64 MiB", verdict: atMost(rss, 64)})
 	return missTTFB(ctx, c, t, o, n, fmt.Sprintf("a peerd in the %d-node DHT", size))
 }

@@ -44,7 +44,7 @@ func benchMemory(ctx context.Context, c *config, t *table) error {
 	if err != nil {
 		return err
 	}
-	t.add(row{group: "6", what: "memory: RSS idle", peerd: fmt.Sprintf("%.1f MiB", idle),
+	t.add(row{group: "6", what: "memory: RSS idle (" + rssParts(n.PID()) + ")", peerd: fmt.Sprintf("%.1f MiB", idle),
 		baseline: fmt.Sprintf("%.1f MiB FileServer", idlePlain), goal: "≤ 64 MiB", verdict: atMost(idle, 64)})
 
 	hexd, rel, err := fill(ctx, n, o, size)

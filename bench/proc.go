@@ -359,6 +359,18 @@ func rssMiB(pid int, field string) (float64, error) {
 	return 0, fmt.Errorf("/proc/%d/status: no %s", pid, field)
 }
 
+// rssParts says what a process's RSS holds: anonymous memory (heap, stacks:
+// what the process costs the node) and file pages (mostly its own binary's
+// code, which the kernel maps in as it runs and may drop at any time).
+func rssParts(pid int) string {
+	anon, err1 := rssMiB(pid, "RssAnon")
+	file, err2 := rssMiB(pid, "RssFile")
+	if err1 != nil || err2 != nil {
+		return "RSS parts unknown"
+	}
+	return fmt.Sprintf("anonymous %.1f MiB, file pages (the binary) %.1f MiB", anon, file)
+}
+
 func sleep(ctx context.Context, d time.Duration) error {
 	select {
 	case <-ctx.Done():

@@ -2,6 +2,7 @@ package main
 
 import (
 	"os"
+	"strings"
 	"testing"
 	"time"
 )
@@ -55,5 +56,8 @@ func TestProcReaders(t *testing.T) {
 	}
 	if _, err := rssMiB(os.Getpid(), "NoSuchField"); err == nil {
 		t.Error("a missing field read without error")
+	}
+	if p := rssParts(os.Getpid()); !strings.HasPrefix(p, "anonymous ") || !strings.Contains(p, "file pages") {
+		t.Errorf("rssParts = %q", p)
 	}
 }
