@@ -14,6 +14,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
@@ -126,9 +127,13 @@ func TestNewLeaseRejectsBadOptions(t *testing.T) {
 
 func TestLeaseReadErrorIsReported(t *testing.T) {
 	c := fake.NewClientset()
-	c.PrependReactor("get", "leases", func(k8stesting.Action) (bool, runtime.Object, error) {
-		return true, nil, apierrors.NewForbidden(schema.GroupResource{Group: "coordination.k8s.io", Resource: "leases"}, "peerd-bootstrap", errors.New("RBAC: no get"))
-	})
+	forbidden := apierrors.NewForbidden(schema.GroupResource{Group: "coordination.k8s.io", Resource: "leases"}, "peerd-bootstrap", errors.New("RBAC: no get"))
+	// No way to read the Lease at all (a missing Role): neither a GET nor
+	// the watch's list and watch.
+	for _, verb := range []string{"get", "list"} {
+		c.PrependReactor(verb, "leases", func(k8stesting.Action) (bool, runtime.Object, error) { return true, nil, forbidden })
+	}
+	c.PrependWatchReactor("leases", func(k8stesting.Action) (bool, watch.Interface, error) { return true, nil, forbidden })
 	l, _ := runLease(t, c, newAddrHost(t, "127.0.0.1"), "node-a")
 	eventually(t, "the read error to surface", func() bool {
 		_, err := l.Discover(context.Background())

@@ -4,22 +4,66 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	coordinationv1 "k8s.io/api/coordination/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 )
 
-// nodeClient is one node's client of the API server that shared stands
-// for: every node sees the same objects, and each client records only its
-// own node's requests.
-func nodeClient(shared *fake.Clientset) *fake.Clientset {
+// apiServer stands for the API server behind several nodes' clients: one
+// object store, and the optimistic concurrency the fake alone lacks (an
+// update must carry the stored resourceVersion, or it conflicts), without
+// which two nodes could both take a released Lease.
+type apiServer struct {
+	*fake.Clientset
+	mu sync.Mutex
+	rv int
+}
+
+func newAPIServer() *apiServer { return &apiServer{Clientset: fake.NewClientset()} }
+
+// write stores a Lease created or updated through any node's client.
+func (s *apiServer) write(a k8stesting.Action) (bool, runtime.Object, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	o := s.Tracker()
+	lease := a.(k8stesting.CreateAction).GetObject().(*coordinationv1.Lease).DeepCopy()
+	gr := a.GetResource().GroupResource()
+	cur, err := o.Get(a.GetResource(), a.GetNamespace(), lease.Name)
+	switch {
+	case a.GetVerb() == "create" && err == nil:
+		return true, nil, apierrors.NewAlreadyExists(gr, lease.Name)
+	case a.GetVerb() == "update" && err != nil:
+		return true, nil, err
+	case a.GetVerb() == "update" && cur.(*coordinationv1.Lease).ResourceVersion != lease.ResourceVersion:
+		return true, nil, apierrors.NewConflict(gr, lease.Name, errors.New("the object has been modified"))
+	}
+	s.rv++
+	lease.ResourceVersion = strconv.Itoa(s.rv)
+	if a.GetVerb() == "create" {
+		err = o.Create(a.GetResource(), lease, a.GetNamespace())
+	} else {
+		err = o.Update(a.GetResource(), lease, a.GetNamespace())
+	}
+	return true, lease, err
+}
+
+// nodeClient is one node's client of the API server: every node sees the
+// same objects, and each client records only its own node's requests.
+func nodeClient(shared *apiServer) *fake.Clientset {
 	cs := &fake.Clientset{}
 	o := shared.Tracker()
+	cs.AddReactor("create", "leases", shared.write)
+	cs.AddReactor("update", "leases", shared.write)
 	cs.AddReactor("*", "*", k8stesting.ObjectReaction(o))
 	cs.AddWatchReactor("*", func(a k8stesting.Action) (bool, watch.Interface, error) {
 		w, err := o.Watch(a.GetResource(), a.GetNamespace())
@@ -48,7 +92,7 @@ type leaseNode struct {
 	stop   context.CancelFunc
 }
 
-func startLeaseNode(t *testing.T, shared *fake.Clientset, i int) *leaseNode {
+func startLeaseNode(t *testing.T, shared *apiServer, i int) *leaseNode {
 	t.Helper()
 	c := nodeClient(shared)
 	m := NewMetrics(prometheus.NewRegistry())
@@ -70,7 +114,7 @@ func startLeaseNode(t *testing.T, shared *fake.Clientset, i int) *leaseNode {
 // be the API server's largest load from peerd. The holder renews it (an
 // update every retry period), and a handover works through the watch.
 func TestLeaseFollowersReadTheWatchNotTheAPI(t *testing.T) {
-	shared := fake.NewClientset()
+	shared := newAPIServer()
 	nodes := []*leaseNode{startLeaseNode(t, shared, 0)}
 	eventually(t, "node-0 leads", func() bool { return nodes[0].lease.Leader() == "node-0" })
 	for i := 1; i < 4; i++ {
@@ -121,7 +165,7 @@ func TestLeaseFollowersReadTheWatchNotTheAPI(t *testing.T) {
 // A node whose watch cannot be opened (an API server or RBAC that refuses
 // it) reads the Lease from the API every retry period, as before.
 func TestLeaseWithoutWatchPollsTheAPI(t *testing.T) {
-	shared := fake.NewClientset()
+	shared := newAPIServer()
 	a := startLeaseNode(t, shared, 0)
 	eventually(t, "node-0 leads", func() bool { return a.lease.Leader() == "node-0" })
 	c := nodeClient(shared)
