@@ -40,7 +40,23 @@ func (h *addrHost) Addrs() []multiaddr.Multiaddr { return []multiaddr.Multiaddr{
 
 func runLease(t *testing.T, c kubernetes.Interface, h Host, node string) (*Lease, context.CancelFunc) {
 	t.Helper()
-	l, err := NewLease(h, LeaseOptions{Client: c, Namespace: "peerd", Name: "peerd-bootstrap", Identity: node, LeaseDuration: 3 * time.Second})
+	return runLeaseWith(t, h, LeaseOptions{Client: c, Identity: node})
+}
+
+// runLeaseWith runs a Lease of opts (namespace peerd, name peerd-bootstrap
+// and a 3 s duration unless set) until the test ends or stop is called.
+func runLeaseWith(t *testing.T, h Host, opts LeaseOptions) (*Lease, context.CancelFunc) {
+	t.Helper()
+	if opts.Namespace == "" {
+		opts.Namespace = "peerd"
+	}
+	if opts.Name == "" {
+		opts.Name = "peerd-bootstrap"
+	}
+	if opts.LeaseDuration == 0 {
+		opts.LeaseDuration = 3 * time.Second
+	}
+	l, err := NewLease(h, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -96,16 +96,7 @@ func startLeaseNode(t *testing.T, shared *apiServer, i int) *leaseNode {
 	t.Helper()
 	c := nodeClient(shared)
 	m := NewMetrics(prometheus.NewRegistry())
-	l, err := NewLease(newAddrHost(t, fmt.Sprintf("127.0.0.%d", i+1)), LeaseOptions{Client: c, Namespace: "peerd", Name: "peerd-bootstrap",
-		Identity: fmt.Sprintf("node-%d", i), LeaseDuration: 3 * time.Second, Metrics: m})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); l.Run(ctx) }()
-	stop := func() { cancel(); <-done }
-	t.Cleanup(stop)
+	l, stop := runLeaseWith(t, newAddrHost(t, fmt.Sprintf("127.0.0.%d", i+1)), LeaseOptions{Client: c, Identity: fmt.Sprintf("node-%d", i), Metrics: m})
 	return &leaseNode{lease: l, client: c, m: m, stop: stop}
 }
 
@@ -173,15 +164,7 @@ func TestLeaseWithoutWatchPollsTheAPI(t *testing.T) {
 		return true, nil, errors.New("leases.coordination.k8s.io is forbidden: cannot watch")
 	})
 	m := NewMetrics(prometheus.NewRegistry())
-	l, err := NewLease(newAddrHost(t, "127.0.0.9"), LeaseOptions{Client: c, Namespace: "peerd", Name: "peerd-bootstrap",
-		Identity: "node-9", LeaseDuration: 3 * time.Second, Metrics: m})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); l.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	l, _ := runLeaseWith(t, newAddrHost(t, "127.0.0.9"), LeaseOptions{Client: c, Identity: "node-9", Metrics: m})
 	eventually(t, "node-9 follows node-0", func() bool { return l.Leader() == "node-0" })
 	before := leaseGets(c)
 	time.Sleep(2 * time.Second)
