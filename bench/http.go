@@ -157,31 +157,38 @@ func downloadToFile(ctx context.Context, url, path string, size int64) (float64,
 // ttfb is the time from sending a GET to its first body byte; the rest of
 // the body is read so the connection is reused.
 func ttfb(ctx context.Context, url string, size int64) (time.Duration, error) {
+	start, first, err := ttfbAt(ctx, url, size)
+	return first.Sub(start), err
+}
+
+// ttfbAt is ttfb that says when the request started and when its first
+// byte came (wall clock and monotonic).
+func ttfbAt(ctx context.Context, url string, size int64) (start, first time.Time, err error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, "GET", url, nil)
 	if err != nil {
-		return 0, err
+		return start, first, err
 	}
-	start := time.Now()
+	start = time.Now()
 	resp, err := client.Do(req)
 	if err != nil {
-		return 0, err
+		return start, first, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != 200 {
-		return 0, fmt.Errorf("GET %s: %s", url, resp.Status)
+		return start, first, fmt.Errorf("GET %s: %s", url, resp.Status)
 	}
 	var one [1]byte
 	if _, err := io.ReadFull(resp.Body, one[:]); err != nil {
-		return 0, err
+		return start, first, err
 	}
-	d := time.Since(start)
+	first = time.Now()
 	n, err := io.CopyBuffer(discard, resp.Body, make([]byte, 256<<10))
 	if err != nil || n+1 != size {
-		return 0, fmt.Errorf("GET %s: %d bytes, %v", url, n+1, err)
+		return start, first, fmt.Errorf("GET %s: %d bytes, %v", url, n+1, err)
 	}
-	return d, nil
+	return start, first, nil
 }
 
 // writeBlob writes size random bytes under root at the registry storage

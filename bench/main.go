@@ -183,6 +183,10 @@ func main() {
 		runFileServer(os.Args[2:])
 		return
 	}
+	if len(os.Args) == 2 && os.Args[1] == "ttfb-client" {
+		runTTFBClient()
+		return
+	}
 	if len(os.Args) == 2 && os.Args[1] == "dht-host" {
 		raiseFileLimit()
 		golog.SetAllLoggers(golog.LevelFatal)

@@ -281,7 +281,10 @@ func selfCPU() float64 {
 
 // missTTFB is row 4: time to first byte of blobs nobody holds, through
 // node n (its DHT lookup finds no provider, then the origin) and straight
-// from the origin, alternating.
+// from the origin, alternating, from a client in its own process. Each
+// sample is also cut at the origin's own timings (splitMiss), so the
+// diagnostic rows say whether time was added before the origin saw the
+// request, by the origin, or after its first byte.
 func missTTFB(ctx context.Context, c *config, t *table, o *origin, n *node, where string) error {
 	const size = 256 << 10
 	count := 200
@@ -289,29 +292,47 @@ func missTTFB(ctx context.Context, c *config, t *table, o *origin, n *node, wher
 		count = 60
 	}
 	var direct, through, added []time.Duration
+	var splits []missPair
 	lookups0, _ := n.metric(ctx, "peerd_p2p_lookup_seconds_count")
 	hedged0, _ := n.metric(ctx, "peerd_p2p_lookup_cache_total", "result=hedged")
+	tc, err := startTTFBClient()
+	if err != nil {
+		return err
+	}
+	defer tc.stop()
+	stop := profileCPU(c, "miss-host.pprof")
+	if c.pprof != "" {
+		go n.profile(ctx, 10, filepath.Join(c.pprof, "miss-peerd.pprof"))
+	}
 	for i := 0; i < count; i++ {
 		_, rel, err := writeBlob(o.dir, size)
 		if err != nil {
+			stop()
 			return err
 		}
-		var d, p time.Duration
-		dRun := func() error { var err error; d, err = ttfb(ctx, o.url(rel), size); return err }
-		pRun := func() error { var err error; p, err = ttfb(ctx, n.URL("/blobs/"+o.url(rel)), size); return err }
+		var ds, df, ps, pf time.Time
+		dRun := func() error { var err error; ds, df, err = tc.at(o.url(rel), size); return err }
+		pRun := func() error { var err error; ps, pf, err = tc.at(n.URL("/blobs/"+o.url(rel)), size); return err }
 		first, second := dRun, pRun
 		if i%2 == 1 {
 			first, second = pRun, dRun
 		}
 		if err := first(); err != nil {
+			stop()
 			return err
 		}
 		if err := second(); err != nil {
+			stop()
 			return err
 		}
 		os.Remove(filepath.Join(o.dir, rel))
+		d, p := df.Sub(ds), pf.Sub(ps)
 		direct, through, added = append(direct, d), append(through, p), append(added, p-d)
+		if sp, ok := splitMiss(ctx, o, rel, ds, df, ps, pf); ok {
+			splits = append(splits, sp)
+		}
 	}
+	stop()
 	lookups, _ := n.metric(ctx, "peerd_p2p_lookup_seconds_count")
 	hedged, _ := n.metric(ctx, "peerd_p2p_lookup_cache_total", "result=hedged")
 	t.note("row 4 (%s): %.0f DHT lookups for %d blobs; %.0f first chunks started from the origin before their lookup answered (--miss-hedge)", where, lookups-lookups0, count, hedged-hedged0)
@@ -324,5 +345,6 @@ func missTTFB(ctx context.Context, c *config, t *table, o *origin, n *node, wher
 			peerd: ms(quantile(through, q.p)), baseline: ms(quantile(direct, q.p)) + " origin direct",
 			ratio: "+" + ms(add), goal: "added ≤ 20 ms", verdict: atMost(float64(add)/float64(time.Millisecond), 20)})
 	}
+	reportMissSplits(t, where, splits)
 	return nil
 }

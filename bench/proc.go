@@ -301,6 +301,7 @@ func runFileServer(args []string) {
 		// by the next pieces without exceeding the rate over any longer span.
 		h = paced(h, newPacer(rate, 4*pacePiece, time.Now))
 	}
+	h = newTimed(h)
 	ln, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "fileserver:", err)
