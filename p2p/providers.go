@@ -2,8 +2,8 @@ package p2p
 
 import (
 	"context"
-	"errors"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -126,7 +126,7 @@ func (s *Source) swarmProviders(ctx context.Context, k blob.Key, maxAge time.Dur
 // for the others nor make "nobody has it" stick.
 func (s *Source) firstLookup(ctx context.Context, k blob.Key, e *provEntry) []peer.AddrInfo {
 	go func() {
-		found, late := s.lookup(s.bg, k, s.timeout, func(first []peer.AddrInfo) {
+		found, rest := s.lookup(s.bg, k, s.timeout, func(first []peer.AddrInfo) {
 			s.mu.Lock()
 			s.setLocked(e, first)
 			close(e.done)
@@ -136,14 +136,16 @@ func (s *Source) firstLookup(ctx context.Context, k blob.Key, e *provEntry) []pe
 		defer s.mu.Unlock()
 		select {
 		case <-e.done:
-			if len(found) == 0 {
-				return // the node is closing: keep what the first answer said
+			// The first provider answered already: keep its list unless
+			// the query's end has more.
+			if len(found) > 0 {
+				s.setLocked(e, found)
 			}
 		default:
 			defer close(e.done)
+			s.setLocked(e, found)
 		}
-		s.setLocked(e, found)
-		s.lookLaterLocked(k, e, late)
+		s.lookLaterLocked(k, e, rest, false)
 	}()
 	return s.peersWhen(ctx, e.done, e)
 }
@@ -196,10 +198,10 @@ func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry)
 	// goes ahead must neither cut it short nor make "nobody" stick.
 	result := make(chan []peer.AddrInfo, 1)
 	go func() {
-		found, late := s.lookup(s.bg, k, s.timeout, nil)
+		found, rest := s.lookup(s.bg, k, s.timeout, nil)
 		s.mu.Lock()
 		s.setLocked(e, found)
-		s.lookLaterLocked(k, e, late)
+		s.lookLaterLocked(k, e, rest, false)
 		close(e.done)
 		s.mu.Unlock()
 		if g != nil {
@@ -238,8 +240,9 @@ func (s *Source) gatherLookup(k blob.Key, e *provEntry, at time.Time) {
 	case <-s.bg.Done():
 	}
 	var found []peer.AddrInfo
+	var rest <-chan []peer.AddrInfo
 	if s.bg.Err() == nil {
-		found, _ = s.lookup(s.bg, k, s.timeout, nil)
+		found, rest = s.lookup(s.bg, k, s.timeout, nil)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -251,6 +254,7 @@ func (s *Source) gatherLookup(k blob.Key, e *provEntry, at time.Time) {
 		// missing from the list would make this node fetch the chunks it
 		// then "owns" from the origin.
 		s.setLocked(e, unionPeers(e.peers, found))
+		s.lookLaterLocked(k, e, rest, true)
 	}
 	close(e.gathering)
 }
@@ -283,93 +287,150 @@ func (s *Source) setLocked(e *provEntry, found []peer.AddrInfo) {
 	}
 }
 
-// refresh looks k up again in the background, each try bounded by timeout;
-// it stops when the node closes. An answer that is empty only because every
-// try ran out of time (a busy node or DHT) says nothing about the holders:
-// the known list is kept and looked at again at the next expiry (a holder
-// that left is dropped by the fetch that fails on it), so a slow refresh
-// never sends a blob's chunks to the origin for negativeTTL.
+// refresh looks k up again in the background. An answer that is empty only
+// because the query is still running after timeout (a busy node or DHT) says
+// nothing about the holders: the known list is kept until the query's own
+// answer replaces it (lookLaterLocked), so a slow refresh never sends a
+// blob's chunks to the origin for negativeTTL.
 func (s *Source) refresh(k blob.Key, e *provEntry, timeout time.Duration) {
-	found, late := s.lookup(s.bg, k, timeout, nil)
+	found, rest := s.lookup(s.bg, k, timeout, nil)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e.refreshing = false
 	if s.bg.Err() != nil {
 		return
 	}
-	if late && len(e.peers) > 0 {
+	if rest != nil && len(e.peers) > 0 {
 		s.m.lookupCache.WithLabelValues("kept").Inc()
 		s.setLocked(e, e.peers)
-		return
+	} else {
+		s.setLocked(e, found)
 	}
-	s.setLocked(e, found)
+	s.lookLaterLocked(k, e, rest, false)
 }
 
-// lookup asks the DHT, with --resolve-retries more tries when nobody answers,
-// each try bounded by timeout. early, when not nil, is called once with the
-// first providers found while the query goes on collecting more. late
-// reports that nobody was found because every try ran out of time (not
-// because the query ended).
-func (s *Source) lookup(ctx context.Context, k blob.Key, timeout time.Duration, early func([]peer.AddrInfo)) (found []peer.AddrInfo, late bool) {
-	others := func(ps []peer.AddrInfo) []peer.AddrInfo {
-		var out []peer.AddrInfo
-		for _, p := range ps {
-			if p.ID != s.self && !slices.ContainsFunc(out, func(q peer.AddrInfo) bool { return q.ID == p.ID }) {
-				out = append(out, p)
-			}
+// lookupAnswer is what one DHT query found.
+type lookupAnswer struct {
+	found []peer.AddrInfo
+	err   error
+}
+
+// lookup asks the DHT for k's providers and waits up to timeout for the
+// answer. A query still running then goes on in the background, bounded by
+// lateBound(timeout), and its answer comes on rest (nil when the query ended
+// in time): starting a slow query over would make every node on its path
+// answer the same walk again, on a network that is slow because it is busy.
+// A query that failed (an error before it could answer, e.g. no peer to ask)
+// is tried again, up to --resolve-retries times. early, when not nil, is
+// called once with the first providers found while the query goes on
+// collecting more, and never after lookup returned.
+func (s *Source) lookup(ctx context.Context, k blob.Key, timeout time.Duration, early func([]peer.AddrInfo)) (found []peer.AddrInfo, rest <-chan []peer.AddrInfo) {
+	var emu sync.Mutex
+	first := func(ps []peer.AddrInfo) {
+		emu.Lock()
+		defer emu.Unlock()
+		if own := s.others(ps); len(own) > 0 && early != nil {
+			early(own)
+			early = nil
 		}
-		return out
 	}
-	var first func([]peer.AddrInfo)
+	var onFirst func([]peer.AddrInfo)
 	if early != nil {
-		first = func(ps []peer.AddrInfo) {
-			if own := others(ps); len(own) > 0 && early != nil {
-				early(own)
-				early = nil
+		onFirst = first
+	}
+	for attempt := 0; attempt <= s.retries && ctx.Err() == nil; attempt++ {
+		ch := s.query(ctx, k, lateBound(timeout), onFirst)
+		t := time.NewTimer(timeout)
+		select {
+		case a := <-ch:
+			t.Stop()
+			found = s.others(append(found, a.found...))
+			if a.err == nil || len(found) > 0 {
+				first(found) // a finder that never reported early
+				return found, nil
 			}
+		case <-t.C:
+			emu.Lock()
+			early = nil // the query's own answer comes on rest
+			emu.Unlock()
+			out := make(chan []peer.AddrInfo, 1)
+			go func() { out <- s.others(append(found, (<-ch).found...)) }()
+			return found, out
 		}
 	}
-	for attempt := 0; attempt <= s.retries && len(found) == 0 && ctx.Err() == nil; attempt++ {
+	first(found)
+	return found, nil
+}
+
+// query runs one DHT query for k, bounded by bound, and sends its answer
+// on the returned channel.
+func (s *Source) query(ctx context.Context, k blob.Key, bound time.Duration, first func([]peer.AddrInfo)) <-chan lookupAnswer {
+	ch := make(chan lookupAnswer, 1)
+	go func() {
 		start := s.now()
-		lctx, cancel := context.WithTimeout(ctx, timeout)
-		ps, err := s.finder.FindProviders(lctx, k, first)
-		// A query that ran to completion and found nobody is an answer, not a
-		// failure: only a deadline or an error is worth another try.
-		late = errors.Is(lctx.Err(), context.DeadlineExceeded)
-		retry := err != nil || late
-		cancel()
-		found = others(append(found, ps...))
+		qctx, cancel := context.WithTimeout(ctx, bound)
+		defer cancel()
+		ps, err := s.finder.FindProviders(qctx, k, first)
+		ps = s.others(ps)
 		result := "found"
-		if len(found) == 0 {
+		if len(ps) == 0 {
 			result = "not_found"
 		}
 		s.m.lookupSeconds.WithLabelValues(result).Observe(s.now().Sub(start).Seconds())
 		if err != nil {
 			s.log.Debug("provider lookup failed", "key", k, "err", err)
 		}
-		if !retry {
-			break
-		}
-	}
-	if first != nil {
-		first(found) // a finder that never reported early
-	}
-	return found, late && len(found) == 0
+		ch <- lookupAnswer{found: ps, err: err}
+	}()
+	return ch
 }
 
-// lookLaterLocked follows a lookup that found nobody only because it ran
-// out of time (late) with one more, in the background and with a longer
-// bound (lateTimeout): on a slow network (a large DHT, busy nodes) the
-// reader who waited has gone to the origin, but the blob's next chunks and
-// readers should find the peers instead of the negative answer for
-// negativeTTL. Its answer replaces the entry's when it finds someone.
-func (s *Source) lookLaterLocked(k blob.Key, e *provEntry, late bool) {
-	if !late || e.refreshing || s.bg.Err() != nil {
+// others drops this node and duplicates from a provider list.
+func (s *Source) others(ps []peer.AddrInfo) []peer.AddrInfo {
+	var out []peer.AddrInfo
+	for _, p := range ps {
+		if p.ID != s.self && !slices.ContainsFunc(out, func(q peer.AddrInfo) bool { return q.ID == p.ID }) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// lateBound is how long a query may run on after its caller stopped waiting.
+func lateBound(timeout time.Duration) time.Duration {
+	return max(lateFactor*timeout, lateMin)
+}
+
+// lookLaterLocked applies the answer of a query that outlasted its caller
+// (rest, from lookup; nil: none) to k's entry when it arrives: on a slow
+// network (a large DHT, busy nodes) the reader who waited has gone to the
+// origin, but the blob's next chunks and readers should find the peers
+// instead of the negative answer for negativeTTL. A non-empty answer
+// replaces the entry's providers (merge: joins them); an empty one leaves
+// known providers in place.
+func (s *Source) lookLaterLocked(k blob.Key, e *provEntry, rest <-chan []peer.AddrInfo, merge bool) {
+	if rest == nil || s.bg.Err() != nil {
 		return
 	}
 	e.refreshing = true
 	s.m.lookupCache.WithLabelValues("late").Inc()
-	go s.refresh(k, e, max(lateFactor*s.timeout, lateMin))
+	go func() {
+		var found []peer.AddrInfo
+		select {
+		case found = <-rest:
+		case <-s.bg.Done():
+		}
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		e.refreshing = false
+		switch {
+		case s.bg.Err() != nil:
+		case len(found) > 0 && merge:
+			s.setLocked(e, unionPeers(e.peers, found))
+		case len(found) > 0 || len(e.peers) == 0:
+			s.setLocked(e, found)
+		}
+	}()
 }
 
 func (s *Source) pruneLocked() {

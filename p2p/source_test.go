@@ -246,7 +246,7 @@ func TestSourceNegativeResultIsCachedPerBlob(t *testing.T) {
 	}
 }
 
-func TestSourceRetriesOnlyALookupThatTimedOut(t *testing.T) {
+func TestSourceLookupThatRanOutOfTimeIsNotStartedOver(t *testing.T) {
 	// On a synctest clock the 50 ms finder always outlasts the 20 ms bound,
 	// however loaded the machine (on the wall clock a slow scheduler could
 	// make either side win).
@@ -256,17 +256,32 @@ func TestSourceRetriesOnlyALookupThatTimedOut(t *testing.T) {
 		if _, _, err := readAll(t, s, 0, 1<<20); !errors.Is(err, blob.ErrNotFound) {
 			t.Fatalf("%v, want ErrNotFound", err)
 		}
-		// The lookup plus --resolve-retries (1) for the reader...
-		if n := f.calls.Load(); n < 2 {
-			t.Fatalf("%d lookups, want 2 (a timed-out lookup is tried again)", n)
-		}
-		// ...then, both tries having run out of time, one late lookup in the
-		// background, and no more.
-		time.Sleep(time.Minute) // on the bubble's clock: the late lookup has ended
-		if n := f.calls.Load(); n != 3 {
-			t.Fatalf("%d lookups, want 3 (two tries, then one late lookup)", n)
+		// The reader stopped waiting at 20 ms; the query runs on to its end
+		// instead of a second one walking the DHT again.
+		time.Sleep(time.Minute) // on the bubble's clock: every query has ended
+		if n := f.calls.Load(); n != 1 {
+			t.Fatalf("%d lookups, want 1 (a slow query runs on, it is not started over)", n)
 		}
 	})
+}
+
+// errFinder fails every query at once, like a DHT with nobody to ask.
+type errFinder struct{ calls atomic.Int32 }
+
+func (f *errFinder) FindProviders(ctx context.Context, k blob.Key, _ func([]peer.AddrInfo)) ([]peer.AddrInfo, error) {
+	f.calls.Add(1)
+	return nil, errors.New("no peers in the routing table")
+}
+
+func TestSourceRetriesALookupThatFailed(t *testing.T) {
+	f := &errFinder{}
+	s := newSource(newPeerID(t), f, &fakeGetter{}, nil, nil, 20*time.Millisecond, 2)
+	if ps := s.Providers(context.Background(), testKey()); len(ps) != 0 {
+		t.Fatalf("providers %v from a failing DHT", ps)
+	}
+	if n := f.calls.Load(); n != 3 {
+		t.Fatalf("%d lookups, want 3 (one and --resolve-retries 2)", n)
+	}
 }
 
 func TestSourceConcurrentCallersShareOneLookup(t *testing.T) {
@@ -682,25 +697,25 @@ func (f *slowFinder) FindProviders(ctx context.Context, k blob.Key, _ func([]pee
 	}
 }
 
-// A lookup that found nobody because it ran out of time is followed by a
-// longer one in the background, whose providers the next reader gets,
-// instead of "nobody" for the negative TTL. A lookup that ended with no
-// provider is an answer and is not followed.
-func TestSourceLookupThatRanOutOfTimeIsFollowedByALongerOne(t *testing.T) {
+// A lookup that found nobody because it ran out of time runs on in the
+// background, and its providers are what the next reader gets, instead of
+// "nobody" for the negative TTL. A lookup that ended with no provider is an
+// answer and nothing follows it.
+func TestSourceLookupThatRanOutOfTimeAnswersTheNextReader(t *testing.T) {
 	// In a synctest bubble the finders' delays and the 20 ms bound are read
 	// on the bubble's clock, which moves only when every goroutine waits: a
 	// 1 ms finder always beats the 20 ms bound, however loaded the machine.
 	synctest.Test(t, func(t *testing.T) {
 		p := peer.AddrInfo{ID: newPeerID(t)}
-		// Slower than both 20 ms tries, well inside the late lookup's bound.
+		// Slower than the 20 ms bound, well inside the bound of a query that
+		// runs on.
 		f := &slowFinder{delay: 100 * time.Millisecond, peers: []peer.AddrInfo{p}}
 		s := newSource(newPeerID(t), f, &fakeGetter{}, nil, nil, 20*time.Millisecond, 1)
 		k := testKey()
 		if ps := s.Providers(context.Background(), k); len(ps) != 0 {
 			t.Fatalf("first lookup found %v before its deadline", ps)
 		}
-		// Only the late lookup can find p: a refresh after the negative TTL is
-		// bounded by the same 20 ms and would time out again.
+		// Only the query that ran on can find p before the negative TTL ends.
 		deadline := time.Now().Add(negativeTTL - time.Second)
 		for {
 			ps := s.Providers(context.Background(), k)
@@ -708,15 +723,15 @@ func TestSourceLookupThatRanOutOfTimeIsFollowedByALongerOne(t *testing.T) {
 				break
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("providers %v before the negative answer expired; want the late lookup's %s", ps, p.ID)
+				t.Fatalf("providers %v before the negative answer expired; want the slow query's %s", ps, p.ID)
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
 		if got := testutil.ToFloat64(s.m.lookupCache.WithLabelValues("late")); got != 1 {
 			t.Errorf("late lookups counted: %v, want 1", got)
 		}
-		if got := f.calls.Load(); got != 3 {
-			t.Errorf("finder calls: %d, want 3 (two tries, one late lookup)", got)
+		if got := f.calls.Load(); got != 1 {
+			t.Errorf("finder calls: %d, want 1 (one query, run on past its caller's bound)", got)
 		}
 
 		// A query that ran to its end and found nobody is not followed.

@@ -37,7 +37,7 @@ func registerP2PFlags(fs *flag.FlagSet, c *p2pConfig) {
 	fs.Var(&c.Bootstrap, "bootstrap", "bootstrap peer multiaddr ending in /p2p/<peer id> (repeatable, comma-separated)")
 	fs.StringVar(&c.SwarmKeyFile, "swarm-key-file", "", "libp2p private-network key file: only nodes holding the same key can join")
 	fs.DurationVar(&c.ResolveTimeout, "resolve-timeout", 20*time.Millisecond, "time one DHT provider lookup may take")
-	fs.IntVar(&c.ResolveRetries, "resolve-retries", 1, "further lookups when one finds no provider")
+	fs.IntVar(&c.ResolveRetries, "resolve-retries", 1, "further lookups when one fails outright (no peer to ask); a slow one is not started over but runs on in the background")
 	fs.DurationVar(&c.ReprovideInterval, "reprovide-interval", time.Hour, "how often held blobs are advertised again")
 	fs.DurationVar(&c.SwarmGather, "swarm-gather", 250*time.Millisecond, "when the first lookup of a blob this node starts pulling finds nobody, the chunk the reader waits for comes from the origin at once and the rest of the pull looks again after this long, to see nodes that started at the same moment: a cold burst then fetches each chunk about once (0: no second look, each node fetches its first read-ahead window itself)")
 	fs.DurationVar(&c.MissHedge, "miss-hedge", 10*time.Millisecond, "how long a cold read's first chunk waits for the blob's first DHT lookup before it starts from the origin anyway (the lookup's answer may still hand the chunk to a peer): longer saves origin bytes when lookups are slow, at the price of a cold miss's first byte (with --swarm-gather 0 the chunk waits for the lookup, up to --resolve-timeout)")
