@@ -466,6 +466,8 @@ func TestPeerBytesNotReservedBeforeVerification(t *testing.T) {
 	if _, err := h2.ReadAt(context.Background(), p, 2*cs); err != nil {
 		t.Fatal(err)
 	}
+	// The read may return with the chunk's first bytes, before it is stored.
+	waitFor(t, "the origin's chunk stored", func() bool { return h2.Info().Present >= 2*cs })
 	lr, size, err := c.OpenLocal(k, 2*cs, 10)
 	if err != nil || size != int64(len(data)) {
 		t.Fatalf("OpenLocal of origin bytes: size %d err %v", size, err)

@@ -6,6 +6,7 @@ import (
 	"hash"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -111,16 +112,24 @@ func newFillCall() *fillCall {
 	return &fillCall{done: make(chan struct{}), atOrigin: make(chan struct{}), pgrew: make(chan struct{})}
 }
 
-// publish says the first got bytes of buf hold the chunk's bytes.
+// publish says the first got bytes of buf hold the chunk's bytes. After the
+// chunk's first bytes it yields, so a reader woken by them (a client
+// waiting for its first byte) runs now rather than after the rest of the
+// chunk has been read and stored by this goroutine.
 func (c *fillCall) publish(buf []byte, got int64) {
 	c.pmu.Lock()
-	defer c.pmu.Unlock()
 	if c.pgone || got <= c.pgot {
+		c.pmu.Unlock()
 		return
 	}
+	first := c.pgot == 0
 	c.pbuf, c.pgot = buf, got
 	close(c.pgrew)
 	c.pgrew = make(chan struct{})
+	c.pmu.Unlock()
+	if first {
+		runtime.Gosched()
+	}
 }
 
 // retire ends publishing: the fill's buffer may be reused from now on.
@@ -149,6 +158,28 @@ func (c *fillCall) copyIfIn(dst []byte, from int64) (bool, <-chan struct{}) {
 		return false, nil // wait for the fill to end
 	}
 	return false, c.pgrew
+}
+
+// copyAvail copies into dst the chunk's bytes from from (up to limit) that
+// have arrived, and returns how many; with none to copy it returns the
+// channel closed when more arrive, or nil when the fill is ending. Like
+// copyIfIn it never copies the chunk's last byte: a reader of that waits for
+// the chunk to be stored.
+func (c *fillCall) copyAvail(dst []byte, from, limit int64) (int, <-chan struct{}) {
+	c.pmu.Lock()
+	defer c.pmu.Unlock()
+	if c.pbuf != nil {
+		if end := min(c.pgot, int64(len(c.pbuf))-1, limit, from+int64(len(dst))); end > from {
+			return copy(dst, c.pbuf[from:end]), nil
+		}
+		if from >= int64(len(c.pbuf))-1 || from >= limit {
+			return 0, nil
+		}
+	}
+	if c.pgone {
+		return 0, nil
+	}
+	return 0, c.pgrew
 }
 
 func (c *fillCall) reachedOrigin() bool {

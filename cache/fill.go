@@ -54,6 +54,62 @@ func (e *entry) ensureInto(ctx context.Context, i int, p Plan, dst []byte, from 
 	}
 }
 
+// streamPrefix is ensure for a writer of bytes [from, to) of chunk i: the
+// bytes are written to w as the fill receives them, all but the chunk's last
+// byte, so a client's first byte of a cold chunk does not wait for the whole
+// chunk to arrive and be stored. It returns how many bytes it wrote; the
+// caller writes the rest once the chunk is present (ensure).
+func (e *entry) streamPrefix(ctx context.Context, i int, p Plan, w io.Writer, from, to int64) (int64, error) {
+	call, err := e.begin(i, p, false)
+	if call == nil || err != nil {
+		return 0, err
+	}
+	var bp *[]byte
+	defer func() {
+		if bp != nil {
+			streamPool.Put(bp)
+		}
+	}()
+	written := int64(0)
+	for from+written < to {
+		if bp == nil {
+			bp = streamPool.Get().(*[]byte)
+		}
+		n, grew := call.copyAvail(*bp, from+written, to)
+		if n > 0 {
+			m, err := w.Write((*bp)[:n])
+			written += int64(m)
+			if err != nil {
+				return written, err
+			}
+			if f, ok := w.(flusher); ok {
+				f.Flush()
+			}
+			continue
+		}
+		if grew == nil {
+			return written, nil
+		}
+		select {
+		case <-call.done:
+			return written, nil
+		case <-grew:
+		case <-ctx.Done():
+			return written, ctx.Err()
+		}
+	}
+	return written, nil
+}
+
+// flusher is a writer that buffers and can be told to send what it holds
+// (an HTTP response).
+type flusher interface{ Flush() }
+
+// streamPool holds the copies streamPrefix makes of a fill's bytes: the
+// fill's own buffer may be reused once it retires, so bytes leave it only
+// by copy, a piece at a time.
+var streamPool = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}
+
 // begin starts filling chunk i under plan p unless it is present (nil) or
 // another caller fills it already (that fill).
 func (e *entry) begin(i int, p Plan, background bool) (*fillCall, error) {

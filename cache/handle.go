@@ -256,6 +256,21 @@ func (h *Handle) writeRange(ctx context.Context, w io.Writer, off, n int64) (int
 		i := int(pos / cs)
 		hit := h.e.hasChunk(i)
 		gen := h.e.genNow()
+		if !hit {
+			cend := min(int64(i+1)*cs, end)
+			m, err := h.e.streamPrefix(ctx, i, h.plan, w, pos-int64(i)*cs, cend-int64(i)*cs)
+			written += m
+			h.c.m.count(false, m)
+			if err != nil {
+				return written, err
+			}
+			if h.e.genNow() != gen {
+				return written, fmt.Errorf("%s: %w", h.e.key, errReset)
+			}
+			if pos += m; pos == cend {
+				continue
+			}
+		}
 		pass, err := h.e.ensure(ctx, i, h.plan, false)
 		if err != nil {
 			return written, err

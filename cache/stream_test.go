@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"io"
+	"sync"
 	"testing"
 	"time"
 
@@ -74,4 +75,84 @@ func TestReadOfAPrefixDoesNotWaitForTheWholeChunk(t *testing.T) {
 		t.Fatalf("the whole blob after the release: %d bytes, %v", n, err)
 	}
 	waitFor(t, "verification", func() bool { return h.Info().Verified })
+}
+
+// firstBytesWriter hands what it holds at its first flush to got.
+type firstBytesWriter struct {
+	mu      sync.Mutex
+	buf     bytes.Buffer
+	got     chan []byte
+	flushed bool
+}
+
+func (w *firstBytesWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.Write(p)
+}
+
+func (w *firstBytesWriter) Flush() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.flushed && w.buf.Len() > 0 {
+		w.flushed = true
+		w.got <- bytes.Clone(w.buf.Bytes())
+	}
+}
+
+var _ flusher = (*firstBytesWriter)(nil)
+
+// A client streaming a cold blob (WriteRange, the HTTP faces) gets its first
+// bytes as they arrive and flushed, not when the whole chunk is in and
+// stored; the stream it gets is the blob, byte for byte.
+func TestWriteRangeStreamsAChunkAsItArrives(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		off, n  int64
+		headLen int
+	}{
+		{"from the start", 0, 600<<10 + 5, 4096},
+		{"a range inside the first chunk", 1000, 100 << 10, 4096},
+		{"a range starting past what arrived", 8000, 300 << 10, 4096},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := Must(Open(Options{Dir: t.TempDir(), ChunkSize: 256 << 10}))
+			defer c.Close()
+			data, k := randBlob(t, 600<<10+5)
+			src := &heldSource{data: data, head: tc.headLen, release: make(chan struct{})}
+			h := c.Open(k, Plan{Origin: src})
+			defer h.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			w := &firstBytesWriter{got: make(chan []byte, 1)}
+			done := make(chan error, 1)
+			go func() {
+				n, err := h.WriteRange(ctx, w, tc.off, tc.n)
+				if err == nil && n != tc.n {
+					err = io.ErrShortWrite
+				}
+				done <- err
+			}()
+			if tc.off < int64(tc.headLen) {
+				select {
+				case first := <-w.got:
+					if want := data[tc.off:min(int64(tc.headLen), tc.off+int64(len(first)))]; !bytes.Equal(first, want) {
+						t.Fatalf("first bytes %d, want the %d that had arrived", len(first), len(want))
+					}
+				case err := <-done:
+					t.Fatalf("WriteRange ended (%v) while the chunk's rest was held", err)
+				case <-ctx.Done():
+					t.Fatal("no byte flushed while the chunk's rest was held: the client waited for the whole chunk")
+				}
+			}
+			close(src.release)
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(w.buf.Bytes(), data[tc.off:tc.off+tc.n]) {
+				t.Fatalf("streamed %d bytes that differ from the blob's [%d, %d)", w.buf.Len(), tc.off, tc.off+tc.n)
+			}
+			waitFor(t, "verification", func() bool { return h.Info().Verified })
+		})
+	}
 }

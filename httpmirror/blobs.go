@@ -259,7 +259,10 @@ func (s *Server) fetchError(w http.ResponseWriter, key blob.Key, err error) int 
 
 // lazyHeader sends the status line with the first body byte, so an error
 // before any byte can still become a proper error status.
-var _ io.ReaderFrom = (*lazyHeader)(nil)
+var (
+	_ io.ReaderFrom = (*lazyHeader)(nil)
+	_ http.Flusher  = (*lazyHeader)(nil)
+)
 
 type lazyHeader struct {
 	w      http.ResponseWriter
@@ -277,6 +280,13 @@ func (l *lazyHeader) commit() {
 func (l *lazyHeader) Write(p []byte) (int, error) {
 	l.commit()
 	return l.w.Write(p)
+}
+
+// Flush sends the header and what the body holds so far: the cache calls it
+// after bytes of a chunk still arriving, so they do not wait in a buffer.
+func (l *lazyHeader) Flush() {
+	l.commit()
+	_ = http.NewResponseController(l.w).Flush()
 }
 
 func (l *lazyHeader) ReadFrom(r io.Reader) (int64, error) {
