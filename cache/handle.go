@@ -256,7 +256,10 @@ func (h *Handle) writeRange(ctx context.Context, w io.Writer, off, n int64) (int
 		i := int(pos / cs)
 		hit := h.e.hasChunk(i)
 		gen := h.e.genNow()
-		if !hit {
+		if !hit && written == 0 {
+			// The client's first bytes: stream them as they arrive. Later
+			// chunks are written whole (one write each, from the held
+			// copy): the read-ahead has them in flight or in already.
 			cend := min(int64(i+1)*cs, end)
 			m, err := h.e.streamPrefix(ctx, i, h.plan, w, pos-int64(i)*cs, cend-int64(i)*cs)
 			written += m
