@@ -106,6 +106,8 @@ type fillCall struct {
 	pgot  int64
 	pgrew chan struct{} // closed when pgot grows or the buffer is retired
 	pgone bool
+	// pwanted: a reader waits on pgrew (copyIfIn, copyAvail).
+	pwanted bool
 }
 
 func newFillCall() *fillCall {
@@ -113,21 +115,22 @@ func newFillCall() *fillCall {
 }
 
 // publish says the first got bytes of buf hold the chunk's bytes. After the
-// chunk's first bytes it yields, so a reader woken by them (a client
-// waiting for its first byte) runs now rather than after the rest of the
-// chunk has been read and stored by this goroutine.
+// chunk's first bytes it yields when a reader waits for them (a client
+// waiting for its first byte), so that reader runs now rather than after
+// this goroutine has read and stored the rest of the chunk; a fill nobody
+// waits on this way keeps its CPU.
 func (c *fillCall) publish(buf []byte, got int64) {
 	c.pmu.Lock()
 	if c.pgone || got <= c.pgot {
 		c.pmu.Unlock()
 		return
 	}
-	first := c.pgot == 0
+	yield := c.pgot == 0 && c.pwanted
 	c.pbuf, c.pgot = buf, got
 	close(c.pgrew)
 	c.pgrew = make(chan struct{})
 	c.pmu.Unlock()
-	if first {
+	if yield {
 		runtime.Gosched()
 	}
 }
@@ -157,6 +160,7 @@ func (c *fillCall) copyIfIn(dst []byte, from int64) (bool, <-chan struct{}) {
 	if c.pgone || (c.pbuf != nil && from+int64(len(dst)) >= int64(len(c.pbuf))) {
 		return false, nil // wait for the fill to end
 	}
+	c.pwanted = true
 	return false, c.pgrew
 }
 
@@ -179,6 +183,7 @@ func (c *fillCall) copyAvail(dst []byte, from, limit int64) (int, <-chan struct{
 	if c.pgone {
 		return 0, nil
 	}
+	c.pwanted = true
 	return 0, c.pgrew
 }
 

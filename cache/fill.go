@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"sync"
 	"time"
 
@@ -401,17 +402,26 @@ func readChunk(rc io.Reader, buf []byte, pub *fillCall) (int, error) {
 
 func (e *entry) learnSize(size int64) error {
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	if e.size >= 0 {
+		defer e.mu.Unlock()
 		if e.size != size {
 			return fmt.Errorf("source reports size %d, cache has %d", size, e.size)
 		}
 		return nil
 	}
 	if err := e.c.checkSize(size); err != nil {
+		e.mu.Unlock()
 		return err
 	}
+	waited := e.sized != nil
 	e.setSize(size)
+	e.mu.Unlock()
+	if waited {
+		// A reader waits for the size (a client's headers): let it run
+		// now, so that it waits for the chunk's first bytes when they
+		// arrive (fillCall.publish) instead of after the whole chunk.
+		runtime.Gosched()
+	}
 	return nil
 }
 
