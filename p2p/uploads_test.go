@@ -220,8 +220,11 @@ func TestBusyHolderSendsAskersElsewhere(t *testing.T) {
 			t.Fatalf("an asker avoids %d peers after busy answers", avoided)
 		}
 	}
-	if busySent == 0 || busyGot != busySent {
-		t.Fatalf("a sent %v busy answers, askers received %v: want some, all seen", busySent, busyGot)
+	// An ask that a hedge overtook (c answered first) is cancelled, and a
+	// busy answer a wrote for it may never be read: some must arrive, and
+	// none that a did not send.
+	if busySent == 0 || busyGot == 0 || busyGot > busySent {
+		t.Fatalf("a sent %v busy answers, askers received %v: want some sent and received, no more received than sent", busySent, busyGot)
 	}
 	t.Logf("%d askers, holder with 1 stream: %v busy answers, every read served", len(askers), busySent)
 }
