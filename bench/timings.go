@@ -2,10 +2,12 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"slices"
@@ -112,22 +114,12 @@ func (f *firstWrite) Flush() {
 
 // originVisits asks the file server at base which requests it answered for path.
 func originVisits(ctx context.Context, base, path string) ([]originVisit, error) {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, "GET", base+timingsPath+"?path="+path, nil)
+	body, err := getBody(ctx, base+timingsPath+"?path="+url.QueryEscape(path))
 	if err != nil {
 		return nil, err
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		return nil, fmt.Errorf("%s: %s", timingsPath, resp.Status)
 	}
 	var out []originVisit
-	sc := bufio.NewScanner(resp.Body)
+	sc := bufio.NewScanner(bytes.NewReader(body))
 	for sc.Scan() {
 		f := strings.SplitN(sc.Text(), " ", 3)
 		if len(f) < 2 {
