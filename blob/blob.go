@@ -141,6 +141,10 @@ type Share struct {
 	// waits for nobody, and when Gathering closes asks Yields whether to
 	// leave the chunk to its owner.
 	Gathering <-chan struct{}
+	// Release, when set, is called once the caller no longer waits for
+	// Gathering (its chunk arrived, or it gave up): the Swarm may skip work
+	// done only for it. A Share never released costs that work, no more.
+	Release func()
 }
 
 // Announcer hears which blobs a store on this node (the cache, containerd's

@@ -298,8 +298,11 @@ func (e *entry) fetch(ctx context.Context, i int, p Plan, buf []byte, call, pub 
 			sh, err = sw.FetchShared(ctx, e.key, off, want)
 			switch {
 			case err == nil && sh.Body == nil && sh.Gathering != nil && call != nil:
-				return e.speculate(ctx, i, p, sw, sh.Gathering, buf, call, pub)
+				return e.speculate(ctx, i, p, sw, sh, buf, call, pub)
 			case err == nil && sh.Body == nil:
+				if sh.Release != nil {
+					sh.Release()
+				}
 				// Still gathering, inside a fill that already speculated:
 				// the origin is next.
 				err = fmt.Errorf("%s: %w (nodes pulling it not known yet)", e.key, blob.ErrNotFound)

@@ -207,7 +207,13 @@ func waitCall(ctx context.Context, call *fillCall) error {
 // Until the swarm decided, the fill does not count as "at the origin" for
 // askers (awaitFill): only a fill that will not turn to a peer may be waited
 // for by anyone, or two nodes could wait for each other.
-func (e *entry) speculate(ctx context.Context, i int, p Plan, sw blob.Swarm, gathering <-chan struct{}, buf []byte, call, pub *fillCall) (int, step, string, error) {
+func (e *entry) speculate(ctx context.Context, i int, p Plan, sw blob.Swarm, sh blob.Share, buf []byte, call, pub *fillCall) (int, step, string, error) {
+	gathering := sh.Gathering
+	if sh.Release != nil {
+		// Once this returns, the chunk is here or fetched another way: the
+		// swarm's second look is no longer needed for it.
+		defer sh.Release()
+	}
 	octx, abandon := context.WithCancel(ctx)
 	defer abandon()
 	off := int64(i) * e.c.opts.ChunkSize

@@ -261,17 +261,19 @@ func TestAwaitLocalOwnerWaitsOnlyBrieflyForItsPeerStage(t *testing.T) {
 }
 
 // notYetPeer answers its first FetchShared with a Share still gathering
-// (nobody seen pulling yet), then serves what it holds.
+// (nobody seen pulling yet), then serves what it holds. released counts the
+// calls of that Share's Release.
 type notYetPeer struct {
 	*fakeSource
-	ready  chan struct{}
-	yield  bool
-	backed atomic.Int64
+	ready    chan struct{}
+	yield    bool
+	backed   atomic.Int64
+	released atomic.Int64
 }
 
 func (p *notYetPeer) FetchShared(ctx context.Context, k blob.Key, off, n int64) (blob.Share, error) {
 	if p.backed.Add(1) == 1 {
-		return blob.Share{Gathering: p.ready}, nil
+		return blob.Share{Gathering: p.ready, Release: func() { p.released.Add(1) }}, nil
 	}
 	rc, size, err := p.fakeSource.Fetch(ctx, k, off, n)
 	return blob.Share{Body: rc, Size: size}, err
@@ -336,6 +338,7 @@ func TestSpeculativeFirstChunkYieldsToTheOwner(t *testing.T) {
 	if n := origin.bytes.Load(); n != 0 {
 		t.Fatalf("origin sent %d bytes of a yielded chunk", n)
 	}
+	waitFor(t, "the share's release", func() bool { return peer.released.Load() == 1 })
 }
 
 func TestSpeculativeFirstChunkKeptWhenThisNodeOwnsIt(t *testing.T) {
@@ -372,6 +375,9 @@ func TestSpeculativeFirstChunkNeedsNoDecisionWhenTheOriginIsFast(t *testing.T) {
 	if n := peer.count(0); n != 0 {
 		t.Fatalf("peer served chunk 0 %d times, want 0 (the origin's copy landed first)", n)
 	}
+	// The chunk is here: the peer source is told its second look is not
+	// needed for it.
+	waitFor(t, "the share's release", func() bool { return peer.released.Load() == 1 })
 }
 
 func TestSpeculativeFirstChunkTurnsToThePeersWhenTheOriginFails(t *testing.T) {
@@ -395,6 +401,12 @@ func TestSpeculativeFirstChunkTurnsToThePeersWhenTheOriginFails(t *testing.T) {
 		got <- err
 	}()
 	waitFor(t, "the origin's refusal", func() bool { return origin.count(0) >= 1 })
+	// The fill now waits for the peer source's answer: it must not release
+	// the share yet, or the answer it waits for might never be looked up.
+	time.Sleep(20 * time.Millisecond)
+	if n := peer.released.Load(); n != 0 {
+		t.Fatalf("share released %d times while its fill still waits for the gather", n)
+	}
 	close(peer.ready)
 	if err := <-got; err != nil {
 		t.Fatalf("read with the origin down and a peer holding the chunk: %v", err)

@@ -42,7 +42,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}, []string{"result"}),
 		lookupCache: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "peerd_p2p_lookup_cache_total",
-			Help: "Provider lookups answered from the provider cache (hit, negative_hit, stale: expired and being refreshed in the background) or not (miss); hedged: a swarm pull's first lookup that took so long its first chunk started from the origin; late: a lookup that found nobody only because it ran out of time, followed by a longer one in the background; kept: a refresh that ran out of time, the known list kept.",
+			Help: "Provider lookups answered from the provider cache (hit, negative_hit, stale: expired and being refreshed in the background) or not (miss); hedged: a swarm pull's first lookup that took so long its first chunk started from the origin; late: a lookup that found nobody only because it ran out of time, followed by a longer one in the background; kept: a refresh that ran out of time, the known list kept; gather_skipped: a swarm pull's second lookup not made because no chunk waited for it.",
 		}, []string{"result"}),
 		receivedBytes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "peerd_p2p_received_bytes_total", Help: "Blob bytes received from peers.",

@@ -32,6 +32,7 @@ const (
 type provEntry struct {
 	done       chan struct{} // closed when the first lookup answered
 	gathering  chan struct{} // a swarm pull's second lookup (see firstSwarmLookup); closed when it answered
+	gatherWait int           // callers waiting for gathering now (see gatherLookup)
 	peers      []peer.AddrInfo
 	expires    time.Time
 	at         time.Time // when the answer was looked up
@@ -66,9 +67,8 @@ func (s *Source) providersWithin(ctx context.Context, k blob.Key, maxAge time.Du
 }
 
 // swarmProviders is providersWithin that also returns, to the caller whose
-// first swarm lookup found nobody, the channel closed when the second lookup
-// answered (nil otherwise).
-func (s *Source) swarmProviders(ctx context.Context, k blob.Key, maxAge time.Duration) ([]peer.AddrInfo, <-chan struct{}) {
+// first swarm lookup found nobody, its speculation (nil otherwise).
+func (s *Source) swarmProviders(ctx context.Context, k blob.Key, maxAge time.Duration) ([]peer.AddrInfo, *speculation) {
 	s.mu.Lock()
 	e := s.provs[k]
 	if e == nil {
@@ -95,12 +95,8 @@ func (s *Source) swarmProviders(ctx context.Context, k blob.Key, maxAge time.Dur
 		s.mu.Lock()
 		g := e.gathering
 		s.mu.Unlock()
-		if g != nil {
-			select {
-			case <-g:
-			case <-ctx.Done():
-				return nil, nil
-			}
+		if g != nil && !s.awaitGather(ctx, e, g) {
+			return nil, nil
 		}
 	}
 	s.mu.Lock()
@@ -185,7 +181,7 @@ func (s *Source) peersWhen(ctx context.Context, ch <-chan struct{}, e *provEntry
 // slow DHT, or a large one answering "nobody" late, must not hold a cold
 // miss's first byte): the chunk starts from the origin, and the lookup's
 // answer and the second one decide as above whether it is kept.
-func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry) ([]peer.AddrInfo, <-chan struct{}) {
+func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry) ([]peer.AddrInfo, *speculation) {
 	start := s.now()
 	var g chan struct{}
 	if s.gather > 0 {
@@ -221,32 +217,93 @@ func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry)
 	}
 	select {
 	case found := <-result:
-		if g == nil || len(found) == 0 {
-			return found, g
+		if g == nil {
+			return found, nil
+		}
+		if len(found) == 0 {
+			return found, s.speculating(e, g)
 		}
 	case <-hedge:
 		s.m.lookupCache.WithLabelValues("hedged").Inc()
-		return nil, g
+		return nil, s.speculating(e, g)
 	case <-ctx.Done():
 		return nil, nil
 	}
-	return s.peersWhen(ctx, g, e), nil
+	if !s.awaitGather(ctx, e, g) {
+		return nil, nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return e.peers, nil
 }
 
-// gatherLookup looks k up again at the end of its gather window.
+// awaitGather waits until e's gather window ended (g closed), counted
+// among the window's waiters meanwhile; false when ctx ended first.
+func (s *Source) awaitGather(ctx context.Context, e *provEntry, g <-chan struct{}) bool {
+	s.mu.Lock()
+	e.gatherWait++
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		e.gatherWait--
+		s.mu.Unlock()
+	}()
+	select {
+	case <-g:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// A speculation is what the caller of a blob's first swarm lookup that
+// found nobody holds: the gather window's channel, and release, which ends
+// its count among the window's waiters (blob.Share.Release).
+type speculation struct {
+	gathering <-chan struct{}
+	release   func()
+}
+
+// speculating counts a caller among e's gather window's waiters until it
+// releases the returned speculation.
+func (s *Source) speculating(e *provEntry, g <-chan struct{}) *speculation {
+	s.mu.Lock()
+	e.gatherWait++
+	s.mu.Unlock()
+	var once sync.Once
+	return &speculation{gathering: g, release: func() {
+		once.Do(func() {
+			s.mu.Lock()
+			e.gatherWait--
+			s.mu.Unlock()
+		})
+	}}
+}
+
+// gatherLookup looks k up again at the end of its gather window, unless
+// nobody waits for the window by then: its answer serves only the chunks
+// that wait for it (a small blob that already arrived whole needs none), and
+// a lookup is a walk of the DHT that costs every node on its way. Later
+// readers find the list stale and refresh it like any other.
 func (s *Source) gatherLookup(k blob.Key, e *provEntry, at time.Time) {
 	select {
 	case <-s.after(at.Sub(s.now())):
 	case <-s.bg.Done():
 	}
+	s.mu.Lock()
+	look := s.bg.Err() == nil && e.gatherWait > 0
+	s.mu.Unlock()
+	if !look {
+		s.m.lookupCache.WithLabelValues("gather_skipped").Inc()
+	}
 	var found []peer.AddrInfo
 	var rest <-chan []peer.AddrInfo
-	if s.bg.Err() == nil {
+	if look {
 		found, rest = s.lookup(s.bg, k, s.timeout, nil)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.bg.Err() == nil {
+	if look && s.bg.Err() == nil {
 		// The second look adds the nodes that started with this one; it
 		// must not drop those the first one found. An answer can be partial
 		// (a lookup stops 2 ms after its first provider, and this node's own

@@ -102,19 +102,22 @@ func (s *Source) FetchShared(ctx context.Context, k blob.Key, off, n int64) (blo
 	if !k.Verifiable() {
 		return blob.Share{}, fmt.Errorf("%s: %w (only digests are shared)", k, blob.ErrNotFound)
 	}
-	ps, gathering := s.swarmProviders(ctx, k, swarmRefresh)
+	ps, spec := s.swarmProviders(ctx, k, swarmRefresh)
 	ps = s.order(ps)
 	if len(ps) == 0 {
 		if err := ctx.Err(); err != nil {
+			if spec != nil {
+				spec.release()
+			}
 			return blob.Share{}, err
 		}
-		if gathering != nil {
+		if spec != nil {
 			// The pull's first chunk, and nobody seen pulling the blob yet;
 			// nodes starting with us may still show up (firstSwarmLookup).
 			// The chunk comes from the origin now and is left to its owner
 			// if one of them owns it (Yields).
 			s.swarmChunks.WithLabelValues("speculative").Inc()
-			return blob.Share{Gathering: gathering}, nil
+			return blob.Share{Gathering: spec.gathering, Release: spec.release}, nil
 		}
 		return blob.Share{}, fmt.Errorf("%s: %w (no peer advertises it)", k, blob.ErrNotFound)
 	}

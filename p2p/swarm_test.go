@@ -182,6 +182,43 @@ func TestColdSwarmPullFirstChunkGoesToOriginAtOnceTheRestWaitForTheGather(t *tes
 	}
 }
 
+// The gather window's second lookup is made only for chunks that wait for
+// it: a speculative first chunk that arrived (and released its share) with
+// nothing else waiting costs the DHT one walk, not two; one still in flight
+// keeps the second lookup (it may yet yield to an owner).
+func TestGatherLookupIsSkippedWhenNoChunkWaitsForIt(t *testing.T) {
+	s, _, _ := swarmFixture(t, 0)
+	f := s.finder.(*fakeFinder)
+	windowEnd := windowByHand(s)
+	done, inFlight := testKeyN(1), testKeyN(2)
+	var shares []blob.Share
+	for _, k := range []blob.Key{done, inFlight} {
+		sh, err := s.FetchShared(context.Background(), k, 0, 1<<20)
+		if err != nil || sh.Gathering == nil || sh.Release == nil {
+			t.Fatalf("%s: first chunk of a cold pull: %+v, %v; want a Share still gathering, with Release", k, sh, err)
+		}
+		shares = append(shares, sh)
+	}
+	waitForCalls(t, f, 2)
+	shares[0].Release() // its chunk arrived from the origin
+	shares[0].Release() // a second call changes nothing
+	close(windowEnd)
+	for i, sh := range shares {
+		select {
+		case <-sh.Gathering:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("share %d: the gather window never ended", i)
+		}
+	}
+	if n := f.calls.Load(); n != 3 {
+		t.Fatalf("%d lookups; want 3: one each first, a second only for the chunk still in flight", n)
+	}
+	shares[1].Release()
+	if got := testutil.ToFloat64(s.m.lookupCache.WithLabelValues("gather_skipped")); got != 1 {
+		t.Fatalf("gather_skipped %v, want 1", got)
+	}
+}
+
 // The gather window's second lookup adds the nodes that started with this
 // one and keeps those the first lookup found, even when its own answer is
 // partial: a holder dropped from the list would leave the chunks this node
