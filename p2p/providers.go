@@ -240,14 +240,7 @@ func (s *Source) firstSwarmLookup(ctx context.Context, k blob.Key, e *provEntry)
 // awaitGather waits until e's gather window ended (g closed), counted
 // among the window's waiters meanwhile; false when ctx ended first.
 func (s *Source) awaitGather(ctx context.Context, e *provEntry, g <-chan struct{}) bool {
-	s.mu.Lock()
-	e.gatherWait++
-	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		e.gatherWait--
-		s.mu.Unlock()
-	}()
+	defer s.speculating(e, g).release()
 	select {
 	case <-g:
 		return true
